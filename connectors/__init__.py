@@ -1,0 +1,1 @@
+"""Transports around the engine: MQTT, Kafka, InfluxDB, push channels."""

@@ -1,0 +1,1 @@
+"""cityops pipeline: engine, registry, routing, runtimes."""

@@ -1,0 +1,275 @@
+"""The life of an incident after a rule fires: tiers told, acknowledgement, escalation, reminders.
+
+``AlertBook`` keeps every open incident: which tiers and workers were told (so each of them is
+told when it resolves), who acknowledged, how far it has climbed street → district → city, and
+the next reminder. Escalation and reminder deadlines are timers on the engine's one heap, so
+they fall due in event time like everything else and survive a snapshot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from pipeline import notices as nt
+from pipeline.models import Ack, Category, Severity, State, Tier
+from pipeline.registry import Place, Registry
+from pipeline.routing import ESCALATION_LADDER, RouteOptions, Router, Target
+from rules.compiler import modifier_notes
+from rules.evaluators import FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers
+from rules.schema import AbsenceRule, CorrelationRule, format_duration
+
+LIFECYCLE = -1          # timer owner number of the AlertBook
+
+
+class Incident:
+    __slots__ = ("aid", "rule", "subject", "idx", "members", "rank", "state", "started", "seq",
+                 "sent", "route", "value", "threshold", "event", "flapping", "escalation",
+                 "acked_by", "acked_tier", "reminders", "base", "last_ts")
+
+    def dump(self, sid: Callable[[Any], Any]) -> list:
+        return [self.aid, self.rule, sid(self.subject), sid(self.idx) if self.idx is not None else None,
+                [sid(m) for m in self.members] if self.members else None, self.rank,
+                self.state.value, self.started, self.seq,
+                [[t.tier.value, t.target, t.worker.id if t.worker else None] for t in self.sent],
+                self.value, self.threshold, self.event, self.flapping, self.escalation,
+                self.acked_by, self.acked_tier, self.reminders, self.last_ts]
+
+
+class AlertBook:
+    def __init__(self, registry: Registry, router: Router, timers: Timers,
+                 rules: dict[str, Any], kinds: dict[str, Any],
+                 subject_name: Callable[[int | str], str]) -> None:
+        self.registry = registry
+        self.router = router
+        self.timers = timers
+        self.rules = rules              # rule id -> Evaluator (with .loaded for pack/spec)
+        self.kinds = kinds
+        self.subject_name = subject_name
+        self.open: dict[str, Incident] = {}
+        self.resolved: dict[str, Incident] = {}   # kept only while a flapping rule may reopen
+
+    # ---- from the rules ----------------------------------------------------------------
+    def apply(self, ch: Change, out: list[dict]) -> None:
+        if ch.what == FIRE:
+            self._fire(ch, out)
+        elif ch.what == REOPEN:
+            inc = self.resolved.pop(ch.alert_id, None) or self.open.get(ch.alert_id)
+            if inc is None:
+                self._fire(ch, out)
+                return
+            inc.state, inc.rank, inc.value, inc.threshold = State.firing, ch.rank, ch.value, ch.threshold
+            inc.flapping, inc.acked_by, inc.acked_tier, inc.escalation = True, None, None, 0
+            self.open[inc.aid] = inc
+            self._rebase(inc, ch)
+            self._send(inc, State.firing, State.resolved, ch.ts, out, self._widen(inc, ch.ts))
+            self._schedule(inc, ch.ts)
+        elif ch.what == UPGRADE:
+            inc = self.open.get(ch.alert_id)
+            if inc is None or ch.rank <= inc.rank:
+                return
+            inc.rank, inc.value, inc.threshold, inc.event = ch.rank, ch.value, ch.threshold, ch.event
+            self._rebase(inc, ch)
+            self._send(inc, State.firing, State.firing, ch.ts, out, self._widen(inc, ch.ts))
+        elif ch.what == RESOLVE:
+            inc = self.open.pop(ch.alert_id, None)
+            if inc is None:
+                return
+            prev = inc.state
+            inc.state, inc.value = State.resolved, ch.value if ch.value is not None else inc.value
+            self._rebase(inc, ch)
+            self._send(inc, State.resolved, prev, ch.ts, out, [])
+            spec = self.rules[inc.rule].spec
+            if getattr(spec, "flapping", None):
+                self.resolved[inc.aid] = inc
+                self.timers.push(ch.ts + spec.flapping.window + 1, LIFECYCLE, (inc.aid, "forget", 0))
+
+    def _fire(self, ch: Change, out: list[dict]) -> None:
+        rule = ch.rule
+        idx = ch.subject if isinstance(ch.subject, int) else (ch.members[0] if ch.members else None)
+        inc = Incident()
+        inc.aid, inc.rule, inc.subject, inc.idx = ch.alert_id, rule.id, ch.subject, idx
+        inc.members, inc.rank, inc.state, inc.started = ch.members, ch.rank, State.firing, ch.started
+        inc.seq, inc.sent, inc.value, inc.threshold = 0, [], ch.value, ch.threshold
+        inc.event, inc.flapping, inc.escalation = ch.event, ch.flapping, 0
+        inc.acked_by = inc.acked_tier = None
+        inc.reminders, inc.last_ts = 0, ch.ts
+        inc.route = self.router.route(self._labels(inc))
+        self._rebase(inc, ch)
+        self.open[inc.aid] = inc
+        self._send(inc, State.firing, None, ch.ts, out, self._widen(inc, ch.ts))
+        self._schedule(inc, ch.ts)
+
+    # ---- from people -------------------------------------------------------------------
+    def ack(self, ack: Ack, out: list[dict]) -> str | None:
+        """Apply an acknowledgement; returns why it was refused, or None."""
+        inc = self.open.get(ack.alert_id)
+        if inc is None:
+            return f"no open incident {ack.alert_id} (resolved already, or never existed)"
+        if inc.acked_by:
+            return None                      # a second ack changes nothing: idempotent
+        inc.acked_by, inc.acked_tier = ack.by, ack.tier.value
+        prev = inc.state
+        inc.state = State.acknowledged
+        self._send(inc, State.acknowledged, prev, max(ack.ts_ms, inc.last_ts), out, [])
+        return None
+
+    # ---- deadlines ---------------------------------------------------------------------
+    def on_timer(self, due: int, key: tuple, out: list[dict]) -> None:
+        aid, what, step = key
+        if what == "forget":
+            self.resolved.pop(aid, None)
+            return
+        inc = self.open.get(aid)
+        if inc is None or inc.acked_by:
+            return
+        if what == "esc" and inc.escalation == step - 1:
+            told = {t.tier for t in inc.sent}
+            nxt = next((t for t in ESCALATION_LADDER[step:] if t not in told), None)
+            if nxt is None:
+                return
+            place = self.registry.place_of(inc.idx) if inc.idx is not None else None
+            target = self.router.target(nxt.value, place, self._category(inc).value, due)
+            inc.escalation = step
+            prev = inc.state
+            inc.state = State.escalated
+            self._send(inc, State.escalated, prev, due, out, [target] if target else [],
+                       f"超过{format_duration(due - inc.started)}无人确认，已升级至{nt.tier_cn(nxt.value)}。")
+            if step == 1 and inc.route.escalate_district and Tier.city not in told | {nxt}:
+                self.timers.push(due + inc.route.escalate_district, LIFECYCLE, (aid, "esc", 2))
+        elif what == "rem" and step == inc.reminders + 1:
+            inc.reminders = step
+            prev = inc.state
+            targets = [t for t in inc.sent if t.tier in (Tier.grid, Tier.street)]
+            self._send(inc, State.reminder, prev, due, out, [], f"第{step}次提醒：尚未确认。",
+                       only=targets)
+            inc.state = prev
+            if step < inc.route.max_reminders:
+                self.timers.push(due + inc.route.remind_every, LIFECYCLE, (aid, "rem", step + 1))
+
+    def _schedule(self, inc: Incident, ts: int) -> None:
+        r = inc.route
+        if r.escalate_street:
+            self.timers.push(ts + r.escalate_street, LIFECYCLE, (inc.aid, "esc", 1))
+        if r.remind_every and r.max_reminders:
+            inc.reminders = 0
+            self.timers.push(ts + r.remind_every, LIFECYCLE, (inc.aid, "rem", 1))
+
+    # ---- notices -----------------------------------------------------------------------
+    def _category(self, inc: Incident) -> Category:
+        e = self.rules[inc.rule]
+        spec = e.spec
+        if spec.category:
+            return spec.category
+        kind = self.registry.kinds[self.registry.kind_of[inc.idx]] if inc.idx is not None else spec.sensors[0]
+        return self.kinds[kind].category if kind in self.kinds else Category.device
+
+    def _labels(self, inc: Incident) -> dict[str, Any]:
+        reg = self.registry
+        labels: dict[str, Any] = {"rule_id": inc.rule, "category": self._category(inc).value,
+                                  "severity": Severity.of_rank(inc.rank).value}
+        if inc.idx is not None:
+            p = reg.place_of(inc.idx)
+            labels.update(kind=reg.kinds[reg.kind_of[inc.idx]], district=p.district,
+                          street=p.street, community=p.community, grid=p.grid)
+            for k, v in reg.sensor_facts(inc.idx).items():
+                labels["sensor." + k] = v
+        return labels
+
+    def _widen(self, inc: Incident, ts: int) -> list[Target]:
+        """Targets the current severity reaches that were not told yet."""
+        if inc.idx is None:
+            return []
+        place = self.registry.place_of(inc.idx)
+        have = set(inc.sent)
+        return [t for t in self.router.targets(inc.route, Severity.of_rank(inc.rank), place,
+                                               self._category(inc).value, ts) if t not in have]
+
+    def _rebase(self, inc: Incident, ch: Change) -> None:
+        reg = self.registry
+        e = self.rules[inc.rule]
+        spec, idx = e.spec, inc.idx
+        kind = reg.kinds[reg.kind_of[idx]] if idx is not None else "unknown"
+        k = self.kinds.get(kind)
+        notes = modifier_notes(e.loaded, reg, idx) if spec.modifiers and idx is not None and isinstance(inc.subject, int) else []
+        extra: dict[str, Any] = {}
+        group = None
+        members = [reg.sensor_ids[m] for m in inc.members] if inc.members else None
+        out_kind = kind
+        if isinstance(spec, AbsenceRule):
+            last = self.rules[inc.rule].tracks.get(inc.subject)
+            last_ms = last.extra if last is not None else 0
+            extra = {"last_seen": nt.fmt_time(last_ms, reg.tz) if last_ms else "自接入以来从未上报",
+                     "absent_for": format_duration(self._absent_ms(spec, kind))}
+            if isinstance(inc.subject, str):
+                group, out_kind = inc.subject.removeprefix("gw:"), "gateway"
+                notes = notes + [f"网关{group}下{len(members or ())}个传感器全部失联"]
+        elif isinstance(spec, CorrelationRule):
+            group, out_kind = inc.subject, spec.group_by
+        inc.base = nt.base_notice(
+            alert_id=inc.aid, rule_id=inc.rule, rule_name=spec.name, rule_type=spec.type,
+            sensor_id=reg.sensor_ids[idx] if idx is not None else str(inc.subject), kind=out_kind,
+            kind_name=k.name if k else kind, unit=k.unit if k and not isinstance(spec, (AbsenceRule, CorrelationRule)) else "",
+            category=self._category(inc), severity=Severity.of_rank(inc.rank),
+            place=reg.place_of(idx), registry=reg, idx=idx, value=inc.value,
+            threshold=inc.threshold, event=inc.event,
+            event_name=k.events.get(inc.event, inc.event) if k and inc.event else None,
+            started_ms=inc.started, title_t=spec.title, summary_t=spec.summary, notes=notes,
+            group=group, members=members, extra=extra)
+
+    @staticmethod
+    def _absent_ms(spec: AbsenceRule, kind: str) -> int:
+        if isinstance(spec.absent_for, dict):
+            return spec.absent_for.get(kind, 0)
+        return spec.absent_for
+
+    def _send(self, inc: Incident, state: State, prev: State | None, ts: int, out: list[dict],
+              new: list[Target], extra_summary: str = "", only: list[Target] | None = None) -> None:
+        inc.seq += 1
+        inc.last_ts = max(inc.last_ts, ts)
+        inc.sent.extend(new)
+        n = nt.finish(inc.base, seq=inc.seq, severity=Severity.of_rank(inc.rank), state=state,
+                      previous=prev, ts_ms=ts, tz=self.registry.tz, flapping=inc.flapping,
+                      escalation=inc.escalation, acked_by=inc.acked_by, acked_tier=inc.acked_tier,
+                      extra_summary=extra_summary)
+        for t in (only if only is not None else inc.sent):
+            out.append(nt.for_target(n, t.tier.value, t.target, t.worker))
+
+    # ---- snapshot ----------------------------------------------------------------------
+    def dump(self, sid: Callable[[Any], Any]) -> dict:
+        return {"open": [i.dump(sid) for i in self.open.values()],
+                "resolved": [i.dump(sid) for i in self.resolved.values()]}
+
+    def load(self, state: dict, sidx: Callable[[Any], Any]) -> int:
+        lost = 0
+        for bucket, rows in (("open", state.get("open", [])), ("resolved", state.get("resolved", []))):
+            for row in rows:
+                inc = self._load_one(row, sidx)
+                if inc is None:
+                    lost += 1
+                else:
+                    getattr(self, bucket)[inc.aid] = inc
+        return lost
+
+    def _load_one(self, row: list, sidx: Callable[[Any], Any]) -> Incident | None:
+        (aid, rule, subject, idx, members, rank, state, started, seq, sent, value, threshold,
+         event, flapping, escalation, acked_by, acked_tier, reminders, last_ts) = row
+        if rule not in self.rules:
+            return None
+        inc = Incident()
+        inc.aid, inc.rule, inc.subject = aid, rule, sidx(subject)
+        inc.idx = sidx(idx) if idx is not None else None
+        if inc.subject is None or (idx is not None and inc.idx is None):
+            return None
+        inc.members = [m for m in (sidx(x) for x in members) if m is not None] if members else None
+        inc.rank, inc.state, inc.started, inc.seq = rank, State(state), started, seq
+        inc.value, inc.threshold, inc.event, inc.flapping = value, threshold, event, flapping
+        inc.escalation, inc.acked_by, inc.acked_tier = escalation, acked_by, acked_tier
+        inc.reminders, inc.last_ts = reminders, last_ts
+        inc.route = self.router.route(self._labels(inc))
+        inc.sent = []
+        for tier, target, worker in sent:
+            w = self.registry.workers.get(worker) if worker else None
+            inc.sent.append(Target(Tier(tier), target, w))
+        fake = Change(FIRE, self.rules[rule], inc.subject, aid, rank, last_ts, started, value, threshold, event)
+        self._rebase(inc, fake)
+        return inc

@@ -1,0 +1,212 @@
+"""The public contracts: what a gateway sends, what a tier topic carries, what an acknowledgement is.
+
+These pydantic models are the documented wire formats (ARCHITECTURE.md, "Public contracts"). The
+engine's hot path decodes readings with an equivalent msgspec decoder (``pipeline.wire``) because
+per-reading pydantic validation alone would cost more than the whole rule evaluation; a property
+test keeps the two in agreement.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+SensorId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+class Severity(str, Enum):
+    """四级预警 (突发事件应对法): blue IV (lowest) .. red I (highest)."""
+
+    blue = "blue"
+    yellow = "yellow"
+    orange = "orange"
+    red = "red"
+
+    @property
+    def rank(self) -> int:
+        return _SEVERITY_RANK[self]
+
+    @property
+    def level(self) -> str:
+        """The official level: IV 一般, III 较大, II 重大, I 特别重大."""
+        return ("IV", "III", "II", "I")[self.rank]
+
+    @property
+    def chinese(self) -> str:
+        return ("蓝色预警", "黄色预警", "橙色预警", "红色预警")[self.rank]
+
+    @property
+    def fiware(self) -> str:
+        """FIWARE smart-data-models Alert severity, for systems that speak it."""
+        return ("low", "medium", "high", "critical")[self.rank]
+
+    @classmethod
+    def of_rank(cls, rank: int) -> "Severity":
+        return SEVERITIES[max(0, min(3, rank))]
+
+
+SEVERITIES = (Severity.blue, Severity.yellow, Severity.orange, Severity.red)
+_SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+
+
+class Category(str, Enum):
+    """What an alert is about; decides the department sub-centre (registry `departments`)."""
+
+    gas = "gas"
+    waterlogging = "waterlogging"
+    flood = "flood"
+    weather = "weather"
+    environment = "environment"
+    construction = "construction"
+    facility = "facility"
+    security = "security"
+    device = "device"
+
+    @property
+    def fiware(self) -> str:
+        return _FIWARE_CATEGORY[self]
+
+    @property
+    def chinese(self) -> str:
+        return _CATEGORY_CN[self]
+
+
+_FIWARE_CATEGORY = {
+    Category.gas: "security", Category.waterlogging: "weather", Category.flood: "naturalDisaster",
+    Category.weather: "weather", Category.environment: "environment",
+    Category.construction: "security", Category.facility: "security",
+    Category.security: "security", Category.device: "security",
+}
+_CATEGORY_CN = {
+    Category.gas: "燃气安全", Category.waterlogging: "道路积水", Category.flood: "防汛",
+    Category.weather: "气象", Category.environment: "生态环境", Category.construction: "智慧工地",
+    Category.facility: "城市部件", Category.security: "社会治安", Category.device: "设备运维",
+}
+
+
+class State(str, Enum):
+    firing = "firing"
+    escalated = "escalated"
+    acknowledged = "acknowledged"
+    resolved = "resolved"
+    reminder = "reminder"
+
+
+class Tier(str, Enum):
+    """Who a notice is for. `grid` is the push to the on-call grid worker of the place."""
+
+    city = "city"
+    district = "district"
+    street = "street"
+    dept = "dept"
+    grid = "grid"
+
+
+class Reading(BaseModel):
+    """One sensor reading, as a gateway publishes it (a JSON object, or an array of them)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    sensor_id: SensorId
+    ts: AwareDatetime | Annotated[int, Field(ge=0)] = Field(
+        description="event time: RFC 3339 with offset, or epoch milliseconds")
+    value: float | None = Field(default=None, description="a measurement (NaN and infinities refused)")
+    event: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+        default=None, description="a discrete event such as no_helmet, instead of value")
+    unit: str | None = None
+    seq: int | None = None
+    battery: Annotated[float, Field(ge=0, le=100)] | None = None
+    gateway_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of_value_or_event(self) -> "Reading":
+        if (self.value is None) == (self.event is None):
+            raise ValueError("a reading carries exactly one of `value` or `event`")
+        if self.value is not None and not math.isfinite(self.value):
+            raise ValueError("`value` must be a finite number")
+        return self
+
+    @property
+    def ts_ms(self) -> int:
+        ts = self.ts
+        return ts if isinstance(ts, int) else int(ts.timestamp() * 1000)
+
+
+class AlertNotice(BaseModel):
+    """What every tier topic and push carries. Idempotent by (alert_id, state, seq)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alert_id: str = Field(description="stable for the whole incident")
+    seq: int = Field(description="state-change number within the incident, from 1")
+    rule_id: str
+    sensor_id: str = Field(description="the sensor, or the first member of a group incident")
+    kind: str = Field(description="sensor kind, or `gateway` / `building` / ... for group incidents")
+    category: Category
+    severity: Severity
+    level: str = Field(description="IV..I, the official level of the severity")
+    fiware_severity: str
+    state: State
+    previous_state: State | None = None
+    tier: Tier
+    target: str = Field(description="district or street code, department id, worker id; `city`")
+    district: str
+    district_name: str
+    street: str
+    street_name: str
+    community: str | None = None
+    community_name: str | None = None
+    grid: str | None = None
+    grid_name: str | None = None
+    address: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    value: float | None = None
+    threshold: float | None = None
+    unit: str | None = None
+    event: str | None = None
+    started_at: datetime
+    ts: datetime
+    title: str
+    summary: str
+    group: str | None = Field(default=None, description="gateway id or place key of a group incident")
+    members: list[str] | None = None
+    flapping: bool = False
+    escalation: int = Field(default=0, description="how many times it has climbed a tier")
+    worker_id: str | None = None
+    worker_name: str | None = None
+    acked_by: str | None = None
+    acked_tier: Tier | None = None
+
+
+class Ack(BaseModel):
+    """An acknowledgement: somebody at a tier has taken the incident in hand."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alert_id: str
+    by: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    tier: Tier
+    ts: AwareDatetime | Annotated[int, Field(ge=0)]
+    note: str | None = Field(default=None, max_length=500)
+
+    @property
+    def ts_ms(self) -> int:
+        ts = self.ts
+        return ts if isinstance(ts, int) else int(ts.timestamp() * 1000)
+
+
+class DeadLetter(BaseModel):
+    """Input the pipeline could not use: the reason, the original bytes, where it came from."""
+
+    reason: Literal["malformed", "invalid", "oversize", "unknown_sensor", "wrong_kind",
+                    "not_finite", "future", "too_old", "stale", "bad_ack"]
+    detail: str
+    payload: str = Field(description="the original bytes as UTF-8 text (or base64 if not UTF-8)")
+    payload_encoding: Literal["utf-8", "base64"] = "utf-8"
+    index: int | None = Field(default=None, description="position in a gateway array, if any")
+    source: str | None = Field(default=None, description="topic or file it came from")

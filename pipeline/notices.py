@@ -1,0 +1,122 @@
+"""Where a notice is written: the AlertNotice fields, and the Chinese title and summary.
+
+Templates in rule files name fields in braces (``{street_name}{community_name}燃气浓度超限``);
+they are filled by plain substitution from a fixed set of names (rules.compiler.TEMPLATE_FIELDS),
+never by ``str.format``, so a rule file cannot reach into Python objects.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from pipeline.models import Category, Severity, State
+from pipeline.registry import Place, Registry
+
+_FIELD = re.compile(r"\{([a-z_]+)\}")
+_STATE_MARK = {State.firing: "", State.escalated: "·升级", State.acknowledged: "·已确认",
+               State.resolved: "·已解除", State.reminder: "·提醒"}
+_TIER_CN = {"street": "街镇", "district": "区级", "city": "市级", "dept": "部门", "grid": "网格员"}
+
+DEFAULT_SUMMARY = {
+    "threshold": "{address}：{kind_name}读数{value}{unit}，达到阈值{threshold}{unit}（{level}级）。{notes}",
+    "window": "{address}：{kind_name}{rule_name}，统计值{value}{unit}，达到阈值{threshold}{unit}（{level}级）。{notes}",
+    "rate": "{address}：{kind_name}变化{value}{unit}，达到阈值{threshold}{unit}（{level}级）。{notes}",
+    "event": "{address}：{kind_name}报告“{event_name}”（{owner}）。{notes}",
+    "absence": "{address}：{kind_name}已{absent_for}未上报数据（最后上报：{last_seen}）。{notes}",
+    "correlation": "{place}：{members_count}个传感器在短时间内相继报警（{group}），预警级别上调。{notes}",
+}
+
+
+def fmt_time(ms: int, tz: ZoneInfo) -> str:
+    """RFC 3339 in the city's time zone; milliseconds only when there are any."""
+    dt = datetime.fromtimestamp(ms / 1000, tz)
+    return dt.isoformat(timespec="milliseconds" if ms % 1000 else "seconds")
+
+
+def fmt_number(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.6g}"
+
+
+def render(template: str, fields: dict[str, Any]) -> str:
+    return _FIELD.sub(lambda m: str(fields.get(m.group(1), "")), template)
+
+
+def place_text(p: Place) -> str:
+    return f"{p.district_name}{p.street_name}{p.community_name}"
+
+
+def base_notice(*, alert_id: str, rule_id: str, rule_name: str, rule_type: str, sensor_id: str,
+                kind: str, kind_name: str, unit: str, category: Category, severity: Severity,
+                place: Place, registry: Registry, idx: int | None, value: float | None,
+                threshold: float | None, event: str | None, event_name: str | None,
+                started_ms: int, title_t: str | None, summary_t: str | None, notes: list[str],
+                group: str | None, members: list[str] | None, extra: dict[str, Any]) -> dict:
+    """The fields every copy of one state change shares, with title and summary rendered."""
+    tz = registry.tz
+    # addresses in the registry are full (成都市锦江区…); a sensor without one is named by place
+    address = (registry.address[idx] if idx is not None else "") or place_text(place)
+    owner = registry.owner[idx] if idx is not None else ""
+    fields = {
+        "place": place_text(place), "district_name": place.district_name,
+        "street_name": place.street_name, "community_name": place.community_name,
+        "grid_name": place.grid_name, "address": address, "owner": owner,
+        "owner_contact": registry.owner_contact[idx] if idx is not None else "",
+        "sensor_id": sensor_id, "kind_name": kind_name, "rule_name": rule_name,
+        "value": fmt_number(value), "threshold": fmt_number(threshold), "unit": unit,
+        "severity_cn": severity.chinese, "level": severity.level, "event": event or "",
+        "event_name": event_name or event or "", "notes": "，".join(notes) + ("。" if notes else ""),
+        "members_count": len(members or ()), "group": group or "",
+        "time": datetime.fromtimestamp(started_ms / 1000, tz).strftime("%H:%M"),
+        "category_cn": category.chinese, **extra,
+    }
+    title = render(title_t or "{place}{rule_name}", fields)
+    summary = render(summary_t or DEFAULT_SUMMARY[rule_type], fields).replace("（）", "")
+    return {
+        "alert_id": alert_id, "rule_id": rule_id, "sensor_id": sensor_id, "kind": kind,
+        "category": category.value, "district": place.district, "district_name": place.district_name,
+        "street": place.street, "street_name": place.street_name, "community": place.community,
+        "community_name": place.community_name, "grid": place.grid, "grid_name": place.grid_name,
+        "address": registry.address[idx] or None if idx is not None else None,
+        "lat": round(float(registry.lat[idx]), 6) if idx is not None else None,
+        "lon": round(float(registry.lon[idx]), 6) if idx is not None else None,
+        "value": value, "threshold": threshold, "unit": unit or None, "event": event,
+        "started_at": fmt_time(started_ms, tz), "_title": title, "_summary": summary,
+        "group": group, "members": members,
+    }
+
+
+def finish(base: dict, *, seq: int, severity: Severity, state: State, previous: State | None,
+           ts_ms: int, tz: ZoneInfo, flapping: bool, escalation: int, acked_by: str | None,
+           acked_tier: str | None, extra_summary: str = "") -> dict:
+    """One state change's notice, less tier and target (``for_target`` adds them)."""
+    n = {k: v for k, v in base.items() if not k.startswith("_")}
+    n.update(seq=seq, severity=severity.value, level=severity.level,
+             fiware_severity=severity.fiware, state=state.value,
+             previous_state=previous.value if previous else None, ts=fmt_time(ts_ms, tz),
+             flapping=flapping, escalation=escalation, acked_by=acked_by, acked_tier=acked_tier)
+    mark = _STATE_MARK[state]
+    if state == State.firing and previous == State.resolved:
+        mark = "·再次触发"
+    elif state == State.firing and previous == State.firing:
+        mark = "·级别上调"
+    n["title"] = f"【{severity.chinese}{mark}】{base['_title']}"
+    n["summary"] = base["_summary"] + extra_summary
+    return n
+
+
+def for_target(notice: dict, tier: str, target: str, worker: Any | None) -> dict:
+    n = dict(notice)
+    n["tier"] = tier
+    n["target"] = target
+    n["worker_id"] = worker.id if worker else None
+    n["worker_name"] = worker.name if worker else None
+    return n
+
+
+def tier_cn(tier: str) -> str:
+    return _TIER_CN.get(tier, tier)

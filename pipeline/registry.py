@@ -1,0 +1,403 @@
+"""The city registry: districts, streets, communities, micro-grids, sensors, departments, on-call.
+
+Readings name only a sensor; the registry says where it sits and who answers for it. The format
+is in docs/registry.md. Sensors are stored column-wise (one array or list per field, indexed by a
+dense sensor number) because a city registry has millions of rows and the engine's state is
+indexed by the same number.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, time
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.models import Category
+from pipeline.yamlfile import ConfigError, Located, load_yaml, pydantic_error
+
+SENSOR_COLUMNS = ["sensor_id", "kind", "grid", "gateway_id", "lat", "lon", "address", "building",
+                  "owner", "owner_contact", "attrs"]
+FIXTURE = Path(__file__).parent / "fixtures" / "chengdu" / "registry.yaml"
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_WORKER_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_SHIFT = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
+
+
+# ---- registry.yaml schema (validated strictly; errors carry the line) ----------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GridSpec(_Strict):
+    code: str
+    name: str
+    households: int | None = Field(default=None, ge=0)
+
+
+class CommunitySpec(_Strict):
+    code: str
+    name: str
+    grids: list[GridSpec] = []
+
+
+class StreetSpec(_Strict):
+    code: str
+    name: str
+    duty_officer: str | None = None
+    communities: list[CommunitySpec] = []
+
+
+class DistrictSpec(_Strict):
+    code: str
+    name: str
+    streets: list[StreetSpec] = []
+
+
+class DepartmentSpec(_Strict):
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    name: str
+    categories: list[Category]
+
+
+class WorkerSpec(_Strict):
+    id: str
+    name: str
+    phone: str | None = None
+    grids: list[str] = []
+    shift: str = "00:00-24:00"
+    backup: str | None = None
+    channels: list[str] = []
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not _WORKER_ID.match(v):
+            raise ValueError("worker id: lower-case letters, digits and '-', up to 64")
+        return v
+
+    @field_validator("shift")
+    @classmethod
+    def _shift(cls, v: str) -> str:
+        m = _SHIFT.match(v)
+        if not m or int(m[1]) > 24 or int(m[3]) > 24 or int(m[2]) > 59 or int(m[4]) > 59:
+            raise ValueError('shift must look like "08:00-20:00" (local time; may cross midnight)')
+        return v
+
+
+class CitySpec(_Strict):
+    code: str
+    name: str
+
+
+class RegistrySpec(_Strict):
+    city: CitySpec
+    timezone: str = "Asia/Shanghai"
+    departments: list[DepartmentSpec] = []
+    districts: list[DistrictSpec]
+    workers: list[WorkerSpec] = []
+    sensors: str = "sensors.csv"
+
+
+# ---- the loaded registry -------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """A micro-grid with every level above it: what a notice names."""
+
+    district: str
+    district_name: str
+    street: str
+    street_name: str
+    community: str
+    community_name: str
+    grid: str
+    grid_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    id: str
+    name: str
+    phone: str | None
+    grids: tuple[str, ...]
+    start_min: int          # shift start, minutes after local midnight
+    end_min: int            # shift end; < start when the shift crosses midnight
+    backup: str | None
+    channels: tuple[str, ...]
+
+    def on_duty(self, minute_of_day: int) -> bool:
+        s, e = self.start_min, self.end_min
+        if s == e or (s == 0 and e == 1440):
+            return True
+        if s < e:
+            return s <= minute_of_day < e
+        return minute_of_day >= s or minute_of_day < e
+
+
+@dataclass
+class Registry:
+    city_code: str
+    city_name: str
+    tz: ZoneInfo
+    districts: dict[str, str]                 # code -> name
+    streets: dict[str, tuple[str, str]]       # code -> (name, district code)
+    communities: dict[str, tuple[str, str]]   # code -> (name, street code)
+    grid_places: list[Place]                  # dense grid number -> Place
+    grid_index: dict[str, int]
+    departments: dict[str, str]               # id -> name
+    dept_of_category: dict[str, str]          # category -> department id
+    workers: dict[str, Worker]
+    workers_of_grid: dict[str, list[str]]
+    duty_officer: dict[str, str]              # street code -> worker id
+    # sensors, column-wise, indexed by dense sensor number
+    sensor_ids: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    kinds: list[str] = field(default_factory=list)          # dense kind number -> kind
+    kind_of: array = field(default_factory=lambda: array("B"))
+    grid_of: array = field(default_factory=lambda: array("I"))
+    gateway_of: array = field(default_factory=lambda: array("i"))
+    gateways: list[str] = field(default_factory=list)
+    lat: array = field(default_factory=lambda: array("f"))
+    lon: array = field(default_factory=lambda: array("f"))
+    address: list[str] = field(default_factory=list)
+    building: list[str] = field(default_factory=list)
+    owner: list[str] = field(default_factory=list)
+    owner_contact: list[str] = field(default_factory=list)
+    attrs: dict[int, dict[str, Any]] = field(default_factory=dict)   # sparse: most sensors have none
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.sensor_ids)
+
+    def place_of(self, idx: int) -> Place:
+        return self.grid_places[self.grid_of[idx]]
+
+    def kind_number(self, kind: str) -> int:
+        return self.kinds.index(kind)
+
+    def sensors_of_kinds(self, kinds: Iterable[str]) -> list[int]:
+        wanted = {self.kinds.index(k) for k in kinds if k in self.kinds}
+        kind_of = self.kind_of
+        return [i for i in range(len(kind_of)) if kind_of[i] in wanted]
+
+    def sensor_facts(self, idx: int) -> dict[str, Any]:
+        """What a rule may read as `sensor.*`: its attrs plus the registry columns."""
+        facts = {"id": self.sensor_ids[idx], "kind": self.kinds[self.kind_of[idx]],
+                 "building": self.building[idx] or None, "owner": self.owner[idx] or None,
+                 "gateway": self.gateways[self.gateway_of[idx]] if self.gateway_of[idx] >= 0 else None}
+        facts.update(self.attrs.get(idx, {}))
+        return facts
+
+    def on_call(self, grid: str, street: str, at_ms: int) -> Worker | None:
+        """The worker to push to: on-shift grid worker, else an on-shift backup, else the
+        street's duty officer (docs/routing.md)."""
+        local = datetime.fromtimestamp(at_ms / 1000, self.tz)
+        minute = local.hour * 60 + local.minute
+        primaries = [self.workers[w] for w in self.workers_of_grid.get(grid, ())]
+        for w in primaries:
+            if w.on_duty(minute):
+                return w
+        for w in primaries:
+            b = self.workers.get(w.backup or "")
+            if b is not None and b.on_duty(minute):
+                return b
+        officer = self.duty_officer.get(street)
+        return self.workers.get(officer) if officer else None
+
+
+def load(path: str | Path | None = None, known_kinds: Iterable[str] | None = None) -> Registry:
+    """Load and check a registry folder or registry.yaml; ConfigError names file and line."""
+    path = Path(path) if path else FIXTURE
+    if path.is_dir():
+        path = path / "registry.yaml"
+    doc = load_yaml(path)
+    if not isinstance(doc.data, dict):
+        raise ConfigError(path, 1, "a registry is a mapping with city, districts, workers, sensors")
+    try:
+        spec = RegistrySpec.model_validate(doc.data)
+    except ValidationError as exc:
+        raise pydantic_error(doc, exc) from None
+    reg = _places(doc, spec)
+    sensors_path = (path.parent / spec.sensors).resolve()
+    _load_sensors(reg, sensors_path, set(known_kinds) if known_kinds is not None else None)
+    reg.source = str(path)
+    return reg
+
+
+def _places(doc: Located, spec: RegistrySpec) -> Registry:
+    try:
+        tz = ZoneInfo(spec.timezone)
+    except Exception:
+        raise doc.error(("timezone",), f"unknown time zone {spec.timezone!r}; use e.g. Asia/Shanghai") from None
+    if not re.fullmatch(r"\d{6}", spec.city.code):
+        raise doc.error(("city", "code"), "city code must be 6 digits (GB/T 2260), e.g. \"510100\"")
+    reg = Registry(city_code=spec.city.code, city_name=spec.city.name, tz=tz, districts={},
+                   streets={}, communities={}, grid_places=[], grid_index={}, departments={},
+                   dept_of_category={}, workers={}, workers_of_grid={}, duty_officer={})
+    seen: dict[str, tuple] = {}
+
+    def unique(code: str, loc: tuple) -> None:
+        if code in seen:
+            raise doc.error(loc, f"code {code} is used twice (first at line {doc.line(seen[code])})")
+        seen[code] = loc
+
+    for di, d in enumerate(spec.districts):
+        dloc = ("districts", di, "code")
+        if not re.fullmatch(r"\d{6}", d.code) or d.code[:4] != spec.city.code[:4]:
+            raise doc.error(dloc, f"district code {d.code} must be 6 digits starting with the "
+                            f"city's {spec.city.code[:4]} (GB/T 2260), e.g. 510104 锦江区")
+        unique(d.code, dloc)
+        reg.districts[d.code] = d.name
+        for si, s in enumerate(d.streets):
+            sloc = ("districts", di, "streets", si, "code")
+            if not re.fullmatch(r"\d{9}", s.code) or not s.code.startswith(d.code):
+                raise doc.error(sloc, f"street code {s.code} must have 9 digits and start with its "
+                                f"district code {d.code}")
+            unique(s.code, sloc)
+            reg.streets[s.code] = (s.name, d.code)
+            if s.duty_officer:
+                reg.duty_officer[s.code] = s.duty_officer
+            for ci, c in enumerate(s.communities):
+                cloc = ("districts", di, "streets", si, "communities", ci, "code")
+                if not re.fullmatch(r"\d{12}", c.code) or not c.code.startswith(s.code):
+                    raise doc.error(cloc, f"community code {c.code} must have 12 digits and start "
+                                    f"with its street code {s.code}")
+                unique(c.code, cloc)
+                reg.communities[c.code] = (c.name, s.code)
+                for gi, g in enumerate(c.grids):
+                    gloc = cloc[:-1] + ("grids", gi, "code")
+                    if not re.fullmatch(r"\d{15}", g.code) or not g.code.startswith(c.code):
+                        raise doc.error(gloc, f"grid code {g.code} must have 15 digits and start "
+                                        f"with its community code {c.code}")
+                    unique(g.code, gloc)
+                    reg.grid_index[g.code] = len(reg.grid_places)
+                    reg.grid_places.append(Place(d.code, d.name, s.code, s.name, c.code, c.name,
+                                                 g.code, g.name))
+    for i, dep in enumerate(spec.departments):
+        if dep.id in reg.departments:
+            raise doc.error(("departments", i, "id"), f"department {dep.id} is listed twice")
+        reg.departments[dep.id] = dep.name
+        for cat in dep.categories:
+            if cat.value in reg.dept_of_category:
+                raise doc.error(("departments", i, "categories"),
+                                f"category {cat.value} already belongs to department "
+                                f"{reg.dept_of_category[cat.value]}; one department per category")
+            reg.dept_of_category[cat.value] = dep.id
+    for i, w in enumerate(spec.workers):
+        if w.id in reg.workers:
+            raise doc.error(("workers", i, "id"), f"worker {w.id} is listed twice")
+        m = _SHIFT.match(w.shift)
+        reg.workers[w.id] = Worker(w.id, w.name, w.phone, tuple(w.grids),
+                                   int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4]),
+                                   w.backup, tuple(w.channels))
+        for gi, g in enumerate(w.grids):
+            if g not in reg.grid_index:
+                raise doc.error(("workers", i, "grids", gi), f"worker {w.id} covers unknown grid {g}")
+            reg.workers_of_grid.setdefault(g, []).append(w.id)
+    for i, w in enumerate(spec.workers):
+        if w.backup and w.backup not in reg.workers:
+            raise doc.error(("workers", i, "backup"), f"backup {w.backup} is not a listed worker")
+    for di, d in enumerate(spec.districts):
+        for si, s in enumerate(d.streets):
+            if s.duty_officer and s.duty_officer not in reg.workers:
+                raise doc.error(("districts", di, "streets", si, "duty_officer"),
+                                f"duty officer {s.duty_officer} is not a listed worker")
+    return reg
+
+
+def _parse_attrs(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, raw = part.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not eq or not re.fullmatch(r"[a-z_][a-z0-9_]*", key):
+            raise ValueError(f"attrs entry {part!r} must be key=value with a lower-case key")
+        if raw in ("true", "false"):
+            out[key] = raw == "true"
+        else:
+            try:
+                out[key] = float(raw) if any(c in raw for c in ".eE") else int(raw)
+            except ValueError:
+                out[key] = raw
+    return out
+
+
+def _load_sensors(reg: Registry, path: Path, known_kinds: set[str] | None) -> None:
+    try:
+        f = path.open(encoding="utf-8", newline="")
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read the sensors file: {exc.strerror}") from None
+    kind_number: dict[str, int] = {}
+    gateway_number: dict[str, int] = {}
+    with f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if header != SENSOR_COLUMNS:
+            raise ConfigError(path, 1, "header must be exactly: " + ",".join(SENSOR_COLUMNS))
+        grid_index, index = reg.grid_index, reg.index
+        for line, row in enumerate(rows, start=2):
+            if len(row) != 11:
+                if not row:
+                    continue
+                raise ConfigError(path, line, f"expected 11 columns, found {len(row)}")
+            sid, kind, grid, gw, lat, lon, address, building, owner, contact, attrs = row
+            if not _ID.match(sid):
+                raise ConfigError(path, line, f"sensor id {sid!r}: letters, digits, '_.:-', up to 128")
+            if sid in index:
+                raise ConfigError(path, line, f"sensor {sid} is listed twice (first at line "
+                                  f"{index[sid] + 2})")
+            k = kind_number.get(kind)
+            if k is None:
+                if known_kinds is not None and kind not in known_kinds:
+                    raise ConfigError(path, line, f"unknown sensor kind {kind!r}; the rule packs "
+                                      f"declare: {', '.join(sorted(known_kinds))}")
+                k = kind_number[kind] = len(reg.kinds)
+                reg.kinds.append(kind)
+            g = grid_index.get(grid)
+            if g is None:
+                raise ConfigError(path, line, f"sensor {sid} is in unknown grid {grid!r}; add the "
+                                  "grid to registry.yaml or fix the code")
+            try:
+                la, lo = float(lat), float(lon)
+            except ValueError:
+                raise ConfigError(path, line, f"lat/lon must be decimal degrees, got {lat!r}, {lon!r}") from None
+            if not (-90 <= la <= 90 and -180 <= lo <= 180):
+                raise ConfigError(path, line, f"lat/lon out of range: {la}, {lo}")
+            if gw:
+                gn = gateway_number.get(gw)
+                if gn is None:
+                    gn = gateway_number[gw] = len(reg.gateways)
+                    reg.gateways.append(gw)
+            else:
+                gn = -1
+            n = len(reg.sensor_ids)
+            if attrs:
+                try:
+                    reg.attrs[n] = _parse_attrs(attrs)
+                except ValueError as exc:
+                    raise ConfigError(path, line, str(exc)) from None
+            index[sid] = n
+            reg.sensor_ids.append(sid)
+            reg.kind_of.append(k)
+            reg.grid_of.append(g)
+            reg.gateway_of.append(gn)
+            reg.lat.append(la)
+            reg.lon.append(lo)
+            reg.address.append(address)
+            reg.building.append(building)
+            reg.owner.append(owner)
+            reg.owner_contact.append(contact)
+        if len(reg.kinds) > 255:
+            raise ConfigError(path, None, "more than 255 sensor kinds")

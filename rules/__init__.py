@@ -1,0 +1,1 @@
+"""The rule language (schema, expressions, compiler, evaluators) and the built-in packs."""

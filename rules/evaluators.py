@@ -1,0 +1,548 @@
+"""Where a rule decides: the compiled, running form of each rule type.
+
+Every evaluator keeps state only for what is active (a pending or firing incident, an open
+window), keyed by the dense sensor number, so a million quiet sensors cost nothing here. It
+reports what changed as ``Change`` records; the lifecycle (``pipeline.lifecycle``) turns those
+into notices for the tiers.
+
+Time is event time in epoch milliseconds. A transition that becomes due between two readings
+(``for:`` elapsed, ``clear_for:`` elapsed) takes effect *at its due time*, whether a later reading
+or the watermark shows it first, so the output does not depend on how input was batched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import operator
+from collections.abc import Callable
+from typing import Any
+
+PENDING, FIRING, CLEARING, RESOLVED = 1, 2, 3, 4
+FIRE, UPGRADE, RESOLVE, REOPEN = "fire", "upgrade", "resolve", "reopen"
+OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt,
+    "==": operator.eq, "!=": operator.ne}
+
+
+def alert_id(rule_id: str, subject: str, started_ms: int) -> str:
+    """Stable per incident: the same input always names an incident the same way, so a replay
+    or a redelivery after a crash cannot mint a second incident."""
+    h = hashlib.blake2b(f"{rule_id}|{subject}|{started_ms}".encode(), digest_size=8)
+    return h.hexdigest()
+
+
+class Change:
+    """An incident changed: fired, went up a level, resolved, or fired again while flapping."""
+
+    __slots__ = ("what", "rule", "subject", "alert_id", "rank", "ts", "started", "value",
+                 "threshold", "event", "members", "flapping")
+
+    def __init__(self, what: str, rule: "Evaluator", subject: int | str, aid: str, rank: int,
+                 ts: int, started: int, value: float | None, threshold: float | None,
+                 event: str | None = None, members: list[int] | None = None,
+                 flapping: bool = False) -> None:
+        self.what, self.rule, self.subject, self.alert_id = what, rule, subject, aid
+        self.rank, self.ts, self.started, self.value = rank, ts, started, value
+        self.threshold, self.event, self.members, self.flapping = threshold, event, members, flapping
+
+    def __repr__(self) -> str:
+        return (f"Change({self.what} {self.rule.id} {self.subject} rank={self.rank} ts={self.ts} "
+                f"value={self.value})")
+
+
+class Timers:
+    """One heap of (due, order, owner, key) for every rule and the lifecycle, so that everything
+    due before a watermark happens in time order, whoever owns it."""
+
+    __slots__ = ("heap", "n")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, int, int, Any]] = []
+        self.n = 0
+
+    def push(self, due: int, owner: int, key: Any) -> None:
+        self.n += 1
+        heapq.heappush(self.heap, (due, self.n, owner, key))
+
+    def pop_due(self, watermark: int) -> tuple[int, int, Any] | None:
+        heap = self.heap
+        if heap and heap[0][0] <= watermark:
+            due, _, owner, key = heapq.heappop(heap)
+            return due, owner, key
+        return None
+
+
+class Track:
+    """The life of one (rule, subject) while it is not quiet."""
+
+    __slots__ = ("phase", "since", "started", "rank", "value", "threshold", "due", "aid",
+                 "flapping", "event", "extra")
+
+    def __init__(self, phase: int, since: int, rank: int, value: float | None,
+                 threshold: float | None) -> None:
+        self.phase, self.since, self.started, self.rank = phase, since, since, rank
+        self.value, self.threshold, self.due, self.aid = value, threshold, 0, ""
+        self.flapping, self.event, self.extra = False, None, None
+
+    def dump(self) -> list:
+        return [self.phase, self.since, self.started, self.rank, self.value, self.threshold,
+                self.due, self.aid, self.flapping, self.event, self.extra]
+
+    @classmethod
+    def load(cls, row: list) -> "Track":
+        t = cls(row[0], row[1], row[3], row[4], row[5])
+        (t.started, t.due, t.aid, t.flapping, t.event, t.extra) = (row[2], row[6], row[7], row[8],
+                                                                     row[9], row[10])
+        return t
+
+
+class Evaluator:
+    """Base of all rule types. ``number`` is the rule's place in the engine (timer owner)."""
+
+    type = ""
+    reads = "value"          # which part of a reading it observes: value, battery, event, none
+
+    def __init__(self, spec: Any, number: int, sink: list, timers: Timers,
+                 subject_name: Callable[[int | str], str]) -> None:
+        self.spec = spec
+        self.id: str = spec.id
+        self.number = number
+        self.out = sink               # the engine's list of Changes
+        self.timers = timers
+        self.subject_name = subject_name
+        self.tracks: dict[int | str, Track] = {}
+        self.bump: dict[int, int] = {}        # sensor -> severity levels added by modifiers
+        self.bump_all = 0
+        self.selected: bytearray | None = None   # `where:` mask by sensor number, None = all
+        self.loaded: Any = None                  # the LoadedRule (pack, file) it came from
+
+    # -- helpers shared by the types ------------------------------------------------------
+    def _emit(self, what: str, s: int | str, tr: Track, ts: int, **kw: Any) -> None:
+        rank = min(3, tr.rank + (self.bump.get(s, self.bump_all) if isinstance(s, int) else 0))
+        self.out.append(Change(what, self, s, tr.aid, rank, ts, tr.started, tr.value,
+                               tr.threshold, event=tr.event, flapping=tr.flapping, **kw))
+
+    def _new_incident(self, s: int | str, tr: Track, ts: int) -> None:
+        tr.phase = FIRING
+        tr.aid = alert_id(self.id, self.subject_name(s), tr.started)
+        self._emit(FIRE, s, tr, ts)
+
+    def on_timer(self, due: int, key: Any) -> None:  # pragma: no cover - every type overrides
+        raise AssertionError(f"{self.id}: unexpected timer")
+
+    def dump(self, sid: Callable[[int | str], Any]) -> dict:
+        return {"tracks": [[sid(s), t.dump()] for s, t in self.tracks.items()]}
+
+    def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
+        lost = 0
+        for key, row in state.get("tracks", []):
+            s = sidx(key)
+            if s is None:
+                lost += 1
+            else:
+                self.tracks[s] = Track.load(row)
+        return lost
+
+
+class Stateful(Evaluator):
+    """Threshold, rate and window rules: levels, hysteresis, for:, clear_for:, flapping.
+
+    ``levels`` is a list of (quantity number, comparison, threshold slot) from low to high
+    severity; thresholds are per sensor (``thresholds`` for sensors whose district or registry
+    facts differ, else ``default``), so a river gauge's 警戒水位 comes from the registry.
+    """
+
+    def __init__(self, spec: Any, number: int, sink: list, timers: Timers,
+                 subject_name: Callable[[int | str], str], levels: list[tuple[int, str, int]],
+                 ranks: list[int], clear: tuple[int, str, int] | None,
+                 default: tuple[float, ...], thresholds: dict[int, tuple[float, ...]]) -> None:
+        super().__init__(spec, number, sink, timers, subject_name)
+        self.levels = [(q, OPS[op], slot) for q, op, slot in levels]
+        self.ranks = ranks
+        self.clear = (clear[0], OPS[clear[1]], clear[2]) if clear else None
+        self.default = default
+        self.thresholds = thresholds
+        self.for_ms = spec.for_
+        self.clear_for_ms = spec.clear_for
+        self.flap_ms = spec.flapping.window if spec.flapping else 0
+        # Fast exit for quiet readings: with only ">=" / ">" levels on one quantity, a value
+        # under every threshold of the sensor fires nothing and clears nothing.
+        ops = {op for _, op, _ in levels}
+        self.rising = ops <= {">=", ">"} and len({q for q, _, _ in levels}) == 1
+        self.floor_default = min(default[slot] for _, _, slot in levels) if self.rising else None
+        self.floor: dict[int, float] = {
+            s: min(t[slot] for _, _, slot in levels) for s, t in thresholds.items()} if self.rising else {}
+
+    # level and clear of quantities q for sensor s
+    def rank_of(self, s: int | str, q: tuple) -> tuple[int, float, float]:
+        """Highest level that holds (-1: none), its threshold, and the quantity compared."""
+        thr = self.thresholds.get(s, self.default) if self.thresholds else self.default
+        rank, at, seen = -1, None, None
+        for i, (qi, op, slot) in enumerate(self.levels):
+            if op(q[qi], thr[slot]):
+                rank, at, seen = self.ranks[i], thr[slot], q[qi]
+        if at is None:
+            qi, _, slot = self.levels[0]
+            at, seen = thr[slot], q[qi]
+        return rank, at, seen
+
+    def is_clear(self, s: int, q: tuple, rank: int) -> bool:
+        if self.clear is None:
+            return rank < 0
+        qi, op, slot = self.clear
+        thr = self.thresholds.get(s, self.default) if self.thresholds else self.default
+        return op(q[qi], thr[slot])
+
+    def update(self, s: int | str, ts: int, q: tuple) -> None:
+        """Feed the quantities observed at ``ts``; drive the incident state machine."""
+        tr = self.tracks.get(s)
+        rank, at, value = self.rank_of(s, q)
+        if tr is None:
+            if rank < 0:
+                return
+            tr = self.tracks[s] = Track(PENDING, ts, rank, value, at)
+            self._pending_or_fire(s, tr, ts)
+            return
+        clear = self.is_clear(s, q, rank)
+        phase = tr.phase
+        if phase == PENDING:
+            if ts >= tr.due:                         # held long enough before this reading
+                self._new_incident(s, tr, tr.due)
+                phase = FIRING
+            elif rank < 0:
+                del self.tracks[s]                   # never fired: nobody is told
+                return
+            else:
+                if rank > tr.rank:
+                    tr.rank, tr.threshold = rank, at
+                tr.value = value
+                return
+        if phase == CLEARING and ts >= tr.due:       # quiet long enough before this reading
+            self._resolve(s, tr, tr.due)
+            if s not in self.tracks:
+                return self.update(s, ts, q)  # a fresh start for this reading
+            phase = tr.phase
+        if phase == RESOLVED:
+            if ts >= tr.due:                         # the flapping window is over
+                del self.tracks[s]
+                return self.update(s, ts, q)
+            if rank >= 0:                            # back within the flapping window
+                tr.phase, tr.flapping, tr.value, tr.threshold = FIRING, True, value, at
+                tr.rank = max(rank, tr.rank)
+                self._emit(REOPEN, s, tr, ts)
+            return
+        if clear:
+            if phase == FIRING:
+                tr.value = value
+                wait = max(self.clear_for_ms, self.flap_ms if tr.flapping else 0)
+                if wait == 0:
+                    self._resolve(s, tr, ts)
+                else:
+                    tr.phase, tr.since, tr.due = CLEARING, ts, ts + wait
+                    self.timers.push(tr.due, self.number, s)
+            return
+        if phase == CLEARING:
+            tr.phase = FIRING                        # crossed back before clear_for ran out
+        if rank > tr.rank:
+            tr.rank, tr.value, tr.threshold = rank, value, at
+            self._emit(UPGRADE, s, tr, ts)
+        elif rank >= 0:
+            tr.value = value
+
+    def _pending_or_fire(self, s: int | str, tr: Track, ts: int) -> None:
+        if self.for_ms == 0:
+            self._new_incident(s, tr, ts)
+        else:
+            tr.due = ts + self.for_ms
+            self.timers.push(tr.due, self.number, s)
+
+    def _resolve(self, s: int | str, tr: Track, ts: int) -> None:
+        self._emit(RESOLVE, s, tr, ts)
+        if self.flap_ms:
+            tr.phase, tr.due = RESOLVED, ts + self.flap_ms
+            self.timers.push(tr.due, self.number, s)
+        else:
+            del self.tracks[s]
+
+    def on_timer(self, due: int, s: Any) -> None:
+        tr = self.tracks.get(s)
+        if tr is None or tr.due != due:
+            return                                   # superseded by a reading
+        if tr.phase == PENDING:
+            self._new_incident(s, tr, due)
+        elif tr.phase == CLEARING:
+            self._resolve(s, tr, due)
+        elif tr.phase == RESOLVED:
+            del self.tracks[s]
+
+
+class Threshold(Stateful):
+    type = "threshold"
+
+    def observe(self, s: int, ts: int, v: float) -> None:
+        if self.selected is not None and not self.selected[s]:
+            return
+        if self.rising and s not in self.tracks:
+            floor = self.floor.get(s, self.floor_default) if self.floor else self.floor_default
+            if v < floor:
+                return
+        self.update(s, ts, (v,))
+
+
+class Windowed(Stateful):
+    """Window rules (sum/avg/min/max/count, sliding or tumbling) and rate-of-change rules.
+
+    Per sensor a ring of ``n`` step-buckets ``[bucket, sum, count, min, max] * n``. Sliding
+    windows are evaluated on every reading over the trailing buckets; tumbling windows when a
+    reading opens the next bucket (at the closed bucket's end time).
+    """
+
+    def __init__(self, *args: Any, step: int, windows: list[tuple[str, int]], tumbling: bool,
+                 rate: bool = False, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.step = step
+        self.windows = windows            # (fn, steps) per quantity, in quantity order
+        self.n = max(steps for _, steps in windows)
+        self.tumbling = tumbling
+        self.rate = rate
+        self.rings: dict[int, list] = {}
+
+    def observe(self, s: int, ts: int, v: float) -> None:
+        if self.selected is not None and not self.selected[s]:
+            return
+        b = ts // self.step
+        ring = self.rings.get(s)
+        if ring is None:
+            ring = self.rings[s] = [-1, 0.0, 0, 0.0, 0.0] * self.n
+        if self.tumbling:
+            if ring[0] != b:
+                if ring[0] >= 0 and ring[0] < b:
+                    closed_end = (ring[0] + 1) * self.step
+                    q = self._quantities(ring, ring[0], None)
+                    self.update(s, closed_end, q)
+                elif ring[0] > b:
+                    return                   # a reading for a window already closed
+                ring[0:5] = [b, v, 1, v, v]
+            else:
+                ring[1] += v
+                ring[2] += 1
+                if v < ring[3]:
+                    ring[3] = v
+                if v > ring[4]:
+                    ring[4] = v
+            return
+        i = (b % self.n) * 5
+        if ring[i] != b:
+            if ring[i] > b:
+                return                       # older than the ring: already slid out
+            ring[i:i + 5] = [b, v, 1, v, v]
+        else:
+            ring[i + 1] += v
+            ring[i + 2] += 1
+            if v < ring[i + 3]:
+                ring[i + 3] = v
+            if v > ring[i + 4]:
+                ring[i + 4] = v
+        self.update(s, ts, self._quantities(ring, b, v))
+
+    def _quantities(self, ring: list, b: int, v: float | None) -> tuple:
+        out = []
+        n = self.n
+        for fn, steps in self.windows:
+            total, count, lo, hi = 0.0, 0, None, None
+            for bb in range(b - steps + 1, b + 1):
+                i = (bb % n) * 5
+                if ring[i] == bb:
+                    total += ring[i + 1]
+                    count += ring[i + 2]
+                    lo = ring[i + 3] if lo is None or ring[i + 3] < lo else lo
+                    hi = ring[i + 4] if hi is None or ring[i + 4] > hi else hi
+            if fn == "sum":
+                out.append(round(total, 6))
+            elif fn == "avg":
+                out.append(round(total / count, 6) if count else 0.0)
+            elif fn == "count":
+                out.append(float(count))
+            elif fn == "min":
+                out.append(lo if lo is not None else 0.0)
+            elif fn == "max":
+                out.append(hi if hi is not None else 0.0)
+            elif fn == "rise":
+                out.append(round(v - lo, 6) if lo is not None and v is not None else 0.0)
+            elif fn == "fall":
+                out.append(round(hi - v, 6) if hi is not None and v is not None else 0.0)
+        return tuple(out)
+
+    def dump(self, sid: Callable[[int | str], Any]) -> dict:
+        d = super().dump(sid)
+        d["rings"] = [[sid(s), r] for s, r in self.rings.items()]
+        return d
+
+    def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
+        lost = super().load(state, sidx)
+        for key, ring in state.get("rings", []):
+            s = sidx(key)
+            if s is not None:
+                self.rings[s] = ring
+        return lost
+
+
+class Events(Evaluator):
+    """Discrete events (camera violations, crane alarms, door magnets): one incident per sensor
+    while events keep coming; it resolves after ``resolve_after`` of quiet or on a clear event."""
+
+    type = "event"
+    reads = "event"
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.severity_of = {e: sev.rank for e, sev in self.spec.events.items()}
+        self.clear_events = set(self.spec.clear_events)
+        self.quiet = self.spec.resolve_after
+
+    def observe(self, s: int, ts: int, event: str) -> None:
+        if self.selected is not None and not self.selected[s]:
+            return
+        rank = self.severity_of.get(event)
+        tr = self.tracks.get(s)
+        if rank is None:
+            if tr is not None and event in self.clear_events:
+                self._emit(RESOLVE, s, tr, ts)
+                del self.tracks[s]
+            return
+        if tr is not None and ts >= tr.due:          # the old incident went quiet before this
+            self._emit(RESOLVE, s, tr, tr.due)
+            del self.tracks[s]
+            tr = None
+        if tr is None:
+            tr = self.tracks[s] = Track(FIRING, ts, rank, None, None)
+            tr.event, tr.extra = event, 1
+            tr.due = ts + self.quiet
+            self._new_incident(s, tr, ts)
+            self.timers.push(tr.due, self.number, s)
+            return
+        tr.extra += 1                                # repeats are one incident, counted
+        tr.due = max(tr.due, ts + self.quiet)
+        if rank > tr.rank:
+            tr.rank, tr.event = rank, event
+            self._emit(UPGRADE, s, tr, ts)
+
+    def on_timer(self, due: int, s: Any) -> None:
+        tr = self.tracks.get(s)
+        if tr is None:
+            return
+        if tr.due > due:
+            self.timers.push(tr.due, self.number, s)   # extended by a repeat: look again then
+            return
+        self._emit(RESOLVE, s, tr, tr.due)
+        del self.tracks[s]
+
+
+class Absence(Evaluator):
+    """Dead-man: a sensor silent for ``absent_for`` (never heard from counts, from the time the
+    engine started watching) raises an incident; when every watched sensor behind a gateway is
+    silent, one gateway incident stands for all of them. The scan is vectorised by the engine;
+    this class keeps the incidents."""
+
+    type = "absence"
+    reads = "none"
+
+    def __init__(self, *args: Any, absent_ms: Any, gateway_of: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.absent_ms = absent_ms      # numpy int64 per sensor, 0 = not watched by this rule
+        self.gateway_of = gateway_of    # numpy int32 per sensor, -1 = none
+        self.silent: dict[int, str] = {}  # sensor -> subject of its incident (itself or gateway)
+
+    def fire(self, s: int | str, ts: int, last: int, members: list[int] | None) -> None:
+        tr = self.tracks[s] = Track(FIRING, ts, self.spec.severity.rank, None, None)
+        tr.extra = last                 # last heard from (0 = never)
+        tr.aid = alert_id(self.id, self.subject_name(s), ts)
+        rank = self.spec.severity.rank
+        self.out.append(Change(FIRE, self, s, tr.aid, rank, ts, ts, None, None, members=members))
+
+    def recover(self, s: int, ts: int) -> None:
+        subject = self.silent.pop(s, None)
+        if subject is None:
+            return
+        key: int | str = s if subject == "" else subject
+        tr = self.tracks.pop(key, None)
+        if tr is None:
+            return
+        if key != s:   # a gateway is back: its other sensors are looked at again by the next scan
+            for m in [m for m, subj in self.silent.items() if subj == subject]:
+                del self.silent[m]
+        self.out.append(Change(RESOLVE, self, key, tr.aid, tr.rank, ts, tr.started, None, None))
+
+    def dump(self, sid: Callable[[int | str], Any]) -> dict:
+        d = super().dump(sid)
+        d["silent"] = [[sid(s), subj] for s, subj in self.silent.items()]
+        return d
+
+    def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
+        lost = super().load(state, sidx)
+        for key, subj in state.get("silent", []):
+            s = sidx(key)
+            if s is not None:
+                self.silent[s] = subj
+        return lost
+
+
+class Correlation(Evaluator):
+    """N distinct sensors of the same building / grid / community / street with incidents of the
+    watched rules started within T: one group incident at a raised severity. It resolves when
+    the last member incident resolves."""
+
+    type = "correlation"
+    reads = "none"
+
+    def __init__(self, *args: Any, group_of: Callable[[int], str | None], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.group_of = group_of
+        self.members: dict[str, dict[int, int]] = {}   # group -> {sensor: incident start}
+
+    def on_change(self, ch: Change) -> None:
+        if not isinstance(ch.subject, int):
+            return
+        g = self.group_of(ch.subject)
+        if g is None:
+            return
+        members = self.members.get(g)
+        if ch.what in (FIRE, REOPEN):
+            if members is None:
+                members = self.members[g] = {}
+            members[ch.subject] = ch.ts
+            if g in self.tracks:
+                return
+            recent = sorted(m for m, t in members.items() if t >= ch.ts - self.spec.within)
+            if len(recent) >= self.spec.min_sensors:
+                tr = self.tracks[g] = Track(FIRING, ch.ts, self.spec.severity.rank, None, None)
+                tr.aid = alert_id(self.id, g, ch.ts)
+                tr.extra = recent
+                self.out.append(Change(FIRE, self, g, tr.aid, tr.rank, ch.ts, ch.ts, None,
+                                       float(self.spec.min_sensors), members=recent))
+        elif ch.what == RESOLVE and members is not None:
+            members.pop(ch.subject, None)
+            if not members:
+                del self.members[g]
+                tr = self.tracks.pop(g, None)
+                if tr is not None:
+                    self.out.append(Change(RESOLVE, self, g, tr.aid, tr.rank, ch.ts, tr.started,
+                                           None, None, members=tr.extra))
+
+    def dump(self, sid: Callable[[int | str], Any]) -> dict:
+        d = super().dump(sid)
+        d["members"] = {g: [[sid(s), t] for s, t in m.items()] for g, m in self.members.items()}
+        for row in d["tracks"]:
+            row[1][10] = [sid(s) for s in row[1][10]]
+        return d
+
+    def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
+        lost = super().load(state, sidx)
+        for tr in self.tracks.values():
+            tr.extra = [x for x in (sidx(k) for k in tr.extra) if x is not None]
+        for g, rows in state.get("members", {}).items():
+            m = {s: t for s, t in ((sidx(k), t) for k, t in rows) if s is not None}
+            if m:
+                self.members[g] = m
+        return lost

@@ -1,0 +1,233 @@
+"""The rule language: what a rule pack (YAML) may say, checked strictly when it is loaded.
+
+A pack declares the sensor kinds it understands, its parameters (with per-district overrides),
+and its rules. Every rule has a stable id (``pack.name``) that shows up in notices, metrics and
+errors. Conditions are expressions of ``rules.expr`` (never Python).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.models import Category, Severity
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration(v: Any) -> int:
+    """'90s', '5m', '1.5h', '1d' (or a number of seconds) -> milliseconds."""
+    if isinstance(v, bool):
+        raise ValueError("a duration such as 30s, 5m, 1h or 1d")
+    if isinstance(v, (int, float)):
+        if v < 0:
+            raise ValueError("a duration cannot be negative")
+        return int(v * 1000)
+    m = _DURATION.match(str(v))
+    if not m:
+        raise ValueError(f"{v!r} is not a duration; write e.g. 30s, 5m, 1h or 1d")
+    return int(float(m[1]) * _UNIT_MS[m[2]])
+
+
+def format_duration(ms: int) -> str:
+    for unit in ("d", "h", "m", "s"):
+        if ms and ms % _UNIT_MS[unit] == 0:
+            return f"{ms // _UNIT_MS[unit]}{unit}"
+    return f"{ms}ms"
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+RuleId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SensorKind(_Strict):
+    name: str = Field(description="Chinese name, used in titles")
+    unit: str = ""
+    category: Category
+    reading: Literal["value", "event"] = "value"
+    events: dict[str, str] = Field(default={}, description="event name -> Chinese name")
+
+
+class Level(_Strict):
+    severity: Severity
+    when: str = Field(description="`QUANTITY OP expression`, e.g. `value >= params.level1_lel`")
+
+
+class Modifier(_Strict):
+    """Raise an incident's severity from what the registry knows about the sensor."""
+
+    if_: str = Field(alias="if", description="expression over sensor.*, e.g. sensor.lives_alone")
+    raise_: int = Field(default=1, alias="raise", ge=1, le=3, description="levels to raise")
+    note: str = Field(default="", description="said in the summary, e.g. 独居老人")
+
+
+class Flapping(_Strict):
+    """A subject that fires again within `window` of resolving reopens the same incident, which
+    then needs `window` of quiet to resolve: one incident, not many."""
+
+    window: Duration
+
+
+class _RuleBase(_Strict):
+    id: RuleId
+    name: str = Field(description="short Chinese name, the default title")
+    sensors: list[str] = Field(min_length=1, description="sensor kinds the rule watches")
+    where: str | None = Field(default=None, description="expression over sensor.*: which sensors")
+    category: Category | None = None
+    title: str | None = None
+    summary: str | None = None
+    modifiers: list[Modifier] = []
+
+
+class _Stateful(_RuleBase):
+    levels: list[Level] = Field(min_length=1)
+    clear: str | None = Field(default=None, description="hysteresis: when a firing incident clears "
+                              "(default: when no level holds)")
+    for_: Duration = Field(default=0, alias="for")
+    clear_for: Duration = 0
+    flapping: Flapping | None = None
+
+
+class ThresholdRule(_Stateful):
+    type: Literal["threshold"]
+
+
+class RateRule(_Stateful):
+    """Quantities `rise` (value minus the lowest in `over`) and `fall` (highest minus value)."""
+
+    type: Literal["rate"]
+    over: Duration
+    resolution: int = Field(default=12, ge=2, le=120, description="buckets in `over`")
+
+
+class Window(_Strict):
+    fn: Literal["sum", "avg", "min", "max", "count"]
+    size: Duration
+    every: Duration | None = Field(default=None, description="slide step; none = tumbling")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "Window":
+        step = self.every or self.size
+        if self.size <= 0 or step <= 0 or self.size % step:
+            raise ValueError("window size must be a positive whole multiple of `every`")
+        if self.size // step > 168:
+            raise ValueError("at most 168 steps in a window (e.g. 7d every 1h)")
+        return self
+
+
+class WindowRule(_Stateful):
+    type: Literal["window"]
+    windows: dict[str, Window] = Field(min_length=1)
+
+    @field_validator("windows")
+    @classmethod
+    def _names(cls, v: dict[str, Window]) -> dict[str, Window]:
+        for name in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ("value", "battery", "rise", "fall"):
+                raise ValueError(f"window name {name!r}: lower-case, and not a reading field")
+        steps = {w.every or w.size for w in v.values()}
+        if len(steps) != 1:
+            raise ValueError("all windows of one rule share one step (`every`, or the size when tumbling)")
+        if len({w.every is None for w in v.values()}) != 1:
+            raise ValueError("a rule's windows are all tumbling or all sliding")
+        return v
+
+
+class AbsenceRule(_RuleBase):
+    type: Literal["absence"]
+    absent_for: Duration | dict[str, Duration] = Field(
+        description="silence that counts as absence; one duration, or one per sensor kind")
+    severity: Severity = Severity.blue
+    group_by_gateway: bool = True
+
+
+class EventRule(_RuleBase):
+    type: Literal["event"]
+    events: dict[str, Severity] = Field(min_length=1, description="event name -> severity")
+    clear_events: list[str] = []
+    resolve_after: Duration = Field(default=1_800_000, description="quiet after the last event")
+
+
+class CorrelationRule(_RuleBase):
+    type: Literal["correlation"]
+    of: list[RuleId] = Field(min_length=1, description="rules whose incidents are counted")
+    group_by: Literal["building", "grid", "community", "street"]
+    min_sensors: int = Field(ge=2)
+    within: Duration
+    severity: Severity
+
+
+Rule = Annotated[Union[ThresholdRule, RateRule, WindowRule, AbsenceRule, EventRule, CorrelationRule],
+                 Field(discriminator="type")]
+
+
+class Pack(_Strict):
+    pack: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    title: str
+    source: str = Field(default="", description="the standards or practice the values rest on")
+    kinds: dict[str, SensorKind] = {}
+    params: dict[str, float] = {}
+    districts: dict[str, dict[str, float]] = Field(
+        default={}, description="per-district parameter overrides, by 6-digit district code")
+    rules: list[Rule] = []
+
+    @model_validator(mode="after")
+    def _ids(self) -> "Pack":
+        for code, values in self.districts.items():
+            if not re.fullmatch(r"\d{6}", code):
+                raise ValueError(f"districts: {code!r} is not a 6-digit district code")
+            unknown = set(values) - set(self.params)
+            if unknown:
+                raise ValueError(f"districts.{code}: unknown params {sorted(unknown)}; "
+                                 f"declare them under params")
+        return self
+
+
+# ---- routing ------------------------------------------------------------------------------
+
+TierName = Literal["street", "grid", "district", "dept", "city"]
+
+
+class Escalation(_Strict):
+    street: Duration | None = Field(default=None, description="unacknowledged this long at street: tell district")
+    district: Duration | None = Field(default=None, description="then this long at district: tell city")
+
+
+class Route(_Strict):
+    """A child of the routing tree: the first route whose `match` fits takes the alert, and
+    its options override the root's (Alertmanager-style, one level deep)."""
+
+    name: str
+    match: dict[str, Any] = Field(min_length=1)
+    tiers: dict[Severity, list[TierName]] | None = None
+    escalate_after: Escalation | None = None
+    remind_every: Duration | None = None
+    max_reminders: int | None = Field(default=None, ge=0)
+    push: bool | None = None
+
+
+class Routing(_Strict):
+    tiers: dict[Severity, list[TierName]]
+    escalate_after: Escalation = Escalation()
+    remind_every: Duration | None = None
+    max_reminders: int = Field(default=3, ge=0, description="then stop: escalation has taken over")
+    push: bool = True
+    routes: list[Route] = []
+
+    @field_validator("tiers")
+    @classmethod
+    def _all(cls, v: dict) -> dict:
+        missing = [s.value for s in Severity if s not in v]
+        if missing:
+            raise ValueError(f"the root must give tiers for every severity; missing {missing}")
+        return v
+
+
+MATCH_LABELS = {"rule_id", "category", "severity", "kind", "district", "street", "community", "grid"}

@@ -1,0 +1,232 @@
+"""`cityops rules test`: rule unit tests written as data, like `promtool test rules`.
+
+A test file (YAML) gives a start time, a timeline of steps (readings, acknowledgements, the
+watermark moving on) and the state changes it expects, in order. The same engine that runs in
+production runs the test; a mismatch prints what was expected and what happened.
+
+    name: gas leak at a resident living alone
+    rules: ["gas.*"]                 # globs of rule ids to load (default: all)
+    packs: [extra_packs/]            # optional extra rule packs, relative to this file
+    start: "2026-07-01T14:00:00+08:00"
+    steps:
+      - {at: 0s, readings: [{sensor_id: gas-510104-000001, value: 27.5}]}
+      - {at: 3m, ack: {rule: gas.leak, subject: gas-510104-000001, by: w-1, tier: street}}
+      - {at: 30m, advance: true}     # the watermark reaches start + at
+    expect:
+      - {at: 0s, rule: gas.leak, subject: gas-510104-000001, state: firing, severity: orange,
+         tiers: [street, grid, district, dept]}
+      - {at: 3m, rule: gas.leak, state: acknowledged}
+
+Each expected change is compared on the fields it names; `tiers` is the set of tiers that got a
+copy. Every change that happened must be expected (a test cannot pass by saying too little).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.engine import Engine, EngineSettings, Output
+from pipeline.models import Ack
+from pipeline.registry import Registry
+from pipeline.registry import load as load_registry
+from pipeline.wire import WireReading
+from pipeline.yamlfile import ConfigError, load_yaml, pydantic_error
+from rules.compiler import load_rules
+from rules.schema import Duration
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TestReading(_Strict):
+    sensor_id: str
+    at: Duration | None = Field(default=None, description="own time, if not the step's")
+    value: float | None = None
+    event: str | None = None
+    battery: float | None = None
+
+
+class TestAck(_Strict):
+    rule: str
+    subject: str
+    by: str = "tester"
+    tier: str = "street"
+
+
+class Step(_Strict):
+    at: Duration
+    readings: list[TestReading] = []
+    ack: TestAck | None = None
+    advance: bool = False
+
+
+class Expect(_Strict):
+    at: Duration | None = None
+    rule: str | None = None
+    subject: str | None = None
+    state: str | None = None
+    previous_state: str | None = None
+    severity: str | None = None
+    tiers: list[str] | None = None
+    value: float | None = None
+    threshold: float | None = None
+    flapping: bool | None = None
+    escalation: int | None = None
+    members: list[str] | None = None
+    title_contains: str | None = None
+    worker: str | None = None
+
+
+class RuleTest(_Strict):
+    name: str
+    rules: list[str] = []
+    packs: list[str] = []
+    registry: str | None = None
+    settings: dict[str, Any] = {}
+    start: datetime
+    steps: list[Step] = Field(min_length=1)
+    expect: list[Expect]
+
+
+@dataclass
+class Happened:
+    """One state change as the tiers saw it: all copies of (alert_id, seq)."""
+
+    at: int
+    notice: dict
+    tiers: set[str]
+    worker: str | None = None
+
+    def describe(self) -> str:
+        n = self.notice
+        subject = n.get("group") or n["sensor_id"]
+        return (f"at {_fmt(self.at)} {n['rule_id']} {subject} {n['state']} {n['severity']} "
+                f"tiers={sorted(self.tiers)} value={n['value']} flapping={n['flapping']}")
+
+
+def _fmt(ms: int) -> str:
+    sign = "-" if ms < 0 else ""
+    ms = abs(ms)
+    return f"{sign}{ms // 60000}m{(ms % 60000) / 1000:g}s"
+
+
+def collect(notices: list[dict], start_ms: int, into: list[Happened]) -> None:
+    index = {(h.notice["alert_id"], h.notice["seq"]): h for h in into}
+    for n in notices:
+        key = (n["alert_id"], n["seq"])
+        h = index.get(key)
+        if h is None:
+            ts = int(datetime.fromisoformat(n["ts"]).timestamp() * 1000)
+            h = index[key] = Happened(ts - start_ms, n, set())
+            into.append(h)
+        h.tiers.add(n["tier"])
+        if n["tier"] == "grid":
+            h.worker = n["worker_id"]
+
+
+def run_file(path: Path, registry_cache: dict[str, Registry] | None = None) -> list[str]:
+    """Run one test file; returns the failures (empty when it passes)."""
+    doc = load_yaml(path)
+    try:
+        t = RuleTest.model_validate(doc.data)
+    except ValidationError as exc:
+        raise pydantic_error(doc, exc) from None
+    rs = load_rules([path.parent / p for p in t.packs]).select(t.rules)
+    cache = registry_cache if registry_cache is not None else {}
+    key = str(path.parent / t.registry) if t.registry else ""
+    if key not in cache:
+        cache[key] = load_registry(key or None, rs.kinds)
+    engine = Engine(cache[key], rs, EngineSettings(**t.settings))
+    start = int(t.start.timestamp() * 1000)
+    happened: list[Happened] = []
+    for i, step in enumerate(t.steps):
+        now = start + step.at
+        out = Output()
+        if step.readings:
+            readings = [WireReading(sensor_id=r.sensor_id, ts=start + (r.at if r.at is not None else step.at),
+                                    value=r.value, event=r.event, battery=r.battery)
+                        for r in step.readings]
+            engine.process(readings, out=out)
+        if step.ack:
+            a = step.ack
+            aid = _find_incident(engine, a.rule, a.subject)
+            if aid is None:
+                raise doc.error(("steps", i, "ack"), f"no open incident of {a.rule} for {a.subject} "
+                                "to acknowledge at this point")
+            engine.ack([Ack(alert_id=aid, by=a.by, tier=a.tier, ts=now)], out=out)
+        if step.advance:
+            engine.advance(now, out)
+        collect(out.notices, start, happened)
+    return compare(t.expect, happened)
+
+
+def _find_incident(engine: Engine, rule: str, subject: str) -> str | None:
+    for inc in engine.book.open.values():
+        name = engine._subject_name(inc.subject)
+        if inc.rule == rule and (name == subject or name == "gw:" + subject):
+            return inc.aid
+    return None
+
+
+def compare(expected: list[Expect], happened: list[Happened]) -> list[str]:
+    failures = []
+    for i, want in enumerate(expected):
+        if i >= len(happened):
+            failures.append(f"expected #{i + 1} did not happen: {want.model_dump(exclude_none=True)}")
+            continue
+        got = happened[i]
+        n = got.notice
+        subject = n.get("group") or n["sensor_id"]
+        checks = {
+            "at": (want.at, got.at), "rule": (want.rule, n["rule_id"]),
+            "subject": (want.subject, subject), "state": (want.state, n["state"]),
+            "previous_state": (want.previous_state, n["previous_state"]),
+            "severity": (want.severity, n["severity"]),
+            "tiers": (set(want.tiers) if want.tiers is not None else None, got.tiers),
+            "value": (want.value, n["value"]), "threshold": (want.threshold, n["threshold"]),
+            "flapping": (want.flapping, n["flapping"]), "escalation": (want.escalation, n["escalation"]),
+            "members": (want.members, n["members"]),
+            "worker": (want.worker, got.worker),
+        }
+        for name, (w, g) in checks.items():
+            if w is None:
+                continue
+            if isinstance(w, float) and isinstance(g, float) and abs(w - g) < 1e-9:
+                continue
+            if w != g:
+                failures.append(f"#{i + 1} {name}: expected {w!r}, got {g!r}  ({got.describe()})")
+        if want.title_contains and want.title_contains not in n["title"]:
+            failures.append(f"#{i + 1} title: {n['title']!r} lacks {want.title_contains!r}")
+    for extra in happened[len(expected):]:
+        failures.append(f"unexpected #{happened.index(extra) + 1}: {extra.describe()}")
+    return failures
+
+
+def run(paths: list[Path]) -> tuple[int, int, list[str]]:
+    """Run test files; returns (passed, failed, report lines)."""
+    passed = failed = 0
+    lines: list[str] = []
+    cache: dict[str, Registry] = {}
+    files: list[Path] = []
+    for p in paths:
+        files += sorted(p.glob("*.yaml")) if p.is_dir() else [p]
+    for f in files:
+        try:
+            failures = run_file(f, cache)
+        except ConfigError as exc:
+            failures = [str(exc)]
+        name = f.name
+        if failures:
+            failed += 1
+            lines.append(f"FAIL {name}")
+            lines += [f"     {x}" for x in failures]
+        else:
+            passed += 1
+            lines.append(f"ok   {name}")
+    return passed, failed, lines
