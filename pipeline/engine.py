@@ -26,7 +26,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
+from itertools import repeat
 from typing import Any
 
 import msgspec
@@ -44,7 +44,6 @@ from rules.schema import Duration
 
 SCAN = -2                  # timer owner number of the absence scan
 SNAPSHOT_VERSION = 1
-_BY_TS = attrgetter("ts")
 
 
 class EngineSettings(BaseModel):
@@ -95,6 +94,23 @@ class Engine:
                                if e.reads == "battery" and k in e.spec.sensors) for k in kinds]
         self._event = [tuple(e.observe for e in self.evaluators
                              if e.reads == "event" and k in e.spec.sensors) for k in kinds]
+        # Quiet readings of a kind whose only value rule is a plain rising threshold (gas: the
+        # bulk of a city's sensors) need no call at all: under the lowest threshold and with no
+        # incident open, nothing can happen. (floor, that rule's tracks) per kind, else None.
+        self._quiet = [self._quiet_path(hs) for hs in self._value]
+        # per kind: the value under which a reading can change nothing (+inf: no value rule,
+        # -inf: every reading matters, e.g. windows), and whether event/battery rules exist
+        self._floor_np = np.array([np.inf if not hs else (q[0] if q else -np.inf)
+                                   for hs, q in zip(self._value, self._quiet)] or [0.0])
+        self._quiet_rules = [hs[0].__self__ for hs, q in zip(self._value, self._quiet) if q]
+        self._has_event_rules_np = np.array([bool(h) for h in self._event] or [False])
+        self._has_battery_rules_np = np.array([bool(h) for h in self._battery] or [False])
+        self._battery_kinds_any = any(self._battery)
+        self._event_names = frozenset(
+            name for e in self.evaluators if isinstance(e, ev.Events)
+            for name in (*e.severity_of, *e.clear_events))
+        self._wants_value_np = np.array(wants_value or [True], dtype=bool)
+        self._kind_np = np.frombuffer(registry.kind_of, dtype=np.uint8) if n else np.zeros(1, np.uint8)
         self.absence = [e for e in self.evaluators if isinstance(e, ev.Absence)]
         self._listeners: dict[str, list[ev.Correlation]] = {}
         for e in self.evaluators:
@@ -102,10 +118,21 @@ class Engine:
                 for rid in e.spec.of:
                     self._listeners.setdefault(rid, []).append(e)
         self.silent: set[int] = set()       # sensors in an absence incident (any absence rule)
+        self._seen_idx = self._seen_ts = np.zeros(0, dtype=np.int64)   # see _apply_seen
+        self._seen_at = 0
         self.watermark = -(1 << 62)
         self.max_ts = 0
         self.watch_start = 0                # when absence watching began (event time)
         self.counters: Counter[str] = Counter()
+
+    @staticmethod
+    def _quiet_path(handlers: tuple) -> tuple[float, dict] | None:
+        if len(handlers) != 1:
+            return None
+        e = handlers[0].__self__
+        if type(e) is not ev.Threshold or not e.rising or e.floor or e.selected is not None:
+            return None
+        return e.floor_default, e.tracks
 
     # ---- names of subjects (sensor numbers or group keys) -----------------------------
     def _subject_name(self, s: int | str) -> str:
@@ -115,12 +142,7 @@ class Engine:
     def ingest(self, payloads: Iterable[bytes], source: str | None = None,
                now_ms: int | None = None) -> Output:
         """Decode payloads (objects or gateway arrays) and process them as one batch."""
-        readings: list = []
-        dead: list[DeadLetter] = []
-        spans: list[tuple[int, bytes, str | None]] = []
-        for p in payloads:
-            wire.decode(p, source, readings, dead)
-            spans.append((len(readings), p, source))
+        readings, dead, spans = wire.decode_batch(list(payloads), source)
         out = Output(dead_letters=dead)
         self.counters["dead_letters"] += len(dead)
         for d in dead:
@@ -130,80 +152,171 @@ class Engine:
 
     def process(self, readings: list, now_ms: int | None = None, out: Output | None = None,
                 _spans: list | None = None) -> Output:
-        """Evaluate a batch of decoded readings (``wire.WireReading``, ts in epoch ms)."""
+        """Evaluate a batch of decoded readings (``wire.WireReading``, ts in epoch ms).
+
+        Batch-first: the checks every reading needs (known sensor, time bounds, kind, finite,
+        stale or duplicate) and the question "can this reading change anything?" are answered
+        for the whole batch with numpy; Python then visits only the readings that can matter
+        (over a threshold, a sensor with an incident open, an event, a battery level, a window
+        rule), in event-time order.
+        """
         out = out if out is not None else Output()
-        arrival = readings
-        readings = sorted(readings, key=_BY_TS)   # timsort: near-sorted batches cost ~O(n)
-        index = self.registry.index
-        kind_of = self.registry.kind_of
-        last_seen = self.last_seen
-        wants_value = self._wants_value
-        vh, bh, eh = self._value, self._battery, self._event
-        silent = self.silent
+        n = len(readings)
+        if n:
+            self._screen_and_evaluate(readings, now_ms, out, _spans)
+        self._drain(out)
+        self.advance(self.max_ts - self.settings.allowed_lateness, out)
+        self._apply_seen(1 << 62)
+        return out
+
+    def _apply_seen(self, upto: int) -> None:
+        """Record the batch's last-seen stamps up to event time ``upto``."""
+        ts = self._seen_ts
+        if self._seen_at >= len(ts):
+            return
+        end = int(np.searchsorted(ts, upto, side="right"))
+        if end > self._seen_at:
+            sl = slice(self._seen_at, end)
+            np.maximum.at(self._last_seen_np, self._seen_idx[sl], ts[sl])
+            self._seen_at = end
+
+    def _screen_and_evaluate(self, readings: list, now_ms: int | None, out: Output,
+                             spans: list | None) -> None:
+        n = len(readings)
         s = self.settings
-        max_ts = self.max_ts
+        idx_list = list(map(self.registry.index.get, [r.sensor_id for r in readings], repeat(-1, n)))
+        idx = np.array(idx_list, dtype=np.int64)
+        ts = np.array([r.ts for r in readings], dtype=np.int64)
+        val = np.array([r.value for r in readings], dtype=np.float64)    # None (an event) -> nan
+        known = idx >= 0
+        kind = self._kind_np[np.where(known, idx, 0)]
         # "future" needs a clock (the runtimes and replay pass the wall clock; history is never
         # ahead of it); "too old" is judged against the watermark, so old history replays
         ceiling = now_ms + s.max_future if now_ms is not None else 1 << 62
-        floor = self.watermark - s.max_age
-        rejects: list[tuple[Any, str, str]] = []
-        duplicates = 0
-        for r in readings:
-            idx = index.get(r.sensor_id)
-            if idx is None:
-                rejects.append((r, "unknown_sensor", f"sensor {r.sensor_id} is not in the registry"))
-                continue
+        future = known & (ts > ceiling)
+        too_old = known & ~future & (ts < self.watermark - s.max_age)
+        wants = self._wants_value_np[kind]
+        no_value = np.isnan(val)            # an event, or a NaN value: told apart below (rare)
+        suspect = known & ~future & ~too_old & (no_value == wants)
+        bad_value = known & ~future & ~too_old & ~no_value & ~(np.abs(val) < 1e15)
+        fit = known & ~future & ~too_old & ~suspect & ~bad_value
+        # Per sensor, in event-time order (ties: arrival): newer than all before it, stored or
+        # earlier in this batch? Equal is a redelivered duplicate, older is stale.
+        pos = np.flatnonzero(fit)
+        order = pos[np.lexsort((ts[pos], idx[pos]))]
+        g_idx, g_ts = idx[order], ts[order]
+        before = np.zeros(len(order), dtype=np.int64)
+        before[1:] = np.where(g_idx[1:] == g_idx[:-1], g_ts[:-1], 0)
+        newest = np.maximum(self._last_seen_np[g_idx], before)
+        accepted = g_ts > newest
+        duplicate = g_ts == newest
+        stale_pos = np.sort(order[g_ts < newest])
+        ok = np.zeros(n, dtype=bool)
+        ok[order[accepted]] = True
+        if accepted.any():
+            # Last-seen stamps are applied in time order as the batch is worked through, so an
+            # absence scan due mid-batch sees what had arrived by then and nothing later.
+            by_time = np.argsort(g_ts[accepted], kind="stable")
+            self._seen_idx = g_idx[accepted][by_time]
+            self._seen_ts = g_ts[accepted][by_time]
+            self._seen_at = 0
+            self.max_ts = max(self.max_ts, int(g_ts[accepted].max()))
+        # Which accepted readings can change anything?
+        matter = ok & (val >= self._floor_np[kind])        # over the quiet floor (events: nan)
+        if self._event_names:                              # heartbeats and the like: no rule
+            named = np.array([r.event in self._event_names for r in readings], dtype=bool)
+            matter |= ok & no_value & named & self._has_event_rules_np[kind]
+        hot = [t for e in self._quiet_rules for t in e.tracks] + self._silent_list()
+        busy = np.unique(idx[matter & ~no_value])
+        if hot:
+            busy = np.union1d(busy, np.array(hot, dtype=np.int64))
+        if len(busy):
+            matter |= ok & ~no_value & np.isin(idx, busy)
+        if self._battery_kinds_any:
+            bat = [r.battery for r in readings]
+            if bat.count(None) != n:
+                has_b = np.array([b is not None for b in bat]) & self._has_battery_rules_np[kind]
+                matter |= ok & has_b
+        visit = np.flatnonzero(matter)
+        self._evaluate(readings, idx_list, visit[np.argsort(ts[visit], kind="stable")].tolist(), out)
+        c = self.counters
+        c["readings"] += n
+        c["duplicates"] += int(duplicate.sum())
+        if not self.watch_start and self.max_ts:
+            self._start_watching(int(ts[ok].min()) if ok.any() else self.max_ts)
+        if not fit.all() or len(stale_pos):
+            self._reject_batch(readings, readings, spans, out, idx_list, known, future, too_old,
+                               suspect, bad_value, stale_pos)
+
+    def _evaluate(self, readings: list, idx_list: list[int], positions: list[int],
+                  out: Output) -> None:
+        """The rules, reading by reading, for the readings that can change something; a timer
+        that fell due before a reading (and within the new watermark) acts before it."""
+        kind_of = self.registry.kind_of
+        vh, bh, eh = self._value, self._battery, self._event
+        silent = self.silent
+        changes = self.changes
+        heap = self.timers.heap
+        horizon = self.max_ts - self.settings.allowed_lateness
+        for i in positions:
+            r = readings[i]
             ts = r.ts
-            if ts > ceiling or ts < floor:
-                if ts > ceiling:
-                    rejects.append((r, "future", f"ts {ts} is more than {s.max_future // 1000}s "
-                                    "ahead of the clock; check the gateway's clock (NTP)"))
-                else:
-                    rejects.append((r, "too_old", f"ts {ts} is older than the {s.max_age // 86_400_000}-day limit"
-                                    + ("; epoch seconds? send milliseconds" if ts < 10_000_000_000 else "")))
-                continue
-            k = kind_of[idx]
+            if heap and heap[0][0] < ts and heap[0][0] <= horizon:
+                self._run_timers(min(ts - 1, horizon), out)
+            s = idx_list[i]
+            k = kind_of[s]
+            if silent and s in silent:
+                self._recover(s, ts)
             v = r.value
-            if (v is not None) != wants_value[k]:
-                rejects.append((r, "wrong_kind", f"sensor {r.sensor_id} reports "
-                                f"{'`value`' if wants_value[k] else '`event`'} readings"))
-                continue
-            if v is not None and not -1e15 < v < 1e15:
-                rejects.append((r, "not_finite", f"value {v} is not a finite measurement"))
-                continue
-            last = last_seen[idx]
-            if ts <= last:
-                if ts == last:
-                    duplicates += 1
-                else:
-                    rejects.append((r, "stale", f"older than the sensor's reading at {last}"))
-                continue
-            last_seen[idx] = ts
-            if ts > max_ts:
-                max_ts = ts
-            if silent and idx in silent:
-                self._recover(idx, ts)
             if v is not None:
                 for h in vh[k]:
-                    h(idx, ts, v)
+                    h(s, ts, v)
             else:
                 for h in eh[k]:
-                    h(idx, ts, r.event)
+                    h(s, ts, r.event)
             b = r.battery
             if b is not None:
                 for h in bh[k]:
-                    h(idx, ts, b)
-        self.max_ts = max_ts
-        c = self.counters
-        c["readings"] += len(readings)
-        c["duplicates"] += duplicates
-        if rejects:
-            self._reject(rejects, arrival, _spans, out)
-        if not self.watch_start and max_ts:
-            self._start_watching(readings[0].ts if readings else max_ts)
-        self._drain(out)
-        self.advance(max_ts - s.allowed_lateness, out)
-        return out
+                    h(s, ts, b)
+            if changes:
+                self._drain(out)
+
+    def _silent_list(self) -> list[int]:
+        return list(self.silent) if self.silent else []
+
+    def _reject_batch(self, readings: list, arrival: list, spans: list | None, out: Output,
+                      idx_list: list[int], known: np.ndarray, future: np.ndarray,
+                      too_old: np.ndarray, suspect: np.ndarray, bad_value: np.ndarray,
+                      stale_pos: np.ndarray) -> None:
+        s = self.settings
+        rejects: list[tuple[Any, str, str]] = []
+        for i in np.flatnonzero(~known).tolist():
+            rejects.append((readings[i], "unknown_sensor",
+                            f"sensor {readings[i].sensor_id} is not in the registry"))
+        for i in np.flatnonzero(future).tolist():
+            rejects.append((readings[i], "future", f"ts {readings[i].ts} is more than "
+                            f"{s.max_future // 1000}s ahead of the clock; check the gateway's clock (NTP)"))
+        for i in np.flatnonzero(too_old).tolist():
+            ts = readings[i].ts
+            rejects.append((readings[i], "too_old", f"ts {ts} is more than "
+                            f"{s.max_age // 86_400_000} days behind the watermark"
+                            + ("; epoch seconds? send milliseconds" if ts < 10_000_000_000 else "")))
+        for i in np.flatnonzero(suspect).tolist():
+            r = readings[i]
+            k = self.registry.kind_of[idx_list[i]]
+            if r.value is not None and self._wants_value[k]:
+                rejects.append((r, "not_finite", f"value {r.value} is not a finite measurement"))
+            else:
+                rejects.append((r, "wrong_kind", f"sensor {r.sensor_id} reports "
+                                f"{'`value`' if self._wants_value[k] else '`event`'} readings"))
+        for i in np.flatnonzero(bad_value).tolist():
+            rejects.append((readings[i], "not_finite", f"value {readings[i].value} is not a "
+                            "finite measurement"))
+        for i in stale_pos.tolist():
+            r = readings[i]
+            rejects.append((r, "stale", f"older than sensor {r.sensor_id}'s newest reading "
+                            f"({int(self.last_seen[idx_list[i]])})"))
+        self._reject(rejects, arrival, spans, out)
 
     def _reject(self, rejects: list, arrival: list, spans: list | None, out: Output) -> None:
         where = {id(r): i for i, r in enumerate(arrival)} if spans else {}
@@ -253,19 +366,23 @@ class Engine:
         self.watermark = watermark
         if not self.watch_start and self.absence and watermark > 0:
             self._start_watching(watermark)
+        self._run_timers(watermark, out)
+        return out
+
+    def _run_timers(self, upto: int, out: Output) -> None:
         pop = self.timers.pop_due
         evaluators = self.evaluators
-        while (t := pop(watermark)) is not None:
+        while (t := pop(upto)) is not None:
             due, owner, key = t
             if owner >= 0:
                 evaluators[owner].on_timer(due, key)
             elif owner == LIFECYCLE:
                 self.book.on_timer(due, key, out.notices)
             elif owner == SCAN:
-                self._scan_absence(watermark)
-                self.timers.push(watermark + self.settings.absence_scan_every, SCAN, None)
+                self._apply_seen(due)
+                nxt = self._scan_absence(due)
+                self.timers.push(max(due + self.settings.absence_scan_every, nxt), SCAN, None)
             self._drain(out)
-        return out
 
     def _start_watching(self, ts: int) -> None:
         self.watch_start = ts
@@ -285,21 +402,29 @@ class Engine:
                 self.counters["changes." + ch.what] += 1
 
     # ---- absence --------------------------------------------------------------------------
-    def _scan_absence(self, at: int) -> None:
+    def _scan_absence(self, at: int) -> int:
+        """Silence as of event time ``at``; returns when the next sensor could fall silent
+        (readings only push that later), so a scan never runs for nothing in a long replay."""
         seen = np.maximum(self._last_seen_np, self.watch_start)
+        upcoming = 1 << 62
+        fired_any = False
         for a in self.absence:
             due = seen + a.absent_ms
-            mask = (a.absent_ms > 0) & (due <= at)
+            watched = a.absent_ms > 0
+            mask = watched & (due <= at)
+            later = due[watched & ~mask]
+            if len(later):
+                upcoming = min(upcoming, int(later.min()))
             idxs = np.flatnonzero(mask)
             if not len(idxs):
                 continue
             new = [i for i in idxs.tolist() if i not in a.silent]
             if not new:
                 continue
+            fired_any = True
             whole: set[int] = set()
             gw = a.gateway_of
             if gw is not None:
-                watched = a.absent_ms > 0
                 has_gw = gw >= 0
                 total = np.bincount(gw[watched & has_gw], minlength=len(self.registry.gateways))
                 quiet = np.bincount(gw[mask & has_gw], minlength=len(self.registry.gateways))
@@ -319,10 +444,25 @@ class Engine:
                 if subject not in a.tracks:
                     all_members = np.flatnonzero((gw == g) & watched).tolist()
                     when = int(due[all_members].max())
-                    a.fire(subject, when, int(self.last_seen[all_members].max()), all_members)
+                    a.fire(subject, when, int(self._last_seen_np[all_members].max()), all_members)
                 for i in members:
                     a.silent[i] = subject
                     self.silent.add(i)
+        if fired_any:
+            self._recover_later_in_batch()
+        return upcoming
+
+    def _recover_later_in_batch(self) -> None:
+        """Sensors just found silent whose next reading is later in this very batch: that
+        reading has arrived already, so it resolves them now, stamped with its own time."""
+        rest_idx = self._seen_idx[self._seen_at:]
+        if not len(rest_idx):
+            return
+        rest_ts = self._seen_ts[self._seen_at:]
+        hit = np.isin(rest_idx, np.fromiter(self.silent, dtype=np.int64, count=len(self.silent)))
+        for i, t in zip(rest_idx[hit].tolist(), rest_ts[hit].tolist()):
+            if i in self.silent:
+                self._recover(i, t)
 
     def _recover(self, idx: int, ts: int) -> None:
         for a in self.absence:

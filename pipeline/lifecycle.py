@@ -24,7 +24,7 @@ LIFECYCLE = -1          # timer owner number of the AlertBook
 class Incident:
     __slots__ = ("aid", "rule", "subject", "idx", "members", "rank", "state", "started", "seq",
                  "sent", "route", "value", "threshold", "event", "flapping", "escalation",
-                 "acked_by", "acked_tier", "reminders", "base", "last_ts")
+                 "acked_by", "acked_tier", "reminders", "base", "last_ts", "district_at", "gen")
 
     def dump(self, sid: Callable[[Any], Any]) -> list:
         return [self.aid, self.rule, sid(self.subject), sid(self.idx) if self.idx is not None else None,
@@ -32,7 +32,8 @@ class Incident:
                 self.state.value, self.started, self.seq,
                 [[t.tier.value, t.target, t.worker.id if t.worker else None] for t in self.sent],
                 self.value, self.threshold, self.event, self.flapping, self.escalation,
-                self.acked_by, self.acked_tier, self.reminders, self.last_ts]
+                self.acked_by, self.acked_tier, self.reminders, self.last_ts, self.district_at,
+                self.gen]
 
 
 class AlertBook:
@@ -62,7 +63,8 @@ class AlertBook:
             self.open[inc.aid] = inc
             self._rebase(inc, ch)
             self._send(inc, State.firing, State.resolved, ch.ts, out, self._widen(inc, ch.ts))
-            self._schedule(inc, ch.ts)
+            self._remind_from(inc, ch.ts)
+            self._escalate_from(inc, ch.ts, ch.ts)
         elif ch.what == UPGRADE:
             inc = self.open.get(ch.alert_id)
             if inc is None or ch.rank <= inc.rank:
@@ -70,6 +72,8 @@ class AlertBook:
             inc.rank, inc.value, inc.threshold, inc.event = ch.rank, ch.value, ch.threshold, ch.event
             self._rebase(inc, ch)
             self._send(inc, State.firing, State.firing, ch.ts, out, self._widen(inc, ch.ts))
+            if not inc.acked_by:
+                self._escalate_from(inc, inc.started, ch.ts)
         elif ch.what == RESOLVE:
             inc = self.open.pop(ch.alert_id, None)
             if inc is None:
@@ -92,12 +96,13 @@ class AlertBook:
         inc.seq, inc.sent, inc.value, inc.threshold = 0, [], ch.value, ch.threshold
         inc.event, inc.flapping, inc.escalation = ch.event, ch.flapping, 0
         inc.acked_by = inc.acked_tier = None
-        inc.reminders, inc.last_ts = 0, ch.ts
+        inc.reminders, inc.last_ts, inc.district_at, inc.gen = 0, ch.ts, None, 0
         inc.route = self.router.route(self._labels(inc))
         self._rebase(inc, ch)
         self.open[inc.aid] = inc
         self._send(inc, State.firing, None, ch.ts, out, self._widen(inc, ch.ts))
-        self._schedule(inc, ch.ts)
+        self._remind_from(inc, ch.ts)
+        self._escalate_from(inc, ch.ts, ch.ts)
 
     # ---- from people -------------------------------------------------------------------
     def ack(self, ack: Ack, out: list[dict]) -> str | None:
@@ -115,28 +120,30 @@ class AlertBook:
 
     # ---- deadlines ---------------------------------------------------------------------
     def on_timer(self, due: int, key: tuple, out: list[dict]) -> None:
-        aid, what, step = key
+        aid, what, gen = key[0], key[1], key[2]
         if what == "forget":
             self.resolved.pop(aid, None)
             return
         inc = self.open.get(aid)
-        if inc is None or inc.acked_by:
-            return
-        if what == "esc" and inc.escalation == step - 1:
+        if inc is None or inc.acked_by or gen != inc.gen:
+            return                            # resolved, acknowledged, or planned again since
+        if what == "esc":
             told = {t.tier for t in inc.sent}
-            nxt = next((t for t in ESCALATION_LADDER[step:] if t not in told), None)
-            if nxt is None:
+            nxt = Tier.district if Tier.district not in told else Tier.city
+            if nxt in told:
                 return
             place = self.registry.place_of(inc.idx) if inc.idx is not None else None
             target = self.router.target(nxt.value, place, self._category(inc).value, due)
-            inc.escalation = step
+            inc.escalation += 1
             prev = inc.state
             inc.state = State.escalated
             self._send(inc, State.escalated, prev, due, out, [target] if target else [],
                        f"超过{format_duration(due - inc.started)}无人确认，已升级至{nt.tier_cn(nxt.value)}。")
-            if step == 1 and inc.route.escalate_district and Tier.city not in told | {nxt}:
-                self.timers.push(due + inc.route.escalate_district, LIFECYCLE, (aid, "esc", 2))
-        elif what == "rem" and step == inc.reminders + 1:
+            if nxt == Tier.district:
+                inc.district_at = due
+                self._escalate_from(inc, inc.started, due)
+        elif what == "rem":
+            step = key[3]
             inc.reminders = step
             prev = inc.state
             targets = [t for t in inc.sent if t.tier in (Tier.grid, Tier.street)]
@@ -144,15 +151,31 @@ class AlertBook:
                        only=targets)
             inc.state = prev
             if step < inc.route.max_reminders:
-                self.timers.push(due + inc.route.remind_every, LIFECYCLE, (aid, "rem", step + 1))
+                self.timers.push(due + inc.route.remind_every, LIFECYCLE, (aid, "rem", gen, step + 1))
 
-    def _schedule(self, inc: Incident, ts: int) -> None:
+    def _remind_from(self, inc: Incident, ts: int) -> None:
+        """Reminders every `remind_every` from ``ts``; any earlier plan is void (``gen``)."""
+        inc.gen += 1
+        inc.reminders = 0
         r = inc.route
-        if r.escalate_street:
-            self.timers.push(ts + r.escalate_street, LIFECYCLE, (inc.aid, "esc", 1))
         if r.remind_every and r.max_reminders:
-            inc.reminders = 0
-            self.timers.push(ts + r.remind_every, LIFECYCLE, (inc.aid, "rem", 1))
+            self.timers.push(ts + r.remind_every, LIFECYCLE, (inc.aid, "rem", inc.gen, 1))
+
+    def _escalate_from(self, inc: Incident, street_since: int, now: int) -> None:
+        """Plan the next rung. Each tier's deadline runs from when that tier was told: the
+        street's from the incident's start, the district's from when it was told (at once by a
+        yellow or higher severity, or by the first escalation)."""
+        told = {t.tier for t in inc.sent}
+        r = inc.route
+        if Tier.district in told and inc.district_at is None:
+            inc.district_at = now
+        if Tier.district not in told and r.escalate_street:
+            due = street_since + r.escalate_street
+        elif Tier.district in told and Tier.city not in told and r.escalate_district:
+            due = inc.district_at + r.escalate_district
+        else:
+            return
+        self.timers.push(max(due, now), LIFECYCLE, (inc.aid, "esc", inc.gen))
 
     # ---- notices -----------------------------------------------------------------------
     def _category(self, inc: Incident) -> Category:
@@ -252,7 +275,8 @@ class AlertBook:
 
     def _load_one(self, row: list, sidx: Callable[[Any], Any]) -> Incident | None:
         (aid, rule, subject, idx, members, rank, state, started, seq, sent, value, threshold,
-         event, flapping, escalation, acked_by, acked_tier, reminders, last_ts) = row
+         event, flapping, escalation, acked_by, acked_tier, reminders, last_ts, district_at,
+         gen) = row
         if rule not in self.rules:
             return None
         inc = Incident()
@@ -264,7 +288,7 @@ class AlertBook:
         inc.rank, inc.state, inc.started, inc.seq = rank, State(state), started, seq
         inc.value, inc.threshold, inc.event, inc.flapping = value, threshold, event, flapping
         inc.escalation, inc.acked_by, inc.acked_tier = escalation, acked_by, acked_tier
-        inc.reminders, inc.last_ts = reminders, last_ts
+        inc.reminders, inc.last_ts, inc.district_at, inc.gen = reminders, last_ts, district_at, gen
         inc.route = self.router.route(self._labels(inc))
         inc.sent = []
         for tier, target, worker in sent:

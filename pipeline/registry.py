@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.models import Category
@@ -185,9 +186,13 @@ class Registry:
         return self.kinds.index(kind)
 
     def sensors_of_kinds(self, kinds: Iterable[str]) -> list[int]:
-        wanted = {self.kinds.index(k) for k in kinds if k in self.kinds}
-        kind_of = self.kind_of
-        return [i for i in range(len(kind_of)) if kind_of[i] in wanted]
+        wanted = [self.kinds.index(k) for k in kinds if k in self.kinds]
+        if not wanted or not len(self.kind_of):
+            return []
+        kind_of = np.frombuffer(self.kind_of, dtype=np.uint8)
+        return np.flatnonzero(np.isin(kind_of, wanted)).tolist()
+
+    BASE_FACTS = ("id", "kind", "building", "owner", "gateway")
 
     def sensor_facts(self, idx: int) -> dict[str, Any]:
         """What a rule may read as `sensor.*`: its attrs plus the registry columns."""

@@ -380,29 +380,37 @@ def _compile_one(r: LoadedRule, rs: RuleSet, reg: Registry, number: int, sink: l
     if spec.where:
         node = parse(spec.where)
         mask = bytearray(len(reg))
-        for idx in sensors:
-            look = _lookup(r.pack, reg, idx, params_for(r.pack, reg.place_of(idx).district))
-            try:
-                mask[idx] = bool(evaluate(node, look))
-            except KeyError:
-                mask[idx] = 0          # a sensor without the attr is not selected
+        for idx in _candidates(reg, sensors, [node]):
+            mask[idx] = bool(_holds(r, reg, idx, node))
         e.selected = mask
         if isinstance(e, ev.Absence):
             e.absent_ms[np.frombuffer(bytes(mask), dtype=np.uint8) == 0] = 0
     if spec.modifiers:
-        for idx in sensors:
-            look = _lookup(r.pack, reg, idx, params_for(r.pack, reg.place_of(idx).district))
-            bump = 0
-            for m in spec.modifiers:
-                try:
-                    hit = evaluate(parse(m.if_), look)
-                except KeyError:
-                    hit = False
-                if hit:
-                    bump += m.raise_
+        mods = [(parse(m.if_), m.raise_) for m in spec.modifiers]
+        for idx in _candidates(reg, sensors, [n for n, _ in mods]):
+            bump = sum(up for node, up in mods if _holds(r, reg, idx, node))
             if bump:
                 e.bump[idx] = bump
     return e
+
+
+def _candidates(reg: Registry, sensors: list[int], nodes: list[Node]) -> list[int]:
+    """Sensors for which a `where:`/`if:` expression can be true. A sensor lacking a name the
+    expression reads does not match; when it reads only per-sensor attrs, only sensors with
+    attrs can match (most of a million sensors have none)."""
+    names = {n for node in nodes for n in node.names()}
+    attrs_only = all(n.startswith("sensor.") and n[7:] not in Registry.BASE_FACTS for n in names)
+    if attrs_only and names:
+        return [i for i in sensors if i in reg.attrs]
+    return sensors
+
+
+def _holds(r: LoadedRule, reg: Registry, idx: int, node: Node) -> bool:
+    look = _lookup(r.pack, reg, idx, params_for(r.pack, reg.place_of(idx).district))
+    try:
+        return bool(evaluate(node, look))
+    except KeyError:
+        return False
 
 
 def _group_of(reg: Registry, by: str) -> Callable[[int], str | None]:
@@ -413,12 +421,4 @@ def _group_of(reg: Registry, by: str) -> Callable[[int], str | None]:
 
 def modifier_notes(r: LoadedRule, reg: Registry, idx: int) -> list[str]:
     """The `note` of each modifier that applies to sensor ``idx`` (said in the summary)."""
-    notes = []
-    look = _lookup(r.pack, reg, idx, params_for(r.pack, reg.place_of(idx).district))
-    for m in r.spec.modifiers:
-        try:
-            if evaluate(parse(m.if_), look) and m.note:
-                notes.append(m.note)
-        except KeyError:
-            pass
-    return notes
+    return [m.note for m in r.spec.modifiers if m.note and _holds(r, reg, idx, parse(m.if_))]

@@ -223,4 +223,6 @@ def render(node: Node) -> str:
         return f"({render(args[0])} {op} {render(args[1])})"
     if op == "neg":
         return f"-{render(args[0])}"
+    if op == "bin":
+        return f"({render(args[1])} {args[0]} {render(args[2])})"
     return f"{render(args[1])} {args[0]} {render(args[2])}"

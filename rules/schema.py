@@ -196,8 +196,10 @@ TierName = Literal["street", "grid", "district", "dept", "city"]
 
 
 class Escalation(_Strict):
-    street: Duration | None = Field(default=None, description="unacknowledged this long at street: tell district")
-    district: Duration | None = Field(default=None, description="then this long at district: tell city")
+    street: Duration | None = Field(default=None, description="unacknowledged this long after the "
+                                    "incident started (the street was told): tell the district")
+    district: Duration | None = Field(default=None, description="unacknowledged this long after the "
+                                      "district was told (at once, or by escalation): tell the city")
 
 
 class Route(_Strict):

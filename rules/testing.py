@@ -221,6 +221,8 @@ def run(paths: list[Path]) -> tuple[int, int, list[str]]:
             failures = run_file(f, cache)
         except ConfigError as exc:
             failures = [str(exc)]
+        except Exception as exc:    # the engine crashed on this file: a failure, not the end of the run
+            failures = [f"error: {type(exc).__name__}: {exc}"]
         name = f.name
         if failures:
             failed += 1

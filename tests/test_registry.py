@@ -1,0 +1,470 @@
+"""The city registry (pipeline.registry, docs/registry.md): the Chengdu fixture, on-call
+resolution, and errors that name the file and the line."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from pipeline import registry
+from pipeline.models import Category
+from pipeline.registry import SENSOR_COLUMNS, Registry
+from pipeline.yamlfile import ConfigError
+from rules.compiler import load_rules
+
+CHENGDU = registry.FIXTURE.parent
+DOCUMENTED_KINDS = {"gas_household", "gas_commercial", "waterlogging", "river_gauge", "rain_gauge",
+                    "air_quality", "dust_monitor", "site_camera", "tower_crane", "billboard_tilt",
+                    "manhole_cover", "door_magnet"}
+
+
+@pytest.fixture(scope="module")
+def chengdu() -> Registry:
+    return registry.load(None, load_rules().kinds)
+
+
+def at(reg: Registry, hh_mm: str, day: str = "2026-07-01") -> int:
+    """Epoch ms of a local (registry time zone) wall-clock time."""
+    local = datetime.fromisoformat(f"{day}T{hh_mm}").replace(tzinfo=reg.tz)
+    return int(local.timestamp() * 1000)
+
+
+# ---- the Chengdu fixture -------------------------------------------------------------------
+
+def test_fixture_loads_with_every_level_populated(chengdu):
+    assert chengdu.city_code == "510100"
+    assert str(chengdu.tz) == "Asia/Shanghai"
+    assert len(chengdu.districts) > 0
+    assert len(chengdu.streets) > 0
+    assert len(chengdu.communities) > 0
+    assert len(chengdu.grid_places) > 0
+    assert len(chengdu.workers) > 0
+    assert len(chengdu.departments) > 0
+    assert len(chengdu) > 0
+    assert chengdu.source == str(registry.FIXTURE)
+
+
+def test_fixture_default_path_and_folder_path_load_the_same(chengdu):
+    by_folder = registry.load(CHENGDU)
+    assert by_folder.sensor_ids == chengdu.sensor_ids
+    assert by_folder.grid_index == chengdu.grid_index
+
+
+def test_fixture_uses_every_documented_sensor_kind(chengdu):
+    assert set(chengdu.kinds) == DOCUMENTED_KINDS
+
+
+def test_every_fixture_sensor_sits_in_a_consistent_place(chengdu):
+    for idx, sid in enumerate(chengdu.sensor_ids):
+        assert chengdu.index[sid] == idx
+        p = chengdu.place_of(idx)
+        assert chengdu.grid_index[p.grid] == chengdu.grid_of[idx]
+        assert p.grid.startswith(p.community) and len(p.grid) == 15
+        assert p.community.startswith(p.street) and len(p.community) == 12
+        assert p.street.startswith(p.district) and len(p.street) == 9
+        assert chengdu.communities[p.community] == (p.community_name, p.street)
+        assert chengdu.streets[p.street] == (p.street_name, p.district)
+        assert chengdu.districts[p.district] == p.district_name
+        assert -90 <= chengdu.lat[idx] <= 90 and -180 <= chengdu.lon[idx] <= 180
+
+
+def test_every_fixture_grid_is_covered_by_someone_on_call(chengdu):
+    for p in chengdu.grid_places:
+        for hh_mm in ("03:00", "10:00", "21:00"):
+            assert chengdu.on_call(p.grid, p.street, at(chengdu, hh_mm)) is not None, (p.grid, hh_mm)
+
+
+def test_every_fixture_category_has_a_department(chengdu):
+    assert set(chengdu.dept_of_category) == {c.value for c in Category}
+
+
+def test_sensor_facts_merge_registry_columns_and_attrs(chengdu):
+    gas = chengdu.index["gas-510104-000001"]
+    facts = chengdu.sensor_facts(gas)
+    assert facts["id"] == "gas-510104-000001"
+    assert facts["kind"] == "gas_household"
+    assert facts["building"] == "510104020001-b01"
+    assert facts["gateway"] == "gw-510104-0001"
+    assert facts["lives_alone"] is True
+    river = chengdu.sensor_facts(chengdu.index["river-510104-000001"])
+    assert river["warning_level"] == 4.5
+    assert river["guarantee_level"] == 5.2
+    assert river["gateway"] is None and river["building"] is None
+
+
+@pytest.mark.parametrize("hh_mm, worker", [
+    ("08:00", "w-510104020001-01"),      # day shift starts (inclusive)
+    ("12:30", "w-510104020001-01"),
+    ("19:59", "w-510104020001-01"),
+    ("20:00", "w-510104020001-02"),      # night shift starts; the day shift has ended
+    ("23:59", "w-510104020001-02"),
+    ("00:00", "w-510104020001-02"),      # across midnight
+    ("03:30", "w-510104020001-02"),
+    ("07:59", "w-510104020001-02"),
+])
+def test_fixture_on_call_day_and_night_shift(chengdu, hh_mm, worker):
+    w = chengdu.on_call("510104020001001", "510104020", at(chengdu, hh_mm))
+    assert w is not None and w.id == worker
+
+
+def test_fixture_on_call_uses_local_time_not_utc(chengdu):
+    # 01:00 UTC is 09:00 in Chengdu: the day shift
+    utc_1am = int(datetime.fromisoformat("2026-07-01T01:00:00+00:00").timestamp() * 1000)
+    assert chengdu.on_call("510104020001001", "510104020", utc_1am).id == "w-510104020001-01"
+
+
+# ---- small registries written for a test -----------------------------------------------------
+
+REGISTRY_YAML = """\
+city: {code: "510100", name: 成都市}
+timezone: Asia/Shanghai
+departments:
+  - id: gas
+    name: 市燃气安全监管分中心
+    categories: [gas]
+districts:
+  - code: "510104"
+    name: 锦江区
+    streets:
+      - code: "510104020"
+        name: 春熙路街道
+        duty_officer: w-duty
+        communities:
+          - code: "510104020001"
+            name: 和平社区
+            grids:
+              - code: "510104020001001"
+                name: 和平社区第1微网格
+              - code: "510104020001002"
+                name: 和平社区第2微网格
+              - code: "510104020001003"
+                name: 和平社区第3微网格
+              - code: "510104020001004"
+                name: 和平社区第4微网格
+      - code: "510104021"
+        name: 书院街街道
+        communities:
+          - code: "510104021001"
+            name: 东风社区
+            grids:
+              - code: "510104021001001"
+                name: 东风社区第1微网格
+workers:
+  - id: w-day
+    name: 张敏
+    grids: ["510104020001001"]
+    shift: "08:00-20:00"
+    backup: w-night
+  - id: w-night
+    name: 罗川
+    grids: ["510104020001001", "510104020001002"]
+    shift: "20:00-08:00"
+  - id: w-office
+    name: 高春燕
+    grids: ["510104020001003"]
+    shift: "09:00-17:00"
+    backup: w-evening
+  - id: w-evening
+    name: 苏国强
+    shift: "17:00-22:00"
+  - id: w-duty
+    name: 曹家豪
+    shift: "00:00-24:00"
+sensors: sensors.csv
+"""
+
+SENSORS_CSV = """\
+sensor_id,kind,grid,gateway_id,lat,lon,address,building,owner,owner_contact,attrs
+gas-510104-000001,gas_household,510104020001001,gw-1,30.651742,104.081720,红星路三段192号,510104020001-b01,独居老人 王秀英,女儿 13700000001,lives_alone=true
+gas-510104-000002,gas_household,510104020001001,gw-1,30.651800,104.081800,红星路三段192号,510104020001-b01,,,
+wl-510104-000001,waterlogging,510104020001002,,30.650000,104.080000,红星路三段路口,,,,
+river-510104-000001,river_gauge,510104021001001,,30.660000,104.070000,府河,,,,warning_level=4.5;guarantee_level=5.2;station=府河站
+"""
+
+
+def write_registry(folder: Path, yaml_text: str = REGISTRY_YAML, csv_text: str = SENSORS_CSV) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "registry.yaml").write_text(yaml_text, encoding="utf-8")
+    (folder / "sensors.csv").write_text(csv_text, encoding="utf-8")
+    return folder / "registry.yaml"
+
+
+def line_of(text: str, marker: str, occurrence: int = 1) -> int:
+    """1-based line of the n-th line containing ``marker`` (-1: the last)."""
+    hits = [i for i, line in enumerate(text.splitlines(), start=1) if marker in line]
+    assert hits, f"{marker!r} not in the test text"
+    return hits[occurrence - 1] if occurrence > 0 else hits[occurrence]
+
+
+@pytest.fixture
+def small(tmp_path) -> Registry:
+    return registry.load(write_registry(tmp_path))
+
+
+def test_small_registry_loads(small):
+    assert len(small) == 4
+    assert set(small.kinds) == {"gas_household", "waterlogging", "river_gauge"}
+    assert small.gateways == ["gw-1"]
+    assert small.gateway_of[small.index["wl-510104-000001"]] == -1
+    assert small.attrs[small.index["river-510104-000001"]] == {
+        "warning_level": 4.5, "guarantee_level": 5.2, "station": "府河站"}
+    assert small.workers_of_grid["510104020001001"] == ["w-day", "w-night"]
+    assert small.duty_officer == {"510104020": "w-duty"}
+
+
+@pytest.mark.parametrize("grid, hh_mm, expected, why", [
+    ("510104020001001", "10:00", "w-day", "primary on its day shift"),
+    ("510104020001001", "22:00", "w-night", "the other primary on the night shift"),
+    ("510104020001001", "02:00", "w-night", "night shift across midnight"),
+    ("510104020001002", "23:00", "w-night", "only primary, on duty"),
+    ("510104020001002", "10:00", "w-duty", "only primary off duty and no backup: duty officer"),
+    ("510104020001003", "10:00", "w-office", "primary on duty"),
+    ("510104020001003", "18:00", "w-evening", "primary off duty: its backup, who covers no grid"),
+    ("510104020001003", "23:00", "w-duty", "primary and backup both off duty: duty officer"),
+    ("510104020001003", "06:00", "w-duty", "primary and backup both off duty: duty officer"),
+    ("510104020001004", "12:00", "w-duty", "nobody covers the grid: duty officer"),
+])
+def test_on_call_resolution(small, grid, hh_mm, expected, why):
+    w = small.on_call(grid, "510104020", at(small, hh_mm))
+    assert w is not None and w.id == expected, why
+
+
+def test_on_call_none_when_nobody_and_no_duty_officer(small):
+    assert small.on_call("510104021001001", "510104021", at(small, "12:00")) is None
+
+
+@pytest.mark.parametrize("shift, inside, outside", [
+    ("00:00-24:00", ["00:00", "12:00", "23:59"], []),
+    ("08:00-20:00", ["08:00", "19:59"], ["07:59", "20:00"]),
+    ("20:00-08:00", ["20:00", "23:59", "00:00", "07:59"], ["08:00", "19:59"]),
+    ("22:30-06:15", ["22:30", "06:14"], ["06:15", "22:29"]),
+])
+def test_worker_shifts(tmp_path, shift, inside, outside):
+    text = REGISTRY_YAML.replace('shift: "08:00-20:00"', f'shift: "{shift}"')
+    w = registry.load(write_registry(tmp_path, text)).workers["w-day"]
+
+    def minute(hh_mm: str) -> int:
+        h, m = hh_mm.split(":")
+        return int(h) * 60 + int(m)
+
+    assert all(w.on_duty(minute(t)) for t in inside)
+    assert not any(w.on_duty(minute(t)) for t in outside)
+
+
+def test_known_kinds_accepts_declared_kinds(tmp_path):
+    reg = registry.load(write_registry(tmp_path), known_kinds=DOCUMENTED_KINDS)
+    assert len(reg) == 4
+
+
+# ---- errors: file and line ------------------------------------------------------------------
+
+Y, C = "registry.yaml", "sensors.csv"
+
+# (id, file, old text, new text, marker of the line the error names (occurrence), message)
+YAML_CASES = [
+    ("district-code-not-in-city", '- code: "510104"', '- code: "520104"', ('"520104"', 1),
+     "district code 520104 must be 6 digits starting with the city's 5101"),
+    ("district-code-5-digits", '- code: "510104"', '- code: "51010"', ('"51010"', 1),
+     "district code 51010 must be 6 digits"),
+    ("street-not-in-district", '- code: "510104020"', '- code: "510105020"', ('"510105020"', 1),
+     "street code 510105020 must have 9 digits and start with its district code 510104"),
+    ("community-not-in-street", '- code: "510104020001"', '- code: "510104021001"',
+     ('"510104021001"', 1), "community code 510104021001 must have 12 digits and start with its "
+     "street code 510104020"),
+    ("grid-14-digits", '- code: "510104020001001"', '- code: "51010402000100"',
+     ('"51010402000100"', 1), "grid code 51010402000100 must have 15 digits and start with its "
+     "community code 510104020001"),
+    ("grid-not-in-community", '- code: "510104020001002"', '- code: "510104020002002"',
+     ('"510104020002002"', 1), "grid code 510104020002002 must have 15 digits"),
+    ("city-code", 'city: {code: "510100"', 'city: {code: "5101"', ("city:", 1),
+     "city code must be 6 digits"),
+    ("unknown-time-zone", "timezone: Asia/Shanghai", "timezone: Asia/Chengdu", ("timezone:", 1),
+     "unknown time zone 'Asia/Chengdu'"),
+    ("worker-unknown-grid", 'grids: ["510104020001003"]', 'grids: ["510104020001009"]',
+     ('"510104020001009"', 1), "worker w-office covers unknown grid 510104020001009"),
+    ("backup-not-a-worker", "backup: w-evening", "backup: w-evenin", ("backup: w-evenin", 1),
+     "backup w-evenin is not a listed worker"),
+    ("duty-officer-not-a-worker", "duty_officer: w-duty", "duty_officer: w-dutty",
+     ("duty_officer:", 1), "duty officer w-dutty is not a listed worker"),
+    ("worker-listed-twice", "id: w-evening", "id: w-office", ("id: w-office", 2),
+     "worker w-office is listed twice"),
+    ("bad-shift", 'shift: "09:00-17:00"', 'shift: "9:00-17:00"', ('"9:00-17:00"', 1),
+     "shift must look like"),
+    ("bad-worker-id", "id: w-day", "id: W_Day", ("id: W_Day", 1), "worker id"),
+    ("unknown-category", "categories: [gas]", "categories: [gass]", ("categories:", 1),
+     "categories.0"),
+    ("unknown-key-typo", "timezone: Asia/Shanghai", "timezon: Asia/Shanghai", ("timezon:", 1),
+     "timezon: unknown field"),
+    ("unknown-key-in-worker", "    backup: w-night", "    backup: w-night\n    phnoe: '1'",
+     ("phnoe", 1), "unknown field"),
+    ("typo-in-required-key", "districts:", "distrcts:", ("distrcts:", 1), "unknown field"),
+    ("yaml-syntax", "name: 锦江区", "name: 锦江区: 成都", ("锦江区: 成都", 1), "YAML syntax"),
+    ("yaml-bad-indent", "    name: 罗川", "   name: 罗川", ("   name: 罗川", 1), "YAML syntax"),
+]
+
+
+@pytest.mark.parametrize("case", YAML_CASES, ids=[c[0] for c in YAML_CASES])
+def test_registry_yaml_errors_name_file_and_line(tmp_path, case):
+    _, old, new, (marker, occurrence), message = case
+    assert REGISTRY_YAML.count(old) == 1, f"ambiguous test edit {old!r}"
+    text = REGISTRY_YAML.replace(old, new)
+    path = write_registry(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        registry.load(path)
+    err = info.value
+    line = line_of(text, marker, occurrence)
+    assert Path(err.file) == path
+    assert err.line == line, err.message
+    assert message in err.message
+    assert str(err).startswith(f"{path}:{line}: ")
+
+
+def test_duplicate_yaml_key_names_both_lines(tmp_path):
+    text = REGISTRY_YAML.replace("    name: 锦江区", "    name: 锦江区\n    streets: []\n    name: 青羊区")
+    path = write_registry(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        registry.load(path)
+    first, second = line_of(text, "name: 锦江区"), line_of(text, "name: 青羊区")
+    assert (Path(info.value.file), info.value.line) == (path, second)
+    assert info.value.message == f"YAML syntax: duplicate key 'name' (first at line {first})"
+
+
+def test_duplicate_grid_code_names_the_first_line(tmp_path):
+    text = REGISTRY_YAML.replace('- code: "510104020001002"', '- code: "510104020001001"')
+    path = write_registry(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        registry.load(path)
+    first = line_of(text, '- code: "510104020001001"', 1)
+    second = line_of(text, '- code: "510104020001001"', 2)
+    assert (Path(info.value.file), info.value.line) == (path, second)
+    assert info.value.message == f"code 510104020001001 is used twice (first at line {first})"
+
+
+GOOD_ROW = "gas-510104-000002,gas_household,510104020001001,gw-1,30.651800,104.081800,红星路三段192号,510104020001-b01,,,"
+
+# (id, old row text, new row text, message); the error names the line of the new row
+CSV_CASES = [
+    ("unknown-grid", "510104020001001,gw-1,30.651800", "510104020009001,gw-1,30.651800",
+     "sensor gas-510104-000002 is in unknown grid '510104020009001'"),
+    ("lat-not-a-number", "30.651800,104.081800", "北纬30.65,104.081800",
+     "lat/lon must be decimal degrees, got '北纬30.65', '104.081800'"),
+    ("lat-out-of-range", "30.651800,104.081800", "93.651800,104.081800", "lat/lon out of range"),
+    ("lon-out-of-range", "30.651800,104.081800", "30.651800,-181.5", "lat/lon out of range"),
+    ("lat-empty", "30.651800,104.081800", ",104.081800", "lat/lon must be decimal degrees"),
+    ("attrs-without-equals", "510104020001-b01,,,", "510104020001-b01,,,lives_alone",
+     "attrs entry 'lives_alone' must be key=value with a lower-case key"),
+    ("attrs-upper-case-key", "510104020001-b01,,,", "510104020001-b01,,,Lives_Alone=true",
+     "attrs entry 'Lives_Alone=true' must be key=value"),
+    ("attrs-empty-key", "510104020001-b01,,,", "510104020001-b01,,,=1", "attrs entry '=1'"),
+    ("too-few-columns", "510104020001-b01,,,", "510104020001-b01,,", "expected 11 columns, found 10"),
+    ("too-many-columns", "510104020001-b01,,,", "510104020001-b01,,,,", "expected 11 columns, found 12"),
+    ("bad-sensor-id", "gas-510104-000002,", "gas 510104/000002,", "sensor id 'gas 510104/000002'"),
+    ("empty-sensor-id", "gas-510104-000002,", ",", "sensor id ''"),
+]
+
+
+@pytest.mark.parametrize("case", CSV_CASES, ids=[c[0] for c in CSV_CASES])
+def test_sensors_csv_errors_name_file_and_line(tmp_path, case):
+    _, old, new, message = case
+    assert GOOD_ROW.count(old) == 1
+    bad_row = GOOD_ROW.replace(old, new)
+    csv_text = SENSORS_CSV.replace(GOOD_ROW, bad_row)
+    path = write_registry(tmp_path, csv_text=csv_text)
+    with pytest.raises(ConfigError) as info:
+        registry.load(path)
+    err = info.value
+    line = line_of(csv_text, bad_row)
+    assert Path(err.file) == tmp_path / "sensors.csv"
+    assert err.line == line, err.message
+    assert message in err.message
+    assert str(err).startswith(f"{err.file}:{line}: ")
+
+
+def test_sensors_csv_wrong_header(tmp_path):
+    header = ",".join(SENSOR_COLUMNS)
+    swapped = header.replace("lat,lon", "lon,lat")
+    path = write_registry(tmp_path, csv_text=SENSORS_CSV.replace(header, swapped))
+    with pytest.raises(ConfigError) as info:
+        registry.load(path)
+    assert (Path(info.value.file), info.value.line) == (tmp_path / "sensors.csv", 1)
+    assert info.value.message == "header must be exactly: " + header
+
+
+def test_sensors_csv_empty_file(tmp_path):
+    path = write_registry(tmp_path, csv_text="")
+    with pytest.raises(ConfigError) as info:
+        registry.load(path)
+    assert info.value.line == 1 and "header must be exactly" in info.value.message
+
+
+def test_duplicate_sensor_id_names_both_lines(tmp_path):
+    dup = "gas-510104-000001,gas_household,510104020001002,,30.65,104.08,,,,,\n"
+    csv_text = SENSORS_CSV + dup
+    path = write_registry(tmp_path, csv_text=csv_text)
+    with pytest.raises(ConfigError) as info:
+        registry.load(path)
+    first = line_of(csv_text, "gas-510104-000001,", 1)
+    second = line_of(csv_text, "gas-510104-000001,", 2)
+    assert (first, second) == (2, 6)
+    assert (Path(info.value.file), info.value.line) == (tmp_path / "sensors.csv", second)
+    assert info.value.message == f"sensor gas-510104-000001 is listed twice (first at line {first})"
+
+
+def test_duplicate_sensor_id_after_a_blank_line(tmp_path):
+    # blank lines are skipped, but they still count as lines of the file
+    dup = "\ngas-510104-000002,gas_household,510104020001002,,30.65,104.08,,,,,\n"
+    csv_text = SENSORS_CSV + dup
+    path = write_registry(tmp_path, csv_text=csv_text)
+    with pytest.raises(ConfigError) as info:
+        registry.load(path)
+    assert info.value.line == line_of(csv_text, "gas-510104-000002,", 2) == 7
+    assert "(first at line 3)" in info.value.message
+
+
+def test_unknown_sensor_kind_when_known_kinds_given(tmp_path):
+    csv_text = SENSORS_CSV.replace("wl-510104-000001,waterlogging,", "wl-510104-000001,water_logging,")
+    path = write_registry(tmp_path, csv_text=csv_text)
+    registry.load(path)            # without known kinds, any kind is taken as it is
+    with pytest.raises(ConfigError) as info:
+        registry.load(path, known_kinds=DOCUMENTED_KINDS)
+    assert (Path(info.value.file), info.value.line) == (tmp_path / "sensors.csv", 4)
+    assert "unknown sensor kind 'water_logging'" in info.value.message
+    assert "waterlogging" in info.value.message      # it lists what the packs declare
+
+
+def test_missing_sensors_file(tmp_path):
+    path = write_registry(tmp_path, REGISTRY_YAML.replace("sensors: sensors.csv", "sensors: nope.csv"))
+    with pytest.raises(ConfigError) as info:
+        registry.load(path)
+    assert info.value.file.endswith("nope.csv") and info.value.line is None
+    assert "cannot read the sensors file" in info.value.message
+
+
+def test_missing_registry_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        registry.load(tmp_path / "nothing.yaml")
+    assert info.value.line is None and "cannot read" in info.value.message
+
+
+@pytest.mark.parametrize("text", ["- just\n- a list\n", "just a string\n"])
+def test_registry_that_is_not_a_mapping(tmp_path, text):
+    path = write_registry(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        registry.load(path)
+    assert info.value.line == 1 and "a registry is a mapping" in info.value.message
+
+
+def test_registry_that_is_not_utf8(tmp_path):
+    path = write_registry(tmp_path)
+    path.write_bytes(REGISTRY_YAML.encode("gb18030"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        registry.load(path)
+
+
+def test_config_error_attributes():
+    err = ConfigError("a/b.yaml", 7, "something is wrong")
+    assert (err.file, err.line, err.message) == ("a/b.yaml", 7, "something is wrong")
+    assert str(err) == "a/b.yaml:7: something is wrong"
+    assert str(ConfigError("a/b.yaml", None, "x")) == "a/b.yaml: x"
