@@ -53,8 +53,9 @@ class EngineSettings(BaseModel):
 
     allowed_lateness: Duration = Field(default=60_000, description="how late a reading may come "
                                        "before timers stop waiting for it")
-    max_future: Duration = Field(default=300_000, description="readings further ahead than this "
-                                 "(of the clock, or of the newest reading) are refused")
+    max_future: Duration = Field(default=300_000, description="readings further ahead of the clock "
+                                 "than this are refused (with a clock: the runtimes and replay "
+                                 "pass the wall clock)")
     max_age: Duration = Field(default=7 * 86_400_000, description="readings older than this "
                               "behind the watermark are refused")
     absence_scan_every: Duration = Field(default=60_000, description="how often silence is checked")
@@ -320,7 +321,7 @@ class Engine:
 
     def _reject(self, rejects: list, arrival: list, spans: list | None, out: Output) -> None:
         where = {id(r): i for i, r in enumerate(arrival)} if spans else {}
-        ends = [e for e, _, _ in spans] if spans else []
+        ends = [span[0] for span in spans] if spans else []
         for r, reason, detail in rejects:
             self.counters["dead_letters"] += 1
             self.counters["dead." + reason] += 1
@@ -328,10 +329,12 @@ class Engine:
                 pos = where[id(r)]
                 i = bisect.bisect_right(ends, pos)
                 start = ends[i - 1] if i else 0
-                _, payload, source = spans[i]
-                array_like = payload.lstrip()[:1] == b"["
-                out.dead_letters.append(wire.dead_letter(reason, detail, payload,
-                                                         pos - start if array_like else None, source))
+                _, payload, source, positions = spans[i]
+                if positions is not None:         # the array had bad elements: real indexes
+                    index = positions[pos - start]
+                else:
+                    index = pos - start if payload.lstrip()[:1] == b"[" else None
+                out.dead_letters.append(wire.dead_letter(reason, detail, payload, index, source))
             else:
                 out.dead_letters.append(wire.dead_letter(reason, detail, msgspec.json.encode(r)))
 

@@ -13,9 +13,14 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+import msgspec
+from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator,
+                      model_validator)
 
-SensorId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+SENSOR_ID_PATTERN = r"^[A-Za-z0-9_.:-]+"       # the registry enforces the same
+MAX_TS_MS = 253_402_300_799_999                 # 9999-12-31T23:59:59.999Z
+SensorId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=SENSOR_ID_PATTERN + "$")]
+_RFC3339 = msgspec.json.Decoder(Annotated[datetime, msgspec.Meta(tz=True)])
 
 
 class Severity(str, Enum):
@@ -107,12 +112,16 @@ class Tier(str, Enum):
 
 
 class Reading(BaseModel):
-    """One sensor reading, as a gateway publishes it (a JSON object, or an array of them)."""
+    """One sensor reading, as a gateway publishes it (a JSON object, or an array of them).
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    Strict JSON types: a number is a number (``"27.5"`` is refused), ``ts`` is an RFC 3339
+    string with an offset (parsed by the same parser as the hot path) or epoch milliseconds.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
     sensor_id: SensorId
-    ts: AwareDatetime | Annotated[int, Field(ge=0)] = Field(
+    ts: AwareDatetime | Annotated[int, Field(ge=0, le=MAX_TS_MS)] = Field(
         description="event time: RFC 3339 with offset, or epoch milliseconds")
     value: float | None = Field(default=None, description="a measurement (NaN and infinities refused)")
     event: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
@@ -122,12 +131,24 @@ class Reading(BaseModel):
     battery: Annotated[float, Field(ge=0, le=100)] | None = None
     gateway_id: str | None = None
 
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _rfc3339(cls, v: object) -> object:
+        if isinstance(v, str):
+            try:
+                return _RFC3339.decode(msgspec.json.encode(v))
+            except msgspec.ValidationError as exc:
+                raise ValueError(f"ts must be RFC 3339 with an offset: {exc}") from None
+        return v
+
     @model_validator(mode="after")
     def _one_of_value_or_event(self) -> "Reading":
         if (self.value is None) == (self.event is None):
             raise ValueError("a reading carries exactly one of `value` or `event`")
         if self.value is not None and not math.isfinite(self.value):
             raise ValueError("`value` must be a finite number")
+        if not isinstance(self.ts, int) and not 0 <= self.ts_ms <= MAX_TS_MS:
+            raise ValueError("ts is before 1970 or after 9999")
         return self
 
     @property

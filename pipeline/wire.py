@@ -1,8 +1,9 @@
 """Where a reading enters: bytes from a gateway become typed readings or dead letters.
 
 One msgspec pass parses and checks the JSON (the contract of ``pipeline.models.Reading``) for a
-whole gateway array at once; only when an array holds a bad element do we fall back to looking
-at its elements one by one, so one bad reading never costs the good ones around it.
+whole batch of payloads at once; only when something in the batch is bad do we look at the
+payloads one by one, and at a bad gateway array element by element, so one bad reading never
+costs the good ones around it and nothing raises.
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ from typing import Annotated, Union
 
 import msgspec
 
-from pipeline.models import DeadLetter
+from pipeline.models import MAX_TS_MS, SENSOR_ID_PATTERN, DeadLetter
 
 MAX_PAYLOAD_BYTES = 256 * 1024   # a gateway batch of ~1,000 readings; larger is a fault, not data
+# What a decoder can throw at bad bytes: a bad number or shape, bad UTF-8 inside a string,
+# nesting deep enough to exhaust the stack.
+_BAD_BYTES = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
 
 
 class WireReading(msgspec.Struct, gc=False):
     """Hot-path twin of models.Reading; ``ts`` is normalised to epoch ms by ``decode``."""
 
-    sensor_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
-    ts: Union[Annotated[int, msgspec.Meta(ge=0)], Annotated[datetime, msgspec.Meta(tz=True)]]
+    sensor_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128,
+                                           pattern=SENSOR_ID_PATTERN + r"\Z")]
+    ts: Union[Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)],
+              Annotated[datetime, msgspec.Meta(tz=True)]]
     value: Union[float, None] = None
     event: Union[Annotated[str, msgspec.Meta(min_length=1, max_length=64)], None] = None
     unit: Union[str, None] = None
@@ -34,8 +40,7 @@ class WireReading(msgspec.Struct, gc=False):
 _one = msgspec.json.Decoder(WireReading)
 _many = msgspec.json.Decoder(list[WireReading])
 _batch = msgspec.json.Decoder(list[Union[list[WireReading], WireReading]])
-_any = msgspec.json.Decoder()
-_convert = msgspec.convert
+_raw_items = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def dead_letter(reason: str, detail: str, payload: bytes, index: int | None = None,
@@ -48,22 +53,35 @@ def dead_letter(reason: str, detail: str, payload: bytes, index: int | None = No
                       index=index, source=source)
 
 
-def _check(r: WireReading) -> str | None:
+def _problem(r: WireReading) -> str | None:
     """What the JSON schema cannot say; None if the reading is good. Normalises ts to ms."""
     if (r.value is None) == (r.event is None):
         return "a reading carries exactly one of `value` or `event`"
     ts = r.ts
     if ts.__class__ is not int:
-        r.ts = int(ts.timestamp() * 1000)
+        ms = int(ts.timestamp() * 1000)
+        if not 0 <= ms <= MAX_TS_MS:
+            return f"ts {ts.isoformat()} is before 1970 or after 9999"
+        r.ts = ms
     return None
 
 
-def decode(payload: bytes, source: str | None = None,
-           readings: list | None = None, dead: list | None = None) -> tuple[list, list]:
+def _detail(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text: {exc.reason} at byte {exc.start}"
+    if isinstance(exc, RecursionError):
+        return "not JSON we can read: nested too deeply"
+    if isinstance(exc, msgspec.ValidationError):
+        return str(exc)
+    return f"not JSON: {exc}"
+
+
+def decode(payload: bytes, source: str | None = None, readings: list | None = None,
+           dead: list | None = None, positions: list | None = None) -> tuple[list, list]:
     """Decode one MQTT/Kafka payload (an object or an array) into readings and dead letters.
 
-    Appends into ``readings`` / ``dead`` when given, so a runtime can decode a whole batch of
-    payloads into one list without copying.
+    Appends into ``readings`` / ``dead`` when given; ``positions`` (if given) receives, for
+    each reading appended, its index in the gateway array (None for a single object).
     """
     readings = [] if readings is None else readings
     dead = [] if dead is None else dead
@@ -72,72 +90,92 @@ def decode(payload: bytes, source: str | None = None,
                                 f"{MAX_PAYLOAD_BYTES}-byte limit; split the gateway batch",
                                 payload[:4096], source=source))
         return readings, dead
-    head = payload[:1].lstrip() or payload.lstrip()[:1]
+    is_array = payload.lstrip()[:1] == b"["
+    items: list[tuple[int | None, WireReading]] = []
     try:
-        got = _many.decode(payload) if head == b"[" else [_one.decode(payload)]
-    except msgspec.ValidationError as exc:
-        if head != b"[":
-            dead.append(dead_letter("invalid", str(exc), payload, source=source))
+        if is_array:
+            items = list(enumerate(_many.decode(payload)))
+        else:
+            items = [(None, _one.decode(payload))]
+    except _BAD_BYTES as exc:
+        if not is_array:
+            reason = "invalid" if isinstance(exc, msgspec.ValidationError) else "malformed"
+            dead.append(dead_letter(reason, _detail(exc), payload, source=source))
             return readings, dead
-        got = _one_by_one(payload, source, dead)
-    except msgspec.DecodeError as exc:
-        dead.append(dead_letter("malformed", f"not JSON: {exc}", payload, source=source))
-        return readings, dead
-    for i, r in enumerate(got):
-        if r is None:
-            continue
-        problem = _check(r)
+        items = _element_by_element(payload, source, dead)
+        if items is None:
+            return readings, dead
+    for i, r in items:
+        problem = _problem(r)
         if problem is None:
             readings.append(r)
+            if positions is not None:
+                positions.append(i)
         else:
-            dead.append(dead_letter("invalid", problem, payload,
-                                    index=i if head == b"[" else None, source=source))
+            dead.append(dead_letter("invalid", problem, payload, index=i, source=source))
     return readings, dead
 
 
-def _one_by_one(payload: bytes, source: str | None, dead: list) -> list:
+def _element_by_element(payload: bytes, source: str | None,
+                        dead: list) -> list[tuple[int, WireReading]] | None:
     """Slow path for an array with a bad element: keep the good ones, dead-letter the rest."""
-    out: list = []
-    for i, item in enumerate(_any.decode(payload)):
+    try:
+        raws = _raw_items.decode(payload)
+    except _BAD_BYTES as exc:
+        dead.append(dead_letter("malformed", _detail(exc), payload, source=source))
+        return None
+    out = []
+    for i, raw in enumerate(raws):
         try:
-            out.append(_convert(item, WireReading))
-        except msgspec.ValidationError as exc:
-            dead.append(dead_letter("invalid", str(exc), payload, index=i, source=source))
-            out.append(None)
+            out.append((i, _one.decode(raw)))
+        except _BAD_BYTES as exc:
+            reason = "invalid" if isinstance(exc, msgspec.ValidationError) else "malformed"
+            dead.append(dead_letter(reason, _detail(exc), payload, index=i, source=source))
     return out
 
 
-def decode_batch(payloads: list[bytes], source: str | None = None
-                 ) -> tuple[list, list, list[tuple[int, bytes, str | None]]]:
+Span = tuple[int, bytes, "str | None", "list | None"]
+
+
+def decode_batch(payloads: list[bytes], source: str | None = None) -> tuple[list, list, list]:
     """Decode many payloads at once: one C call for the whole batch when all are good (the
     common case), payload by payload otherwise. Returns readings, dead letters, and spans
-    (end position in readings, payload, source) to find a reading's original bytes later."""
+    (end position in readings, payload, source, array indexes or None) so that a reading
+    refused later can be dead-lettered with its original bytes and its place in the array."""
     readings: list = []
     dead: list = []
-    spans: list[tuple[int, bytes, str | None]] = []
-    if all(len(p) <= MAX_PAYLOAD_BYTES for p in payloads):
+    spans: list[Span] = []
+    if _joinable(payloads):
         try:
             got = _batch.decode(b"[" + b",".join(payloads) + b"]")
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except _BAD_BYTES:
             got = None
-        if got is not None:
+        # A payload that is not one JSON value on its own (`{..},{..}`) would join into more
+        # items than payloads: then the slow path judges each payload alone.
+        if got is not None and len(got) == len(payloads):
             for p, item in zip(payloads, got):
                 if item.__class__ is list:
                     readings += item
                 else:
                     readings.append(item)
-                spans.append((len(readings), p, source))
-            bad = False
-            for r in readings:
-                ts = r.ts
-                if ts.__class__ is not int:
-                    r.ts = int(ts.timestamp() * 1000)
-                if (r.value is None) == (r.event is None):
-                    bad = True
-            if not bad:
+                spans.append((len(readings), p, source, None))
+            if all(_problem(r) is None for r in readings):
                 return readings, dead, spans
             readings, spans = [], []
     for p in payloads:                     # slow path: someone sent something bad
-        decode(p, source, readings, dead)
-        spans.append((len(readings), p, source))
+        positions: list = []
+        before = len(dead)
+        decode(p, source, readings, dead, positions)
+        gaps = len(dead) > before and positions and positions[0] is not None
+        spans.append((len(readings), p, source, positions if gaps else None))
     return readings, dead, spans
+
+
+def _joinable(payloads: list[bytes]) -> bool:
+    for p in payloads:
+        if len(p) > MAX_PAYLOAD_BYTES:
+            return False
+        s = p.strip()
+        if not s or (s[0], s[-1]) not in ((0x7B, 0x7D), (0x5B, 0x5D)):   # {...} or [...]
+            return False
+    return True
