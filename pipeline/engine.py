@@ -107,6 +107,11 @@ class Engine:
         self._has_event_rules_np = np.array([bool(h) for h in self._event] or [False])
         self._has_battery_rules_np = np.array([bool(h) for h in self._battery] or [False])
         self._battery_kinds_any = any(self._battery)
+        # battery rules fire on low levels: above every kind's highest threshold, with no
+        # incident open, a battery level changes nothing (+inf: look at every level)
+        self._battery_rules = [e for e in self.evaluators if e.reads == "battery"]
+        self._battery_ceiling_np = np.array(
+            [self._battery_ceiling(hs) for hs in self._battery] or [0.0])
         self._event_names = frozenset(
             name for e in self.evaluators if isinstance(e, ev.Events)
             for name in (*e.severity_of, *e.clear_events))
@@ -134,6 +139,20 @@ class Engine:
         if type(e) is not ev.Threshold or not e.rising or e.floor or e.selected is not None:
             return None
         return e.floor_default, e.tracks
+
+    @staticmethod
+    def _battery_ceiling(handlers: tuple) -> float:
+        if not handlers:
+            return -np.inf
+        top = -np.inf
+        for h in handlers:
+            e = h.__self__
+            ops = {op for _, op, _ in e.spec_levels}
+            if type(e) is not ev.Threshold or e.thresholds or e.selected is not None \
+                    or not ops <= {"<=", "<"}:
+                return np.inf
+            top = max(top, max(e.default[slot] for _, _, slot in e.levels))
+        return top
 
     # ---- names of subjects (sensor numbers or group keys) -----------------------------
     def _subject_name(self, s: int | str) -> str:
@@ -187,9 +206,20 @@ class Engine:
         s = self.settings
         idx_list = list(map(self.registry.index.get, [r.sensor_id for r in readings], repeat(-1, n)))
         idx = np.array(idx_list, dtype=np.int64)
-        ts = np.array([r.ts for r in readings], dtype=np.int64)
+        try:
+            ts = np.array([r.ts for r in readings], dtype=np.int64)
+        except TypeError:                   # RFC 3339 times from a fast batch decode: to ms
+            for r in readings:
+                if r.ts.__class__ is not int:
+                    r.ts = int(r.ts.timestamp() * 1000)
+            ts = np.array([r.ts for r in readings], dtype=np.int64)
         val = np.array([r.value for r in readings], dtype=np.float64)    # None (an event) -> nan
-        known = idx >= 0
+        names = self._event_names   # 0: no event, 1: an event no rule names (a heartbeat), 2: named
+        event = np.array([0 if r.event is None else 1 + (r.event in names) for r in readings],
+                         dtype=np.int8)
+        has_event = event > 0
+        invalid = has_event == ~np.isnan(val)          # both value and event, or neither
+        known = (idx >= 0) & ~invalid
         kind = self._kind_np[np.where(known, idx, 0)]
         # "future" needs a clock (the runtimes and replay pass the wall clock; history is never
         # ahead of it); "too old" is judged against the watermark, so old history replays
@@ -224,9 +254,7 @@ class Engine:
             self.max_ts = max(self.max_ts, int(g_ts[accepted].max()))
         # Which accepted readings can change anything?
         matter = ok & (val >= self._floor_np[kind])        # over the quiet floor (events: nan)
-        if self._event_names:                              # heartbeats and the like: no rule
-            named = np.array([r.event in self._event_names for r in readings], dtype=bool)
-            matter |= ok & no_value & named & self._has_event_rules_np[kind]
+        matter |= ok & (event == 2) & self._has_event_rules_np[kind]
         hot = [t for e in self._quiet_rules for t in e.tracks] + self._silent_list()
         busy = np.unique(idx[matter & ~no_value])
         if hot:
@@ -234,10 +262,13 @@ class Engine:
         if len(busy):
             matter |= ok & ~no_value & np.isin(idx, busy)
         if self._battery_kinds_any:
-            bat = [r.battery for r in readings]
-            if bat.count(None) != n:
-                has_b = np.array([b is not None for b in bat]) & self._has_battery_rules_np[kind]
-                matter |= ok & has_b
+            bat = np.array([r.battery for r in readings], dtype=np.float64)   # None -> nan
+            low = ok & (bat <= self._battery_ceiling_np[kind])                # nan: False
+            charged = ok & (bat > self._battery_ceiling_np[kind])
+            battery_hot = [t for e in self._battery_rules for t in e.tracks]
+            if battery_hot and charged.any():   # a flat battery that was changed clears
+                low |= charged & np.isin(idx, np.array(battery_hot, dtype=np.int64))
+            matter |= low
         visit = np.flatnonzero(matter)
         self._evaluate(readings, idx_list, visit[np.argsort(ts[visit], kind="stable")].tolist(), out)
         c = self.counters
@@ -246,7 +277,7 @@ class Engine:
         if not self.watch_start and self.max_ts:
             self._start_watching(int(ts[ok].min()) if ok.any() else self.max_ts)
         if not fit.all() or len(stale_pos):
-            self._reject_batch(readings, readings, spans, out, idx_list, known, future, too_old,
+            self._reject_batch(readings, spans, out, idx_list, invalid, known, future, too_old,
                                suspect, bad_value, stale_pos)
 
     def _evaluate(self, readings: list, idx_list: list[int], positions: list[int],
@@ -285,13 +316,19 @@ class Engine:
     def _silent_list(self) -> list[int]:
         return list(self.silent) if self.silent else []
 
-    def _reject_batch(self, readings: list, arrival: list, spans: list | None, out: Output,
-                      idx_list: list[int], known: np.ndarray, future: np.ndarray,
+    def _reject_batch(self, readings: list, spans: list | None, out: Output, idx_list: list[int],
+                      invalid: np.ndarray, known: np.ndarray, future: np.ndarray,
                       too_old: np.ndarray, suspect: np.ndarray, bad_value: np.ndarray,
                       stale_pos: np.ndarray) -> None:
         s = self.settings
         rejects: list[tuple[Any, str, str]] = []
-        for i in np.flatnonzero(~known).tolist():
+        for i in np.flatnonzero(invalid).tolist():
+            r = readings[i]
+            if r.value is not None and r.event is None:      # a NaN value, not a missing one
+                rejects.append((r, "not_finite", f"value {r.value} is not a finite measurement"))
+            else:
+                rejects.append((r, "invalid", "a reading carries exactly one of `value` or `event`"))
+        for i in np.flatnonzero(~known & ~invalid).tolist():
             rejects.append((readings[i], "unknown_sensor",
                             f"sensor {readings[i].sensor_id} is not in the registry"))
         for i in np.flatnonzero(future).tolist():
@@ -317,7 +354,7 @@ class Engine:
             r = readings[i]
             rejects.append((r, "stale", f"older than sensor {r.sensor_id}'s newest reading "
                             f"({int(self.last_seen[idx_list[i]])})"))
-        self._reject(rejects, arrival, spans, out)
+        self._reject(rejects, readings, spans, out)
 
     def _reject(self, rejects: list, arrival: list, spans: list | None, out: Output) -> None:
         where = {id(r): i for i, r in enumerate(arrival)} if spans else {}

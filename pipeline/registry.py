@@ -21,13 +21,13 @@ from zoneinfo import ZoneInfo
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.models import Category
+from pipeline.models import SENSOR_ID_PATTERN, Category
 from pipeline.yamlfile import ConfigError, Located, load_yaml, pydantic_error
 
 SENSOR_COLUMNS = ["sensor_id", "kind", "grid", "gateway_id", "lat", "lon", "address", "building",
                   "owner", "owner_contact", "attrs"]
 FIXTURE = Path(__file__).parent / "fixtures" / "chengdu" / "registry.yaml"
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_ID = re.compile(SENSOR_ID_PATTERN)
 _WORKER_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 _SHIFT = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
 

@@ -158,6 +158,7 @@ class Stateful(Evaluator):
                  ranks: list[int], clear: tuple[int, str, int] | None,
                  default: tuple[float, ...], thresholds: dict[int, tuple[float, ...]]) -> None:
         super().__init__(spec, number, sink, timers, subject_name)
+        self.spec_levels = levels                # as written: (quantity, "op", slot)
         self.levels = [(q, OPS[op], slot) for q, op, slot in levels]
         self.ranks = ranks
         self.clear = (clear[0], OPS[clear[1]], clear[2]) if clear else None

@@ -73,6 +73,16 @@ def test_unknown_sensor(engine):
     assert engine.counters["dead.unknown_sensor"] == 1 and engine.counters["dead_letters"] == 1
 
 
+@pytest.mark.parametrize("odd_id", ["gas-510104-000001\n", "gas/510104/1", "燃气-1", "a b"])
+def test_an_id_the_registry_cannot_hold_is_an_unknown_sensor(engine, odd_id):
+    """The registry is the authority on sensor ids (letters, digits, '_.:-'); the decoder does
+    not re-check the pattern, so such an id is dead-lettered as unknown, never accepted."""
+    p = payload([reading(GAS, T0, value=1.0), reading(odd_id, T0, value=99.0)])
+    out = engine.ingest([p])
+    assert [(d.reason, d.index) for d in out.dead_letters] == [("unknown_sensor", 1)]
+    assert out.notices == []
+
+
 def test_unknown_sensor_in_a_gateway_array_names_its_index(engine):
     p = payload([reading(GAS, T0, value=1.0), reading("nope-1", T0, value=1.0),
                  reading(GAS_ALONE, T0, value=1.0)])
