@@ -66,10 +66,6 @@ class Output:
     notices: list[dict] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
-    def extend(self, other: "Output") -> None:
-        self.notices.extend(other.notices)
-        self.dead_letters.extend(other.dead_letters)
-
 
 class Engine:
     def __init__(self, registry: Registry, rules: RuleSet,
@@ -102,8 +98,8 @@ class Engine:
         # per kind: the value under which a reading can change nothing (+inf: no value rule,
         # -inf: every reading matters, e.g. windows), and whether event/battery rules exist
         self._floor_np = np.array([np.inf if not hs else (q[0] if q else -np.inf)
-                                   for hs, q in zip(self._value, self._quiet)] or [0.0])
-        self._quiet_rules = [hs[0].__self__ for hs, q in zip(self._value, self._quiet) if q]
+                                   for hs, q in zip(self._value, self._quiet, strict=True)] or [0.0])
+        self._quiet_rules = [hs[0].__self__ for hs, q in zip(self._value, self._quiet, strict=True) if q]
         self._has_event_rules_np = np.array([bool(h) for h in self._event] or [False])
         self._has_battery_rules_np = np.array([bool(h) for h in self._battery] or [False])
         self._battery_kinds_any = any(self._battery)
@@ -255,7 +251,7 @@ class Engine:
         # Which accepted readings can change anything?
         matter = ok & (val >= self._floor_np[kind])        # over the quiet floor (events: nan)
         matter |= ok & (event == 2) & self._has_event_rules_np[kind]
-        hot = [t for e in self._quiet_rules for t in e.tracks] + self._silent_list()
+        hot = [t for e in self._quiet_rules for t in e.tracks] + list(self.silent)
         busy = np.unique(idx[matter & ~no_value])
         if hot:
             busy = np.union1d(busy, np.array(hot, dtype=np.int64))
@@ -312,9 +308,6 @@ class Engine:
                     h(s, ts, b)
             if changes:
                 self._drain(out)
-
-    def _silent_list(self) -> list[int]:
-        return list(self.silent) if self.silent else []
 
     def _reject_batch(self, readings: list, spans: list | None, out: Output, idx_list: list[int],
                       invalid: np.ndarray, known: np.ndarray, future: np.ndarray,
@@ -500,7 +493,7 @@ class Engine:
             return
         rest_ts = self._seen_ts[self._seen_at:]
         hit = np.isin(rest_idx, np.fromiter(self.silent, dtype=np.int64, count=len(self.silent)))
-        for i, t in zip(rest_idx[hit].tolist(), rest_ts[hit].tolist()):
+        for i, t in zip(rest_idx[hit].tolist(), rest_ts[hit].tolist(), strict=True):
             if i in self.silent:
                 self._recover(i, t)
 

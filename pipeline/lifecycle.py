@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 from pipeline import notices as nt
 from pipeline.models import Ack, Category, Severity, State, Tier
-from pipeline.registry import Place, Registry
-from pipeline.routing import ESCALATION_LADDER, RouteOptions, Router, Target
+from pipeline.registry import Registry
+from pipeline.routing import Router, Target
 from rules.compiler import modifier_notes
 from rules.evaluators import FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers
 from rules.schema import AbsenceRule, CorrelationRule, format_duration

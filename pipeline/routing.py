@@ -35,9 +35,6 @@ class Target:
     worker: Worker | None = None
 
 
-ESCALATION_LADDER = (Tier.street, Tier.district, Tier.city)
-
-
 class Router:
     def __init__(self, routing: Routing, registry: Registry) -> None:
         self.root = routing

@@ -164,7 +164,7 @@ def _decode_many(payloads: list[bytes], source: str | None, readings: list, dead
     # A payload that is not one JSON value on its own (`{..},{..}`) would join into more
     # items than payloads: such a batch is judged payload by payload.
     if got is not None and len(got) == len(payloads):
-        for p, item in zip(payloads, got):
+        for p, item in zip(payloads, got, strict=True):
             if item.__class__ is list:
                 readings += item
             else:

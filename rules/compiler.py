@@ -268,15 +268,12 @@ def _lookup(pack: Pack, reg: Registry, idx: int | None, params: dict[str, float]
 
 
 def compile_rules(rs: RuleSet, reg: Registry, sink: list, timers: ev.Timers,
-                  subject_name: Callable[[int | str], str], last_seen: np.ndarray | None = None,
-                  ) -> list[ev.Evaluator]:
+                  subject_name: Callable[[int | str], str]) -> list[ev.Evaluator]:
     out: list[ev.Evaluator] = []
-    by_id: dict[str, ev.Evaluator] = {}
     for number, r in enumerate(rs.rules):
         e = _compile_one(r, rs, reg, number, sink, timers, subject_name)
         e.loaded = r
         out.append(e)
-        by_id[e.id] = e
     return out
 
 
@@ -351,7 +348,7 @@ def _compile_one(r: LoadedRule, rs: RuleSet, reg: Registry, number: int, sink: l
             e.reads = order[0]
         elif isinstance(spec, RateRule):
             step = spec.over // spec.resolution
-            e = ev.Windowed(*args, step=step, tumbling=False, rate=True,
+            e = ev.Windowed(*args, step=step, tumbling=False,
                             windows=[("rise", spec.resolution), ("fall", spec.resolution)])
             e.type = "rate"
         else:

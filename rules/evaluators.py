@@ -300,13 +300,12 @@ class Windowed(Stateful):
     """
 
     def __init__(self, *args: Any, step: int, windows: list[tuple[str, int]], tumbling: bool,
-                 rate: bool = False, **kw: Any) -> None:
+                 **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.step = step
         self.windows = windows            # (fn, steps) per quantity, in quantity order
         self.n = max(steps for _, steps in windows)
         self.tumbling = tumbling
-        self.rate = rate
         self.rings: dict[int, list] = {}
 
     def observe(self, s: int, ts: int, v: float) -> None:

@@ -227,15 +227,15 @@ PACK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", PACK_CASES, ids=[c[0] for c in PACK_CASES])
-def test_bad_pack_names_file_line_and_what_is_wrong(tmp_path, case):
+def check_bad_file(tmp_path, base: str, name: str, case, load) -> None:
+    """Edit ``base`` as the case says, load it, and check file, line and message."""
     _, old, new, (marker, occurrence), fragments = case
-    assert PACK.count(old) == 1, f"ambiguous test edit {old!r}"
-    text = PACK.replace(old, new)
-    path = tmp_path / "demo.yaml"
+    assert base.count(old) == 1, f"ambiguous test edit {old!r}"
+    text = base.replace(old, new)
+    path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError) as info:
-        load_rules([path])
+        load(path)
     err = info.value
     line = line_of(text, marker, occurrence)
     assert Path(err.file) == path
@@ -244,6 +244,11 @@ def test_bad_pack_names_file_line_and_what_is_wrong(tmp_path, case):
         fragment = fragment.replace("{path}", str(path)).replace("{first}", str(line - 1))
         assert fragment in err.message
     assert str(err).startswith(f"{path}:{line}: ")
+
+
+@pytest.mark.parametrize("case", PACK_CASES, ids=[c[0] for c in PACK_CASES])
+def test_bad_pack_names_file_line_and_what_is_wrong(tmp_path, case):
+    check_bad_file(tmp_path, PACK, "demo.yaml", case, lambda path: load_rules([path]))
 
 
 def test_district_override_of_an_undeclared_param(tmp_path):
@@ -335,18 +340,8 @@ ROUTING_CASES = [
 
 @pytest.mark.parametrize("case", ROUTING_CASES, ids=[c[0] for c in ROUTING_CASES])
 def test_bad_routing_names_file_line_and_what_is_wrong(tmp_path, case):
-    _, old, new, (marker, occurrence), fragments = case
-    assert ROUTING_YAML.count(old) == 1, f"ambiguous test edit {old!r}"
-    text = ROUTING_YAML.replace(old, new)
-    path = tmp_path / "routing.yaml"
-    path.write_text(text, encoding="utf-8")
-    with pytest.raises(ConfigError) as info:
-        load_rules(routing=path)
-    err = info.value
-    assert Path(err.file) == path
-    assert err.line == line_of(text, marker, occurrence), err.message
-    for fragment in fragments:
-        assert fragment in err.message
+    check_bad_file(tmp_path, ROUTING_YAML, "routing.yaml", case,
+                   lambda path: load_rules(routing=path))
 
 
 def test_routing_may_match_sensor_attrs(tmp_path):
