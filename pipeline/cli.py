@@ -163,20 +163,25 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _print_per_tier(notices: list[dict]) -> None:
+    """Per tier: how many notices of each state, then the incidents (fired, resolved)."""
     order = ["city", "district", "street", "dept", "grid"]
     names = {"city": "市城运中心 (city)", "district": "区级运行中心 (district)",
              "street": "街镇运行中心 (street)", "dept": "部门分中心 (department)",
              "grid": "网格员推送 (grid worker push)"}
+    states = ["firing", "escalated", "reminder", "acknowledged", "resolved"]
     for tier in order:
         mine = [n for n in notices if n["tier"] == tier]
-        print(f"\n== {names[tier]}: {len(mine)} notices ==")
-        for n in mine[:12]:
+        counts = ", ".join(f"{st} {sum(n['state'] == st for n in mine)}" for st in states
+                           if any(n["state"] == st for n in mine))
+        print(f"\n== {names[tier]}: {len(mine)} notices ({counts or 'none'}) ==")
+        shown = [n for n in mine if n["state"] in ("firing", "resolved")]
+        for n in shown[:10]:
             who = f" → {n['worker_name']}" if n.get("worker_name") else f" → {n['target']}"
             print(f"  {n['ts'][:16]}  {n['title']}{who}")
-            if n["state"] == "firing" and n.get("previous_state") is None:
+            if n["state"] == "firing":
                 print(f"                    {n['summary']}")
-        if len(mine) > 12:
-            print(f"  … {len(mine) - 12} more")
+        if len(shown) > 10:
+            print(f"  … {len(shown) - 10} more fired or resolved")
     print()
 
 
