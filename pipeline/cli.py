@@ -29,6 +29,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="extra rule pack folder or file; a pack of the same name replaces the "
                    "built-in one (repeatable)")
     p.add_argument("--routing", metavar="FILE", help="routing tree (default: rules/routing.yaml)")
+    p.add_argument("--params", metavar="FILE", help="the city's own values for pack parameters, "
+                   "per pack and per district (docs: README, 'The rule language')")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 def _load(args: argparse.Namespace, select: list[str] | None = None):
     from pipeline.registry import load as load_registry
     from rules.compiler import load_rules
-    rs = load_rules(args.packs, args.routing)
+    rs = load_rules(args.packs, args.routing, params=args.params)
     reg = load_registry(args.registry, rs.kinds)
     return rs.select(select), reg
 

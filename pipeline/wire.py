@@ -160,7 +160,7 @@ def _decode_many(payloads: list[bytes], source: str | None, readings: list, dead
         try:
             got = _batch.decode(b"[" + b",".join(payloads) + b"]")
         except _BAD_BYTES:
-            pass
+            got = None                     # somewhere in here is a bad payload: look closer
     # A payload that is not one JSON value on its own (`{..},{..}`) would join into more
     # items than payloads: such a batch is judged payload by payload.
     if got is not None and len(got) == len(payloads):

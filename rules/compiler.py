@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.registry import Registry
 from pipeline.yamlfile import ConfigError, Located, load_yaml, pydantic_error
@@ -76,7 +76,7 @@ class RuleSet:
 
 
 def load_rules(extra: Iterable[str | Path] = (), routing: str | Path | None = None,
-               builtin: bool = True) -> RuleSet:
+               builtin: bool = True, params: str | Path | None = None) -> RuleSet:
     files: dict[str, tuple[Path, Located, Pack]] = {}
     paths = sorted(PACKS.glob("*.yaml")) if builtin else []
     for folder in extra:
@@ -96,6 +96,8 @@ def load_rules(extra: Iterable[str | Path] = (), routing: str | Path | None = No
         except ValidationError as exc:
             raise pydantic_error(doc, exc) from None
         files[pack.pack] = (path, doc, pack)         # a city's pack replaces a built-in one
+    if params:
+        _override_params(Path(params), files)
     kinds: dict[str, SensorKind] = {}
     kind_src: dict[str, str] = {}
     rules: list[LoadedRule] = []
@@ -130,6 +132,45 @@ def load_rules(extra: Iterable[str | Path] = (), routing: str | Path | None = No
                                  "or sensor.<attr>")
     return RuleSet([p for _, _, p in files.values()], kinds, rules, tree, rdoc,
                    [str(p) for p, _, _ in files.values()])
+
+
+class ParamOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    params: dict[str, float] = {}
+    districts: dict[str, dict[str, float]] = {}
+
+
+def _override_params(path: Path, files: dict[str, tuple[Path, Located, Pack]]) -> None:
+    """A city's own values for pack parameters, without copying the packs:
+
+        gas:
+          params: {level1_lel: 25}
+          districts: {"510108": {level1_lel: 15}}
+    """
+    doc = load_yaml(path)
+    if not isinstance(doc.data, dict):
+        raise ConfigError(path, 1, "a params file maps pack names to {params, districts}")
+    for name, body in doc.data.items():
+        if name not in files:
+            raise doc.error((name,), f"no rule pack named {name!r}; packs: {', '.join(sorted(files))}")
+        try:
+            o = ParamOverride.model_validate(body)
+        except ValidationError as exc:
+            raise pydantic_error(doc, exc, prefix=(name,)) from None
+        src, pdoc, pack = files[name]
+        for where, values in [(("params",), o.params)] + [(("districts", d), v) for d, v in o.districts.items()]:
+            unknown = set(values) - set(pack.params)
+            if unknown:
+                raise doc.error((name,) + where, f"pack {name} has no parameter "
+                                f"{', '.join(sorted(unknown))}; it declares {', '.join(sorted(pack.params))}")
+        districts = {d: {**pack.districts.get(d, {}), **v} for d, v in o.districts.items()}
+        try:
+            merged = Pack.model_validate({**pack.model_dump(by_alias=True, exclude_unset=True),
+                                          "params": {**pack.params, **o.params},
+                                          "districts": {**pack.districts, **districts}})
+        except ValidationError as exc:
+            raise pydantic_error(doc, exc, prefix=(name,)) from None
+        files[name] = (src, pdoc, merged)
 
 
 def _quantities(spec: Any) -> set[str]:

@@ -390,3 +390,32 @@ def test_cli_rules_check_exits_1_with_file_and_line(tmp_path):
     line = line_of(text, "params.hihg")
     assert f"{path}:{line}: rule demo.level: unknown parameter params.hihg" in done.stderr
     assert done.stdout == ""
+
+
+JINNIU_GAS = "gas-510106-000001"   # a household gas alarm in 金牛区
+
+
+def test_a_city_params_file_overrides_pack_values_per_district(tmp_path):
+    """--params: the city's own thresholds without copying a pack; a district may differ."""
+    from pipeline.engine import Engine
+    from pipeline.registry import load as load_registry
+    from pipeline.wire import WireReading
+
+    path = tmp_path / "params.yaml"
+    path.write_text('gas:\n  params: {level1_lel: 25}\n  districts: {"510104": {level1_lel: 12}}\n',
+                    encoding="utf-8")
+    rules = load_rules(params=path).select(["gas.leak"])
+    engine = Engine(load_registry(None, rules.kinds), rules)
+    t0 = 1_782_885_600_000
+    out = engine.process([WireReading(sensor_id="gas-510104-000002", ts=t0, value=15.0),   # 锦江区: 12
+                          WireReading(sensor_id=JINNIU_GAS, ts=t0, value=22.0)])          # elsewhere: 25
+    fired = {(n["sensor_id"], n["threshold"]) for n in out.notices}
+    assert fired == {("gas-510104-000002", 12.0)}
+
+
+def test_a_params_file_naming_an_unknown_parameter_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("gas:\n  params: {levl1_lel: 25}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_rules(params=path)
+    assert info.value.line == 2 and "levl1_lel" in info.value.message
