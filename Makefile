@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check bench bench-quick clean
+.PHONY: demo test test-deps check bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,32 @@ demo: $(STAMP)
 	$(VENV)/bin/cityops replay --demo
 
 ## test: install what the tests need, then run them all
-test: $(STAMP)
+test: $(STAMP) test-deps
 	$(VENV)/bin/cityops rules check > /dev/null
 	$(PY) -m pytest -q
+
+# What the integration tests start themselves (tests/brokers.py: their own mosquitto on a free
+# port of 127.0.0.1 with their own config; never the system service, never port 1883). Debian
+# puts the broker in /usr/sbin, which is not on a normal user's PATH: look there too.
+MQTT_TOOLS   := mosquitto mosquitto_sub mosquitto_pub mosquitto_passwd
+APT_PACKAGES := mosquitto mosquitto-clients
+
+## test-deps: install the Debian packages the integration tests need, if missing
+test-deps:
+	@PATH="$$PATH:/usr/sbin:/usr/local/sbin:/sbin"; missing=; \
+	for t in $(MQTT_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	[ -z "$$missing" ] && exit 0; \
+	echo "make test: missing$$missing; installing $(APT_PACKAGES)"; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "make test: no apt-get here. Install Mosquitto 2.x and its clients ($(MQTT_TOOLS)) with this system's package manager, then run make test again." >&2; exit 1; \
+	fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; \
+	elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	else echo "make test: installing $(APT_PACKAGES) needs root and there is no sudo. As root run: apt-get update && apt-get install -y $(APT_PACKAGES)" >&2; exit 1; \
+	fi; \
+	$$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y $(APT_PACKAGES) || exit 1; \
+	for t in $(MQTT_TOOLS); do command -v $$t >/dev/null 2>&1 || { \
+	    echo "make test: $$t is still missing after installing $(APT_PACKAGES)" >&2; exit 1; }; done
 
 ## check: lint the rule packs, routing and registry
 check: $(STAMP)

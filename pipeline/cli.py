@@ -12,6 +12,9 @@ from pipeline.yamlfile import ConfigError
 
 EPILOG = """\
 examples:
+  cityops run --simulate                      the live pipeline on an embedded MQTT broker, fed by
+                                              simulated gateways; watch notices reach every tier
+  cityops run --config cityops.yaml           against your broker (Mosquitto, EMQX)
   cityops replay --demo                       replay 2010-2015 Chengdu rain and PM2.5 through the
                                               built-in packs; print the notices per tier
   cityops replay readings.jsonl > notices.jsonl
@@ -40,6 +43,20 @@ def _parser() -> argparse.ArgumentParser:
                     "(city / district / street operations centres, department sub-centres, "
                     "the on-call grid worker).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="the live pipeline: MQTT in, alerts out to the tiers",
+                         description="Run the live pipeline. With no broker configured it starts "
+                         "an embedded MQTT broker on localhost. Configuration: --config FILE, then "
+                         "CITYOPS_* environment variables (e.g. CITYOPS_MQTT__URL), then flags.")
+    run.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
+    run.add_argument("--broker", metavar="URL", help="mqtt://host:port of your broker (default: "
+                     "embedded broker on 127.0.0.1:1883)")
+    run.add_argument("--state", type=Path, metavar="PATH", help="state file (SQLite; default "
+                     ".run/cityops-state.sqlite)")
+    run.add_argument("--simulate", action="store_true", help="feed the pipeline from simulated "
+                     "gateways of the Chengdu fixture (gas leak, rainstorm, site violation, silence)")
+    run.add_argument("--console", action="store_true", help="print every notice")
+    _common(run)
 
     r = sub.add_parser("replay", help="run history (JSONL or CSV) through the engine; notices as JSONL",
                        description="Replay readings through the engine. Output: one notice per "
@@ -83,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "run":
+            return _run(args)
         if args.command == "replay":
             return _replay(args)
         if args.command == "rules" and args.rules_command == "check":
@@ -96,10 +115,30 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cityops: error: {exc}", file=sys.stderr)
         return 1
+    except ConnectionError as exc:
+        print(f"cityops: error: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         return 0
     parser.print_help()
     return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.config import MqttSettings, StateSettings, load_settings
+    from pipeline.runtime import serve
+    s = load_settings(args.config, registry=args.registry and Path(args.registry),
+                      packs=[Path(p) for p in args.packs], params=args.params and Path(args.params),
+                      routing=args.routing and Path(args.routing), console=args.console or None)
+    update = {}
+    if args.broker:
+        try:
+            update["mqtt"] = MqttSettings(**{**s.mqtt.model_dump(), "url": args.broker})
+        except Exception as exc:
+            raise ConfigError("--broker", None, str(exc).splitlines()[-1]) from None
+    if args.state:
+        update["state"] = StateSettings(**{**s.state.model_dump(), "path": args.state})
+    return serve(s.model_copy(update=update) if update else s, simulate=args.simulate)
 
 
 def _load(args: argparse.Namespace, select: list[str] | None = None):

@@ -155,9 +155,10 @@ class Engine:
         return self.registry.sensor_ids[s] if isinstance(s, int) else s
 
     # ---- input ------------------------------------------------------------------------
-    def ingest(self, payloads: Iterable[bytes], source: str | None = None,
+    def ingest(self, payloads: Iterable[bytes], source: str | list[str] | None = None,
                now_ms: int | None = None) -> Output:
-        """Decode payloads (objects or gateway arrays) and process them as one batch."""
+        """Decode payloads (objects or gateway arrays) and process them as one batch.
+        ``source``: where they came from (a topic, one per payload, or a file) for dead letters."""
         readings, dead, spans = wire.decode_batch(list(payloads), source)
         out = Output(dead_letters=dead)
         self.counters["dead_letters"] += len(dead)

@@ -138,7 +138,8 @@ def _element_by_element(payload: bytes, source: str | None,
 Span = tuple[int, bytes, "str | None", "list | None"]
 
 
-def decode_batch(payloads: list[bytes], source: str | None = None) -> tuple[list, list, list]:
+def decode_batch(payloads: list[bytes], source: str | list[str] | None = None
+                 ) -> tuple[list, list, list]:
     """Decode many payloads at once: one C call for the whole batch when all are good (the
     common case); a bad payload is isolated by halving, so it costs a few extra calls, not a
     payload-by-payload pass. Returns readings, dead letters, and spans (end position in
@@ -147,11 +148,12 @@ def decode_batch(payloads: list[bytes], source: str | None = None) -> tuple[list
     readings: list = []
     dead: list = []
     spans: list[Span] = []
-    _decode_many(payloads, source, readings, dead, spans)
+    sources = source if isinstance(source, list) else [source] * len(payloads)
+    _decode_many(payloads, sources, readings, dead, spans)
     return readings, dead, spans
 
 
-def _decode_many(payloads: list[bytes], source: str | None, readings: list, dead: list,
+def _decode_many(payloads: list[bytes], sources: list, readings: list, dead: list,
                  spans: list) -> None:
     # No per-reading Python on the fast path: the engine's batch screen checks "exactly one of
     # value or event" and converts RFC 3339 times (see Engine._screen_and_evaluate).
@@ -164,7 +166,7 @@ def _decode_many(payloads: list[bytes], source: str | None, readings: list, dead
     # A payload that is not one JSON value on its own (`{..},{..}`) would join into more
     # items than payloads: such a batch is judged payload by payload.
     if got is not None and len(got) == len(payloads):
-        for p, item in zip(payloads, got, strict=True):
+        for p, source, item in zip(payloads, sources, got, strict=True):
             if item.__class__ is list:
                 readings += item
             else:
@@ -173,10 +175,10 @@ def _decode_many(payloads: list[bytes], source: str | None, readings: list, dead
         return
     if len(payloads) > 8:
         half = len(payloads) // 2
-        _decode_many(payloads[:half], source, readings, dead, spans)
-        _decode_many(payloads[half:], source, readings, dead, spans)
+        _decode_many(payloads[:half], sources[:half], readings, dead, spans)
+        _decode_many(payloads[half:], sources[half:], readings, dead, spans)
         return
-    for p in payloads:
+    for p, source in zip(payloads, sources, strict=True):
         positions: list = []
         before = len(dead)
         decode(p, source, readings, dead, positions)

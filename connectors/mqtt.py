@@ -1,0 +1,152 @@
+"""MQTT in and out with paho-mqtt 2.x: the pipeline's one connection to the broker.
+
+In: readings (`{prefix}/readings/+`, gateway batches `{prefix}/gateways/+`) and acks
+(`{prefix}/acks`), QoS 1 on a persistent session, so the broker keeps what arrives while the
+pipeline is away. Messages are acknowledged *manually*, only after the runtime has journaled
+them: a crash before that makes the broker deliver them again. Nothing is evaluated on paho's
+network thread; it only appends to an inbox.
+
+Out: notices and dead letters at QoS 1. paho keeps unacknowledged publishes and sends them again
+after a reconnect; the runtime waits for them before it takes a snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+log = logging.getLogger("cityops.mqtt")
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+class MqttLink:
+    def __init__(self, host: str, port: int, *, client_id: str, prefix: str, protocol: int = 5,
+                 username: str | None = None, password: str | None = None,
+                 shared_group: str | None = None, keepalive: int = 30,
+                 session_expiry_s: int = 7 * 86_400, max_inflight: int = 1000) -> None:
+        self.host, self.port, self.prefix = host, port, prefix
+        self.protocol = protocol
+        self.keepalive = keepalive
+        self.session_expiry_s = session_expiry_s
+        self.max_inflight = max_inflight
+        share = f"$share/{shared_group}/" if shared_group else ""
+        self.topics = [f"{share}{prefix}/readings/+", f"{share}{prefix}/gateways/+", f"{prefix}/acks"]
+        self.inbox: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        self.connected = threading.Event()
+        self.stopping = False
+        self.connects = 0
+        self._sent: list[paho.MQTTMessageInfo] = []
+        self._sent_lock = threading.Lock()
+        version = MQTTProtocolVersion.MQTTv5 if protocol == 5 else MQTTProtocolVersion.MQTTv311
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=version, manual_ack=True,
+                                  clean_session=None if protocol == 5 else False)
+        if username:
+            self.client.username_pw_set(username, password)
+        self.client.max_inflight_messages_set(max_inflight)
+        self.client.max_queued_messages_set(0)           # never drop a notice while away
+        self.client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def start(self, timeout: float = 15.0) -> None:
+        kw = {}
+        if self.protocol == 5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry_s
+            props.ReceiveMaximum = min(self.max_inflight, 65535)
+            kw = {"clean_start": False, "properties": props}
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive, **kw)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            self.client.loop_stop()
+            raise ConnectionError(f"no MQTT broker answered at {self.host}:{self.port} within "
+                                  f"{timeout:.0f}s; start one or leave mqtt.url unset for the "
+                                  "embedded broker")
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # ---- paho callbacks (network thread: nothing but bookkeeping here) ----------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        self.connects += 1
+        if self.topics and self.protocol == 5:
+            client.subscribe([(t, SubscribeOptions(qos=1)) for t in self.topics])
+        elif self.topics:
+            client.subscribe([(t, 1) for t in self.topics])
+        self.connected.set()
+        log.info("connected to %s:%s (session present: %s)", self.host, self.port,
+                 flags.session_present)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self.stopping:
+            log.warning("lost the broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        self.inbox.put(Inbound(msg.topic, msg.payload, msg.mid, msg.qos))
+
+    # ---- in ----------------------------------------------------------------------------
+    def take(self, max_n: int, max_wait_s: float) -> list[Inbound]:
+        """Up to ``max_n`` messages: waits up to ``max_wait_s`` for the first, then takes what
+        is there (a batch fills itself under load and costs no latency when quiet)."""
+        try:
+            first = self.inbox.get(timeout=max_wait_s)
+        except queue.Empty:
+            return []
+        batch = [first]
+        get = self.inbox.get_nowait
+        while len(batch) < max_n:
+            try:
+                batch.append(get())
+            except queue.Empty:
+                break
+        return batch
+
+    def ack(self, messages: list[Inbound]) -> None:
+        for m in messages:
+            if m.qos > 0:
+                self.client.ack(m.mid, m.qos)
+
+    # ---- out ---------------------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        with self._sent_lock:
+            self._sent.append(info)
+
+    def unpublished(self) -> int:
+        with self._sent_lock:
+            self._sent = [i for i in self._sent if not i.is_published()]
+            return len(self._sent)
+
+    def wait_published(self, timeout: float) -> bool:
+        """True once the broker has every notice we handed to paho."""
+        deadline = time.monotonic() + timeout
+        while self.unpublished():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True

@@ -1,0 +1,332 @@
+"""The live runtime (`cityops run`): MQTT in, the engine, notices out, state that survives kill -9.
+
+One loop on the main thread:
+
+    take a batch from the inbox (paho's thread only fills it)  ─┐
+    journal it (SQLite, one transaction)                        │ durable before the broker
+    acknowledge it to the broker                                ─┘ may forget it
+    evaluate it (Engine.ingest / ack / advance)
+    publish notices to the tier topics, dead letters to the dead-letter topic
+    now and then: a snapshot, once every notice before it has reached the broker
+
+The wall clock moves the watermark every `tick`, so escalations, reminders and silence happen
+on time when no readings come. On start the last snapshot is restored and the journal after it
+replayed: the same state, the same notices again (idempotent by alert_id/state/seq), nothing
+lost, no second incident.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import orjson
+
+from connectors.mqtt import MqttLink
+from pipeline.config import Settings
+from pipeline.engine import Engine, Output
+from pipeline.registry import load as load_registry
+from pipeline.store import ACKS, ADVANCE, READINGS, StateStore
+from rules.compiler import load_rules
+
+log = logging.getLogger("cityops.runtime")
+
+
+def notice_topic(prefix: str, n: dict) -> str:
+    tier, target = n["tier"], n["target"]
+    if tier == "city":
+        return f"{prefix}/alerts/city"
+    if tier == "grid":
+        return f"{prefix}/push/{target}"
+    return f"{prefix}/alerts/{tier}/{target}"
+
+
+class LiveRuntime:
+    def __init__(self, settings: Settings, simulate: bool = False) -> None:
+        self.s = settings
+        self.simulate = simulate
+        self.stopping = threading.Event()
+        self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.metrics: Counter[str] = Counter()
+        self.batch_seconds = 0.0
+        self.batches = 0
+        self.started = time.time()
+        self.broker = None
+        self.link: MqttLink | None = None
+        self.http = None
+        self._sim_thread: threading.Thread | None = None
+        rules = load_rules(settings.packs, settings.routing, params=settings.params)
+        self.registry = load_registry(settings.registry, rules.kinds)
+        self.engine = Engine(self.registry, rules, settings.engine)
+        self.store = StateStore(settings.state.path)
+        self.prefix = settings.mqtt.prefix
+        self.acks_topic = f"{self.prefix}/acks"
+
+    # ---- start ------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.s
+        replayed = self._restore()
+        host, port, protocol = s.mqtt.host, s.mqtt.port, s.mqtt.protocol
+        if s.mqtt.url is None:
+            from connectors.embedded_broker import EmbeddedBroker
+            self.broker = EmbeddedBroker(s.embedded.host, s.embedded.port)
+            self.broker.start()
+            host, port, protocol = s.embedded.host, self.broker.port, 311   # amqtt: 3.1.1 only
+        self.link = MqttLink(
+            host, port, client_id=s.mqtt.client_id, prefix=self.prefix, protocol=protocol,
+            username=s.mqtt.username,
+            password=s.mqtt.password.get_secret_value() if s.mqtt.password else None,
+            shared_group=s.mqtt.shared_group, keepalive=s.mqtt.keepalive,
+            session_expiry_s=s.mqtt.session_expiry // 1000, max_inflight=s.mqtt.max_inflight)
+        self.link.start()
+        for notices, dead in replayed:            # what the journal regenerated goes out again
+            self._publish(notices, dead)
+        if s.http.port:
+            from pipeline.http_api import OpsHttpServer
+            self.http = OpsHttpServer(self, s.http.host, s.http.port)
+            self.http.start()
+        if self.simulate:
+            self._start_simulator(host, port, protocol)
+        self._banner(host, port, protocol)
+
+    def _restore(self) -> list[tuple[list, list]]:
+        blob, entries = self.store.load()
+        if blob is not None:
+            lost = self.engine.restore(blob)
+            if lost:
+                log.warning("restored state; not carried over (registry or rules changed): %s", lost)
+        replayed = []
+        n = 0
+        for e in entries:
+            out = self._apply(e.kind, e.at, e.items)
+            replayed.append((out.notices, out.dead_letters))
+            n += 1
+        if blob is not None or n:
+            log.info("state restored: snapshot %s, %d journal entries replayed, %d open incidents",
+                     "found" if blob is not None else "none", n, len(self.engine.book.open))
+        return replayed
+
+    def _start_simulator(self, host: str, port: int, protocol: int) -> None:
+        from pipeline.simulate import Simulator
+        sim_link = MqttLink(host, port, client_id=f"{self.s.mqtt.client_id}-simulator",
+                            prefix=self.prefix, protocol=protocol)
+        sim_link.topics = []                      # it only publishes, as a gateway would
+        sim_link.start()
+        sim = Simulator(self.registry, sim_link.publish, prefix=self.prefix)
+
+        def loop() -> None:
+            sim.run(self.stopping, report=lambda line: print(f"  [simulate] {line}", flush=True))
+            sim_link.stop()
+        self._sim_thread = threading.Thread(target=loop, name="simulator", daemon=True)
+        self._sim_thread.start()
+
+    def _banner(self, host: str, port: int, protocol: int) -> None:
+        s = self.s
+        kind = "embedded, MQTT 3.1.1" if self.broker else f"MQTT {'5' if protocol == 5 else '3.1.1'}"
+        http = f"http://{s.http.host}:{s.http.port}" if s.http.port else None
+        lines = [
+            f"cityops is running: {len(self.registry):,} sensors, {len(self.engine.evaluators)} rules, "
+            f"{len(self.engine.book.open)} open incidents",
+            f"  broker     mqtt://{host}:{port} ({kind})",
+            f"  readings   publish to {self.prefix}/readings/{{sensor_id}} or "
+            f"{self.prefix}/gateways/{{gateway_id}}",
+            f"  alerts     mosquitto_sub -h {host} -p {port} -t '{self.prefix}/alerts/#' "
+            f"-t '{self.prefix}/push/#' -v",
+            f"  dead       {self.prefix}/deadletter",
+            f"  acks       {self.acks_topic}" + (f", or POST {http}/acks" if http else ""),
+        ]
+        if http:
+            lines.append(f"  health     {http}/healthz    metrics {http}/metrics")
+        lines.append(f"  state      {s.state.path}")
+        if self.simulate:
+            lines.append("  simulating gateways: a gas leak at an elderly resident living alone, a "
+                         "rainstorm, a construction site violation, a sensor going silent")
+        print("\n".join(lines), flush=True)
+
+    # ---- the loop ---------------------------------------------------------------------
+    def run(self) -> None:
+        s = self.s
+        link = self.link
+        assert link is not None
+        last_tick = 0
+        last_snapshot = time.monotonic()
+        while not self.stopping.is_set():
+            msgs = link.take(s.max_batch, s.max_wait / 1000)
+            now = int(time.time() * 1000)
+            entries: list[tuple[str, int, list]] = []
+            readings = [[m.topic, m.payload] for m in msgs if m.topic != self.acks_topic]
+            acks = [m.payload for m in msgs if m.topic == self.acks_topic]
+            while not self.http_acks.empty():
+                acks.append(self.http_acks.get_nowait())
+            if readings:
+                entries.append((READINGS, now, readings))
+            if acks:
+                entries.append((ACKS, now, acks))
+            if now - last_tick >= s.tick:
+                entries.append((ADVANCE, now - s.engine.allowed_lateness, []))
+                last_tick = now
+            if entries:
+                self.store.append_many(entries)       # durable first ...
+                link.ack(msgs)                        # ... then the broker may forget them
+                self.metrics["payloads"] += len(readings)
+                for kind, at, items in entries:
+                    t = time.perf_counter()
+                    out = self._apply(kind, at, items)
+                    self.batch_seconds += time.perf_counter() - t
+                    self.batches += 1
+                    self._publish(out.notices, out.dead_letters)
+            if (time.monotonic() - last_snapshot) * 1000 >= s.state.snapshot_every:
+                if self._snapshot():
+                    last_snapshot = time.monotonic()
+        self._shutdown()
+
+    def _apply(self, kind: str, at: int, items: list) -> Output:
+        if kind == READINGS:
+            return self.engine.ingest([p for _, p in items], source=[t for t, _ in items], now_ms=at)
+        if kind == ACKS:
+            return self.engine.ack(items)
+        return self.engine.advance(at)
+
+    def _publish(self, notices: list[dict], dead: list) -> None:
+        link = self.link
+        assert link is not None
+        for n in notices:
+            link.publish(notice_topic(self.prefix, n), orjson.dumps(n))
+            self.metrics["notices." + n["tier"]] += 1
+            if self.s.console or self.simulate:
+                who = n.get("worker_name") or n["target"]
+                print(f"  → {n['tier']:8} {who:10} {n['title']}", flush=True)
+        for d in dead:
+            link.publish(f"{self.prefix}/deadletter", d.model_dump_json().encode())
+            self.metrics["dead." + d.reason] += 1
+
+    def _snapshot(self) -> bool:
+        """Only when every notice so far has reached the broker: a snapshot ends the journal
+        that could regenerate them."""
+        if not self.store.journaled_since_snapshot:
+            return True
+        if self.link is not None and self.link.unpublished():
+            return False
+        self.store.save_snapshot(self.engine.snapshot())
+        self.metrics["snapshots"] += 1
+        return True
+
+    # ---- stop -------------------------------------------------------------------------
+    def stop(self, *_: Any) -> None:
+        self.stopping.set()
+
+    def _shutdown(self) -> None:
+        log.info("shutting down: flushing notices")
+        if self._sim_thread is not None:
+            self._sim_thread.join(5.0)
+        if self.link is not None:
+            if self.link.wait_published(10.0):
+                self._snapshot()
+            else:
+                log.warning("the broker did not take every notice in 10 s; the journal keeps them "
+                            "and they go out again at the next start")
+            self.link.stop()
+        if self.http is not None:
+            self.http.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        self.store.close()
+        log.info("stopped; state saved in %s", self.s.state.path)
+
+    # ---- operability ------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        connected = self.link is not None and self.link.connected.is_set()
+        return {"status": "ok" if connected else "degraded", "broker_connected": connected,
+                "open_incidents": len(self.engine.book.open),
+                "inbox": self.link.inbox.qsize() if self.link else 0,
+                "uptime_s": round(time.time() - self.started, 1)}
+
+    def metrics_text(self) -> str:
+        e = self.engine
+        c = e.counters
+        now = time.time() * 1000
+        lines = [
+            "# HELP cityops_readings_total Readings the engine took (after decoding).",
+            "# TYPE cityops_readings_total counter",
+            f"cityops_readings_total {c['readings']}",
+            "# HELP cityops_payloads_total MQTT reading payloads received.",
+            "# TYPE cityops_payloads_total counter",
+            f"cityops_payloads_total {self.metrics['payloads']}",
+            "# HELP cityops_duplicates_total Redelivered readings dropped (same sensor, same ts).",
+            "# TYPE cityops_duplicates_total counter",
+            f"cityops_duplicates_total {c['duplicates']}",
+            "# HELP cityops_notices_total Notices published, by tier.",
+            "# TYPE cityops_notices_total counter",
+        ]
+        for tier in ("city", "district", "street", "dept", "grid"):
+            lines.append(f'cityops_notices_total{{tier="{tier}"}} {self.metrics["notices." + tier]}')
+        lines += ["# HELP cityops_dead_letters_total Input refused, by reason.",
+                  "# TYPE cityops_dead_letters_total counter"]
+        for key in sorted(k for k in c if k.startswith("dead.")):
+            lines.append(f'cityops_dead_letters_total{{reason="{key[5:]}"}} {c[key]}')
+        lines += [
+            "# HELP cityops_acks_total Acknowledgements applied.",
+            "# TYPE cityops_acks_total counter",
+            f"cityops_acks_total {c['acks']}",
+            "# HELP cityops_engine_batch_seconds Engine time per batch.",
+            "# TYPE cityops_engine_batch_seconds summary",
+            f"cityops_engine_batch_seconds_sum {self.batch_seconds:.6f}",
+            f"cityops_engine_batch_seconds_count {self.batches}",
+            "# HELP cityops_inbox_depth Messages received, not yet taken by the engine.",
+            "# TYPE cityops_inbox_depth gauge",
+            f"cityops_inbox_depth {self.link.inbox.qsize() if self.link else 0}",
+            "# HELP cityops_event_lag_seconds Wall clock minus the newest reading's event time.",
+            "# TYPE cityops_event_lag_seconds gauge",
+            f"cityops_event_lag_seconds {max(0.0, (now - e.max_ts) / 1000) if e.max_ts else 0}",
+            "# HELP cityops_open_incidents Incidents firing now.",
+            "# TYPE cityops_open_incidents gauge",
+            f"cityops_open_incidents {len(e.book.open)}",
+            "# HELP cityops_unpublished_notices Notices handed to MQTT, not yet taken by the broker.",
+            "# TYPE cityops_unpublished_notices gauge",
+            f"cityops_unpublished_notices {self.link.unpublished() if self.link else 0}",
+            "# HELP cityops_broker_connected 1 while connected to the MQTT broker.",
+            "# TYPE cityops_broker_connected gauge",
+            f"cityops_broker_connected {int(bool(self.link and self.link.connected.is_set()))}",
+            "# HELP cityops_journal_entries Inputs journaled since the last snapshot.",
+            "# TYPE cityops_journal_entries gauge",
+            f"cityops_journal_entries {self.store.journaled_since_snapshot}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: easy to ship, easy to grep."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname.lower(),
+                 "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("amqtt", "transitions", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def serve(settings: Settings, simulate: bool = False) -> int:
+    setup_logging()
+    rt = LiveRuntime(settings, simulate=simulate)
+    signal.signal(signal.SIGTERM, rt.stop)
+    signal.signal(signal.SIGINT, rt.stop)
+    rt.start()
+    rt.run()
+    return 0

@@ -1,0 +1,192 @@
+"""deploy/mosquitto does what it says: a real mosquitto started with the production config and
+ACL (listener and file paths swapped for a temp dir and a free port; users made with
+mosquitto_passwd -b) refuses anonymous clients and keeps every account to its own topics."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.brokers import (
+    CliSubscriber,
+    Mosquitto,
+    MosquittoMissing,
+    MqttRefused,
+    Subscriber,
+    mosquitto_passwd,
+    mosquitto_pub,
+    mosquitto_sub,
+    publish,
+)
+
+pytestmark = pytest.mark.broker
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
+PASSWORDS = {
+    "cityops": "pipeline-secret",
+    "gw-510104-0001": "gw1-secret",
+    "gw-510104-0002": "gw2-secret",
+    "dashboard-city": "dash-secret",
+    "w-510104020001-01": "w1-secret",
+    "w-510104020001-02": "w2-secret",
+}
+NOT_AUTHORIZED = 135          # MQTT 5 reason code
+READING = b'{"sensor_id": "gas-510104-000001", "ts": 1782885780000, "value": 27.5}'
+
+
+def production_config(tmp: Path) -> str:
+    """deploy/mosquitto/mosquitto.conf with the password and ACL files in ``tmp``."""
+    text = (DEPLOY / "mosquitto.conf").read_text()
+    text, n1 = re.subn(r"(?m)^password_file .*$", f"password_file {tmp / 'passwd'}", text)
+    text, n2 = re.subn(r"(?m)^acl_file .*$", f"acl_file {tmp / 'acl'}", text)
+    assert n1 == n2 == 1, "mosquitto.conf should set password_file and acl_file once each"
+    return text
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    tmp = tmp_path_factory.mktemp("deploy-mosquitto")
+    shutil.copy(DEPLOY / "acl", tmp / "acl")
+    try:
+        for user, password in PASSWORDS.items():
+            mosquitto_passwd(tmp / "passwd", user, password)
+        b = Mosquitto(tmp / "broker", config=production_config(tmp)).start()
+    except MosquittoMissing as e:       # never a skip: `make test` installs it
+        pytest.fail(str(e), pytrace=False)
+    yield b
+    b.stop()
+
+
+def as_user(user: str) -> dict[str, str]:
+    return {"username": user, "password": PASSWORDS[user]}
+
+
+@pytest.fixture
+def pipeline(broker: Mosquitto):
+    """The pipeline's subscriptions, as the cityops account."""
+    with Subscriber(broker.url, "cityops/gateways/#", "cityops/readings/#", "cityops/acks",
+                    **as_user("cityops")) as sub:
+        assert sub.granted == [1, 1, 1]
+        yield sub
+
+
+def delivered_before(sub: Subscriber, publish_sentinel: Callable[[], object],
+                     sentinel: tuple[str, bytes]) -> list[tuple[str, bytes]]:
+    """Publish a sentinel the subscriber may receive and wait for it: whatever else the broker
+    was going to deliver from earlier publishes has arrived by then (one broker, in order)."""
+    publish_sentinel()
+    got = sub.wait_for(lambda m: sentinel in m)
+    return got[:got.index(sentinel)]
+
+
+def test_config_is_the_production_one() -> None:
+    conf = (DEPLOY / "mosquitto.conf").read_text()
+    for line in ("allow_anonymous false", "persistence true", "max_inflight_messages 1000",
+                 "max_queued_messages 1000000", "listener 1883 ", "#listener 8883"):
+        assert re.search(rf"(?m)^{re.escape(line)}", conf), line
+    assert not re.search(r"(?m)^listener 1883 0\.0\.0\.0", conf)
+    assert not re.search(r"(?m)^persistent_client_expiration .*[hm]$", conf)
+
+
+def test_anonymous_is_refused(broker: Mosquitto) -> None:
+    with pytest.raises(MqttRefused) as e:
+        Subscriber(broker.url, "cityops/#").start()
+    assert e.value.code == NOT_AUTHORIZED
+    with pytest.raises(MqttRefused):
+        publish(broker.url, "cityops/gateways/gw-510104-0001", READING, protocol=311)
+    with pytest.raises(RuntimeError, match="not authori[sz]ed"):
+        mosquitto_sub(broker.url, "cityops/#", 1, 2)
+    with pytest.raises(RuntimeError, match="not authori[sz]ed"):
+        mosquitto_pub(broker.url, "cityops/gateways/gw-510104-0001", READING)
+
+
+def test_wrong_password_is_refused(broker: Mosquitto) -> None:
+    with pytest.raises(MqttRefused) as e:
+        Subscriber(broker.url, "cityops/alerts/#", username="dashboard-city",
+                   password="guess").start()
+    assert e.value.code in (134, 135)      # bad user name or password / not authorized
+
+
+def test_gateway_publishes_to_its_own_topic_only(broker: Mosquitto, pipeline: Subscriber) -> None:
+    own, other = "cityops/gateways/gw-510104-0001", "cityops/gateways/gw-510104-0002"
+    gw1 = as_user("gw-510104-0001")
+    assert publish(broker.url, own, READING, **gw1) == 0
+    assert publish(broker.url, other, b"[forged]", **gw1) == NOT_AUTHORIZED
+    mosquitto_pub(broker.url, other, "[forged by cli]", **gw1)      # 3.1.1: acked, dropped
+    for topic in ("cityops/readings/gas-510104-000001", "cityops/acks",
+                  "cityops/alerts/city", "cityops/push/w-510104020001-01"):
+        assert publish(broker.url, topic, b"forged", **gw1) == NOT_AUTHORIZED, topic
+    got = delivered_before(pipeline, lambda: publish(broker.url, other, b"sentinel",
+                                                      **as_user("gw-510104-0002")),
+                           (other, b"sentinel"))
+    assert got == [(own, READING)]
+
+
+def test_dashboard_reads_alerts_not_readings(broker: Mosquitto) -> None:
+    dash = as_user("dashboard-city")
+    with Subscriber(broker.url, "cityops/alerts/#", "cityops/readings/#", "cityops/gateways/#",
+                    **dash) as sub:
+        # mosquitto 2.0 grants every SUBSCRIBE; the ACL is applied to each message delivered
+        assert sub.granted == [1, 1, 1]
+        publish(broker.url, "cityops/gateways/gw-510104-0001", READING, **as_user("gw-510104-0001"))
+        alert = '{"alert_id": "a1", "tier": "city", "title": "燃气泄漏报警"}'.encode()
+        assert publish(broker.url, "cityops/alerts/city", alert, **as_user("cityops")) == 0
+        assert publish(broker.url, "cityops/alerts/city", b"forged", **dash) == NOT_AUTHORIZED
+        got = sub.wait_count(1)
+    assert got == [("cityops/alerts/city", alert)]
+
+    # the command-line client too, subscribed to everything: only the alert comes through
+    with CliSubscriber(broker.url, "cityops/#", count=1, timeout=10, **dash) as cli:
+        publish(broker.url, "cityops/gateways/gw-510104-0001", READING, **as_user("gw-510104-0001"))
+        publish(broker.url, "cityops/alerts/district/510104", b"district alert",
+                **as_user("cityops"))
+    assert cli.lines() == ["cityops/alerts/district/510104 district alert"]
+
+
+def test_grid_worker_reads_own_pushes_and_acks(broker: Mosquitto, pipeline: Subscriber) -> None:
+    w1 = as_user("w-510104020001-01")
+    mine, theirs = "cityops/push/w-510104020001-01", "cityops/push/w-510104020001-02"
+    with Subscriber(broker.url, mine, theirs, "cityops/alerts/#", **w1) as sub:
+        for topic in (theirs, "cityops/alerts/street/510104020", mine):
+            assert publish(broker.url, topic, topic.encode(), **as_user("cityops")) == 0
+        got = sub.wait_for(lambda m: any(t == mine for t, _ in m))
+        assert got == [(mine, mine.encode())]
+    ack = b'{"alert_id": "a1", "by": "w-510104020001-01", "tier": "grid", "ts": 1782885900000}'
+    assert publish(broker.url, "cityops/acks", ack, **w1) == 0
+    assert pipeline.wait_for(lambda m: ("cityops/acks", ack) in m)
+    assert publish(broker.url, "cityops/alerts/city", b"forged", **w1) == NOT_AUTHORIZED
+
+
+def test_only_workers_acknowledge(broker: Mosquitto) -> None:
+    for user in ("gw-510104-0001", "dashboard-city"):
+        assert publish(broker.url, "cityops/acks", b"{}", **as_user(user)) == NOT_AUTHORIZED
+
+
+def test_pipeline_shared_subscription(broker: Mosquitto) -> None:
+    """The pipeline may split readings over processes with an MQTT 5 shared subscription."""
+    with Subscriber(broker.url, "$share/cityops/cityops/gateways/#", **as_user("cityops")) as sub:
+        assert sub.granted == [1]
+        assert publish(broker.url, "cityops/gateways/gw-510104-0002", READING,
+                       **as_user("gw-510104-0002")) == 0
+        assert sub.wait_count(1) == [("cityops/gateways/gw-510104-0002", READING)]
+
+
+def test_full_size_gateway_batch_passes_the_broker(broker: Mosquitto, pipeline: Subscriber) -> None:
+    """A payload right at the pipeline's 256 KiB limit must reach the pipeline (which decides),
+    not be cut off by max_packet_size."""
+    from pipeline.wire import MAX_PAYLOAD_BYTES
+    topic = "cityops/gateways/gw-510104-0001"
+    big = b"[" + b" " * (MAX_PAYLOAD_BYTES - 2) + b"]"
+    assert publish(broker.url, topic, big, **as_user("gw-510104-0001")) == 0
+    assert pipeline.wait_for(lambda m: (topic, big) in m)
+
+
+def test_oversize_packet_disconnects_the_sender(broker: Mosquitto) -> None:
+    with pytest.raises(ConnectionError, match="closed the connection"):
+        publish(broker.url, "cityops/gateways/gw-510104-0001", b"x" * 300_000,
+                **as_user("gw-510104-0001"))
+    assert "disconnected due to oversize packet" in broker.log()
