@@ -1,16 +1,20 @@
-# cityops: the two commands a newcomer needs are `make demo` and `make test`.
+# cityops: the two commands a newcomer needs are `make run` and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-deps check bench bench-quick clean
+.PHONY: run demo test test-deps check bench bench-quick bench-runtime clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
+
+## run: the live pipeline on an embedded MQTT broker, fed by simulated Chengdu gateways
+run: $(STAMP)
+	$(VENV)/bin/cityops run --simulate
 
 ## demo: replay 2010-2015 Chengdu rain and PM2.5 through the built-in packs, notices per tier
 demo: $(STAMP)

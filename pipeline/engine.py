@@ -113,6 +113,8 @@ class Engine:
             for name in (*e.severity_of, *e.clear_events))
         self._wants_value_np = np.array(wants_value or [True], dtype=bool)
         self._kind_np = np.frombuffer(registry.kind_of, dtype=np.uint8) if n else np.zeros(1, np.uint8)
+        self._gateway_np = np.frombuffer(registry.gateway_of, dtype=np.int32) if n else np.zeros(1, np.int32)
+        self._gateway_numbers = {g: i for i, g in enumerate(registry.gateways)}
         self.absence = [e for e in self.evaluators if isinstance(e, ev.Absence)]
         self._listeners: dict[str, list[ev.Correlation]] = {}
         for e in self.evaluators:
@@ -156,19 +158,42 @@ class Engine:
 
     # ---- input ------------------------------------------------------------------------
     def ingest(self, payloads: Iterable[bytes], source: str | list[str] | None = None,
-               now_ms: int | None = None) -> Output:
+               now_ms: int | None = None,
+               senders: list[tuple[str, str] | None] | None = None) -> Output:
         """Decode payloads (objects or gateway arrays) and process them as one batch.
-        ``source``: where they came from (a topic, one per payload, or a file) for dead letters."""
-        readings, dead, spans = wire.decode_batch(list(payloads), source)
+
+        ``source``: where they came from (a topic, one per payload, or a file) for dead letters.
+        ``senders``: per payload, who the transport says sent it — ("gateway", id) or
+        ("sensor", id), e.g. from the MQTT topic the broker's ACL ties to the gateway's login.
+        A reading for a sensor that is not the sender, or not behind the sending gateway, is
+        refused (`wrong_sender`): one gateway cannot clear another's gas alarm.
+        """
+        payloads = list(payloads)
+        readings, dead, spans = wire.decode_batch(payloads, source)
         out = Output(dead_letters=dead)
         self.counters["dead_letters"] += len(dead)
         for d in dead:
             self.counters["dead." + d.reason] += 1
-        self.process(readings, now_ms, out, _spans=spans)
+        claims = self._claims(senders, spans) if senders is not None and readings else None
+        self.process(readings, now_ms, out, _spans=spans, _claims=claims)
         return out
 
+    def _claims(self, senders: list, spans: list) -> tuple[np.ndarray, np.ndarray]:
+        """Per reading: the gateway number and the sensor number its sender vouches for
+        (-1: no claim; -2: a sender the registry does not know)."""
+        reg = self.registry
+        gw_numbers = self._gateway_numbers
+        gw, sensor = [], []
+        for sender in senders:
+            kind, name = sender if sender else (None, None)
+            gw.append(gw_numbers.get(name, -2) if kind == "gateway" else -1)
+            sensor.append(reg.index.get(name, -2) if kind == "sensor" else -1)
+        ends = np.array([span[0] for span in spans], dtype=np.int64)
+        counts = np.diff(ends, prepend=0)
+        return np.repeat(np.array(gw, dtype=np.int64), counts), np.repeat(np.array(sensor, dtype=np.int64), counts)
+
     def process(self, readings: list, now_ms: int | None = None, out: Output | None = None,
-                _spans: list | None = None) -> Output:
+                _spans: list | None = None, _claims: tuple | None = None) -> Output:
         """Evaluate a batch of decoded readings (``wire.WireReading``, ts in epoch ms).
 
         Batch-first: the checks every reading needs (known sensor, time bounds, kind, finite,
@@ -180,7 +205,7 @@ class Engine:
         out = out if out is not None else Output()
         n = len(readings)
         if n:
-            self._screen_and_evaluate(readings, now_ms, out, _spans)
+            self._screen_and_evaluate(readings, now_ms, out, _spans, _claims)
         self._drain(out)
         self.advance(self.max_ts - self.settings.allowed_lateness, out)
         self._apply_seen(1 << 62)
@@ -198,7 +223,7 @@ class Engine:
             self._seen_at = end
 
     def _screen_and_evaluate(self, readings: list, now_ms: int | None, out: Output,
-                             spans: list | None) -> None:
+                             spans: list | None, claims: tuple | None = None) -> None:
         n = len(readings)
         s = self.settings
         idx_list = list(map(self.registry.index.get, [r.sensor_id for r in readings], repeat(-1, n)))
@@ -217,6 +242,13 @@ class Engine:
         has_event = event > 0
         invalid = has_event == ~np.isnan(val)          # both value and event, or neither
         known = (idx >= 0) & ~invalid
+        wrong_sender = np.zeros(n, dtype=bool)
+        if claims is not None:
+            gw_claim, sensor_claim = claims
+            gateway = self._gateway_np[np.where(known, idx, 0)]
+            wrong_sender = known & (((gw_claim != -1) & (gateway != gw_claim))
+                                    | ((sensor_claim != -1) & (idx != sensor_claim)))
+            known &= ~wrong_sender
         kind = self._kind_np[np.where(known, idx, 0)]
         # "future" needs a clock (the runtimes and replay pass the wall clock; history is never
         # ahead of it); "too old" is judged against the watermark, so old history replays
@@ -274,8 +306,8 @@ class Engine:
         if not self.watch_start and self.max_ts:
             self._start_watching(int(ts[ok].min()) if ok.any() else self.max_ts)
         if not fit.all() or len(stale_pos):
-            self._reject_batch(readings, spans, out, idx_list, invalid, known, future, too_old,
-                               suspect, bad_value, stale_pos)
+            self._reject_batch(readings, spans, out, idx_list, invalid, wrong_sender, known,
+                               future, too_old, suspect, bad_value, stale_pos)
 
     def _evaluate(self, readings: list, idx_list: list[int], positions: list[int],
                   out: Output) -> None:
@@ -311,7 +343,8 @@ class Engine:
                 self._drain(out)
 
     def _reject_batch(self, readings: list, spans: list | None, out: Output, idx_list: list[int],
-                      invalid: np.ndarray, known: np.ndarray, future: np.ndarray,
+                      invalid: np.ndarray, wrong_sender: np.ndarray, known: np.ndarray,
+                      future: np.ndarray,
                       too_old: np.ndarray, suspect: np.ndarray, bad_value: np.ndarray,
                       stale_pos: np.ndarray) -> None:
         s = self.settings
@@ -322,7 +355,10 @@ class Engine:
                 rejects.append((r, "not_finite", f"value {r.value} is not a finite measurement"))
             else:
                 rejects.append((r, "invalid", "a reading carries exactly one of `value` or `event`"))
-        for i in np.flatnonzero(~known & ~invalid).tolist():
+        for i in np.flatnonzero(wrong_sender).tolist():
+            rejects.append((readings[i], "wrong_sender", f"sensor {readings[i].sensor_id} is not "
+                            "the sender's: a gateway publishes only its own sensors' readings"))
+        for i in np.flatnonzero(~known & ~invalid & ~wrong_sender).tolist():
             rejects.append((readings[i], "unknown_sensor",
                             f"sensor {readings[i].sensor_id} is not in the registry"))
         for i in np.flatnonzero(future).tolist():

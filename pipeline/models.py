@@ -226,7 +226,7 @@ class Ack(BaseModel):
 class DeadLetter(BaseModel):
     """Input the pipeline could not use: the reason, the original bytes, where it came from."""
 
-    reason: Literal["malformed", "invalid", "oversize", "unknown_sensor", "wrong_kind",
+    reason: Literal["malformed", "invalid", "oversize", "unknown_sensor", "wrong_sender", "wrong_kind",
                     "not_finite", "future", "too_old", "stale", "bad_ack"]
     detail: str
     payload: str = Field(description="the original bytes as UTF-8 text (or base64 if not UTF-8)")

@@ -189,10 +189,22 @@ class LiveRuntime:
 
     def _apply(self, kind: str, at: int, items: list) -> Output:
         if kind == READINGS:
-            return self.engine.ingest([p for _, p in items], source=[t for t, _ in items], now_ms=at)
+            topics = [t for t, _ in items]
+            return self.engine.ingest([p for _, p in items], source=topics, now_ms=at,
+                                      senders=[self._sender(t) for t in topics])
         if kind == ACKS:
             return self.engine.ack(items)
         return self.engine.advance(at)
+
+    def _sender(self, topic: str) -> tuple[str, str] | None:
+        """Who the topic says sent a payload; the broker's ACL ties a gateway's login to
+        `{prefix}/gateways/{its id}` (deploy/mosquitto/acl)."""
+        head, _, name = topic.rpartition("/")
+        if head == f"{self.prefix}/gateways":
+            return ("gateway", name)
+        if head == f"{self.prefix}/readings":
+            return ("sensor", name)
+        return None
 
     def _publish(self, notices: list[dict], dead: list) -> None:
         link = self.link

@@ -533,3 +533,32 @@ def test_dead_letters_are_the_documented_model(engine):
     out = engine.ingest([b"nope", payload(reading("nope", T0, value=1.0))])
     for d in out.dead_letters:
         assert DeadLetter.model_validate(d.model_dump()) == d
+
+
+# ---- the sender vouches only for its own sensors ------------------------------------------------
+
+def test_a_gateway_may_only_report_the_sensors_behind_it(engine):
+    """Topic cityops/gateways/gw-510104-0001 (the broker's ACL ties it to that gateway's login):
+    its own sensor counts; another gateway's sensor is refused, so nobody can clear or fake
+    another building's gas alarm."""
+    mine = reading("gas-510104-000002", T0, value=30.0)
+    theirs = reading("wl-510104-000001", T0, value=50.0)      # no gateway: not this one's
+    p = payload([mine, theirs])
+    out = engine.ingest([p], source="cityops/gateways/gw-510104-0001",
+                        senders=[("gateway", "gw-510104-0001")])
+    assert [(d.reason, d.index) for d in out.dead_letters] == [("wrong_sender", 1)]
+    assert {n["sensor_id"] for n in out.notices} == {"gas-510104-000002"}
+
+
+def test_a_per_sensor_topic_vouches_for_that_sensor_only(engine):
+    out = engine.ingest([payload(reading("gas-510104-000002", T0, value=30.0))] * 1
+                        + [payload(reading("gas-510104-000003", T0, value=30.0))],
+                        senders=[("sensor", "gas-510104-000002"), ("sensor", "gas-510104-000002")])
+    assert [d.reason for d in out.dead_letters] == ["wrong_sender"]
+    assert {n["sensor_id"] for n in out.notices} == {"gas-510104-000002"}
+
+
+def test_an_unknown_sender_vouches_for_nothing(engine):
+    out = engine.ingest([payload(reading("gas-510104-000002", T0, value=30.0))],
+                        senders=[("gateway", "gw-nobody")])
+    assert [d.reason for d in out.dead_letters] == ["wrong_sender"] and out.notices == []
