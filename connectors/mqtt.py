@@ -51,7 +51,11 @@ class MqttLink:
         self.connected = threading.Event()
         self.stopping = False
         self.connects = 0
-        self._sent: list[paho.MQTTMessageInfo] = []
+        # mids handed to paho and not yet acknowledged by the broker. Tracked by on_publish,
+        # not MQTTMessageInfo.is_published(), which raises for a message published while
+        # disconnected although paho keeps it and sends it on reconnect.
+        self._pending: set[int] = set()
+        self._early: set[int] = set()        # acknowledged before publish() returned its mid
         self._sent_lock = threading.Lock()
         version = MQTTProtocolVersion.MQTTv5 if protocol == 5 else MQTTProtocolVersion.MQTTv311
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -65,6 +69,7 @@ class MqttLink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
 
     # ---- lifecycle --------------------------------------------------------------------
     def start(self, timeout: float = 15.0) -> None:
@@ -109,6 +114,13 @@ class MqttLink:
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         self.inbox.put(Inbound(msg.topic, msg.payload, msg.mid, msg.qos))
 
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._sent_lock:
+            if mid in self._pending:
+                self._pending.discard(mid)
+            else:
+                self._early.add(mid)
+
     # ---- in ----------------------------------------------------------------------------
     def take(self, max_n: int, max_wait_s: float) -> list[Inbound]:
         """Up to ``max_n`` messages: waits up to ``max_wait_s`` for the first, then takes what
@@ -135,12 +147,14 @@ class MqttLink:
     def publish(self, topic: str, payload: bytes) -> None:
         info = self.client.publish(topic, payload, qos=1)
         with self._sent_lock:
-            self._sent.append(info)
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+            else:
+                self._pending.add(info.mid)
 
     def unpublished(self) -> int:
         with self._sent_lock:
-            self._sent = [i for i in self._sent if not i.is_published()]
-            return len(self._sent)
+            return len(self._pending)
 
     def wait_published(self, timeout: float) -> bool:
         """True once the broker has every notice we handed to paho."""

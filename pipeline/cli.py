@@ -125,19 +125,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.config import MqttSettings, StateSettings, load_settings
+    from pipeline.config import MqttSettings, load_settings
     from pipeline.runtime import serve
     s = load_settings(args.config, registry=args.registry and Path(args.registry),
                       packs=[Path(p) for p in args.packs], params=args.params and Path(args.params),
                       routing=args.routing and Path(args.routing), console=args.console or None)
+    # Only the flag's own value is validated; re-validating dumped settings would read their
+    # milliseconds as seconds.
     update = {}
     if args.broker:
         try:
-            update["mqtt"] = MqttSettings(**{**s.mqtt.model_dump(), "url": args.broker})
+            url = MqttSettings.model_validate({"url": args.broker}).url
         except Exception as exc:
-            raise ConfigError("--broker", None, str(exc).splitlines()[-1]) from None
+            raise ConfigError("--broker", None, str(exc).splitlines()[-1].strip()) from None
+        update["mqtt"] = s.mqtt.model_copy(update={"url": url})
     if args.state:
-        update["state"] = StateSettings(**{**s.state.model_dump(), "path": args.state})
+        update["state"] = s.state.model_copy(update={"path": args.state})
     return serve(s.model_copy(update=update) if update else s, simulate=args.simulate)
 
 

@@ -416,16 +416,19 @@ class Engine:
                 elif isinstance(a, dict):
                     a = Ack.model_validate(a)
             except ValidationError as exc:
-                out.dead_letters.append(wire.dead_letter("bad_ack", str(exc.errors()[0]["msg"]),
-                                                         raw or msgspec.json.encode(a)))
+                self._refuse_ack(out, str(exc.errors()[0]["msg"]), raw or msgspec.json.encode(a))
                 continue
             why = self.book.ack(a, out.notices)
             if why:
-                self.counters["acks_refused"] += 1
-                out.dead_letters.append(wire.dead_letter("bad_ack", why, raw or a.model_dump_json().encode()))
+                self._refuse_ack(out, why, raw or a.model_dump_json().encode())
             else:
                 self.counters["acks"] += 1
         return out
+
+    def _refuse_ack(self, out: Output, why: str, payload: bytes) -> None:
+        self.counters["dead_letters"] += 1
+        self.counters["dead.bad_ack"] += 1
+        out.dead_letters.append(wire.dead_letter("bad_ack", why, payload))
 
     # ---- time ---------------------------------------------------------------------------
     def advance(self, watermark: int, out: Output | None = None) -> Output:

@@ -188,6 +188,17 @@ class LiveRuntime:
         self._shutdown()
 
     def _apply(self, kind: str, at: int, items: list) -> Output:
+        """One journaled input through the engine. The engine refuses bad input itself; if it
+        ever raised, that input would come back on every restart from the journal, so it is
+        logged, counted and passed over instead of stopping the city's pipeline."""
+        try:
+            return self._evaluate(kind, at, items)
+        except Exception:
+            log.exception("engine failed on a %s input (at %s); passed over", kind, at)
+            self.metrics["engine_errors"] += 1
+            return Output()
+
+    def _evaluate(self, kind: str, at: int, items: list) -> Output:
         if kind == READINGS:
             topics = [t for t, _ in items]
             return self.engine.ingest([p for _, p in items], source=topics, now_ms=at,
@@ -284,6 +295,9 @@ class LiveRuntime:
         for key in sorted(k for k in c if k.startswith("dead.")):
             lines.append(f'cityops_dead_letters_total{{reason="{key[5:]}"}} {c[key]}')
         lines += [
+            "# HELP cityops_engine_errors_total Inputs the engine failed on (a bug: see the logs).",
+            "# TYPE cityops_engine_errors_total counter",
+            f"cityops_engine_errors_total {self.metrics['engine_errors']}",
             "# HELP cityops_acks_total Acknowledgements applied.",
             "# TYPE cityops_acks_total counter",
             f"cityops_acks_total {c['acks']}",
