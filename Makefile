@@ -59,5 +59,9 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) bench/engine_bench.py --sensors 20000 --readings 200000
 
+## bench-runtime: cityops run against a real Mosquitto: readings/s and notice latency
+bench-runtime: $(STAMP) test-deps
+	$(PY) bench/runtime_bench.py
+
 clean:
 	rm -rf $(VENV) bench/out .pytest_cache cityops-demo-notices.jsonl
