@@ -289,7 +289,7 @@ class Runtime:
                     if r.status == 200:
                         return self
             except (OSError, urllib.error.URLError):
-                pass
+                pass                    # not answering yet: try again
             time.sleep(0.05)
         raise RuntimeError(f"cityops run not healthy within {timeout:.0f} s\n{self.tail()}")
 

@@ -225,7 +225,7 @@ class Mosquitto:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
                     return self
             except OSError:
-                pass
+                pass                # not listening yet: try again until the deadline
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"mosquitto did not accept connections on {self.url} within "

@@ -136,7 +136,7 @@ class Runtime:
                     line.replace("\t", "") for line in status
                     if line.split(":")[0] in ("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
         except OSError:
-            pass
+            pass                    # no /proc details here: go on to the abort
         self.proc.send_signal(signal.SIGABRT)
         try:
             self.proc.wait(3)
