@@ -935,3 +935,25 @@ def test_notices_made_while_the_broker_is_away_go_out_when_it_is_back(
         assert db.execute("SELECT count(*) FROM snapshot").fetchone()[0] == 1
     finally:
         db.close()
+
+
+def test_a_shared_subscription_splits_the_readings_between_processes(
+        mosquitto: Mosquitto, runtime) -> None:
+    """mqtt.shared_group (MQTT 5 `$share/...`): two `cityops run` processes in one group take
+    the readings between them — each gets some, together they get every one exactly once."""
+    group = f"g{uuid.uuid4().hex[:6]}"
+    first = runtime(mosquitto.url, "share-a", env={"CITYOPS_MQTT__SHARED_GROUP": group})
+    second = runtime(mosquitto.url, "share-b", env={"CITYOPS_MQTT__SHARED_GROUP": group})
+    start = now_ms()
+    sent = publish_many(mosquitto.url, [
+        ("cityops/readings/wl-510104-000001",
+         dumps(reading("wl-510104-000001", 1.0, ts=start + i)))
+        for i in range(200)])
+    assert sent == [0] * 200
+
+    def taken() -> tuple[float, float]:
+        return (first.metrics()["cityops_readings_total"], second.metrics()["cityops_readings_total"])
+    wait_until(lambda: sum(taken()) >= 200, 15, "both processes together took the 200 readings",
+               first)
+    a, b = taken()
+    assert a + b == 200 and a > 0 and b > 0, (a, b)
