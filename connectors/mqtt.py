@@ -47,7 +47,9 @@ class MqttLink:
         self.max_inflight = max_inflight
         share = f"$share/{shared_group}/" if shared_group else ""
         self.topics = [f"{share}{prefix}/readings/+", f"{share}{prefix}/gateways/+", f"{prefix}/acks"]
-        self.inbox: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: on CPython 3.11 SimpleQueue.get(timeout=...) can sleep
+        # past its timeout when a signal arrives, and SIGTERM would wait for the next message
+        self.inbox: queue.Queue[Inbound] = queue.Queue()
         self.connected = threading.Event()
         self.stopping = False
         self.connects = 0

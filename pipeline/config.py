@@ -92,7 +92,10 @@ class Settings(BaseSettings):
     embedded: EmbeddedSettings = EmbeddedSettings()
     http: HttpSettings = HttpSettings()
     state: StateSettings = StateSettings()
-    engine: EngineSettings = EngineSettings()
+    # Live, timers wait `allowed_lateness` for stragglers before they fire: escalations and
+    # reminders come that much after their deadline. 10 s here (60 s in replay) keeps people's
+    # deadlines close while a gateway's few seconds of delay still count.
+    engine: EngineSettings = EngineSettings(allowed_lateness="10s")
     registry: Path | None = Field(default=None, description="registry folder or registry.yaml "
                                   "(default: the bundled Chengdu fixture)")
     packs: list[Path] = []

@@ -562,3 +562,11 @@ def test_an_unknown_sender_vouches_for_nothing(engine):
     out = engine.ingest([payload(reading("gas-510104-000002", T0, value=30.0))],
                         senders=[("gateway", "gw-nobody")])
     assert [d.reason for d in out.dead_letters] == ["wrong_sender"] and out.notices == []
+
+
+def test_runtime_settings_defaults_are_the_documented_durations():
+    """Durations read bare numbers as seconds: defaults must be written as durations."""
+    from pipeline.config import Settings
+    s = Settings()
+    assert (s.tick, s.max_wait, s.state.snapshot_every, s.engine.allowed_lateness,
+            s.mqtt.session_expiry) == (1_000, 20, 30_000, 10_000, 7 * 86_400_000)

@@ -150,8 +150,10 @@ class Runtime:
             self.proc.kill()
             self.proc.wait()
 
-    def close(self) -> None:
-        """The finalizer: stop whatever runs, then drop the broker session it left behind."""
+    def close(self) -> str | None:
+        """The finalizer: stop whatever runs (SIGTERM; SIGABRT/SIGKILL if it will not), then
+        drop the broker session it left behind. Returns what went wrong, if anything."""
+        problem = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             t = time.monotonic()
@@ -159,14 +161,18 @@ class Runtime:
                 self.proc.wait(STOP_TIMEOUT)
                 print(f"{self.name}: exited {self.proc.returncode} "
                       f"{time.monotonic() - t:.2f} s after SIGTERM")
+                if self.proc.returncode != 0:
+                    problem = f"{self.name} exited {self.proc.returncode} on SIGTERM"
             except subprocess.TimeoutExpired:
                 print(f"{self.name}: STILL RUNNING {STOP_TIMEOUT} s after SIGTERM: SIGABRT")
                 self._abort()
+                problem = f"{self.name} did not exit within {STOP_TIMEOUT} s of SIGTERM"
         print(f"--- {self.name} ({self.client_id}) ---\n{self.logs(80)}")
         try:     # a clean start discards the persistent session (its queue would only grow)
             Subscriber(self.url, "cityops/test/purge", client_id=self.client_id).start(3).close()
         except Exception:
             pass  # the broker is gone already (its own finalizer stopped it)
+        return problem and f"{problem}\n{self.logs(80)}"
 
     # -- HTTP ------------------------------------------------------------------------------------
     def _get(self, path: str) -> tuple[int, bytes]:
@@ -239,7 +245,8 @@ class Runtime:
 @pytest.fixture
 def runtime(tmp_path: Path) -> Iterator[Callable[..., Runtime]]:
     """``runtime(url, name="rt", args=[...], env={...}, start=True)``: a `cityops run` process;
-    every one is stopped (SIGTERM, SIGKILL on timeout) when the test ends."""
+    every one is stopped (SIGTERM, SIGKILL on timeout) when the test ends, and one that does not
+    exit 0 on SIGTERM within 15 s fails the test (stacks of all its threads in the output)."""
     made: list[Runtime] = []
 
     def make(url: str, name: str = "rt", args: list[str] | None = None,
@@ -249,8 +256,9 @@ def runtime(tmp_path: Path) -> Iterator[Callable[..., Runtime]]:
         return rt.start() if start else rt
 
     yield make
-    for rt in made:
-        rt.close()
+    problems = [p for p in (rt.close() for rt in made) if p]
+    if problems:      # SIGTERM is how operators stop it (and Ctrl-C): it must work every time
+        pytest.fail("\n\n".join(problems), pytrace=False)
 
 
 # ---- readings, notices, dead letters -----------------------------------------------------------
