@@ -538,6 +538,7 @@ class NoticeClock:
         self.lock = threading.Lock()
         self.sent: dict[str, float] = {}          # sensor -> perf_counter at publish
         self.latencies: list[float] = []
+        self.when: list[tuple[float, float]] = []     # (publish time, latency)
         self.fired: list[str] = []                # sensors whose notice came (to clear)
         self.resolved: list[str] = []             # sensors whose incident is over (to reuse)
         self.subscribed = threading.Event()
@@ -560,7 +561,9 @@ class NoticeClock:
         sid, state = n.get("sensor_id"), n.get("state")
         with self.lock:
             if state == "firing" and sid in self.sent:
-                self.latencies.append(t - self.sent.pop(sid))
+                sent = self.sent.pop(sid)
+                self.latencies.append(t - sent)
+                self.when.append((sent, t - sent))
                 self.fired.append(sid)
             elif state == "resolved":
                 self.resolved.append(sid)
@@ -651,10 +654,12 @@ def phase_latency(url: str, workdir: Path, reg, groups, rate: float, samples: in
         m1 = rt.metrics()
         with clock.lock:
             lat = sorted(clock.latencies)
+            first = min((w for w, _ in clock.when), default=0.0)
+            slowest = sorted(((d, w - first) for w, d in clock.when), reverse=True)[:3]
             lost = len(clock.sent)
         took = w1 - w0
         taken = m1["cityops_readings_total"] - m0["cityops_readings_total"]
-        return {"lat": lat, "lost": lost, "probes": probes, "seconds": took,
+        return {"lat": lat, "slowest": slowest, "lost": lost, "probes": probes, "seconds": took,
                 "runtime_rate": taken / took, "background_rate": background / (time.perf_counter() - t0),
                 "engine_ms": 1000 * (m1["cityops_engine_batch_seconds_sum"]
                                      - m0["cityops_engine_batch_seconds_sum"])
@@ -802,6 +807,8 @@ def main() -> int:
     print(f"      p50 {pct(lat, 50):.1f} ms   p95 {pct(lat, 95):.1f} ms   p99 {pct(lat, 99):.1f} ms"
           f"   max {max(lat) if lat else float('nan'):.1f} ms   (engine {c['engine_ms']:.2f} ms "
           "per batch)")
+    print("      slowest: " + ", ".join(f"{d * 1000:.0f} ms at +{at:.1f} s" for d, at in c["slowest"])
+          + " (seconds after the first probe)")
     ok_b = b_live.rate.per_s >= 10_000
     ok_c = bool(lat) and pct(lat, 99) < 100 and not c["lost"]
     print(f"targets: >= 10,000 readings/s per process (live): {'met' if ok_b else 'MISSED'} "
