@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError,
+                      field_validator)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.engine import EngineSettings
@@ -36,7 +37,8 @@ class MqttSettings(_Part):
     username: str | None = None
     password: SecretStr | None = None
     prefix: str = Field(default="cityops", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
-    protocol: Literal[5, 311] = 5
+    # BeforeValidator: CITYOPS_MQTT__PROTOCOL=311 arrives as text
+    protocol: Annotated[Literal[5, 311], BeforeValidator(lambda v: int(v) if isinstance(v, str) and v.isdigit() else v)] = 5
     shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$", description=(
         "MQTT 5 shared subscription group: processes in one group split the readings. Sensor "
         "state is per process, so only split by topic (see README, Live runtime)"))
