@@ -77,12 +77,7 @@ from rules.compiler import load_rules  # noqa: E402
 from tests.brokers import Mosquitto, free_port, host_port  # noqa: E402
 
 PREFIX = "cityops"
-EVENTS = {"site_camera": ["no_helmet", "no_reflective_vest", "fence_missing"],
-          "tower_crane": ["wind_speed_alarm"], "manhole_cover": ["opened"],
-          "door_magnet": ["opened", "closed"]}
-NORMAL = {"gas_household": (0, 4), "gas_commercial": (0, 6), "waterlogging": (0, 5),
-          "river_gauge": (2.0, 3.5), "rain_gauge": (0, 2), "air_quality": (20, 60),
-          "dust_monitor": (40, 120), "billboard_tilt": (0, 1)}
+from engine_bench import EVENTS, NORMAL  # noqa: E402  the same reading mix as the engine bench
 BAD = b'{"sensor_id": "gas-000", "ts": "yesterday"'
 PROBE_LEL = 30.0                 # over gas.leak's level1_lel (20): a new incident, street told
 GAS = ("gas_household", "gas_commercial")
