@@ -65,6 +65,10 @@ class EngineSettings(BaseModel):
 class Output:
     notices: list[dict] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    # The readings the engine took, column-wise (sensor numbers, event-time ms, values; an
+    # event's value is nan), for sinks that keep history. Filled only when the engine is asked
+    # to (`Engine.keep_accepted`): the columns cost nothing on the hot path, but nobody else needs them.
+    accepted: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
 class Engine:
@@ -72,6 +76,7 @@ class Engine:
                  settings: EngineSettings | None = None) -> None:
         self.registry = registry
         self.rules = rules
+        self.keep_accepted = False          # Output.accepted for a history sink
         self.settings = settings or EngineSettings()
         self.timers = ev.Timers()
         self.changes: list[ev.Change] = []
@@ -298,6 +303,8 @@ class Engine:
             if battery_hot and charged.any():   # a flat battery that was changed clears
                 low |= charged & np.isin(idx, np.array(battery_hot, dtype=np.int64))
             matter |= low
+        if self.keep_accepted and ok.any():
+            out.accepted.append((idx[ok], ts[ok], val[ok]))
         visit = np.flatnonzero(matter)
         self._evaluate(readings, idx_list, visit[np.argsort(ts[visit], kind="stable")].tolist(), out)
         c = self.counters

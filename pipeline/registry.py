@@ -202,6 +202,36 @@ class Registry:
         facts.update(self.attrs.get(idx, {}))
         return facts
 
+    def streets_of_sensors(self) -> np.ndarray:
+        """Per sensor number, the number of its street in ``sorted(self.streets)``."""
+        order = {code: i for i, code in enumerate(sorted(self.streets))}
+        per_grid = np.array([order[p.street] for p in self.grid_places], dtype=np.int64)
+        return per_grid[np.frombuffer(self.grid_of, dtype=np.uint32)] if len(self) else per_grid[:0]
+
+    def subset(self, keep: Iterable[int]) -> Registry:
+        """The same city with only the given sensors (renumbered densely, in order): the part
+        of the registry one Kafka partition's engine owns. Places, workers and gateways stay
+        whole, so notices name places and people exactly as the full registry does."""
+        keep = sorted(keep)
+        sub = Registry(self.city_code, self.city_name, self.tz, self.districts, self.streets,
+                       self.communities, self.grid_places, self.grid_index, self.departments,
+                       self.dept_of_category, self.workers, self.workers_of_grid,
+                       self.duty_officer, kinds=list(self.kinds), gateways=list(self.gateways),
+                       source=self.source)
+        for new, old in enumerate(keep):
+            sid = self.sensor_ids[old]
+            sub.sensor_ids.append(sid)
+            sub.index[sid] = new
+            if old in self.attrs:
+                sub.attrs[new] = self.attrs[old]
+        for name in ("kind_of", "grid_of", "gateway_of", "lat", "lon"):
+            col = getattr(self, name)
+            setattr(sub, name, array(col.typecode, (col[i] for i in keep)))
+        for name in ("address", "building", "owner", "owner_contact"):
+            col = getattr(self, name)
+            setattr(sub, name, [col[i] for i in keep])
+        return sub
+
     def on_call(self, grid: str, street: str, at_ms: int) -> Worker | None:
         """The worker to push to: on-shift grid worker, else an on-shift backup, else the
         street's duty officer (docs/routing.md)."""

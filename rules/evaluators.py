@@ -514,12 +514,13 @@ class Correlation(Evaluator):
             members[ch.subject] = ch.ts
             if g in self.tracks:
                 return
-            recent = sorted(m for m, t in members.items() if t >= ch.ts - self.spec.within)
-            if len(recent) >= self.spec.min_sensors:
-                tr = self.tracks[g] = Track(FIRING, ch.ts, self.spec.severity.rank, None, None)
-                tr.aid = alert_id(self.id, g, ch.ts)
+            at = self._reached(members)
+            if at is not None:
+                recent = sorted(m for m, t in members.items() if at - self.spec.within <= t <= at)
+                tr = self.tracks[g] = Track(FIRING, at, self.spec.severity.rank, None, None)
+                tr.aid = alert_id(self.id, g, at)
                 tr.extra = recent
-                self.out.append(Change(FIRE, self, g, tr.aid, tr.rank, ch.ts, ch.ts, None,
+                self.out.append(Change(FIRE, self, g, tr.aid, tr.rank, at, at, None,
                                        float(self.spec.min_sensors), members=recent))
         elif ch.what == RESOLVE and members is not None:
             members.pop(ch.subject, None)
@@ -529,6 +530,18 @@ class Correlation(Evaluator):
                 if tr is not None:
                     self.out.append(Change(RESOLVE, self, g, tr.aid, tr.rank, ch.ts, tr.started,
                                            None, None, members=tr.extra))
+
+    def _reached(self, members: dict[int, int]) -> int | None:
+        """The event time at which `min_sensors` members had started within `within`, if they
+        have. Judged on the start times, not on the order their alarms arrived in, so a member
+        that comes late (another Kafka partition's forwarding, a gateway's backlog) names the
+        group incident as it would have been named had everything come in order."""
+        n, within = self.spec.min_sensors, self.spec.within
+        times = sorted(members.values())
+        for j in range(n - 1, len(times)):
+            if times[j] - times[j - n + 1] <= within:
+                return times[j]
+        return None
 
     def dump(self, sid: Callable[[int | str], Any]) -> dict:
         d = super().dump(sid)
