@@ -204,6 +204,10 @@ class AlertNotice(BaseModel):
     worker_name: str | None = None
     acked_by: str | None = None
     acked_tier: Tier | None = None
+    ack_url: str | None = Field(default=None, description="pushes: the recipient's acknowledge "
+                                "link (a signed token; GET shows a confirmation, POST acknowledges)")
+    ack_token: str | None = Field(default=None, description="pushes: the same token, for an app "
+                                  "to publish on {prefix}/push/{worker_id}/ack")
 
 
 class Ack(BaseModel):
@@ -227,7 +231,7 @@ class DeadLetter(BaseModel):
     """Input the pipeline could not use: the reason, the original bytes, where it came from."""
 
     reason: Literal["malformed", "invalid", "oversize", "unknown_sensor", "wrong_sender", "wrong_kind",
-                    "not_finite", "future", "too_old", "stale", "bad_ack"]
+                    "not_finite", "future", "too_old", "stale", "bad_ack", "undeliverable"]
     detail: str
     payload: str = Field(description="the original bytes as UTF-8 text (or base64 if not UTF-8)")
     payload_encoding: Literal["utf-8", "base64"] = "utf-8"

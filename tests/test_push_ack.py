@@ -1,0 +1,289 @@
+"""Acknowledging from the push, end to end: the live runtime with push on, a real Mosquitto.
+
+A gas alarm reaches the on-call worker as an MQTT push carrying an acknowledge link. Opening
+the link (GET) only shows a confirmation page — a chat app's link preview acknowledges
+nothing; its button (POST /ack) acknowledges as that worker, and every tier told is told
+`acknowledged`. The worker's app may instead publish the token on
+`cityops/push/{worker_id}/ack`. Forged, tampered, expired or malformed tokens are refused (HTTP
+403; on MQTT a `bad_ack` dead letter), and so is a token sent on another worker's topic. Last:
+`cityops run` killed (-9) after a push and started again replays its journal and republishes
+the tier notices, but the worker is not pushed twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.ack_tokens import AckTokens
+from pipeline.config import (
+    HttpSettings,
+    MqttSettings,
+    PushSettings,
+    Settings,
+    StateSettings,
+)
+from pipeline.models import AlertNotice, DeadLetter
+from pipeline.runtime import LiveRuntime
+from tests.brokers import Mosquitto, Subscriber, free_port, publish
+
+pytestmark = pytest.mark.broker
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "ack-secret-for-the-e2e-tests-0123456789"
+GATEWAY = "cityops/gateways/gw-510104-0001"     # gas-510104-000001..5, grid 510104020001001
+ANOTHER_WORKER = "w-510104020002-01"
+FILTERS = ("cityops/alerts/#", "cityops/push/+", "cityops/deadletter", "cityops/receipts")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def reading(sensor: str, value: float) -> bytes:
+    return json.dumps([{"sensor_id": sensor, "ts": now_ms(), "value": value}]).encode()
+
+
+def http(url: str, data: bytes | None = None) -> tuple[int, dict[str, str], str]:
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def of(msgs: list[tuple[str, bytes]], topic_part: str) -> list[dict]:
+    return [json.loads(p) for t, p in msgs if topic_part in t]
+
+
+def settle(sub: Subscriber, quiet: float = 0.6, timeout: float = 10.0) -> list:
+    """Everything received once nothing new came for ``quiet`` seconds (so a message that
+    should NOT come has had its chance)."""
+    deadline, n, since = time.monotonic() + timeout, len(sub.messages), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.05)
+        if len(sub.messages) != n:
+            n, since = len(sub.messages), time.monotonic()
+    return sub.messages
+
+
+class Running:
+    """LiveRuntime on its own thread, as `cityops run` runs it."""
+
+    def __init__(self, broker: Mosquitto, tmp: Path) -> None:
+        self.broker = broker
+        self.port = free_port()
+        self.client_id = f"cityops-push-{uuid.uuid4().hex[:8]}"
+        self.settings = Settings(
+            mqtt=MqttSettings(url=broker.url, client_id=self.client_id),
+            http=HttpSettings(port=self.port), state=StateSettings(path=tmp / "state.sqlite"),
+            push=PushSettings(enabled=True, secret=SECRET, backoff="20ms", backoff_cap="100ms"))
+        self.rt = LiveRuntime(self.settings)
+        self.rt.start()
+        self.thread = threading.Thread(target=self.rt.run, name="runtime", daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def metrics(self) -> str:
+        return http(self.url("/metrics"))[2]
+
+    def close(self) -> None:
+        self.rt.stop()
+        self.thread.join(20)
+        assert not self.thread.is_alive(), "the runtime did not stop"
+        Subscriber(self.broker.url, "cityops/test/purge", client_id=self.client_id).start(3).close()
+
+
+@pytest.fixture
+def running(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Running]:
+    r = Running(mosquitto, tmp_path)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def sub(mosquitto: Mosquitto) -> Iterator[Subscriber]:
+    with Subscriber(mosquitto.url, *FILTERS) as s:
+        yield s
+
+
+def fire(mosquitto: Mosquitto, sub: Subscriber, sensor: str) -> dict:
+    """A 55 %LEL alarm at ``sensor``; returns the push its on-call worker got."""
+    publish(mosquitto.url, GATEWAY, reading(sensor, 55.0))
+    got = sub.wait_for(lambda m: any(n["sensor_id"] == sensor for n in of(m, "cityops/push/")))
+    [push] = [n for n in of(got, "cityops/push/") if n["sensor_id"] == sensor]
+    AlertNotice.model_validate(push)
+    return push
+
+
+def acknowledged(sub: Subscriber, aid: str) -> Callable[[list], bool]:
+    return lambda m: any(n["alert_id"] == aid and n["state"] == "acknowledged" and
+                         n["tier"] == "street" for n in of(m, "cityops/alerts/"))
+
+
+def test_the_link_shows_a_page_and_its_button_acknowledges(mosquitto: Mosquitto,
+                                                           running: Running,
+                                                           sub: Subscriber) -> None:
+    push = fire(mosquitto, sub, "gas-510104-000001")
+    worker, aid = push["worker_id"], push["alert_id"]
+    assert push["state"] == "firing" and push["target"] == worker
+    token = push["ack_token"]
+    assert push["ack_url"] == running.url(f"/ack?t={token}")
+    [receipt] = of(sub.wait_for(lambda m: of(m, "receipts")), "receipts")
+    assert receipt == {**receipt, "alert_id": aid, "channel": "mqtt", "recipient": worker,
+                       "outcome": "delivered", "attempts": 1}
+
+    # opening the link: a page with a button, nothing acknowledged
+    code, headers, page = http(push["ack_url"])
+    assert code == 200 and push["title"] in page
+    assert '<form method="post" action="ack">' in page and f'value="{token}"' in page
+    assert headers["Cache-Control"] == "no-store" and headers["Referrer-Policy"] == "no-referrer"
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert not any(n["state"] == "acknowledged" for n in of(settle(sub), "cityops/alerts/"))
+
+    # refused: another key, changed claims, expired, garbage — on the page and on the button
+    sig = token.split(".")[1]
+    other = AckTokens(b"x" * 40, 3_600_000).issue(aid, "grid", worker, now_ms())
+    tampered = AckTokens(SECRET.encode(), 3_600_000).issue(aid, "grid", ANOTHER_WORKER,
+                                                          now_ms()).split(".")[0] + "." + sig
+    expired = AckTokens(SECRET.encode(), 1000).issue(aid, "grid", worker, now_ms() - 60_000)
+    for bad in (other, tampered, expired, "garbage"):
+        code, _, page = http(running.url(f"/ack?t={bad}"))
+        assert code == 403, bad
+        code, _, page = http(running.url("/ack"), f"t={bad}".encode())
+        assert code == 403 and "无法确认" in page, bad
+        assert ("已过期" in page) == (bad == expired)
+    assert not any(n["state"] == "acknowledged" for n in of(settle(sub), "cityops/alerts/"))
+
+    # the button
+    code, _, page = http(running.url("/ack"), f"t={token}".encode())
+    assert code == 200 and "已确认" in page
+
+    def told(state: str) -> Callable[[list], list[dict]]:
+        return lambda m: [n for n in of(m, "cityops/alerts/") + of(m, "cityops/push/")
+                          if n["alert_id"] == aid and n["state"] == state]
+
+    tiers = {n["tier"] for n in told("firing")(sub.messages)}
+    assert tiers == {"grid", "street", "district", "dept", "city"}       # red: every tier
+    got = sub.wait_for(lambda m: {n["tier"] for n in told("acknowledged")(m)} == tiers)
+    assert all(n["acked_by"] == worker and n["acked_tier"] == "grid"
+               for n in told("acknowledged")(got))
+    [pushed] = [n for n in of(got, "cityops/push/") if n["state"] == "acknowledged"]
+    assert "ack_url" not in pushed and "ack_token" not in pushed      # nothing left to confirm
+
+    # the alert's timeline: what each tier was told, and the pushes' receipts
+    code, _, text = http(running.url(f"/alerts/{aid}/timeline"))
+    assert code == 200
+    events = json.loads(text)["events"]
+    told = {(e["state"], e["tier"]) for e in events if e["event"] == "notice"}
+    assert {("firing", "grid"), ("firing", "street"), ("acknowledged", "street")} <= told
+    sub.wait_for(lambda m: len(of(m, "receipts")) >= 2)
+    code, _, text = http(running.url(f"/alerts/{aid}/timeline"))
+    receipts = [(e["channel"], e["outcome"]) for e in json.loads(text)["events"]
+                if e["event"] == "receipt"]
+    assert receipts == [("mqtt", "delivered"), ("mqtt", "delivered")]
+    assert http(running.url("/alerts/no-such-alert/timeline"))[0] == 404
+
+    metrics = running.metrics()
+    assert 'cityops_push_ack_tokens_total{outcome="accepted"} 1' in metrics
+    assert 'cityops_push_ack_tokens_total{outcome="forged"} 4' in metrics
+    assert 'cityops_push_ack_tokens_total{outcome="expired"}' in metrics
+    assert 'cityops_push_deliveries_total{channel="mqtt",outcome="delivered"} 2' in metrics
+    assert "cityops_acks_total 1" in metrics
+
+
+def test_a_reply_on_mqtt_acknowledges_only_on_the_workers_own_topic(
+        mosquitto: Mosquitto, running: Running, sub: Subscriber) -> None:
+    push = fire(mosquitto, sub, "gas-510104-000002")
+    worker, aid, token = push["worker_id"], push["alert_id"], push["ack_token"]
+    forged = AckTokens(b"x" * 40, 3_600_000).issue(aid, "grid", worker, now_ms())
+
+    publish(mosquitto.url, f"cityops/push/{ANOTHER_WORKER}/ack", token)   # not theirs
+    publish(mosquitto.url, f"cityops/push/{worker}/ack", forged)
+    got = sub.wait_for(lambda m: len(of(m, "deadletter")) >= 2)
+    dead = [DeadLetter.model_validate(d) for d in of(got, "deadletter")]
+    assert [d.reason for d in dead] == ["bad_ack", "bad_ack"]
+    assert "(wrong_worker)" in dead[0].detail and dead[0].source == f"cityops/push/{ANOTHER_WORKER}/ack"
+    assert "(forged)" in dead[1].detail and dead[1].payload == forged
+    assert not any(n["state"] == "acknowledged" for n in of(settle(sub), "cityops/alerts/"))
+
+    publish(mosquitto.url, f"cityops/push/{worker}/ack", token)
+    got = sub.wait_for(acknowledged(sub, aid))
+    [street] = [n for n in of(got, "cityops/alerts/street/")
+                if n["alert_id"] == aid and n["state"] == "acknowledged"]
+    assert (street["acked_by"], street["acked_tier"]) == (worker, "grid")
+    metrics = running.metrics()
+    assert 'cityops_push_ack_tokens_total{outcome="wrong_worker"} 1' in metrics
+    assert 'cityops_push_ack_tokens_total{outcome="accepted"} 1' in metrics
+
+
+# ---- cityops run, kill -9, start again ---------------------------------------------------------
+
+def _start(tmp: Path, broker: Mosquitto, env: dict[str, str], n: int) -> subprocess.Popen:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CITYOPS_")}
+    full.update(env)
+    with open(tmp / f"run-{n}.stderr", "wb") as err:      # the child keeps its own copy
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--broker",
+                                 broker.url, "--state", str(tmp / "state.sqlite")], cwd=ROOT,
+                                env=full, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp / f"run-{n}.stderr").read_text()
+        try:
+            if http(f"http://127.0.0.1:{env['CITYOPS_HTTP__PORT']}/healthz")[0] == 200:
+                return proc
+        except OSError:
+            time.sleep(0.05)          # not listening yet
+    raise AssertionError("cityops run did not get healthy in 30 s")
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        proc.wait(20)
+
+
+def test_a_restart_replays_the_journal_but_does_not_push_again(mosquitto: Mosquitto,
+                                                               tmp_path: Path,
+                                                               sub: Subscriber) -> None:
+    client_id = f"cityops-push-kill-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = {"CITYOPS_PUSH__ENABLED": "true", "CITYOPS_PUSH__SECRET": SECRET,
+           "CITYOPS_HTTP__PORT": str(port), "CITYOPS_MQTT__CLIENT_ID": client_id,
+           "CITYOPS_STATE__SNAPSHOT_EVERY": "1h"}      # the journal, not a snapshot, holds it
+    proc = _start(tmp_path, mosquitto, env, 1)
+    try:
+        push = fire(mosquitto, sub, "gas-510104-000003")
+        sub.wait_for(lambda m: of(m, "receipts"))
+        aid = push["alert_id"]
+        streets = lambda: [n for n in of(sub.messages, "cityops/alerts/street/")
+                           if n["alert_id"] == aid]
+        sub.wait_for(lambda m: len(streets()) == 1)
+        _stop(proc, signal.SIGKILL)
+
+        proc = _start(tmp_path, mosquitto, env, 2)
+        sub.wait_for(lambda m: len(streets()) == 2)      # the replay published it again ...
+        pushes = [n for n in of(settle(sub), "cityops/push/") if n["alert_id"] == aid]
+        assert len(pushes) == 1, pushes                   # ... the push went out once
+        metrics = http(f"http://127.0.0.1:{port}/metrics")[2]
+        assert "cityops_push_duplicates_total 1" in metrics
+    finally:
+        _stop(proc, signal.SIGTERM)
+        assert proc.returncode in (0, -signal.SIGKILL)
+        Subscriber(mosquitto.url, "cityops/test/purge", client_id=client_id).start(3).close()
