@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo test test-deps check bench bench-quick bench-runtime clean
+.PHONY: run demo test test-deps check bench bench-quick bench-runtime bench-kafka bench-sink clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,26 +26,27 @@ test: $(STAMP) test-deps
 	$(PY) -m pytest -q
 
 # What the integration tests start themselves (tests/brokers.py: their own mosquitto on a free
-# port of 127.0.0.1 with their own config; never the system service, never port 1883). Debian
-# puts the broker in /usr/sbin, which is not on a normal user's PATH: look there too.
-MQTT_TOOLS   := mosquitto mosquitto_sub mosquitto_pub mosquitto_passwd
-APT_PACKAGES := mosquitto mosquitto-clients
+# port of 127.0.0.1 with their own config; never the system service, never port 1883;
+# tests/tsdb.py: VictoriaMetrics, which takes InfluxDB line protocol, for the history sink).
+# Debian puts the broker in /usr/sbin, which is not on a normal user's PATH: look there too.
+TEST_TOOLS   := mosquitto mosquitto_sub mosquitto_pub mosquitto_passwd victoria-metrics
+APT_PACKAGES := mosquitto mosquitto-clients victoria-metrics
 
 ## test-deps: install the Debian packages the integration tests need, if missing
 test-deps:
 	@PATH="$$PATH:/usr/sbin:/usr/local/sbin:/sbin"; missing=; \
-	for t in $(MQTT_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	[ -z "$$missing" ] && exit 0; \
 	echo "make test: missing$$missing; installing $(APT_PACKAGES)"; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
-	    echo "make test: no apt-get here. Install Mosquitto 2.x and its clients ($(MQTT_TOOLS)) with this system's package manager, then run make test again." >&2; exit 1; \
+	    echo "make test: no apt-get here. Install Mosquitto 2.x, its clients and VictoriaMetrics ($(TEST_TOOLS)) with this system's package manager, then run make test again." >&2; exit 1; \
 	fi; \
 	if [ "$$(id -u)" = 0 ]; then sudo=; \
 	elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
 	else echo "make test: installing $(APT_PACKAGES) needs root and there is no sudo. As root run: apt-get update && apt-get install -y $(APT_PACKAGES)" >&2; exit 1; \
 	fi; \
 	$$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y $(APT_PACKAGES) || exit 1; \
-	for t in $(MQTT_TOOLS); do command -v $$t >/dev/null 2>&1 || { \
+	for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || { \
 	    echo "make test: $$t is still missing after installing $(APT_PACKAGES)" >&2; exit 1; }; done
 
 ## check: lint the rule packs, routing and registry
@@ -59,9 +60,17 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) bench/engine_bench.py --sensors 20000 --readings 200000
 
+## bench-sink: the InfluxDB history sink: points/s written, pipeline readings/s with it on/off
+bench-sink: $(STAMP) test-deps
+	$(PY) bench/sink_bench.py
+
 ## bench-runtime: cityops run against a real Mosquitto: readings/s and notice latency
 bench-runtime: $(STAMP) test-deps
 	$(PY) bench/runtime_bench.py
+
+## bench-kafka: cityops worker on tansu vs a raw kafka-python loop and a naive Faust agent
+bench-kafka: $(STAMP)
+	$(PY) bench/kafka_bench.py
 
 clean:
 	rm -rf $(VENV) bench/out .pytest_cache cityops-demo-notices.jsonl

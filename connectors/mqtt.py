@@ -27,6 +27,18 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 log = logging.getLogger("cityops.mqtt")
 
 
+def sender_of(topic: str, prefix: str) -> tuple[str, str] | None:
+    """Who a readings topic says sent a payload: ("gateway", id) or ("sensor", id). The
+    broker's ACL ties a gateway's login to `{prefix}/gateways/{its id}` (deploy/mosquitto/acl),
+    so the topic vouches for the sender."""
+    head, _, name = topic.rpartition("/")
+    if head == f"{prefix}/gateways":
+        return ("gateway", name)
+    if head == f"{prefix}/readings":
+        return ("sensor", name)
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Inbound:
     topic: str

@@ -58,6 +58,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--console", action="store_true", help="print every notice")
     _common(run)
 
+    kafka_help = ("Configuration: --config FILE, then CITYOPS_* environment variables (e.g. "
+                  "CITYOPS_KAFKA__BOOTSTRAP), then flags. Topics are created if missing, with "
+                  "kafka.partitions partitions.")
+    b = sub.add_parser("bridge", help="MQTT readings and acks into Kafka (distributed runtime)",
+                       description="Bridge MQTT to Kafka: readings from a shared subscription "
+                       "become one record per reading on {prefix}.readings (key: sensor id, "
+                       "partition: its street), acknowledged to MQTT only once Kafka has them. "
+                       + kafka_help)
+    b.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
+    b.add_argument("--broker", metavar="URL", help="mqtt://host:port of the MQTT broker")
+    b.add_argument("--kafka", metavar="HOST:PORT[,...]", help="Kafka bootstrap servers")
+    _common(b)
+    w = sub.add_parser("worker", help="the engine on Kafka as a Faust worker (distributed runtime)",
+                       description="Run a Faust worker: readings and acks from Kafka, notices to "
+                       "the Kafka tier topics (optionally mirrored onto MQTT). Workers with the "
+                       "same worker.app_id split the partitions; state moves with them. "
+                       + kafka_help)
+    w.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
+    w.add_argument("--kafka", metavar="HOST:PORT[,...]", help="Kafka bootstrap servers")
+    _common(w)
+
     r = sub.add_parser("replay", help="run history (JSONL or CSV) through the engine; notices as JSONL",
                        description="Replay readings through the engine. Output: one notice per "
                        "line (JSON, sorted keys), byte-identical on every run.")
@@ -104,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "replay":
             return _replay(args)
+        if args.command in ("bridge", "worker"):
+            return _distributed(args)
         if args.command == "rules" and args.rules_command == "check":
             return _check(args)
         if args.command == "rules" and args.rules_command == "test":
@@ -142,6 +165,40 @@ def _run(args: argparse.Namespace) -> int:
     if args.state:
         update["state"] = s.state.model_copy(update={"path": args.state})
     return serve(s.model_copy(update=update) if update else s, simulate=args.simulate)
+
+
+def _distributed(args: argparse.Namespace) -> int:
+    from pipeline.config import KafkaSettings, MqttSettings, load_settings
+    s = load_settings(args.config, registry=args.registry and Path(args.registry),
+                      packs=[Path(p) for p in args.packs], params=args.params and Path(args.params),
+                      routing=args.routing and Path(args.routing))
+    update = {}
+    if args.kafka:
+        try:
+            KafkaSettings.model_validate({"bootstrap": args.kafka})
+        except Exception as exc:
+            raise ConfigError("--kafka", None, "write the brokers as host:port[,host:port]") from exc
+        update["kafka"] = s.kafka.model_copy(update={"bootstrap": args.kafka})
+    if getattr(args, "broker", None):
+        try:
+            url = MqttSettings.model_validate({"url": args.broker}).url
+        except Exception as exc:
+            raise ConfigError("--broker", None, str(exc).splitlines()[-1].strip()) from None
+        update["mqtt"] = s.mqtt.model_copy(update={"url": url})
+    s = s.model_copy(update=update) if update else s
+    if args.command == "bridge":
+        if s.mqtt.url is None:
+            raise ConfigError("mqtt.url", None, "the bridge reads from your MQTT broker: give "
+                              "--broker mqtt://host:port or CITYOPS_MQTT__URL")
+        from pipeline.bridge import serve as serve_bridge
+        return serve_bridge(s)
+    if s.worker.mirror_mqtt and s.mqtt.url is None:
+        raise ConfigError("worker.mirror_mqtt", None, "mirroring notices onto MQTT needs mqtt.url")
+    if s.push.enabled and s.mqtt.url is None:
+        raise ConfigError("push.enabled", None, "a worker pushes and records receipts over MQTT: "
+                          "set mqtt.url (CITYOPS_MQTT__URL) to your broker")
+    from pipeline.worker import serve as serve_worker
+    return serve_worker(s)
 
 
 def _load(args: argparse.Namespace, select: list[str] | None = None):

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError,
-                      field_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr,
+                      ValidationError, field_validator, model_validator)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.engine import EngineSettings
@@ -86,6 +86,196 @@ class StateSettings(_Part):
                                      "the journal covers the time between")
 
 
+class InfluxSettings(_Part):
+    """History: readings and notices into InfluxDB 2.x (connectors/influx.py). No url: off."""
+
+    url: str | None = Field(default=None, description="http(s)://host:8086 of InfluxDB 2.x")
+    token: SecretStr | None = Field(default=None, description="API token with write access to "
+                                    "the bucket; or CITYOPS_INFLUX__TOKEN")
+    org: str = "cityops"
+    bucket: str = "cityops"
+    batch_size: int = Field(default=20_000, ge=1, le=100_000, description="points per write "
+                            "(each request costs the client ~0.7 ms of CPU: fewer, fuller ones)")
+    flush_interval: Duration = Field(default="1s", description="a batch waits at most this long "
+                                     "to fill")
+    readings_every: Duration = Field(default="0s", description="down-sampling: one point per "
+                                     "sensor per interval (latest value and max); 0s: every "
+                                     "reading")
+    buffer_max: int = Field(default=1_000_000, ge=1, description="points held while InfluxDB "
+                            "is slow or away; beyond it the oldest are dropped and counted")
+    retry_initial: Duration = Field(default="1s", description="first wait after a failed write; "
+                                    "doubles up to retry_max, retried until written")
+    retry_max: Duration = Field(default="30s")
+    timeout: Duration = Field(default="10s", description="per write request")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        u = urlsplit(v)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError("write InfluxDB as http://host:port, e.g. http://127.0.0.1:8086")
+        if u.password or u.query:
+            raise ValueError("put the token in influx.token or CITYOPS_INFLUX__TOKEN, not in the "
+                             "URL (URLs end up in logs)")
+        return v
+
+
+PushChannel = Literal["mqtt", "webhook", "wecom", "dingtalk", "sms"]
+PushTier = Literal["city", "district", "street", "dept", "grid"]
+
+
+def _http_url(v: SecretStr | None) -> SecretStr | None:
+    if v is not None:
+        u = urlsplit(v.get_secret_value())
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError("an http(s):// address")
+    return v
+
+
+HttpUrlSecret = Annotated[SecretStr | None, AfterValidator(_http_url)]
+
+
+class WebhookPushSettings(_Part):
+    url: HttpUrlSecret = Field(default=None, description="where each push is POSTed as JSON "
+                               "(a secret: such URLs often carry a token)")
+    secret: SecretStr | None = Field(default=None, description="HMAC-SHA256 key of the "
+                                     "X-Cityops-Signature header; the receiver has it too")
+
+
+class RobotPushSettings(_Part):
+    url: HttpUrlSecret = Field(default=None, description="the group robot's webhook address "
+                               "(its key/access_token lets anyone post: a secret)")
+    robots: dict[str, Annotated[SecretStr, AfterValidator(_http_url)]] = Field(
+        default={}, description="recipient id (worker id, street code, ...) -> its own "
+        "group's robot, instead of `url`")
+    secret: SecretStr | None = Field(default=None, description="DingTalk 加签 secret (SEC...): "
+                                     "signs every request; WeCom robots have none")
+
+
+class SmsPushSettings(_Part):
+    url: HttpUrlSecret = Field(default=None, description="the SMS gateway's HTTP endpoint")
+    token: SecretStr | None = Field(default=None, description="sent as Authorization: Bearer")
+    template: str = Field(default="{title}：读数{value}{unit}，阈值{threshold}{unit}。"
+                          "{worker_name}请处置，确认：{ack_url}", max_length=500,
+                          description="the text; {names} from connectors.push.fields")
+
+
+class PushSettings(_Part):
+    """Pushes to on-call grid workers (pipeline/delivery.py) and acknowledge links."""
+
+    enabled: bool = Field(default=False, description="off: grid notices go out on "
+                          "{prefix}/push/{worker_id} as every tier's do, without ack links")
+    secret: SecretStr | None = Field(default=None, description="signs acknowledge tokens "
+                                     "(32+ characters); or CITYOPS_PUSH__SECRET")
+    public_url: str | None = Field(default=None, description="where people reach the HTTP port, "
+                                   "for the acknowledge link {public_url}/ack?t=...; default "
+                                   "http://{http.host}:{http.port}")
+    tiers: dict[PushTier, list[PushChannel]] = Field(
+        default={"grid": ["mqtt"]}, description="channels per notice tier; a worker's own "
+        "`channels:` in the registry win")
+    attempts: int = Field(default=6, ge=1, le=50, description="tries per delivery before its "
+                          "dead letter")
+    backoff: Duration = Field(default="2s", description="first retry within this (full jitter), "
+                              "doubling per try")
+    backoff_cap: Duration = Field(default="5m", description="longest wait between tries")
+    timeout: Duration = Field(default="10s", description="per request (HTTP) or PUBACK (MQTT)")
+    concurrency: int = Field(default=2, ge=1, le=64, description="deliveries in flight per channel")
+    ack_ttl: Duration = Field(default="24h", description="how long an acknowledge link works")
+    store: Path | None = Field(default=None, description="outbox and timeline (SQLite); default "
+                               "next to state.path: <name>-push.sqlite")
+    keep: Duration = Field(default="7d", description="finished deliveries and timelines kept")
+    webhook: WebhookPushSettings = WebhookPushSettings()
+    wecom: RobotPushSettings = RobotPushSettings()
+    dingtalk: RobotPushSettings = RobotPushSettings()
+    sms: SmsPushSettings = SmsPushSettings()
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        if v is not None and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
+            raise ValueError("the base of the acknowledge link, e.g. https://ops.example.cn/cityops")
+        return v.rstrip("/") if v else v
+
+    @model_validator(mode="after")
+    def _usable(self) -> PushSettings:
+        if not self.enabled:
+            return self
+        if self.secret is None or len(self.secret.get_secret_value()) < 32:
+            raise ValueError("push.secret (CITYOPS_PUSH__SECRET) must be set, 32 characters or "
+                             "more, when push is enabled: it signs the acknowledge links. Make "
+                             "one: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        for tier, channels in self.tiers.items():
+            for ch in channels:
+                if ch in ("mqtt", "sms") and tier != "grid":
+                    raise ValueError(f"push.tiers.{tier}: {ch} reaches a worker; the {tier} tier "
+                                     "has its own MQTT topic and no phone number")
+        for ch in {c for cs in self.tiers.values() for c in cs}:
+            self.check_channel(ch)
+        return self
+
+    def check_channel(self, channel: str) -> None:
+        """ValueError unless ``channel`` can send with this configuration."""
+        if channel not in ("mqtt", "webhook", "wecom", "dingtalk", "sms"):
+            raise ValueError(f"unknown push channel {channel!r}: mqtt, webhook, wecom, dingtalk "
+                             "or sms")
+        if channel == "webhook" and (self.webhook.url is None or self.webhook.secret is None):
+            raise ValueError("push.webhook needs url and secret (the receiver checks the signature)")
+        if channel in ("wecom", "dingtalk"):
+            robot = getattr(self, channel)
+            if robot.url is None and not robot.robots:
+                raise ValueError(f"push.{channel} needs url (or robots per recipient)")
+        if channel == "sms" and self.sms.url is None:
+            raise ValueError("push.sms needs url")
+
+
+class KafkaSettings(_Part):
+    """The distributed runtime's broker (`cityops bridge`, `cityops worker`)."""
+
+    bootstrap: str = Field(default="127.0.0.1:9092", pattern=r"^[^,\s]+(,[^,\s]+)*$",
+                           description="host:port[,host:port...] of the Kafka brokers")
+    prefix: str = Field(default="cityops", pattern=r"^[A-Za-z0-9_-]+$",
+                        description="topic prefix: {prefix}.readings, {prefix}.alerts.city, ...")
+    partitions: int = Field(default=12, ge=1, le=10_000, description="partitions of the readings "
+                            "topic (and of the worker's state); fixed once the topic exists")
+    replication: int = Field(default=3, ge=1, le=7, description="replication factor of the "
+                             "topics cityops creates (1 on a one-broker test cluster)")
+    security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    username: str | None = None
+    password: SecretStr | None = None
+    linger: Duration = Field(default="5ms", description="how long the producer waits to fill a "
+                             "batch")
+
+
+class WorkerSettings(_Part):
+    """`cityops worker`: the Faust app on Kafka."""
+
+    app_id: str = Field(default="cityops-worker", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                        description="consumer group and state topics' name: workers with the same "
+                        "id split the partitions")
+    data_dir: Path = Path(".run/worker")
+    checkpoint_every: Duration = Field(default="5s", description="engine state to the changelog "
+                                       "this often; offsets are committed with it")
+    max_batch: int = Field(default=2_000, ge=1, description="records per engine call")
+    max_wait: Duration = Field(default="50ms", description="how long a batch waits to fill")
+    session_timeout: Duration = Field(default="6s", description="a worker silent this long "
+                                      "is presumed dead and its partitions move (fail-over time)")
+    mirror_mqtt: bool = Field(default=False, description="also publish every notice on the MQTT "
+                              "tier topics (mqtt.url) for dashboards that speak MQTT")
+
+
+class BridgeSettings(_Part):
+    """`cityops bridge`: MQTT readings into Kafka."""
+
+    shared_group: str = Field(default="cityops-bridge", pattern=r"^[A-Za-z0-9_-]+$",
+                              description="bridges in one MQTT 5 shared-subscription group split "
+                              "the gateways' traffic")
+    max_batch: int = Field(default=5_000, ge=1)
+    max_wait: Duration = Field(default="20ms")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CITYOPS_", env_nested_delimiter="__",
                                       extra="forbid", frozen=True)
@@ -94,6 +284,11 @@ class Settings(BaseSettings):
     embedded: EmbeddedSettings = EmbeddedSettings()
     http: HttpSettings = HttpSettings()
     state: StateSettings = StateSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    worker: WorkerSettings = WorkerSettings()
+    bridge: BridgeSettings = BridgeSettings()
+    push: PushSettings = PushSettings()
+    influx: InfluxSettings = InfluxSettings()
     # Live, timers wait `allowed_lateness` for stragglers before they fire: escalations and
     # reminders come that much after their deadline. 10 s here (60 s in replay) keeps people's
     # deadlines close while a gateway's few seconds of delay still count.

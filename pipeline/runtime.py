@@ -29,9 +29,12 @@ from typing import Any
 
 import orjson
 
-from connectors.mqtt import MqttLink
+from connectors.mqtt import MqttLink, sender_of
+from pipeline import wire
+from pipeline.ack_tokens import BadToken
 from pipeline.config import Settings
 from pipeline.engine import Engine, Output
+from pipeline.prom import dead_letters, notices_by_tier
 from pipeline.registry import load as load_registry
 from pipeline.store import ACKS, ADVANCE, READINGS, StateStore
 from rules.compiler import load_rules
@@ -68,6 +71,16 @@ class LiveRuntime:
         self.store = StateStore(settings.state.path)
         self.prefix = settings.mqtt.prefix
         self.acks_topic = f"{self.prefix}/acks"
+        self.push_topics = f"{self.prefix}/push/"     # a worker's reply: …/push/{worker_id}/ack
+        self.push = None
+        if settings.push.enabled:                 # pushes with receipts and acknowledge links
+            from pipeline.delivery import PushDispatcher
+            self.push = PushDispatcher(settings, self.registry)
+        self.history = None
+        if settings.influx.url:                   # readings and notices into InfluxDB too
+            from connectors.influx import InfluxSink
+            self.history = InfluxSink(settings.influx, self.registry)
+            self.engine.keep_accepted = True
 
     # ---- start ------------------------------------------------------------------------
     def start(self) -> None:
@@ -85,7 +98,11 @@ class LiveRuntime:
             password=s.mqtt.password.get_secret_value() if s.mqtt.password else None,
             shared_group=s.mqtt.shared_group, keepalive=s.mqtt.keepalive,
             session_expiry_s=s.mqtt.session_expiry // 1000, max_inflight=s.mqtt.max_inflight)
+        if self.push is not None:
+            self.link.topics.append(f"{self.push_topics}+/ack")
         self.link.start()
+        if self.push is not None:
+            self.push.start(broker=(host, port, protocol))
         for notices, dead in replayed:            # what the journal regenerated goes out again
             self._publish(notices, dead)
         if s.http.port:
@@ -107,6 +124,8 @@ class LiveRuntime:
         for e in entries:
             out = self._apply(e.kind, e.at, e.items)
             replayed.append((out.notices, out.dead_letters))
+            if self.history is not None:  # written again: points are idempotent by series and
+                self.history.add(out)     # time, and this recovers what kill -9 took from its buffer
             n += 1
         if blob is not None or n:
             log.info("state restored: snapshot %s, %d journal entries replayed, %d open incidents",
@@ -144,6 +163,9 @@ class LiveRuntime:
         ]
         if http:
             lines.append(f"  health     {http}/healthz    metrics {http}/metrics")
+        if self.push is not None:
+            lines.append(f"  push       {', '.join(self.push.lanes)} to on-call workers; receipts "
+                         f"{self.prefix}/receipts; replies {self.push_topics}{{worker_id}}/ack")
         lines.append(f"  state      {s.state.path}")
         if self.simulate:
             lines.append("  simulating gateways: a gas leak at an elderly resident living alone, a "
@@ -161,8 +183,11 @@ class LiveRuntime:
             msgs = link.take(s.max_batch, s.max_wait / 1000)
             now = int(time.time() * 1000)
             entries: list[tuple[str, int, list]] = []
-            readings = [[m.topic, m.payload] for m in msgs if m.topic != self.acks_topic]
+            readings = [[m.topic, m.payload] for m in msgs
+                        if m.topic != self.acks_topic and not m.topic.startswith(self.push_topics)]
             acks = [m.payload for m in msgs if m.topic == self.acks_topic]
+            if len(readings) + len(acks) < len(msgs):
+                acks += self._token_acks([m for m in msgs if m.topic.startswith(self.push_topics)])
             while not self.http_acks.empty():
                 acks.append(self.http_acks.get_nowait())
             if readings:
@@ -182,6 +207,8 @@ class LiveRuntime:
                     self.batch_seconds += time.perf_counter() - t
                     self.batches += 1
                     self._publish(out.notices, out.dead_letters)
+                    if self.history is not None:
+                        self.history.add(out)
             if (time.monotonic() - last_snapshot) * 1000 >= s.state.snapshot_every:
                 if self._snapshot():
                     last_snapshot = time.monotonic()
@@ -202,26 +229,37 @@ class LiveRuntime:
         if kind == READINGS:
             topics = [t for t, _ in items]
             return self.engine.ingest([p for _, p in items], source=topics, now_ms=at,
-                                      senders=[self._sender(t) for t in topics])
+                                      senders=[sender_of(t, self.prefix) for t in topics])
         if kind == ACKS:
             return self.engine.ack(items)
         return self.engine.advance(at)
 
-    def _sender(self, topic: str) -> tuple[str, str] | None:
-        """Who the topic says sent a payload; the broker's ACL ties a gateway's login to
-        `{prefix}/gateways/{its id}` (deploy/mosquitto/acl)."""
-        head, _, name = topic.rpartition("/")
-        if head == f"{self.prefix}/gateways":
-            return ("gateway", name)
-        if head == f"{self.prefix}/readings":
-            return ("sensor", name)
-        return None
+    def _token_acks(self, msgs: list) -> list[bytes]:
+        """Workers' replies on {prefix}/push/{worker_id}/ack carry the token of their push: a
+        good one becomes that worker's Ack (journaled like any other), a forged, expired or
+        someone else's one a `bad_ack` dead letter."""
+        acks, dead = [], []
+        for m in msgs:
+            worker = m.topic[len(self.push_topics):].removesuffix("/ack")
+            try:
+                if self.push is None:
+                    raise BadToken("malformed", "push is not enabled")
+                ack = self.push.accept_token(m.payload.decode("utf-8", "replace"), worker)
+            except BadToken as exc:
+                dead.append(wire.dead_letter("bad_ack", f"acknowledge token refused ({exc.reason}):"
+                                             f" {exc}", m.payload, source=m.topic))
+            else:
+                acks.append(ack.model_dump_json().encode())
+        self._publish([], dead)
+        return acks
 
     def _publish(self, notices: list[dict], dead: list) -> None:
         link = self.link
         assert link is not None
+        push = self.push
         for n in notices:
-            link.publish(notice_topic(self.prefix, n), orjson.dumps(n))
+            if push is None or not push.owns(n):   # else the push's MQTT channel publishes it
+                link.publish(notice_topic(self.prefix, n), orjson.dumps(n))
             self.metrics["notices." + n["tier"]] += 1
             if self.s.console or self.simulate:
                 who = n.get("worker_name") or n["target"]
@@ -229,6 +267,8 @@ class LiveRuntime:
         for d in dead:
             link.publish(f"{self.prefix}/deadletter", d.model_dump_json().encode())
             self.metrics["dead." + d.reason] += 1
+        if push is not None:
+            push.submit(notices)
 
     def _snapshot(self) -> bool:
         """Only when every notice so far has reached the broker: a snapshot ends the journal
@@ -249,6 +289,8 @@ class LiveRuntime:
         log.info("shutting down: flushing notices")
         if self._sim_thread is not None:
             self._sim_thread.join(5.0)
+        if self.push is not None:                 # unsent pushes wait in its outbox
+            self.push.close(5.0)
         if self.link is not None:
             if self.link.wait_published(10.0):
                 self._snapshot()
@@ -260,6 +302,8 @@ class LiveRuntime:
             self.http.stop()
         if self.broker is not None:
             self.broker.stop()
+        if self.history is not None:
+            self.history.close(10.0)
         self.store.close()
         log.info("stopped; state saved in %s", self.s.state.path)
 
@@ -285,15 +329,9 @@ class LiveRuntime:
             "# HELP cityops_duplicates_total Redelivered readings dropped (same sensor, same ts).",
             "# TYPE cityops_duplicates_total counter",
             f"cityops_duplicates_total {c['duplicates']}",
-            "# HELP cityops_notices_total Notices published, by tier.",
-            "# TYPE cityops_notices_total counter",
+            *notices_by_tier(self.metrics),
+            *dead_letters(c),
         ]
-        for tier in ("city", "district", "street", "dept", "grid"):
-            lines.append(f'cityops_notices_total{{tier="{tier}"}} {self.metrics["notices." + tier]}')
-        lines += ["# HELP cityops_dead_letters_total Input refused, by reason.",
-                  "# TYPE cityops_dead_letters_total counter"]
-        for key in sorted(k for k in c if k.startswith("dead.")):
-            lines.append(f'cityops_dead_letters_total{{reason="{key[5:]}"}} {c[key]}')
         lines += [
             "# HELP cityops_engine_errors_total Inputs the engine failed on (a bug: see the logs).",
             "# TYPE cityops_engine_errors_total counter",
@@ -324,6 +362,10 @@ class LiveRuntime:
             "# TYPE cityops_journal_entries gauge",
             f"cityops_journal_entries {self.store.journaled_since_snapshot}",
         ]
+        if self.history is not None:
+            lines += self.history.metrics_lines()
+        if self.push is not None:
+            lines += self.push.metrics_lines()
         return "\n".join(lines) + "\n"
 
 
@@ -344,7 +386,7 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("amqtt", "transitions", "asyncio"):
+    for noisy in ("amqtt", "transitions", "asyncio", "kafka", "aiokafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

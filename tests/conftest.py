@@ -1,4 +1,5 @@
-"""Fixtures for integration tests against a real Mosquitto (see tests/brokers.py)."""
+"""Fixtures for integration tests against a real Mosquitto (see tests/brokers.py) and a real
+VictoriaMetrics for the history sink (tests/tsdb.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.brokers import Mosquitto, MosquittoMissing
+from tests.tsdb import VictoriaMetrics, VictoriaMetricsMissing
 
 
 def _new_broker(tmp_path_factory: pytest.TempPathFactory, **kw) -> Mosquitto:
@@ -39,3 +41,51 @@ def mosquitto_factory(
     yield make
     for broker in made:
         broker.stop()
+
+
+# ---- a real time-series database for the history sink (see tests/tsdb.py) -------------------
+
+def _new_vm(tmp_path_factory: pytest.TempPathFactory, **kw) -> VictoriaMetrics:
+    try:
+        return VictoriaMetrics(tmp_path_factory.mktemp("victoria-metrics"), **kw)
+    except VictoriaMetricsMissing as e:     # never a skip: `make test` installs it
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture
+def victoria_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]:
+    """A started VictoriaMetrics of this test's own (empty, free port), stopped at the end."""
+    vm = _new_vm(tmp_path_factory).start()
+    yield vm
+    vm.stop()
+
+
+@pytest.fixture
+def victoria_metrics_factory(
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., VictoriaMetrics]]:
+    """``make(port=None, start=True)``: more of them (or one not started yet, for a sink that
+    starts before its database); all are stopped at the end of the test."""
+    made: list[VictoriaMetrics] = []
+
+    def make(port: int | None = None, start: bool = True) -> VictoriaMetrics:
+        vm = _new_vm(tmp_path_factory, port=port)
+        made.append(vm)
+        return vm.start() if start else vm
+
+    yield make
+    for vm in made:
+        vm.stop()
+
+
+# ---- Kafka (tansu) -----------------------------------------------------------------------------
+
+@pytest.fixture
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Tansu"]:
+    """A started Kafka-protocol broker of this test's own (tansu, in memory, free port)."""
+    from tests.kafka_broker import Tansu, TansuMissing
+    try:
+        broker = Tansu(tmp_path_factory.mktemp("tansu")).start()
+    except TansuMissing as e:             # never a skip: `make test` installs it
+        pytest.fail(str(e), pytrace=False)
+    yield broker
+    broker.stop()

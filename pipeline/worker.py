@@ -1,0 +1,495 @@
+"""`cityops worker`: the engine on Kafka, as a Faust app. Start as many as the partitions allow.
+
+    {prefix}.readings  ──▶ agent "evaluate" (batches: stream.noack_take) ─┐
+    {prefix}.acks ─▶ agent "acks" ─▶ {app_id}-acks-fanout ─▶ "apply-acks" ─┤ one Engine per
+    wall clock ─▶ timer "tick" (escalations, reminders, silence)          ─┘ readings partition
+        └──▶ notices to {prefix}.alerts.{city,district,street,dept}, {prefix}.push,
+             dead letters to {prefix}.deadletter, [mirror onto the MQTT tier topics]
+
+State. Each readings partition has its own Engine over the sensors of the streets that hash to
+it (connectors/kafka.py: correlation and gateway silence stay within one engine). Every
+`checkpoint_every` the engine's snapshot and the input offsets it covers are written to the
+Faust table `engine` (changelog-backed, partition p in changelog partition p) and only then are
+the inputs acknowledged, so the committed offsets never pass the state that holds them. After a
+crash or a rebalance the new owner restores the snapshot and replays from its offsets: records it
+already covers are skipped, the rest evaluated again; the notices they make again are the same
+(alert_id/state/seq), so a redelivery never makes a second incident. Acks are keyed by alert_id,
+not by place, so each is fanned out to every partition; the engine that holds the incident
+applies it, the others pass.
+
+Per-event framework overhead is what limits a Python stream processor (INFRA.md: a naive Faust
+agent does ~1,000 events/s): records are taken in batches and each batch is one engine call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import socket
+import time
+from collections import defaultdict
+from typing import Any
+
+import faust
+import msgspec
+import numpy as np
+import orjson
+from faust.types import TP
+
+from connectors import kafka as kt
+from pipeline.bridge import ReadingRouter
+from pipeline.config import Settings
+from pipeline.engine import Engine, Output
+from pipeline.models import Ack
+from pipeline.prom import dead_letters, family, notices_by_tier
+from pipeline.registry import load as load_registry
+from pipeline.wire import dead_letter
+from rules.compiler import load_rules
+
+log = logging.getLogger("cityops.worker")
+READINGS, ACKS = "readings", "acks"
+
+
+def _process_name() -> str:
+    """This process, for client ids: host (a pod's name) and pid."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:32]
+    return f"{host}-{os.getpid()}"
+
+
+class PartitionTable(faust.Table):
+    """A table whose key is the readings partition number it belongs to: its changelog entry
+    goes to that partition, so whoever is assigned readings partition p restores it."""
+
+    def partition_for_key(self, key: Any) -> int:
+        return int(key)
+
+
+class PartitionState:
+    """One readings partition's engine and its place in the input logs."""
+
+    def __init__(self, p: int, engine: Engine, sensors: np.ndarray) -> None:
+        self.p = p
+        self.engine = engine
+        self.sensors = sensors                    # its sensor numbers → the full registry's
+        self.offsets = {READINGS: 0, ACKS: 0}     # next offset not yet in the engine's state
+        self.pending: list[tuple[Any, Any]] = []  # (stream, event) to ack at the next checkpoint
+        self.last_checkpoint = time.monotonic()
+        self.checkpointed = {READINGS: 0, ACKS: 0}
+        self.last_progress = time.time()
+        self.gaps = 0
+        self.restored = False
+
+
+class CityWorker:
+    def __init__(self, settings: Settings) -> None:
+        self.s = s = settings
+        self.rules = load_rules(s.packs, s.routing, params=s.params)
+        self.registry = load_registry(s.registry, self.rules.kinds)
+        self.partitions = s.kafka.partitions
+        self.router = ReadingRouter(self.registry, self.partitions)
+        members: dict[int, list[int]] = defaultdict(list)
+        for i, p in enumerate(self.router.partition_of.tolist()):
+            members[p].append(i)
+        self.members = members
+        self.names = kt.topic_names(s.kafka.prefix)
+        self.parts: dict[int, PartitionState] = {}
+        self.counters: dict[str, int] = defaultdict(int)
+        self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.started = time.time()
+        self.ready = False
+        self.mirror: Any = None
+        self.http: Any = None
+        # Replicas share one configuration, but each MQTT connection needs its own client id
+        # (the broker drops the older of two); the mirror and the push only publish.
+        self.mqtt_id = f"{s.mqtt.client_id}-{_process_name()}"
+        self.push: Any = None             # pushes to on-call workers (pipeline/delivery.py)
+        if s.push.enabled:
+            from pipeline.delivery import PushDispatcher
+            own = s.mqtt.model_copy(update={"client_id": self.mqtt_id})
+            self.push = PushDispatcher(s.model_copy(update={"mqtt": own}), self.registry)
+        self.history: Any = None          # readings and notices into InfluxDB
+        if s.influx.url:
+            from connectors.influx import InfluxSink
+            self.history = InfluxSink(s.influx, self.registry)
+        self.app = self._app()
+
+    # ---- the Faust app ------------------------------------------------------------------
+    def _app(self) -> faust.App:
+        s = self.s
+        k = s.kafka
+        creds = None
+        if k.security_protocol.startswith("SASL"):
+            creds = faust.SASLCredentials(
+                username=k.username, password=k.password.get_secret_value() if k.password else None,
+                mechanism=k.sasl_mechanism)
+        app = faust.App(
+            s.worker.app_id,
+            broker=";".join(f"kafka://{b}" for b in kt.bootstrap_list(k.bootstrap)),
+            broker_credentials=creds,
+            store="memory://",            # the changelog is the durable copy; restored on assign
+            datadir=str(s.worker.data_dir),
+            topic_partitions=self.partitions, topic_replication_factor=k.replication,
+            broker_session_timeout=s.worker.session_timeout / 1000,
+            broker_heartbeat_interval=max(s.worker.session_timeout / 6000, 0.5),
+            consumer_auto_offset_reset="earliest",
+            producer_acks=-1, producer_linger_ms=k.linger,
+            processing_guarantee="at_least_once",
+            # Inputs are acknowledged at checkpoints, not per event: a rebalance must not wait
+            # for them (the next owner replays from the checkpoint instead).
+            stream_wait_empty=False,
+            web_enabled=False)          # /healthz and /metrics are served by OpsHttpServer
+        raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
+               "value_serializer": "raw"}
+        n = self.partitions
+        self.t_readings = app.topic(self.names[READINGS], partitions=n, **raw)
+        self.t_acks = app.topic(self.names[ACKS], partitions=n, **raw)
+        self.t_fanout = app.topic(f"{s.worker.app_id}-acks-fanout", partitions=n, internal=True,
+                                  **raw)
+        self.t_dead = app.topic(self.names["deadletter"], **raw)
+        self.t_out = {name: app.topic(topic, **raw) for name, topic in self.names.items()
+                      if name.startswith("alerts.") or name == "push"}
+        self.table = app.tables.add(PartitionTable(app, name="engine", partitions=n,
+                                                   key_type=str, value_type=bytes))
+        app.agent(self.t_readings, name="evaluate")(self._evaluate_agent)
+        app.agent(self.t_acks, name="acks")(self._acks_agent)
+        app.agent(self.t_fanout, name="apply-acks")(self._apply_acks_agent)
+        app.timer(interval=s.tick / 1000, name="tick")(self._tick)
+        app.task(self._on_start)
+        app.on_partitions_revoked.connect(self._on_revoked)
+        return app
+
+    async def _on_start(self) -> None:
+        self.ready = True
+        log.info("worker %s started: %d sensors in %d partitions", self.s.worker.app_id,
+                 len(self.registry), self.partitions)
+
+    async def _on_revoked(self, sender: Any, revoked: set, **_: Any) -> None:
+        for tp in revoked:
+            if tp.topic == self.names[READINGS] and tp.partition in self.parts:
+                # not acknowledged past its checkpoint: the next owner takes it from there
+                del self.parts[tp.partition]
+
+    def _assigned(self, p: int) -> bool:
+        return TP(self.names[READINGS], p) in self.app.assignor.assigned_actives()
+
+    def partition(self, p: int) -> PartitionState:
+        ps = self.parts.get(p)
+        if ps is None:
+            engine = Engine(self.registry.subset(self.members.get(p, ())), self.rules,
+                            self.s.engine)
+            engine.keep_accepted = self.history is not None
+            ps = PartitionState(p, engine, np.array(self.members.get(p, ()), dtype=np.int64))
+            blob = self.table.get(str(p))
+            if blob:
+                saved = msgspec.msgpack.decode(blob)
+                lost = engine.restore(saved["engine"])
+                if lost:
+                    log.warning("partition %d: not carried over (registry or rules changed): %s",
+                                p, lost)
+                ps.offsets = dict(saved["offsets"])
+                ps.checkpointed = dict(saved["offsets"])
+                ps.restored = True
+                log.info("partition %d: state restored at offsets %s, %d open incidents", p,
+                         ps.offsets, len(engine.book.open))
+            self.parts[p] = ps
+        return ps
+
+    # ---- agents ---------------------------------------------------------------------------
+    async def _evaluate_agent(self, stream: Any) -> None:
+        w = self.s.worker
+        async for events in stream.noack_take(w.max_batch, within=w.max_wait / 1000):
+            by_p: dict[int, list] = defaultdict(list)
+            for e in events:
+                by_p[e.message.partition].append(e)
+            now = int(time.time() * 1000)
+            for p, evs in by_p.items():
+                if self._assigned(p):
+                    await self._readings(stream, self.partition(p), evs, now)
+            await self._checkpoint_due()
+
+    async def _readings(self, stream: Any, ps: PartitionState, events: list, now: int) -> None:
+        ps.pending.extend((stream, e) for e in events)
+        fresh = self._fresh(ps, READINGS, events)
+        if not fresh:
+            return
+        payloads, sources = [], []
+        topic = self.names[READINGS]
+        for e in fresh:
+            m = e.message
+            where = self.router.partition_of_key(m.key)
+            if where == ps.p:
+                payloads.append(m.value)
+                sources.append(f"{topic}[{ps.p}]@{m.offset}")
+            else:
+                await self._misrouted(ps, m, payloads, sources)
+        out = self._apply(ps, ps.engine.ingest, payloads, source=sources, now_ms=now)
+        self.counters["readings"] += len(payloads)
+        ps.offsets[READINGS] = fresh[-1].message.offset + 1
+        ps.last_progress = time.time()
+        await self._emit(out, ps)
+
+    async def _misrouted(self, ps: PartitionState, m: Any, payloads: list, sources: list) -> None:
+        """A record not keyed by a sensor of this partition (a producer that hashed the key
+        itself, or sent a gateway array): route each reading to its street's partition."""
+        source = f"{self.names[READINGS]}[{ps.p}]@{m.offset}"
+        records, dead = self.router.route([m.value], [source])
+        for p, key, value in records:
+            if p == ps.p:
+                payloads.append(value)
+                sources.append(source)
+            else:
+                await self.t_readings.send(key=key, value=value, partition=p)
+                self.counters["forwarded"] += 1
+        for d in dead:
+            await self.t_dead.send(value=d.model_dump_json().encode())
+            self.counters["dead." + d.reason] += 1
+
+    def _fresh(self, ps: PartitionState, log_name: str, events: list) -> list:
+        """The events the partition's state does not hold yet (a replay after a restore starts
+        at the committed offset, which may be behind the checkpoint)."""
+        start = ps.offsets[log_name]
+        fresh = [e for e in events if e.message.offset >= start]
+        if fresh and ps.restored and fresh[0].message.offset > start and start == ps.checkpointed[log_name]:
+            # The log moved past the state: records between were committed without it.
+            ps.gaps += fresh[0].message.offset - start
+            log.error("partition %d: %s offsets %d..%d are not in the restored state", ps.p,
+                      log_name, start, fresh[0].message.offset - 1)
+        ps.restored = False
+        return fresh
+
+    def _apply(self, ps: PartitionState, call: Any, *args: Any, **kw: Any) -> Output:
+        """A bug in the engine must not stop a city's partition: the input is counted, logged
+        and passed over (it is acknowledged with the rest at the next checkpoint)."""
+        try:
+            return call(*args, **kw)
+        except Exception:
+            log.exception("engine failed on partition %d; input passed over", ps.p)
+            self.counters["engine_errors"] += 1
+            return Output()
+
+    async def _acks_agent(self, stream: Any) -> None:
+        """Acks arrive keyed by alert_id; which partition holds the incident is not known
+        here, so a good ack goes to every partition (acks come at human pace)."""
+        async for event in stream.events():
+            payload = event.message.value or b""
+            try:
+                ack = Ack.model_validate_json(payload)
+            except ValueError as exc:
+                d = dead_letter("bad_ack", str(exc).splitlines()[0][:300], payload,
+                                source=f"{self.names[ACKS]}@{event.message.offset}")
+                await self.t_dead.send(value=d.model_dump_json().encode())
+                self.counters["dead.bad_ack"] += 1
+                continue
+            for p in range(self.partitions):
+                await self.t_fanout.send(key=ack.alert_id.encode(), value=payload, partition=p)
+            await self.app.producer.flush()
+            self.counters["acks"] += 1
+
+    async def _apply_acks_agent(self, stream: Any) -> None:
+        async for events in stream.noack_take(500, within=0.05):
+            by_p: dict[int, list] = defaultdict(list)
+            for e in events:
+                by_p[e.message.partition].append(e)
+            for p, evs in by_p.items():
+                if not self._assigned(p):
+                    continue
+                ps = self.partition(p)
+                ps.pending.extend((stream, e) for e in evs)
+                fresh = self._fresh(ps, ACKS, evs)
+                if not fresh:
+                    continue
+                out = self._apply(ps, ps.engine.ack, [e.message.value for e in fresh])
+                ps.offsets[ACKS] = fresh[-1].message.offset + 1
+                # Refusals for incidents this partition does not hold are the fan-out's doing.
+                out.dead_letters = [d for d in out.dead_letters
+                                    if not d.detail.startswith("no open incident")]
+                await self._emit(out, ps)
+            await self._checkpoint_due()
+
+    async def _tick(self) -> None:
+        """The wall clock moves every partition's watermark: escalations, reminders and silence
+        happen on time when no readings come."""
+        while not self.http_acks.empty():
+            payload = self.http_acks.get_nowait()
+            ack = Ack.model_validate_json(payload)
+            await self.t_acks.send(key=ack.alert_id.encode(), value=payload)
+        now = int(time.time() * 1000)
+        # A partition's state may be made from the table only once the table is recovered;
+        # until then (or mid-rebalance) only engines that already run move on.
+        recovered = self.app.tables.recovery.completed.is_set() and not self.app.rebalancing
+        for tp in sorted(self.app.assignor.assigned_actives()):
+            if tp.topic != self.names[READINGS]:
+                continue
+            if tp.partition not in self.parts and not recovered:
+                continue
+            ps = self.partition(tp.partition)
+            out = self._apply(ps, ps.engine.advance, now - self.s.engine.allowed_lateness)
+            await self._emit(out, ps)
+        await self._checkpoint_due()
+
+    # ---- out --------------------------------------------------------------------------------
+    async def _emit(self, out: Output, ps: PartitionState) -> None:
+        from pipeline.runtime import notice_topic
+        prefix = self.s.mqtt.prefix
+        push = self.push
+        for n in out.notices:
+            value = orjson.dumps(n)
+            name = "push" if n["tier"] == "grid" else f"alerts.{n['tier']}"
+            await self.t_out[name].send(key=kt.notice_key(n).encode(), value=value)
+            self.counters["notices." + n["tier"]] += 1
+            if self.mirror is not None and (push is None or not push.owns(n)):
+                self.mirror.publish(notice_topic(prefix, n), value)
+        for d in out.dead_letters:
+            await self.t_dead.send(value=d.model_dump_json().encode())
+            self.counters["dead." + d.reason] += 1
+        # Neither waits: the push has a queue per channel, the history a bounded buffer.
+        if push is not None and out.notices:
+            push.submit(out.notices)
+        if self.history is not None:
+            # the engine numbers its partition's sensors; the sink knows the whole registry's
+            out.accepted = [(ps.sensors[idx], ts, val) for idx, ts, val in out.accepted]
+            self.history.add(out)
+
+    async def _checkpoint_due(self) -> None:
+        every = self.s.worker.checkpoint_every / 1000
+        now = time.monotonic()
+        due = [ps for ps in list(self.parts.values())
+               if ps.pending and now - ps.last_checkpoint >= every]
+        if due:
+            await self.checkpoint(due)
+
+    async def checkpoint(self, parts: list[PartitionState]) -> None:
+        """Notices out first, then the state that made them, then the inputs it covers."""
+        if self.mirror is not None and self.mirror.unpublished():
+            return                      # the MQTT mirror still owes notices: next time
+        await self.app.producer.flush()
+        for ps in parts:
+            if self.parts.get(ps.p) is not ps:
+                continue                # revoked meanwhile
+            blob = msgspec.msgpack.encode({"engine": ps.engine.snapshot(), "offsets": ps.offsets,
+                                           "at": int(time.time() * 1000)})
+            self.table[str(ps.p)] = blob
+            ps.checkpointed = dict(ps.offsets)
+        await self.app.producer.flush()
+        for ps in parts:
+            if self.parts.get(ps.p) is not ps:
+                continue
+            for stream, event in ps.pending:
+                await stream.ack(event)
+            ps.pending.clear()
+            ps.last_checkpoint = time.monotonic()
+            self.counters["checkpoints"] += 1
+
+    # ---- operability ------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok" if self.ready else "starting", "partitions": sorted(self.parts),
+                "open_incidents": sum(len(ps.engine.book.open) for ps in self.parts.values()),
+                "rebalancing": bool(getattr(self.app, "rebalancing", False)),
+                "uptime_s": round(time.time() - self.started, 1)}
+
+    def metrics_text(self) -> str:
+        c = self.counters
+        lines = [
+            *family("cityops_readings_total", "counter", "Reading records taken by the engines.",
+                    c["readings"]),
+            *notices_by_tier(c, "produced"),
+            *dead_letters(c),
+            *family("cityops_forwarded_total", "counter", "Readings moved to their street's "
+                    "partition.", c["forwarded"]),
+            *family("cityops_engine_errors_total", "counter", "Inputs the engine failed on (a "
+                    "bug: see the logs).", c["engine_errors"]),
+            *family("cityops_checkpoints_total", "counter", "Partition checkpoints written.",
+                    c["checkpoints"]),
+        ]
+        if self.push is not None:
+            lines += self.push.metrics_lines()
+        if self.history is not None:
+            lines += self.history.metrics_lines()
+        # Per partition: a stalled partition shows as lag that grows while progress stands still.
+        topic, now = self.names[READINGS], time.time()
+        parts = sorted(self.parts.items())
+        lag = {}
+        for p, ps in parts:
+            try:
+                high = self.app.consumer.highwater(TP(topic, p))
+            except Exception:            # not fetched from yet: no high-water mark known
+                high = None
+            lag[p] = max(0, high - ps.offsets[READINGS]) if high is not None else 0
+        gauges = [
+            ("cityops_partition_offset", "Next readings offset not yet evaluated.",
+             {p: ps.offsets[READINGS] for p, ps in parts}),
+            ("cityops_partition_checkpoint_offset", "Readings offset the last checkpoint covers.",
+             {p: ps.checkpointed[READINGS] for p, ps in parts}),
+            ("cityops_partition_lag", "Readings in the partition not yet evaluated.", lag),
+            ("cityops_partition_seconds_since_progress", "Seconds since the partition last "
+             "evaluated a reading.", {p: round(now - ps.last_progress, 1) for p, ps in parts}),
+            ("cityops_partition_event_lag_seconds", "Wall clock minus the partition's newest "
+             "reading's event time.",
+             {p: round(max(0.0, now - ps.engine.max_ts / 1000), 1) if ps.engine.max_ts else 0
+              for p, ps in parts}),
+            ("cityops_partition_open_incidents", "Incidents firing now.",
+             {p: len(ps.engine.book.open) for p, ps in parts}),
+            ("cityops_partition_gap_records", "Records committed without being in the restored "
+             "state (should stay 0).", {p: ps.gaps for p, ps in parts}),
+        ]
+        for name, help_, values in gauges:
+            lines += family(name, "gauge", help_, values, "partition")
+        return "\n".join(lines) + "\n"
+
+    # ---- start / stop -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Before Faust starts: the topics exist with the configured partitions, the HTTP face
+        and the MQTT mirror are up."""
+        s = self.s
+        s.worker.data_dir.mkdir(parents=True, exist_ok=True)
+        created = kt.ensure_topics(s.kafka)
+        if created:
+            log.info("created topics: %s", ", ".join(created))
+        if s.worker.mirror_mqtt:
+            from connectors.mqtt import MqttLink
+            self.mirror = MqttLink(
+                s.mqtt.host, s.mqtt.port, client_id=f"{self.mqtt_id}-mirror",
+                prefix=s.mqtt.prefix, protocol=s.mqtt.protocol, username=s.mqtt.username,
+                password=s.mqtt.password.get_secret_value() if s.mqtt.password else None,
+                session_expiry_s=0)       # it subscribes to nothing: no session to keep
+            self.mirror.topics = []
+            self.mirror.start()
+        if self.push is not None:
+            self.push.start()
+        if s.http.port:
+            from pipeline.http_api import OpsHttpServer
+            self.http = OpsHttpServer(self, s.http.host, s.http.port)
+            self.http.start()
+
+    def close(self) -> None:
+        if self.push is not None:          # unsent pushes wait in its outbox
+            self.push.close(5.0)
+        if self.history is not None:
+            self.history.close(10.0)
+        if self.mirror is not None:
+            self.mirror.wait_published(10.0)
+            self.mirror.stop()
+        if self.http is not None:
+            self.http.stop()
+
+
+def serve(settings: Settings) -> int:
+    from pipeline.runtime import setup_logging
+    setup_logging()
+    worker = CityWorker(settings)
+    worker.prepare()
+    s = settings
+    print(f"cityops worker {s.worker.app_id}: kafka {s.kafka.bootstrap}, "
+          f"{worker.names[READINGS]} ({s.kafka.partitions} partitions), "
+          f"{len(worker.registry):,} sensors, "
+          f"{len(Engine(worker.registry.subset(()), worker.rules).evaluators)} rules; "
+          f"notices to {s.kafka.prefix}.alerts.*, {s.kafka.prefix}.push"
+          + (f"; health http://{s.http.host}:{s.http.port}/healthz" if s.http.port else ""),
+          flush=True)
+    try:
+        faust.Worker(worker.app, loglevel="WARNING", quiet=True).execute_from_commandline()
+    finally:
+        worker.close()
+    return 0

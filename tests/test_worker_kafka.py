@@ -1,0 +1,287 @@
+"""The distributed runtime end to end: a real Kafka-protocol broker (tansu), `cityops worker`
+processes, kafka-python clients in and out; the bridge from a real Mosquitto.
+
+What must hold (issue 4): the same notices as `cityops replay` for the same input; two workers
+split the partitions and together make the same notices as one; kill -9 of a worker mid-stream
+and a restart lose no incident and create none twice; a poison message goes to the dead-letter
+topic and its partition keeps moving.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from connectors.kafka import topic_names
+from pipeline.registry import load as load_registry
+from pipeline.simulate import Simulator
+from rules.compiler import load_rules
+from tests.brokers import Subscriber, mosquitto_pub
+from tests.kafka_broker import CityopsProcess, TopicReader, produce
+
+pytestmark = pytest.mark.broker
+
+T = topic_names("cityops")
+OUT_TOPICS = [T["alerts.city"], T["alerts.district"], T["alerts.street"], T["alerts.dept"], T["push"]]
+PARTITIONS = 4
+
+
+def scenario(seconds: int = 110, end_before_now_s: int = 20) -> list[bytes]:
+    """The simulator's story (gas leak at a resident living alone, neighbours alarming, a
+    rainstorm, a site violation, a silent sensor, a rising river) and every other sensor's
+    background, as one reading per record: what a Kafka-native gateway would produce. Times end
+    ``end_before_now_s`` before now, so no reading is from the future and the worker's wall
+    clock has nothing left to fire during the test that replay would not fire too."""
+    rules = load_rules()
+    reg = load_registry(None, rules.kinds)
+    t0 = time.time() - seconds - end_before_now_s
+    clock = [t0]
+    sent: list[tuple[str, bytes]] = []
+    sim = Simulator(reg, lambda topic, payload: sent.append((topic, payload)), clock=lambda: clock[0])
+    for s in range(seconds + 1):
+        clock[0] = t0 + s
+        sim.step()
+    readings = []
+    for _, payload in sent:
+        got = json.loads(payload)
+        for r in got if isinstance(got, list) else [got]:
+            readings.append(json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode())
+    return readings
+
+
+def keyed(readings: list[bytes]) -> list[tuple[bytes, bytes]]:
+    return [(json.loads(r)["sensor_id"].encode(), r) for r in readings]
+
+
+def replay_notices(tmp_path: Path, readings: list[bytes]) -> list[dict]:
+    src = tmp_path / "readings.jsonl"
+    src.write_bytes(b"\n".join(readings) + b"\n")
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "replay", str(src)],
+                         capture_output=True, check=True, timeout=120)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def identity(n: dict) -> tuple:
+    return (n["alert_id"], n["rule_id"], n["state"], n["seq"], n["tier"], n["target"], n["severity"])
+
+
+def worker(kafka, tmp_path: Path, name: str = "worker", **env: str) -> CityopsProcess:
+    base = {"CITYOPS_KAFKA__BOOTSTRAP": kafka.bootstrap, "CITYOPS_KAFKA__PARTITIONS": str(PARTITIONS),
+            "CITYOPS_KAFKA__REPLICATION": "1", "CITYOPS_WORKER__CHECKPOINT_EVERY": "2s",
+            # the replay it is compared with waits 60 s for stragglers: the same here
+            "CITYOPS_ENGINE__ALLOWED_LATENESS": "60s"}
+    base.update(env)
+    return CityopsProcess("worker", tmp_path, base, name).start()
+
+
+def collect(kafka, expected: set, timeout: float = 90.0) -> TopicReader:
+    reader = TopicReader(kafka.bootstrap, OUT_TOPICS)
+    reader.until(lambda recs: expected <= {identity(json.loads(r.value)) for r in recs},
+                 timeout=timeout, quiet=2.0)
+    return reader
+
+
+@pytest.fixture
+def story(tmp_path_factory) -> tuple[list[bytes], list[dict]]:
+    # per test: the story must end just before *this* test's worker starts its clock
+    readings = scenario()
+    notices = replay_notices(tmp_path_factory.mktemp("replay"), readings)
+    return readings, notices
+
+
+def test_the_story_makes_incidents_at_every_tier(story) -> None:
+    readings, notices = story
+    tiers = {n["tier"] for n in notices}
+    rules = {n["rule_id"] for n in notices}
+    assert {"street", "district", "city", "dept", "grid"} <= tiers
+    assert {"gas.leak", "gas.building_cluster"} <= rules
+    assert len(readings) > 1000
+
+
+def test_worker_makes_the_same_notices_as_replay(kafka, tmp_path, story) -> None:
+    readings, expected_notices = story
+    expected = {identity(n) for n in expected_notices}
+    w = worker(kafka, tmp_path)
+    try:
+        w.wait_partitions(PARTITIONS)
+        produce(kafka.bootstrap, T["readings"], keyed(readings))
+        reader = collect(kafka, expected)
+        got = [identity(n) for n in reader.values()]
+        assert set(got) == expected
+        assert len(got) == len(expected_notices), "a clean run sends each notice once"
+        # readings were produced with kafka-python's own partitioner: the worker moved each to
+        # its street's partition rather than judging it without its neighbours
+        assert sum(w.metric("cityops_forwarded_total").values()) > 0
+        lag = w.metric("cityops_partition_lag")
+        assert len(lag) == PARTITIONS and not any(lag.values())
+    finally:
+        w.stop()
+
+
+def test_two_workers_split_the_partitions_and_make_the_same_notices(kafka, tmp_path, story) -> None:
+    readings, expected_notices = story
+    expected = {identity(n) for n in expected_notices}
+    a = worker(kafka, tmp_path, "worker-a")
+    b = worker(kafka, tmp_path, "worker-b")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            pa, pb = (a.health() or {}).get("partitions"), (b.health() or {}).get("partitions")
+            if pa and pb and sorted(pa + pb) == list(range(PARTITIONS)):
+                break
+            assert time.monotonic() < deadline, f"no split: {pa} {pb}\n{a.log()}\n{b.log()}"
+            time.sleep(0.3)
+        produce(kafka.bootstrap, T["readings"], keyed(readings))
+        reader = collect(kafka, expected)
+        got = [identity(n) for n in reader.values()]
+        assert set(got) == expected
+        assert len(got) == len(expected_notices)
+        for w in (a, b):
+            assert sum(w.metric("cityops_readings_total").values()) > 0, f"{w.name} did nothing"
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_kill_9_mid_stream_loses_no_incident_and_makes_none_twice(kafka, tmp_path, story) -> None:
+    readings, expected_notices = story
+    expected = {identity(n) for n in expected_notices}
+    expected_incidents = {n["alert_id"] for n in expected_notices}
+    first = worker(kafka, tmp_path, "worker-1")
+    first.wait_partitions(PARTITIONS)
+    half = len(readings) // 2
+    produce(kafka.bootstrap, T["readings"], keyed(readings[:half]))
+    reader = TopicReader(kafka.bootstrap, OUT_TOPICS)
+    reader.until(lambda recs: len(recs) >= 3, timeout=60)
+    first.kill()                                   # mid-stream: between checkpoints
+    produce(kafka.bootstrap, T["readings"], keyed(readings[half:]))
+    second = worker(kafka, tmp_path, "worker-2")
+    try:
+        second.wait_partitions(PARTITIONS, timeout=90)
+        reader.until(lambda recs: expected <= {identity(json.loads(r.value)) for r in recs},
+                     timeout=120, quiet=3.0)
+        got = [json.loads(r.value) for r in reader.records]
+        assert {identity(n) for n in got} == expected, "a notice replay does not make is missing, or extra"
+        assert {n["alert_id"] for n in got} == expected_incidents, "no second incident"
+        assert not any(second.metric("cityops_partition_gap_records").values())
+    finally:
+        second.stop()
+
+
+def test_poison_goes_to_the_dead_letter_topic_and_the_partition_keeps_moving(kafka, tmp_path) -> None:
+    w = worker(kafka, tmp_path)
+    try:
+        w.wait_partitions(PARTITIONS)
+        now = int(time.time() * 1000)
+        sid = b"gas-510104-000002"
+
+        def gas(v: float, dt: int) -> bytes:
+            return json.dumps({"sensor_id": sid.decode(), "ts": now + dt, "value": v}).encode()
+
+        produce(kafka.bootstrap, T["readings"], [
+            (sid, gas(1.0, 0)),
+            (sid, b"{not json"),
+            (sid, b'{"sensor_id": "gas-510104-000002", "ts": "yesterday", "value": 1}'),
+            (sid, b"\xff\xfe\x00garbage"),
+            (sid, b"[" + b",".join([gas(1.0, 1)] * 4000) + b"]"),        # oversize
+            (b"no-such-sensor", b'{"sensor_id": "no-such-sensor", "ts": 1, "value": 1}'),
+            (None, b'{"sensor_id": "gas-510104-000002", "ts": 5, "event": "x", "value": 3}'),
+            (sid, gas(35.0, 2000)),                                          # the leak, after all that
+        ])
+        dead = TopicReader(kafka.bootstrap, [T["deadletter"]])
+        dead.until(lambda recs: len(recs) >= 6, timeout=60)
+        reasons = sorted(d["reason"] for d in dead.values())
+        assert reasons == sorted(["malformed", "invalid", "malformed", "oversize", "unknown_sensor",
+                                  "invalid"]), reasons
+        for d in dead.values():
+            assert d["payload"] and d["detail"] and d["source"].startswith(T["readings"])
+        alerts = TopicReader(kafka.bootstrap, [T["alerts.street"]])
+        alerts.until(lambda recs: any(json.loads(r.value)["sensor_id"] == sid.decode()
+                                      for r in recs), timeout=60)
+        assert not any(w.metric("cityops_partition_lag").values())
+        assert not any(w.metric("cityops_engine_errors_total").values())
+    finally:
+        w.stop()
+
+
+def test_bridge_carries_mosquitto_readings_to_the_workers_and_back(kafka, mosquitto, tmp_path) -> None:
+    """Gateways publish to Mosquitto; the bridge writes Kafka; the worker's notices arrive on
+    Kafka and, mirrored, on the MQTT tier topics; an ack over MQTT reaches the engine."""
+    env = {"CITYOPS_MQTT__URL": mosquitto.url, "CITYOPS_KAFKA__BOOTSTRAP": kafka.bootstrap,
+           "CITYOPS_KAFKA__PARTITIONS": str(PARTITIONS), "CITYOPS_KAFKA__REPLICATION": "1"}
+    bridge = CityopsProcess("bridge", tmp_path, {**env, "CITYOPS_MQTT__CLIENT_ID": "bridge-1"},
+                            "bridge").start()
+    w = worker(kafka, tmp_path, **{**env, "CITYOPS_WORKER__MIRROR_MQTT": "true",
+                                   "CITYOPS_MQTT__CLIENT_ID": "worker-1"})
+    dashboard = Subscriber(mosquitto.url, "cityops/alerts/#").start()
+    try:
+        w.wait_partitions(PARTITIONS)
+        deadline = time.monotonic() + 30
+        while (bridge.health() or {}).get("status") != "ok":
+            assert time.monotonic() < deadline, bridge.log()
+            time.sleep(0.2)
+        now = int(time.time() * 1000)
+        batch = [{"sensor_id": "gas-510104-000001", "ts": now, "value": 40.0},
+                 {"sensor_id": "gas-510104-000002", "ts": now, "value": 1.0}]
+        mosquitto_pub(mosquitto.url, "cityops/gateways/gw-510104-0001", json.dumps(batch))
+        mosquitto_pub(mosquitto.url, "cityops/readings/gas-510104-000003", "{broken")
+        mosquitto_pub(mosquitto.url, "cityops/gateways/gw-510104-0001",    # not behind that gateway
+                      json.dumps([{"sensor_id": "gas-510107-000001", "ts": now, "value": 99}]))
+        street = TopicReader(kafka.bootstrap, [T["alerts.street"]])
+        street.until(lambda recs: any(json.loads(r.value)["state"] == "firing" for r in recs),
+                     timeout=60)
+        notice = street.values()[0]
+        assert notice["sensor_id"] == "gas-510104-000001" and notice["severity"] == "orange"   # yellow, raised: 独居老人
+        dead = TopicReader(kafka.bootstrap, [T["deadletter"]])
+        dead.until(lambda recs: len(recs) >= 2, timeout=30)
+        assert sorted(d["reason"] for d in dead.values()) == ["malformed", "wrong_sender"]
+        mirrored = dashboard.wait_for(lambda msgs: any(t == "cityops/alerts/street/510104020"
+                                                       for t, _ in msgs), timeout=30)
+        assert any(json.loads(p)["alert_id"] == notice["alert_id"] for _, p in mirrored)
+        ack = {"alert_id": notice["alert_id"], "by": "街道值班员 张伟", "tier": "street", "ts": now + 1000}
+        mosquitto_pub(mosquitto.url, "cityops/acks", json.dumps(ack, ensure_ascii=False))
+        street.until(lambda recs: any(json.loads(r.value)["state"] == "acknowledged" for r in recs),
+                     timeout=60)
+    finally:
+        dashboard.close()
+        w.stop()
+        bridge.stop()
+
+
+def test_worker_writes_history_and_pushes_to_the_on_call_worker(kafka, mosquitto, victoria_metrics,
+                                                                 tmp_path) -> None:
+    """The worker's other outputs, as in `cityops run`: readings and alerts into the
+    line-protocol database, the grid notice pushed (with its acknowledge link) over MQTT."""
+    w = worker(kafka, tmp_path, CITYOPS_INFLUX__URL=victoria_metrics.url,
+               CITYOPS_INFLUX__FLUSH_INTERVAL="200ms", CITYOPS_MQTT__URL=mosquitto.url,
+               CITYOPS_PUSH__ENABLED="true", CITYOPS_PUSH__SECRET="s" * 40,
+               CITYOPS_MQTT__CLIENT_ID="worker-sinks")
+    phone = Subscriber(mosquitto.url, "cityops/push/#").start()
+    try:
+        w.wait_partitions(PARTITIONS)
+        now = int(time.time() * 1000)
+        sid = "gas-510104-000001"
+        produce(kafka.bootstrap, T["readings"], [
+            (sid.encode(), json.dumps({"sensor_id": sid, "ts": now - 1000, "value": 2.0}).encode()),
+            (sid.encode(), json.dumps({"sensor_id": sid, "ts": now, "value": 30.0}).encode())])
+        pushed = phone.wait_for(lambda msgs: len(msgs) >= 1, timeout=60)
+        topic, body = pushed[0]
+        push = json.loads(body)
+        assert topic == f"cityops/push/{push['worker_id']}" and push["sensor_id"] == sid
+        assert push["ack_url"] and push["ack_token"]
+        points = victoria_metrics.wait_points(
+            lambda pts: any(p[0].startswith("alerts") for p in pts)
+            and sum(1 for p in pts if p[0] == "gas_household_value") >= 2, timeout=30)
+        readings = sorted((ts, v) for name, labels, ts, v in points
+                          if name == "gas_household_value" and dict(labels)["sensor"] == sid)
+        assert readings == [(now - 1000, 2.0), (now, 30.0)]
+        assert any(name.startswith("alerts") and dict(labels).get("rule") == "gas.leak"
+                   for name, labels, _, _ in points)
+    finally:
+        phone.close()
+        w.stop()
