@@ -258,8 +258,13 @@ class WorkerSettings(_Part):
     data_dir: Path = Path(".run/worker")
     checkpoint_every: Duration = Field(default="5s", description="engine state to the changelog "
                                        "this often; offsets are committed with it")
-    max_batch: int = Field(default=2_000, ge=1, description="records per engine call")
-    max_wait: Duration = Field(default="50ms", description="how long a batch waits to fill")
+    checkpoint_piece: int = Field(default=512 * 1024, ge=1024, le=16 * 1024 * 1024, description=(
+        "a checkpoint is written in pieces of this many bytes; keep it under the brokers' "
+        "max.message.bytes (1 MB by default)"))
+    max_batch: int = Field(default=5_000, ge=1, description="records per fetch from Kafka, "
+                           "evaluated as one engine call per partition")
+    fetch_max_wait: Duration = Field(default="50ms", description="how long a fetch from Kafka "
+                                     "waits for records: a bound on a quiet reading's latency")
     session_timeout: Duration = Field(default="6s", description="a worker silent this long "
                                       "is presumed dead and its partitions move (fail-over time)")
     mirror_mqtt: bool = Field(default=False, description="also publish every notice on the MQTT "

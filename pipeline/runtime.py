@@ -386,7 +386,9 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("amqtt", "transitions", "asyncio", "kafka", "aiokafka"):
+    # Faust's services log every start and stop under their classes' modules
+    for noisy in ("amqtt", "transitions", "asyncio", "kafka", "aiokafka", "faust", "mode",
+                  "connectors.faust_bulk", "pipeline.worker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

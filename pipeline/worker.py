@@ -23,6 +23,7 @@ agent does ~1,000 events/s): records are taken in batches and each batch is one 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -39,6 +40,7 @@ import orjson
 from faust.types import TP
 
 from connectors import kafka as kt
+from connectors.faust_bulk import bulk_consumer
 from pipeline.bridge import ReadingRouter
 from pipeline.config import Settings
 from pipeline.engine import Engine, Output
@@ -59,11 +61,12 @@ def _process_name() -> str:
 
 
 class PartitionTable(faust.Table):
-    """A table whose key is the readings partition number it belongs to: its changelog entry
-    goes to that partition, so whoever is assigned readings partition p restores it."""
+    """A table whose keys start with the readings partition number they belong to ("7" for
+    partition 7's checkpoint, "7/0", "7/1" … for its pieces): an entry's changelog record goes
+    to that partition, so whoever is assigned readings partition p restores it."""
 
     def partition_for_key(self, key: Any) -> int:
-        return int(key)
+        return int(str(key).partition("/")[0])
 
 
 class PartitionState:
@@ -74,7 +77,10 @@ class PartitionState:
         self.engine = engine
         self.sensors = sensors                    # its sensor numbers → the full registry's
         self.offsets = {READINGS: 0, ACKS: 0}     # next offset not yet in the engine's state
-        self.pending: list[tuple[Any, Any]] = []  # (stream, event) to ack at the next checkpoint
+        # inputs to acknowledge at the next checkpoint: readings records (Faust messages) and
+        # fanned-out acks ((stream, event): they come through a Faust agent)
+        self.pending: list[Any] = []
+        self.pending_events: list[tuple[Any, Any]] = []
         self.last_checkpoint = time.monotonic()
         self.checkpointed = {READINGS: 0, ACKS: 0}
         self.last_progress = time.time()
@@ -99,6 +105,7 @@ class CityWorker:
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self.started = time.time()
         self.ready = False
+        self.recovered = False
         self.mirror: Any = None
         self.http: Any = None
         # Replicas share one configuration, but each MQTT connection needs its own client id
@@ -139,6 +146,7 @@ class CityWorker:
             # Inputs are acknowledged at checkpoints, not per event: a rebalance must not wait
             # for them (the next owner replays from the checkpoint instead).
             stream_wait_empty=False,
+            broker_max_poll_records=s.worker.max_batch,
             web_enabled=False)          # /healthz and /metrics are served by OpsHttpServer
         raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
                "value_serializer": "raw"}
@@ -152,12 +160,17 @@ class CityWorker:
                       if name.startswith("alerts.") or name == "push"}
         self.table = app.tables.add(PartitionTable(app, name="engine", partitions=n,
                                                    key_type=str, value_type=bytes))
-        app.agent(self.t_readings, name="evaluate")(self._evaluate_agent)
+        # Readings come a fetch at a time (connectors/faust_bulk.py says why); subscribing the
+        # topic with the app's conductor makes them part of the group's assignment.
+        app.topics.add(self.t_readings)
+        app.transport.Consumer = bulk_consumer({self.names[READINGS]: self._readings_batch},
+                                               s.worker.fetch_max_wait)
         app.agent(self.t_acks, name="acks")(self._acks_agent)
         app.agent(self.t_fanout, name="apply-acks")(self._apply_acks_agent)
         app.timer(interval=s.tick / 1000, name="tick")(self._tick)
         app.task(self._on_start)
         app.on_partitions_revoked.connect(self._on_revoked)
+        app.on_rebalance_complete.connect(self._on_recovered)
         return app
 
     async def _on_start(self) -> None:
@@ -165,7 +178,11 @@ class CityWorker:
         log.info("worker %s started: %d sensors in %d partitions", self.s.worker.app_id,
                  len(self.registry), self.partitions)
 
+    async def _on_recovered(self, sender: Any, **_: Any) -> None:
+        self.recovered = True               # the table holds the assigned partitions' state
+
     async def _on_revoked(self, sender: Any, revoked: set, **_: Any) -> None:
+        self.recovered = False
         for tp in revoked:
             if tp.topic == self.names[READINGS] and tp.partition in self.parts:
                 # not acknowledged past its checkpoint: the next owner takes it from there
@@ -181,43 +198,51 @@ class CityWorker:
                             self.s.engine)
             engine.keep_accepted = self.history is not None
             ps = PartitionState(p, engine, np.array(self.members.get(p, ()), dtype=np.int64))
-            blob = self.table.get(str(p))
-            if blob:
-                saved = msgspec.msgpack.decode(blob)
-                lost = engine.restore(saved["engine"])
-                if lost:
-                    log.warning("partition %d: not carried over (registry or rules changed): %s",
-                                p, lost)
-                ps.offsets = dict(saved["offsets"])
-                ps.checkpointed = dict(saved["offsets"])
-                ps.restored = True
-                log.info("partition %d: state restored at offsets %s, %d open incidents", p,
-                         ps.offsets, len(engine.book.open))
+            head = self.table.get(str(p))
+            if head:
+                self._restore(ps, msgspec.msgpack.decode(head))
             self.parts[p] = ps
         return ps
 
-    # ---- agents ---------------------------------------------------------------------------
-    async def _evaluate_agent(self, stream: Any) -> None:
-        w = self.s.worker
-        async for events in stream.noack_take(w.max_batch, within=w.max_wait / 1000):
-            by_p: dict[int, list] = defaultdict(list)
-            for e in events:
-                by_p[e.message.partition].append(e)
-            now = int(time.time() * 1000)
-            for p, evs in by_p.items():
-                if self._assigned(p):
-                    await self._readings(stream, self.partition(p), evs, now)
-            await self._checkpoint_due()
+    def _restore(self, ps: PartitionState, head: dict) -> None:
+        p = ps.p
+        snap = b"".join(self.table.get(f"{p}/{k}") or b"" for k in range(head["chunks"]))
+        if hashlib.blake2b(snap, digest_size=16).digest() != head["digest"]:
+            # the changelog gave back less than was written: no state is better than a wrong one
+            log.error("partition %d: checkpoint at offsets %s is incomplete in the changelog; "
+                      "starting the partition empty from there", p, head["offsets"])
+            self.counters["checkpoints_unreadable"] += 1
+        else:
+            lost = ps.engine.restore(snap)
+            if lost:
+                log.warning("partition %d: not carried over (registry or rules changed): %s",
+                            p, lost)
+        ps.offsets = dict(head["offsets"])
+        ps.checkpointed = dict(head["offsets"])
+        ps.restored = True
+        log.info("partition %d: state restored at offsets %s, %d open incidents", p, ps.offsets,
+                 len(ps.engine.book.open))
 
-    async def _readings(self, stream: Any, ps: PartitionState, events: list, now: int) -> None:
-        ps.pending.extend((stream, e) for e in events)
-        fresh = self._fresh(ps, READINGS, events)
+    # ---- agents ---------------------------------------------------------------------------
+    async def _readings_batch(self, messages: list) -> None:
+        """One fetch of readings records: one engine call per partition."""
+        by_p: dict[int, list] = defaultdict(list)
+        for m in messages:
+            by_p[m.partition].append(m)
+        now = int(time.time() * 1000)
+        for p, msgs in by_p.items():
+            if self._assigned(p):
+                await self._readings(self.partition(p), msgs, now)
+        await self._checkpoint_due()
+
+    async def _readings(self, ps: PartitionState, messages: list, now: int) -> None:
+        ps.pending += messages
+        fresh = self._fresh(ps, READINGS, messages)
         if not fresh:
             return
         payloads, sources = [], []
         topic = self.names[READINGS]
-        for e in fresh:
-            m = e.message
+        for m in fresh:
             where = self.router.partition_of_key(m.key)
             if where == ps.p:
                 payloads.append(m.value)
@@ -226,7 +251,7 @@ class CityWorker:
                 await self._misrouted(ps, m, payloads, sources)
         out = self._apply(ps, ps.engine.ingest, payloads, source=sources, now_ms=now)
         self.counters["readings"] += len(payloads)
-        ps.offsets[READINGS] = fresh[-1].message.offset + 1
+        ps.offsets[READINGS] = fresh[-1].offset + 1
         ps.last_progress = time.time()
         await self._emit(out, ps)
 
@@ -246,16 +271,16 @@ class CityWorker:
             await self.t_dead.send(value=d.model_dump_json().encode())
             self.counters["dead." + d.reason] += 1
 
-    def _fresh(self, ps: PartitionState, log_name: str, events: list) -> list:
-        """The events the partition's state does not hold yet (a replay after a restore starts
+    def _fresh(self, ps: PartitionState, log_name: str, messages: list) -> list:
+        """The records the partition's state does not hold yet (a replay after a restore starts
         at the committed offset, which may be behind the checkpoint)."""
         start = ps.offsets[log_name]
-        fresh = [e for e in events if e.message.offset >= start]
-        if fresh and ps.restored and fresh[0].message.offset > start and start == ps.checkpointed[log_name]:
+        fresh = [m for m in messages if m.offset >= start]
+        if fresh and ps.restored and fresh[0].offset > start and start == ps.checkpointed[log_name]:
             # The log moved past the state: records between were committed without it.
-            ps.gaps += fresh[0].message.offset - start
+            ps.gaps += fresh[0].offset - start
             log.error("partition %d: %s offsets %d..%d are not in the restored state", ps.p,
-                      log_name, start, fresh[0].message.offset - 1)
+                      log_name, start, fresh[0].offset - 1)
         ps.restored = False
         return fresh
 
@@ -296,12 +321,12 @@ class CityWorker:
                 if not self._assigned(p):
                     continue
                 ps = self.partition(p)
-                ps.pending.extend((stream, e) for e in evs)
-                fresh = self._fresh(ps, ACKS, evs)
+                ps.pending_events.extend((stream, e) for e in evs)
+                fresh = self._fresh(ps, ACKS, [e.message for e in evs])
                 if not fresh:
                     continue
-                out = self._apply(ps, ps.engine.ack, [e.message.value for e in fresh])
-                ps.offsets[ACKS] = fresh[-1].message.offset + 1
+                out = self._apply(ps, ps.engine.ack, [m.value for m in fresh])
+                ps.offsets[ACKS] = fresh[-1].offset + 1
                 # Refusals for incidents this partition does not hold are the fan-out's doing.
                 out.dead_letters = [d for d in out.dead_letters
                                     if not d.detail.startswith("no open incident")]
@@ -316,13 +341,13 @@ class CityWorker:
             ack = Ack.model_validate_json(payload)
             await self.t_acks.send(key=ack.alert_id.encode(), value=payload)
         now = int(time.time() * 1000)
-        # A partition's state may be made from the table only once the table is recovered;
-        # until then (or mid-rebalance) only engines that already run move on.
-        recovered = self.app.tables.recovery.completed.is_set() and not self.app.rebalancing
+        # A partition's state may be made from the table only once the table is recovered
+        # (records arrive only then; the clock does not wait): until then only engines that
+        # already run move on.
         for tp in sorted(self.app.assignor.assigned_actives()):
             if tp.topic != self.names[READINGS]:
                 continue
-            if tp.partition not in self.parts and not recovered:
+            if tp.partition not in self.parts and not self.recovered:
                 continue
             ps = self.partition(tp.partition)
             out = self._apply(ps, ps.engine.advance, now - self.s.engine.allowed_lateness)
@@ -356,7 +381,7 @@ class CityWorker:
         every = self.s.worker.checkpoint_every / 1000
         now = time.monotonic()
         due = [ps for ps in list(self.parts.values())
-               if ps.pending and now - ps.last_checkpoint >= every]
+               if (ps.pending or ps.pending_events) and now - ps.last_checkpoint >= every]
         if due:
             await self.checkpoint(due)
 
@@ -365,20 +390,35 @@ class CityWorker:
         if self.mirror is not None and self.mirror.unpublished():
             return                      # the MQTT mirror still owes notices: next time
         await self.app.producer.flush()
+        parts = [ps for ps in parts if self.parts.get(ps.p) is ps]     # not revoked meanwhile
+        # A city partition's snapshot is megabytes; a Kafka record is limited (1 MB by
+        # default): the pieces first, then the head that names them, in one changelog
+        # partition, so a head that was restored has its pieces before it. The head goes in a
+        # batch of its own: tansu's "latest offset" is wrong after a multi-record batch
+        # (INFRA.md), and a table restored one record short would lose exactly the head.
+        heads = {}
         for ps in parts:
-            if self.parts.get(ps.p) is not ps:
-                continue                # revoked meanwhile
-            blob = msgspec.msgpack.encode({"engine": ps.engine.snapshot(), "offsets": ps.offsets,
-                                           "at": int(time.time() * 1000)})
-            self.table[str(ps.p)] = blob
+            snap = ps.engine.snapshot()
+            size = self.s.worker.checkpoint_piece
+            pieces = [snap[i:i + size] for i in range(0, len(snap), size)]
+            for k, piece in enumerate(pieces):
+                self.table[f"{ps.p}/{k}"] = piece
+            heads[ps.p] = msgspec.msgpack.encode({
+                "offsets": ps.offsets, "chunks": len(pieces), "at": int(time.time() * 1000),
+                "digest": hashlib.blake2b(snap, digest_size=16).digest()})
+        await self.app.producer.flush()
+        for ps in parts:
+            self.table[str(ps.p)] = heads[ps.p]
             ps.checkpointed = dict(ps.offsets)
         await self.app.producer.flush()
         for ps in parts:
-            if self.parts.get(ps.p) is not ps:
-                continue
-            for stream, event in ps.pending:
+            ack = self.app.consumer.ack
+            for m in ps.pending:
+                ack(m)
+            for stream, event in ps.pending_events:
                 await stream.ack(event)
             ps.pending.clear()
+            ps.pending_events.clear()
             ps.last_checkpoint = time.monotonic()
             self.counters["checkpoints"] += 1
 
@@ -402,6 +442,9 @@ class CityWorker:
                     "bug: see the logs).", c["engine_errors"]),
             *family("cityops_checkpoints_total", "counter", "Partition checkpoints written.",
                     c["checkpoints"]),
+            *family("cityops_checkpoints_unreadable_total", "counter", "Checkpoints the "
+                    "changelog gave back incomplete (the partition started empty; see the logs).",
+                    c["checkpoints_unreadable"]),
         ]
         if self.push is not None:
             lines += self.push.metrics_lines()
@@ -489,7 +532,9 @@ def serve(settings: Settings) -> int:
           + (f"; health http://{s.http.host}:{s.http.port}/healthz" if s.http.port else ""),
           flush=True)
     try:
-        faust.Worker(worker.app, loglevel="WARNING", quiet=True).execute_from_commandline()
+        # our JSON log lines, not Faust's own logging set-up (and no stdout redirection)
+        faust.Worker(worker.app, quiet=True, override_logging=False,
+                     redirect_stdouts=False).execute_from_commandline()
     finally:
         worker.close()
     return 0
