@@ -503,10 +503,11 @@ def phase_runtime(url: str, workdir: Path, payloads, expected: int, publishers: 
 
 
 def phase_runtime_drain(url: str, workdir: Path, payloads, expected: int, publishers: int, ctx,
-                        env: dict[str, str], profile: Path | None) -> Phase:
+                        env: dict[str, str], profile: Path | None, name: str = "drain") -> Phase:
     """(b) drain: cityops run subscribes (persistent session) and stops; the payloads are
-    published; it starts again and takes what the broker kept for it."""
-    rt = Runtime(url, workdir, "drain", env).start()
+    published; it starts again and takes what the broker kept for it. ``name``: its own state
+    file and session, so a second drain is not a redelivery of the first."""
+    rt = Runtime(url, workdir, name, env).start()
     procs: list = []
     spy = None
     try:
@@ -524,6 +525,26 @@ def phase_runtime_drain(url: str, workdir: Path, payloads, expected: int, publis
         stop_spy(spy)
         stop_procs(procs)
         rt.stop()
+
+
+def phase_history(url: str, workdir: Path, payloads, expected: int, publishers: int, ctx,
+                  env: dict[str, str], rounds: int = 2) -> dict:
+    """(d) the pipeline's readings/s with the history sink on and off: (b) drain, alternating,
+    so that the machine's drift falls on both."""
+    from tests.tsdb import VictoriaMetrics
+    vm = VictoriaMetrics(workdir / "victoria-metrics").start()
+    try:
+        on_env = {**env, "CITYOPS_INFLUX__URL": vm.url}
+        got: dict = {"off": [], "on": []}
+        for r in range(rounds):
+            got["off"].append(phase_runtime_drain(url, workdir, payloads, expected, publishers,
+                                                  ctx, env, None, f"drain-off-{r}"))
+            got["on"].append(phase_runtime_drain(url, workdir, payloads, expected, publishers,
+                                                 ctx, on_env, None, f"drain-on-{r}"))
+        got["points"] = len(vm.points())
+        return got
+    finally:
+        vm.stop()
 
 
 class NoticeClock:
@@ -705,6 +726,9 @@ def main() -> int:
     ap.add_argument("--profile", type=Path, metavar="FILE",
                     help="py-spy record of cityops run during (b) drain: collapsed stacks per thread, "
                     "only the thread holding the GIL (PYSPY_FLAGS, default --gil; --idle: all)")
+    ap.add_argument("--history", action="store_true",
+                    help="(d) also: (b) drain with the InfluxDB history sink on (to a "
+                    "VictoriaMetrics it starts) and off, two rounds each, alternating")
     ap.add_argument("--runtime-env", action="append", default=[], metavar="CITYOPS_X=V",
                     help="a setting for the cityops run processes of (b) and (c), e.g. "
                     "'CITYOPS_MQTT={\"protocol\": 311}' (repeatable)")
@@ -753,6 +777,8 @@ def main() -> int:
             t = time.perf_counter()
             c = phase_latency(url, workdir, reg, groups, args.rate, args.samples, env)
             print(f"(c) done in {time.perf_counter() - t:.1f}s", flush=True)
+            d = phase_history(url, workdir, payloads, expected, args.publishers, ctx, env) \
+                if args.history else None
         finally:
             try:
                 broker.stop()
@@ -804,6 +830,14 @@ def main() -> int:
           "per batch)")
     print("      slowest: " + ", ".join(f"{d * 1000:.0f} ms at +{at:.1f} s" for d, at in c["slowest"])
           + " (seconds after the first probe)")
+    if d is not None:
+        off, on = max(r.rate.per_s for r in d["off"]), max(r.rate.per_s for r in d["on"])
+        print(f"(d) history sink, (b) drain, best of {len(d['on'])} rounds each, alternating: "
+              f"off {off:,.0f} readings/s, on {on:,.0f} readings/s: the sink costs "
+              f"{(1 - on / off) * 100:.1f} % (target < 20 %); {d['points']:,} points in the "
+              f"database ({expected:,} readings per run)")
+        print("      rounds off: " + ", ".join(f"{r.rate.per_s:,.0f}" for r in d["off"])
+              + "; on: " + ", ".join(f"{r.rate.per_s:,.0f}" for r in d["on"]))
     ok_b = b_live.rate.per_s >= 10_000
     ok_c = bool(lat) and pct(lat, 99) < 100 and not c["lost"]
     print(f"targets: >= 10,000 readings/s per process (live): {'met' if ok_b else 'MISSED'} "
