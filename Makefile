@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo test test-deps check bench bench-quick bench-runtime bench-kafka bench-sink clean
+.PHONY: run demo test test-deps check bench bench-quick bench-runtime bench-kafka bench-sink bench-history clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ bench-quick: $(STAMP)
 ## bench-sink: the InfluxDB history sink: points/s written, pipeline readings/s with it on/off
 bench-sink: $(STAMP) test-deps
 	$(PY) bench/sink_bench.py
+
+## bench-history: cityops run with the history sink on and off: what the sink costs the pipeline
+bench-history: $(STAMP) test-deps
+	$(PY) bench/runtime_bench.py --history
 
 ## bench-runtime: cityops run against a real Mosquitto: readings/s and notice latency
 bench-runtime: $(STAMP) test-deps
