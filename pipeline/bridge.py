@@ -127,6 +127,13 @@ class Bridge:
         self.http: Any = None
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()   # POST /acks → Kafka
         self.kafka_ok = False
+        # Grid workers reply to a push with its token on {prefix}/push/{worker_id}/ack (as in
+        # `cityops run`): with push on, the bridge checks the token and forwards the Ack.
+        self.tokens = None
+        if settings.push.enabled and settings.push.secret is not None:
+            from pipeline.ack_tokens import AckTokens
+            self.tokens = AckTokens(settings.push.secret.get_secret_value().encode(),
+                                    settings.push.ack_ttl)
 
     def start(self) -> None:
         from kafka import KafkaProducer
@@ -151,6 +158,8 @@ class Bridge:
         # per bridge.
         self.link.topics = [f"{share}{self.prefix}/readings/+", f"{share}{self.prefix}/gateways/+",
                             f"{share}{self.prefix}/acks"]
+        if self.tokens is not None:
+            self.link.topics.append(f"{share}{self.prefix}/push/+/ack")
         self.link.start()
         if s.http.port:
             from pipeline.http_api import OpsHttpServer
@@ -171,8 +180,8 @@ class Bridge:
         self._shutdown()
 
     def _forward(self, msgs: list) -> None:
-        acks_topic = f"{self.prefix}/acks"
-        readings = [m for m in msgs if m.topic != acks_topic]
+        acks_topic, replies = f"{self.prefix}/acks", f"{self.prefix}/push/"
+        readings = [m for m in msgs if m.topic != acks_topic and not m.topic.startswith(replies)]
         records, dead = self.router.route([m.payload for m in readings], [m.topic for m in readings],
                                           [sender_of(m.topic, self.prefix) for m in readings])
         acks = []
@@ -183,6 +192,12 @@ class Bridge:
                     acks.append((key, m.payload))
                 else:
                     dead.append(bad)
+            elif m.topic.startswith(replies):
+                got = self._reply(m)
+                if isinstance(got, bytes):
+                    acks.append((_ack_key(got)[0], got))
+                else:
+                    dead.append(got)
         while not self.http_acks.empty():          # validated by the HTTP face already
             payload = self.http_acks.get_nowait()
             acks.append((_ack_key(payload)[0], payload))
@@ -198,6 +213,19 @@ class Bridge:
         m["acks"] += len(acks)
         for d in dead:
             m["dead." + d.reason] += 1
+
+    def _reply(self, m: Any) -> bytes | DeadLetter:
+        """A worker's reply to a push: its token, on its own topic, becomes its Ack."""
+        from pipeline.ack_tokens import BadToken
+        worker = m.topic[len(f"{self.prefix}/push/"):].removesuffix("/ack")
+        try:
+            claim = self.tokens.verify(m.payload.decode("utf-8", "replace"),
+                                       int(time.time() * 1000), worker)
+        except BadToken as exc:
+            return wire.dead_letter("bad_ack", f"acknowledge token refused ({exc.reason}): {exc}",
+                                    m.payload, source=m.topic)
+        return Ack(alert_id=claim.alert_id, by=claim.worker_id, tier=claim.tier,
+                   ts=int(time.time() * 1000), note="reply to the push").model_dump_json().encode()
 
     def _produce(self, records: list, acks: list, dead: list) -> bool:
         producer, t = self.producer, self.topics

@@ -280,11 +280,15 @@ def test_worker_writes_history_and_pushes_to_the_on_call_worker(kafka, mosquitto
                                                                  tmp_path) -> None:
     """The worker's other outputs, as in `cityops run`: readings and alerts into the
     line-protocol database, the grid notice pushed (with its acknowledge link) over MQTT."""
+    push = {"CITYOPS_PUSH__ENABLED": "true", "CITYOPS_PUSH__SECRET": "s" * 40,
+            "CITYOPS_MQTT__URL": mosquitto.url, "CITYOPS_KAFKA__BOOTSTRAP": kafka.bootstrap,
+            "CITYOPS_KAFKA__PARTITIONS": str(PARTITIONS), "CITYOPS_KAFKA__REPLICATION": "1"}
     w = worker(kafka, tmp_path, CITYOPS_INFLUX__URL=victoria_metrics.url,
-               CITYOPS_INFLUX__FLUSH_INTERVAL="200ms", CITYOPS_MQTT__URL=mosquitto.url,
-               CITYOPS_PUSH__ENABLED="true", CITYOPS_PUSH__SECRET="s" * 40,
-               CITYOPS_MQTT__CLIENT_ID="worker-sinks")
-    phone = Subscriber(mosquitto.url, "cityops/push/#").start()
+               CITYOPS_INFLUX__FLUSH_INTERVAL="200ms", CITYOPS_MQTT__CLIENT_ID="worker-sinks",
+               **push)
+    bridge = CityopsProcess("bridge", tmp_path, {**push, "CITYOPS_MQTT__CLIENT_ID": "bridge-1"},
+                            "bridge").start()
+    phone = Subscriber(mosquitto.url, "cityops/push/+").start()
     try:
         w.wait_partitions(PARTITIONS)
         now = int(time.time() * 1000)
@@ -294,9 +298,9 @@ def test_worker_writes_history_and_pushes_to_the_on_call_worker(kafka, mosquitto
             (sid.encode(), json.dumps({"sensor_id": sid, "ts": now, "value": 30.0}).encode())])
         pushed = phone.wait_for(lambda msgs: len(msgs) >= 1, timeout=60)
         topic, body = pushed[0]
-        push = json.loads(body)
-        assert topic == f"cityops/push/{push['worker_id']}" and push["sensor_id"] == sid
-        assert push["ack_url"] and push["ack_token"]
+        got = json.loads(body)
+        assert topic == f"cityops/push/{got['worker_id']}" and got["sensor_id"] == sid
+        assert got["ack_url"] and got["ack_token"]
         points = victoria_metrics.wait_points(
             lambda pts: any(p[0].startswith("alerts") for p in pts)
             and sum(1 for p in pts if p[0] == "gas_household_value") >= 2, timeout=30)
@@ -305,8 +309,20 @@ def test_worker_writes_history_and_pushes_to_the_on_call_worker(kafka, mosquitto
         assert readings == [(now - 1000, 2.0), (now, 30.0)]
         assert any(name.startswith("alerts") and dict(labels).get("rule") == "gas.leak"
                    for name, labels, _, _ in points)
+        # the grid worker replies with the push's token; the bridge checks it, the engine
+        # acknowledges; a forged one is a dead letter
+        mosquitto_pub(mosquitto.url, f"{topic}/ack", got["ack_token"][:-4] + "AAAA")
+        mosquitto_pub(mosquitto.url, f"{topic}/ack", got["ack_token"])
+        street = TopicReader(kafka.bootstrap, [T["alerts.street"]])
+        street.until(lambda recs: any(json.loads(r.value)["state"] == "acknowledged"
+                                      and json.loads(r.value)["acked_by"] == got["worker_id"]
+                                      for r in recs), timeout=60)
+        dead = TopicReader(kafka.bootstrap, [T["deadletter"]])
+        dead.until(lambda recs: any(json.loads(r.value)["reason"] == "bad_ack" for r in recs),
+                   timeout=30)
     finally:
         phone.close()
+        bridge.stop()
         w.stop()
 
 
