@@ -78,11 +78,16 @@ def ensure_topics(kafka, names: Iterable[str] | None = None, *, partitions: int 
     """Create the topics that do not exist yet (partitions and replication from the settings);
     returns the ones created. Existing topics are left as they are."""
     from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import KafkaError
 
     names = list(names) if names is not None else list(topic_names(kafka.prefix).values())
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_list(kafka.bootstrap),
-                             client_id="cityops-admin", request_timeout_ms=int(timeout_s * 1000),
-                             **client_options(kafka))
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_list(kafka.bootstrap),
+                                 client_id="cityops-admin",
+                                 request_timeout_ms=int(timeout_s * 1000), **client_options(kafka))
+    except KafkaError as exc:        # the CLI says this in one line, not a traceback
+        raise ConnectionError(f"no Kafka broker answered at {kafka.bootstrap} ({exc.__class__.__name__}); "
+                              "start one, or set kafka.bootstrap / --kafka") from None
     try:
         have = set(admin.list_topics())
         missing = [n for n in names if n not in have]

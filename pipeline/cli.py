@@ -22,6 +22,10 @@ examples:
   cityops rules test tests/rules/             run rule unit tests written as data
   cityops route --rule gas.leak --sensor gas-510104-000001
                                               who would be told, and when it would escalate
+  cityops bridge --broker mqtt://10.0.0.5:1883 --kafka 10.0.0.7:9092
+                                              gateways' MQTT readings into Kafka
+  cityops worker --kafka 10.0.0.7:9092        the engine on Kafka; start one per machine, they
+                                              split the partitions
 """
 
 
