@@ -11,6 +11,9 @@ Plain module (no pytest in it): tests/conftest.py turns it into fixtures.
     broker.restart()                     # SIGTERM (the DB is written), start again, same port
     broker.stop()
 
+``ServerProcess`` is the process handling it shares with tests/tsdb.py's VictoriaMetrics and
+tests/kafka_broker.py's Tansu (start until ready, SIGTERM or SIGKILL, restart, killed at exit).
+
 The command-line clients: ``mosquitto_pub(url, topic, payload)``, ``mosquitto_sub(url, filter,
 count, timeout)`` (blocking) and ``CliSubscriber`` (subscribed before the test publishes).
 
@@ -22,7 +25,9 @@ the log and raises if a save failed.
 
 from __future__ import annotations
 
+import abc
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -132,37 +137,179 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:]) or f"({path} is empty)"
 
 
-_running: set[Mosquitto] = set()
+_running: set[ServerProcess] = set()
 
 
 @atexit.register
 def _kill_leftovers() -> None:
-    for broker in list(_running):
-        broker.kill()
+    for server in list(_running):
+        server.kill()
 
 
-class Mosquitto:
+class ServerProcess(abc.ABC):
+    """A server of the tests as a background process on ``host:port``, its stdout and stderr
+    appended to ``output_path``; killed at exit if a test left it running.
+
+    A subclass sets ``name``, ``scheme`` and writes ``command()``; ``ready()`` (accepts TCP by
+    default, ``ready_means`` says so in errors), ``check_log()``, ``_diagnostics()`` and
+    ``log_path`` (what ``log()`` reads, for a server that keeps a log file of its own) may be
+    replaced.
+    """
+
+    name = "server"
+    scheme = "tcp"
+    ready_means = "accept connections"
+    ready_timeout = READY_TIMEOUT
+    stop_timeout = 10.0
+
+    def __init__(self, workdir: str | os.PathLike[str], port: int | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = port or free_port(self.host)
+        self.output_path = self.workdir / f"{self.name}.log"
+        self.log_path = self.output_path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @abc.abstractmethod
+    def command(self) -> list[str]:
+        """The command line of the next start (it may first write the files that start needs)."""
+
+    def ready(self) -> bool:
+        """Serving yet? An OSError means not yet."""
+        with socket.create_connection((self.host, self.port), timeout=0.5):
+            return True
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float | None = None) -> Self:
+        """Start and wait until ``ready()`` (at most ``timeout``, default ``ready_timeout``
+        seconds); raises with the log tail if it exits or is not ready in time."""
+        if self.running:
+            raise RuntimeError(f"{self.name} on port {self.port} is already running")
+        timeout = self.ready_timeout if timeout is None else timeout
+        args = self.command()
+        with open(self.output_path, "ab") as out, open(os.devnull, "rb") as devnull:
+            self._proc = subprocess.Popen(args, stdin=devnull, stdout=out,
+                                          stderr=subprocess.STDOUT)
+        _running.add(self)
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                _running.discard(self)
+                raise RuntimeError(f"{self.name} exited with code {code} at start\n"
+                                   + self._diagnostics())
+            with contextlib.suppress(OSError):      # not listening yet: try until the deadline
+                if self.ready():
+                    return self
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"{self.name} did not {self.ready_means} on {self.url} within "
+                                   f"{timeout:.0f} s\n" + self._diagnostics())
+            time.sleep(0.02)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM and wait (at most ``timeout``, default ``stop_timeout`` seconds): servers
+        write what they hold on a clean shutdown. Raises if it did not stop in time (then it is
+        killed) or if ``check_log()`` finds a failure."""
+        proc = self._proc
+        if proc is None:
+            return
+        timeout = self.stop_timeout if timeout is None else timeout
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise RuntimeError(f"{self.name} did not stop within {timeout:.0f} s of SIGTERM\n"
+                                   + self._diagnostics()) from None
+        self._proc = None
+        _running.discard(self)
+        self.check_log()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self._proc = None
+        _running.discard(self)
+
+    def restart(self, *, hard: bool = False) -> Self:
+        """Stop (SIGTERM; SIGKILL if ``hard``) and start again on the same port, with the same
+        files in ``workdir``."""
+        if hard:
+            self.kill()
+        else:
+            self.stop()
+        return self.start()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def check_log(self) -> None:
+        """Raise if the log shows a failure the server kept running through (after each clean
+        stop); none is known by default."""
+
+    def _diagnostics(self) -> str:
+        paths = dict.fromkeys([self.output_path, self.log_path])
+        return "\n".join(f"--- {path} ---\n{_tail(path)}" for path in paths)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.url}, pid={self.pid}, "
+                f"workdir={str(self.workdir)!r})")
+
+
+class Mosquitto(ServerProcess):
     """One mosquitto process with its own config, log and persistence in ``workdir``.
 
     ``config`` replaces TEST_CONFIG (e.g. the production file with test paths for
     password_file/acl_file); the listener (127.0.0.1:``port``), persistence_location, log file
     and, as root, ``user root`` are always written by this class.
+
+    ``stop()`` and ``restart()`` let it write its persistence DB: QoS 1 messages queued for
+    persistent sessions survive. ``kill()`` is a crash: only what the last autosave wrote does.
     """
+
+    name = "mosquitto"
+    scheme = "mqtt"
 
     def __init__(self, workdir: str | os.PathLike[str], port: int | None = None, *,
                  config: str | None = None, binary: str | None = None):
         self.binary = binary or require_binary("mosquitto")
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.host = "127.0.0.1"
-        self.port = port or free_port(self.host)
+        super().__init__(workdir, port)
         self.data_dir = self.workdir / "data"
         self.conf_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"        # the broker's own log
         self.output_path = self.workdir / "mosquitto.out"     # stdout/stderr (startup errors)
         self.body = TEST_CONFIG if config is None else config
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
 
     # -- config ------------------------------------------------------------------------------
     def render_config(self) -> str:
@@ -186,98 +333,18 @@ class Mosquitto:
             managed.append("user root")
         return "\n".join(managed + ["", *kept, ""])
 
-    # -- life cycle --------------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+    def command(self) -> list[str]:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.conf_path.write_text(self.render_config())
+        return [self.binary, "-c", str(self.conf_path)]
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "mosquitto.db"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self, timeout: float = READY_TIMEOUT) -> Mosquitto:
-        if self.running:
-            raise RuntimeError(f"mosquitto on port {self.port} is already running")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.conf_path.write_text(self.render_config())
-        with open(self.output_path, "ab") as out, open(os.devnull, "rb") as devnull:
-            self._proc = subprocess.Popen([self.binary, "-c", str(self.conf_path)],
-                                          stdin=devnull, stdout=out, stderr=subprocess.STDOUT)
-        _running.add(self)
-        self.starts += 1
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self._proc = None
-                _running.discard(self)
-                raise RuntimeError(f"mosquitto exited with code {code} at start\n"
-                                   + self._diagnostics())
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return self
-            except OSError:
-                pass                # not listening yet: try again until the deadline
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"mosquitto did not accept connections on {self.url} within "
-                                   f"{timeout:.0f} s\n" + self._diagnostics())
-            time.sleep(0.02)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM and wait: mosquitto writes its persistence DB on a clean shutdown. Raises if
-        it did not stop in time (then it is killed) or if a save failed."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise RuntimeError(f"mosquitto did not stop within {timeout:.0f} s of SIGTERM\n"
-                                   + self._diagnostics()) from None
-        self._proc = None
-        _running.discard(self)
-        self.check_log()
-
-    def kill(self) -> None:
-        """SIGKILL: a crash. Only what the last autosave wrote survives."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        self._proc = None
-        _running.discard(self)
-
-    def restart(self, *, hard: bool = False) -> Mosquitto:
-        """Stop (SIGTERM; SIGKILL if ``hard``) and start again on the same port with the same
-        persistence: QoS 1 messages queued for persistent sessions survive."""
-        if hard:
-            self.kill()
-        else:
-            self.stop()
-        return self.start()
-
     # -- logs --------------------------------------------------------------------------------
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def check_log(self) -> None:
+        """The persistence DB is written on a clean stop; a save that failed only shows here."""
         text = self.log()
         for bad in ("Error saving in-memory database", "Unable to open log file",
                     "Error: Permission denied"):
@@ -285,18 +352,8 @@ class Mosquitto:
                 raise RuntimeError(f"mosquitto logged {bad!r}\n" + self._diagnostics())
 
     def _diagnostics(self) -> str:
-        return (f"--- {self.output_path} ---\n{_tail(self.output_path)}\n"
-                f"--- {self.log_path} ---\n{_tail(self.log_path)}\n"
-                f"--- {self.conf_path} ---\n{_tail(self.conf_path, 200)}")
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"Mosquitto({self.url}, pid={self.pid}, workdir={str(self.workdir)!r})"
+        return (super()._diagnostics()
+                + f"\n--- {self.conf_path} ---\n{_tail(self.conf_path, 200)}")
 
 
 # -- paho clients -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.brokers import Mosquitto, MosquittoMissing
+from tests.kafka_broker import Tansu, TansuMissing
 from tests.tsdb import VictoriaMetrics, VictoriaMetricsMissing
 
 
@@ -80,9 +81,8 @@ def victoria_metrics_factory(
 # ---- Kafka (tansu) -----------------------------------------------------------------------------
 
 @pytest.fixture
-def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Tansu"]:
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
     """A started Kafka-protocol broker of this test's own (tansu, in memory, free port)."""
-    from tests.kafka_broker import Tansu, TansuMissing
     try:
         broker = Tansu(tmp_path_factory.mktemp("tansu")).start()
     except TansuMissing as e:             # never a skip: `make test` installs it

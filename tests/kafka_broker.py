@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
-from tests.brokers import free_port
+from tests.brokers import ServerProcess, free_port
 
 READY_TIMEOUT = 15.0
 _open_readers: list = []        # closed before their broker stops, so they do not retry at a dead port
@@ -45,47 +44,25 @@ def tansu_binary() -> str:
     return str(path)
 
 
-class Tansu:
-    def __init__(self, workdir: str | os.PathLike[str]) -> None:
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.log_path = self.workdir / "tansu.log"
+class Tansu(ServerProcess):
+    """In memory: a restart starts it empty."""
+
+    name = "tansu"
+    ready_timeout = READY_TIMEOUT
+    stop_timeout = 5.0
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
-    def start(self) -> Tansu:
-        url = f"tcp://127.0.0.1:{self.port}"
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tansu exited with {self.proc.returncode}: "
-                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"tansu did not listen on {self.port} within {READY_TIMEOUT}s")
+    def command(self) -> list[str]:
+        return [tansu_binary(), "broker", "--listener-url", self.url,
+                "--advertised-listener-url", self.url, "--storage-engine", "memory://tansu/"]
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         while _open_readers:
             _open_readers.pop().close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        super().stop(timeout)
 
 
 # ---- clients ---------------------------------------------------------------------------------
