@@ -26,7 +26,7 @@ _open_readers: list = []        # closed before their broker stops, so they do n
 
 
 class TansuMissing(RuntimeError):
-    pass
+    """The broker binary is not installed; the message says how to install it."""
 
 
 def tansu_binary() -> str:

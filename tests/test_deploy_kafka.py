@@ -61,7 +61,7 @@ SAFE_OPERATIONS = {"Read", "Write", "Describe", "Create", "DescribeConfigs"}
 # ---- helpers ---------------------------------------------------------------------------------
 
 class MissingVariable(Exception):
-    pass
+    """A file uses a variable that has no value where it is read."""
 
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -232,10 +232,10 @@ def cli(argv: list[str], where: str) -> Any:
     with contextlib.redirect_stderr(err):
         try:
             return _parser().parse_args(argv)
-        except SystemExit:
-            pass
+        except SystemExit:          # argparse's way of refusing; its reason is on stderr
+            refused = err.getvalue().strip()
     pytest.fail(f"{where}: `cityops {shlex.join(argv)}` is not a command the CLI accepts: "
-                f"{err.getvalue().strip()}", pytrace=False)
+                f"{refused}", pytrace=False)
 
 
 def config_flag(argv: list[str]) -> str:
