@@ -73,15 +73,15 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from connectors import kafka as kt  # noqa: E402
-from pipeline.bridge import ReadingRouter  # noqa: E402
-from pipeline.config import KafkaSettings  # noqa: E402
-from pipeline.registry import load as load_registry  # noqa: E402
-from rules.compiler import load_rules  # noqa: E402
-from tests.kafka_broker import CityopsProcess, Tansu, tansu_binary  # noqa: E402
+from engine_bench import T0, make_payloads
+from runtime_bench import GAS, PROBE_LEL, pct, py_spy, reading, stop_spy
 
-from engine_bench import T0, make_payloads  # noqa: E402  the engine bench's reading mix
-from runtime_bench import GAS, PROBE_LEL, pct, py_spy, reading, stop_spy  # noqa: E402
+from connectors import kafka as kt
+from pipeline.bridge import ReadingRouter
+from pipeline.config import KafkaSettings
+from pipeline.registry import load as load_registry
+from rules.compiler import load_rules
+from tests.kafka_broker import CityopsProcess, Tansu, tansu_binary
 
 GAS_LIMIT = 20.0            # gas.leak's level1_lel (rules/packs/gas.yaml): what (a) and (b) check
 STALL_S = 30.0              # no progress for this long: the contender is stuck, not slow
