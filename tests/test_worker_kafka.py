@@ -196,6 +196,48 @@ def test_kill_9_mid_stream_loses_no_incident_and_makes_none_twice(kafka, tmp_pat
         second.stop()
 
 
+def test_a_worker_joining_mid_stream_takes_partitions_with_their_alert_state(kafka, tmp_path,
+                                                                            story) -> None:
+    """A rebalance, not a crash: the partitions that move carry their incidents over (the new
+    owner restores the checkpoint), and together the two make exactly replay's incidents."""
+    readings, expected_notices = story
+    expected = {identity(n) for n in expected_notices}
+    expected_incidents = {n["alert_id"] for n in expected_notices}
+    a = worker(kafka, tmp_path, "worker-a")
+    b = None
+    try:
+        a.wait_partitions(PARTITIONS)
+        half = len(readings) // 2
+        produce(kafka.bootstrap, T["readings"], keyed(readings[:half]))
+        reader = TopicReader(kafka.bootstrap, OUT_TOPICS)
+        reader.until(lambda recs: len(recs) >= 3, timeout=60)
+        deadline = time.monotonic() + 30
+        while not sum(a.metric("cityops_checkpoints_total").values()):
+            assert time.monotonic() < deadline, a.log()
+            time.sleep(0.2)
+        b = worker(kafka, tmp_path, "worker-b")
+        deadline = time.monotonic() + 90
+        while True:                                   # the group has split the partitions
+            pa, pb = (a.health() or {}).get("partitions"), (b.health() or {}).get("partitions")
+            if pa and pb and sorted(pa + pb) == list(range(PARTITIONS)):
+                break
+            assert time.monotonic() < deadline, f"no split: {pa} {pb}\n{a.log()}\n{b.log()}"
+            time.sleep(0.3)
+        produce(kafka.bootstrap, T["readings"], keyed(readings[half:]))
+        reader.until(lambda recs: expected <= {identity(json.loads(r.value)) for r in recs},
+                     timeout=120, quiet=3.0)
+        got = [n for n in (json.loads(r.value) for r in reader.records) if within(readings)(n)]
+        assert {identity(n) for n in got} == expected
+        assert {json.loads(r.value)["alert_id"] for r in reader.records} == expected_incidents
+        assert "state restored at offsets" in b.log(), "the partitions came with their state"
+        for w in (a, b):
+            assert not any(w.metric("cityops_partition_gap_records").values())
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
+
+
 def test_poison_goes_to_the_dead_letter_topic_and_the_partition_keeps_moving(kafka, tmp_path) -> None:
     w = worker(kafka, tmp_path)
     try:
