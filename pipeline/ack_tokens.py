@@ -17,7 +17,8 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from pipeline.models import Tier
+from pipeline.models import Ack, DeadLetter, Tier
+from pipeline.wire import dead_letter
 
 _DOMAIN = b"cityops-ack-v1\n"       # a key used elsewhere can never make a valid token
 MAX_TOKEN = 1024
@@ -39,6 +40,26 @@ class AckClaim:
     tier: str
     worker_id: str
     expires_s: int
+
+    def ack(self, now_ms: int, note: str) -> Ack:
+        """The acknowledgement the claim stands for, made now."""
+        return Ack(alert_id=self.alert_id, by=self.worker_id, tier=Tier(self.tier), ts=now_ms,
+                   note=note)
+
+
+REPLY_NOTE = "reply to the push"
+
+
+def reply_worker(topic: str, prefix: str) -> str:
+    """Whose reply a message on `{prefix}/push/{worker_id}/ack` is (the broker's ACL lets a
+    worker publish only on its own)."""
+    return topic[len(f"{prefix}/push/"):].removesuffix("/ack")
+
+
+def refused(exc: BadToken, payload: bytes, source: str) -> DeadLetter:
+    """A reply whose token acknowledges nothing, as the dead letter that says why."""
+    return dead_letter("bad_ack", f"acknowledge token refused ({exc.reason}): {exc}", payload,
+                       source=source)
 
 
 def _b64(raw: bytes) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 from connectors import kafka as kt
 from connectors.mqtt import MqttLink, sender_of
 from pipeline import wire
+from pipeline.ack_tokens import REPLY_NOTE, AckTokens, BadToken, refused, reply_worker
 from pipeline.config import Settings
 from pipeline.models import Ack, DeadLetter
 from pipeline.prom import dead_letters, family
@@ -131,7 +132,6 @@ class Bridge:
         # `cityops run`): with push on, the bridge checks the token and forwards the Ack.
         self.tokens = None
         if settings.push.enabled and settings.push.secret is not None:
-            from pipeline.ack_tokens import AckTokens
             self.tokens = AckTokens(settings.push.secret.get_secret_value().encode(),
                                     settings.push.ack_ttl)
 
@@ -216,16 +216,13 @@ class Bridge:
 
     def _reply(self, m: Any) -> bytes | DeadLetter:
         """A worker's reply to a push: its token, on its own topic, becomes its Ack."""
-        from pipeline.ack_tokens import BadToken
-        worker = m.topic[len(f"{self.prefix}/push/"):].removesuffix("/ack")
+        now = int(time.time() * 1000)
         try:
-            claim = self.tokens.verify(m.payload.decode("utf-8", "replace"),
-                                       int(time.time() * 1000), worker)
+            claim = self.tokens.verify(m.payload.decode("utf-8", "replace"), now,
+                                       reply_worker(m.topic, self.prefix))
         except BadToken as exc:
-            return wire.dead_letter("bad_ack", f"acknowledge token refused ({exc.reason}): {exc}",
-                                    m.payload, source=m.topic)
-        return Ack(alert_id=claim.alert_id, by=claim.worker_id, tier=claim.tier,
-                   ts=int(time.time() * 1000), note="reply to the push").model_dump_json().encode()
+            return refused(exc, m.payload, m.topic)
+        return claim.ack(now, REPLY_NOTE).model_dump_json().encode()
 
     def _produce(self, records: list, acks: list, dead: list) -> bool:
         producer, t = self.producer, self.topics

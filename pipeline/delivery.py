@@ -49,9 +49,9 @@ from connectors.push import (
     Webhook,
     WeCom,
 )
-from pipeline.ack_tokens import REASONS, AckClaim, AckTokens, BadToken
+from pipeline.ack_tokens import REASONS, REPLY_NOTE, AckClaim, AckTokens, BadToken
 from pipeline.config import Settings
-from pipeline.models import Ack, DeadLetter, Tier
+from pipeline.models import Ack, DeadLetter
 from pipeline.notices import fmt_time
 from pipeline.push_store import DELIVERED, FAILED, PushStore
 from pipeline.registry import Registry
@@ -293,8 +293,7 @@ class PushDispatcher:
         """The acknowledgement a good token stands for, made now (see verify_token)."""
         c = self.verify_token(token, worker_id)
         self._count(("tokens", "accepted"))
-        return Ack(alert_id=c.alert_id, by=c.worker_id, tier=Tier(c.tier), ts=self._now_ms(),
-                   note="reply to the push" if worker_id else "the push's acknowledge link")
+        return c.ack(self._now_ms(), REPLY_NOTE if worker_id else "the push's acknowledge link")
 
     # ---- out ------------------------------------------------------------------------------
     def _attempt(self, lane: _Lane, d: Delivery) -> None:

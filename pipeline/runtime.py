@@ -30,8 +30,7 @@ from typing import Any
 import orjson
 
 from connectors.mqtt import MqttLink, sender_of
-from pipeline import wire
-from pipeline.ack_tokens import BadToken
+from pipeline.ack_tokens import BadToken, refused, reply_worker
 from pipeline.config import Settings
 from pipeline.engine import Engine, Output
 from pipeline.prom import dead_letters, notices_by_tier
@@ -240,14 +239,13 @@ class LiveRuntime:
         someone else's one a `bad_ack` dead letter."""
         acks, dead = [], []
         for m in msgs:
-            worker = m.topic[len(self.push_topics):].removesuffix("/ack")
+            worker = reply_worker(m.topic, self.prefix)
             try:
                 if self.push is None:
                     raise BadToken("malformed", "push is not enabled")
                 ack = self.push.accept_token(m.payload.decode("utf-8", "replace"), worker)
             except BadToken as exc:
-                dead.append(wire.dead_letter("bad_ack", f"acknowledge token refused ({exc.reason}):"
-                                             f" {exc}", m.payload, source=m.topic))
+                dead.append(refused(exc, m.payload, m.topic))
             else:
                 acks.append(ack.model_dump_json().encode())
         self._publish([], dead)

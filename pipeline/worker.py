@@ -47,6 +47,7 @@ from pipeline.engine import Engine, Output
 from pipeline.models import Ack
 from pipeline.prom import dead_letters, family, notices_by_tier
 from pipeline.registry import load as load_registry
+from pipeline.runtime import notice_topic as mqtt_notice_topic
 from pipeline.wire import dead_letter
 from rules.compiler import load_rules
 
@@ -156,7 +157,7 @@ class CityWorker:
         self.t_fanout = app.topic(f"{s.worker.app_id}-acks-fanout", partitions=n, internal=True,
                                   **raw)
         self.t_dead = app.topic(self.names["deadletter"], **raw)
-        self.t_out = {name: app.topic(topic, **raw) for name, topic in self.names.items()
+        self.t_out = {topic: app.topic(topic, **raw) for name, topic in self.names.items()
                       if name.startswith("alerts.") or name == "push"}
         self.table = app.tables.add(PartitionTable(app, name="engine", partitions=n,
                                                    key_type=str, value_type=bytes))
@@ -356,16 +357,15 @@ class CityWorker:
 
     # ---- out --------------------------------------------------------------------------------
     async def _emit(self, out: Output, ps: PartitionState) -> None:
-        from pipeline.runtime import notice_topic
-        prefix = self.s.mqtt.prefix
+        kafka_prefix, mqtt_prefix = self.s.kafka.prefix, self.s.mqtt.prefix
         push = self.push
         for n in out.notices:
             value = orjson.dumps(n)
-            name = "push" if n["tier"] == "grid" else f"alerts.{n['tier']}"
-            await self.t_out[name].send(key=kt.notice_key(n).encode(), value=value)
+            await self.t_out[kt.notice_topic(kafka_prefix, n)].send(key=kt.notice_key(n).encode(),
+                                                                     value=value)
             self.counters["notices." + n["tier"]] += 1
             if self.mirror is not None and (push is None or not push.owns(n)):
-                self.mirror.publish(notice_topic(prefix, n), value)
+                self.mirror.publish(mqtt_notice_topic(mqtt_prefix, n), value)
         for d in out.dead_letters:
             await self.t_dead.send(value=d.model_dump_json().encode())
             self.counters["dead." + d.reason] += 1
@@ -527,7 +527,7 @@ def serve(settings: Settings) -> int:
     print(f"cityops worker {s.worker.app_id}: kafka {s.kafka.bootstrap}, "
           f"{worker.names[READINGS]} ({s.kafka.partitions} partitions), "
           f"{len(worker.registry):,} sensors, "
-          f"{len(Engine(worker.registry.subset(()), worker.rules).evaluators)} rules; "
+          f"{len(worker.rules.rules)} rules; "
           f"notices to {s.kafka.prefix}.alerts.*, {s.kafka.prefix}.push"
           + (f"; health http://{s.http.host}:{s.http.port}/healthz" if s.http.port else ""),
           flush=True)
