@@ -44,6 +44,23 @@ from rules.schema import Duration
 
 SCAN = -2                  # timer owner number of the absence scan
 SNAPSHOT_VERSION = 1
+NEVER = 1 << 62
+EARLIEST = 946_684_800_000  # 2000-01-01T00:00:00Z: an earlier ts is epoch seconds or an unset clock
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def _newest_so_far(g_idx: np.ndarray, g_ts: np.ndarray, before: np.ndarray,
+                   back: np.ndarray) -> None:
+    """``before`` holds, per reading, its sensor's previous reading in arrival order; where
+    time went back across payloads, make it the newest of all the sensor's earlier readings
+    (rare: only the sensors concerned are walked)."""
+    for s in np.unique(g_idx[back]).tolist():
+        lo = int(np.searchsorted(g_idx, s, side="left"))
+        hi = int(np.searchsorted(g_idx, s, side="right"))
+        newest = 0
+        for k in range(lo, hi):
+            before[k] = newest
+            newest = max(newest, int(g_ts[k]))
 
 
 class EngineSettings(BaseModel):
@@ -127,8 +144,22 @@ class Engine:
                 for rid in e.spec.of:
                     self._listeners.setdefault(rid, []).append(e)
         self.silent: set[int] = set()       # sensors in an absence incident (any absence rule)
-        self._seen_idx = self._seen_ts = np.zeros(0, dtype=np.int64)   # see _apply_seen
+        # the batch being taken (see _screen_and_evaluate): its accepted readings in rank order,
+        # the stamps applied so far, payload horizons, the loop's place, readings to act still
+        self._seen_idx = self._seen_ts = self._seen_pay = _EMPTY
         self._seen_at = 0
+        self._horizons: list[int] | None = None
+        self._cur = 0
+        self._visit: list[int] = []
+        self._positions: list[int] = []
+        self._next_visit = 0
+        self._passed = 0
+        self._current = -1
+        self._recoveries: list[tuple[int, int, int]] = []
+        self._watch_from: tuple[int, int] | None = None
+        self._scan_due = NEVER               # the planned absence scan, and its plan number
+        self._scan_gen = 0
+        self._frontier = -NEVER              # in a batch: the time timers have been run up to
         self.watermark = -(1 << 62)
         self.max_ts = 0
         self.watch_start = 0                # when absence watching began (event time)
@@ -198,37 +229,100 @@ class Engine:
         return np.repeat(np.array(gw, dtype=np.int64), counts), np.repeat(np.array(sensor, dtype=np.int64), counts)
 
     def process(self, readings: list, now_ms: int | None = None, out: Output | None = None,
-                _spans: list | None = None, _claims: tuple | None = None) -> Output:
+                ends: list[int] | None = None, _spans: list | None = None,
+                _claims: tuple | None = None) -> Output:
         """Evaluate a batch of decoded readings (``wire.WireReading``, ts in epoch ms).
+
+        ``ends``: where each payload of the batch ends in ``readings`` (default: the whole list
+        is one payload, e.g. one gateway array). A batch is taken as its payloads one after
+        another, in arrival order, each in event-time order: exactly what one call per payload
+        would do, so batching never changes the answer (tests/test_engine_model.py checks it
+        against the reference model at random batch splits).
 
         Batch-first: the checks every reading needs (known sensor, time bounds, kind, finite,
         stale or duplicate) and the question "can this reading change anything?" are answered
         for the whole batch with numpy; Python then visits only the readings that can matter
         (over a threshold, a sensor with an incident open, an event, a battery level, a window
-        rule), in event-time order.
+        rule).
         """
         out = out if out is not None else Output()
-        n = len(readings)
-        if n:
-            self._screen_and_evaluate(readings, now_ms, out, _spans, _claims)
+        if readings:
+            if ends is None:
+                ends = [span[0] for span in _spans] if _spans else [len(readings)]
+            self._screen_and_evaluate(readings, now_ms, out, _spans, _claims, ends)
         self._drain(out)
         self.advance(self.max_ts - self.settings.allowed_lateness, out)
-        self._apply_seen(1 << 62)
+        self._end_batch()
         return out
 
+    # ---- the batch as its payloads in arrival order --------------------------------------------
+    # Accepted readings are ranked by (payload, event time, arrival); ``_seen_*`` hold them in
+    # that order. Payload p's horizon ``_horizons[p]`` is the watermark once p has been taken:
+    # timers due by then have run before any reading of a later payload, as they would with one
+    # call per payload. Last-seen stamps are applied lazily: an absence scan during payload p at
+    # time d sees every earlier payload and p's readings up to d.
+
+    def _end_batch(self) -> None:
+        if self._seen_at < len(self._seen_ts):
+            sl = slice(self._seen_at, None)
+            np.maximum.at(self._last_seen_np, self._seen_idx[sl], self._seen_ts[sl])
+        self._seen_idx = self._seen_ts = self._seen_pay = _EMPTY
+        self._seen_at = 0
+        self._horizons = None
+        self._frontier = -NEVER
+        self._recoveries.clear()
+
     def _apply_seen(self, upto: int) -> None:
-        """Record the batch's last-seen stamps up to event time ``upto``."""
-        ts = self._seen_ts
-        if self._seen_at >= len(ts):
+        """Stamps an absence scan at ``upto`` may see: earlier payloads, and the current
+        payload's readings up to ``upto``."""
+        if self._horizons is None or self._seen_at >= len(self._seen_ts):
             return
-        end = int(np.searchsorted(ts, upto, side="right"))
-        if end > self._seen_at:
-            sl = slice(self._seen_at, end)
-            np.maximum.at(self._last_seen_np, self._seen_idx[sl], ts[sl])
+        lo = self._seen_at
+        cur = self._cur
+        pay = self._seen_pay
+        first = lo + int(np.searchsorted(pay[lo:], cur, side="left"))
+        last = lo + int(np.searchsorted(pay[lo:], cur, side="right"))
+        end = max(first, lo) + int(np.searchsorted(self._seen_ts[max(first, lo):last], upto,
+                                                   side="right"))
+        if end > lo:
+            sl = slice(lo, end)
+            np.maximum.at(self._last_seen_np, self._seen_idx[sl], self._seen_ts[sl])
             self._seen_at = end
 
+    def _finish_payloads(self, upto: int, out: Output) -> None:
+        """The end of payloads ``_cur`` .. ``upto`` - 1: absence watching starts after the first
+        accepted reading's payload, then the timers its horizon reaches run. Stops early at a
+        payload that a scan has just given a reading to visit."""
+        h = self._horizons
+        heap = self.timers.heap
+        while self._cur < upto:
+            nxt = upto
+            if heap and heap[0][0] <= h[upto - 1]:
+                nxt = bisect.bisect_left(h, heap[0][0], self._cur, upto)
+            watch = self._watch_from
+            if watch is not None and watch[0] < nxt:
+                nxt = watch[0]
+            if self._recoveries:
+                nxt = self._cur              # readings of this payload still to act
+            if nxt >= upto:
+                break
+            self._cur = nxt
+            self._passed = int(np.searchsorted(self._seen_pay, nxt, side="right"))
+            self._current = -1
+            if watch is not None and watch[0] == nxt:
+                self._watch_from = None
+                self._start_watching(watch[1])
+            self._run_timers(h[nxt], out)
+            self._recover_pending(1 << 62, out)
+            self._cur = nxt + 1
+            if self._next_visit < len(self._visit):
+                upto = min(upto, int(self._seen_pay[self._visit[self._next_visit]]))
+        self._cur = max(self._cur, upto)
+        if upto:
+            self._frontier = max(self._frontier, h[upto - 1])
+
     def _screen_and_evaluate(self, readings: list, now_ms: int | None, out: Output,
-                             spans: list | None, claims: tuple | None = None) -> None:
+                             spans: list | None, claims: tuple | None, ends: list[int]) -> None:
         n = len(readings)
         s = self.settings
         idx_list = list(map(self.registry.index.get, [r.sensor_id for r in readings], repeat(-1, n)))
@@ -255,46 +349,75 @@ class Engine:
                                     | ((sensor_claim != -1) & (idx != sensor_claim)))
             known &= ~wrong_sender
         kind = self._kind_np[np.where(known, idx, 0)]
+        npay = len(ends)
+        pay = np.repeat(np.arange(npay, dtype=np.int64), np.diff(np.asarray(ends, dtype=np.int64),
+                                                                   prepend=0))
         # "future" needs a clock (the runtimes and replay pass the wall clock; history is never
-        # ahead of it); "too old" is judged against the watermark, so old history replays
+        # ahead of it). "Too old" is judged against the watermark as it stood when the reading
+        # arrived (earlier payloads of this batch count), and nothing before 2000 is a real
+        # reading: it is epoch seconds, or a clock that was never set.
         ceiling = now_ms + s.max_future if now_ms is not None else 1 << 62
         future = known & (ts > ceiling)
-        too_old = known & ~future & (ts < self.watermark - s.max_age)
         wants = self._wants_value_np[kind]
         no_value = np.isnan(val)            # an event, or a NaN value: told apart below (rare)
+        finite = no_value | (np.abs(val) < 1e15)
+        unset = ts < EARLIEST
+        could = known & ~future & ~unset & (no_value != wants) & finite
+        newest = np.full(npay, -(1 << 62), dtype=np.int64)
+        np.maximum.at(newest, pay[could], ts[could])
+        newest = np.maximum.accumulate(newest)
+        arrived = np.empty(npay, dtype=np.int64)       # the watermark as each payload arrives
+        arrived[0] = self.watermark
+        arrived[1:] = np.maximum(newest[:-1] - s.allowed_lateness, self.watermark)
+        too_old = known & ~future & (unset | (ts < arrived[pay] - s.max_age))
         suspect = known & ~future & ~too_old & (no_value == wants)
-        bad_value = known & ~future & ~too_old & ~no_value & ~(np.abs(val) < 1e15)
+        bad_value = known & ~future & ~too_old & ~finite
         fit = known & ~future & ~too_old & ~suspect & ~bad_value
-        # Per sensor, in event-time order (ties: arrival): newer than all before it, stored or
-        # earlier in this batch? Equal is a redelivered duplicate, older is stale.
+        # Per sensor, in arrival order (payloads one after another, each in event-time order):
+        # newer than every reading before it, stored or earlier in this batch? Equal is a
+        # redelivered duplicate, older is stale.
         pos = np.flatnonzero(fit)
-        order = pos[np.lexsort((ts[pos], idx[pos]))]
+        order = pos[np.lexsort((ts[pos], pay[pos], idx[pos]))]
         g_idx, g_ts = idx[order], ts[order]
+        same = np.zeros(len(order), dtype=bool)
+        same[1:] = g_idx[1:] == g_idx[:-1]
         before = np.zeros(len(order), dtype=np.int64)
-        before[1:] = np.where(g_idx[1:] == g_idx[:-1], g_ts[:-1], 0)
-        newest = np.maximum(self._last_seen_np[g_idx], before)
-        accepted = g_ts > newest
-        duplicate = g_ts == newest
-        stale_pos = np.sort(order[g_ts < newest])
+        before[1:] = np.where(same[1:], g_ts[:-1], 0)
+        back = np.flatnonzero(same & (g_ts < before))
+        if len(back):                       # time went back across payloads: newest so far
+            _newest_so_far(g_idx, g_ts, before, back)
+        newest_seen = np.maximum(self._last_seen_np[g_idx], before)
+        accepted = g_ts > newest_seen
+        duplicate = g_ts == newest_seen
+        older = g_ts < newest_seen
+        stale_pos = np.sort(order[older])
+        self._stale_newest = dict(zip(order[older].tolist(), newest_seen[older].tolist()))
         ok = np.zeros(n, dtype=bool)
         ok[order[accepted]] = True
-        if accepted.any():
-            # Last-seen stamps are applied in time order as the batch is worked through, so an
-            # absence scan due mid-batch sees what had arrived by then and nothing later.
-            by_time = np.argsort(g_ts[accepted], kind="stable")
-            self._seen_idx = g_idx[accepted][by_time]
-            self._seen_ts = g_ts[accepted][by_time]
-            self._seen_at = 0
-            self.max_ts = max(self.max_ts, int(g_ts[accepted].max()))
+        good = np.flatnonzero(ok)
+        good = good[np.lexsort((ts[good], pay[good]))]    # stable: ties keep arrival order
+        self._seen_idx, self._seen_ts, self._seen_pay = idx[good], ts[good], pay[good]
+        self._seen_at = 0
+        self._cur = 0
+        if len(good):
+            self.max_ts = max(self.max_ts, int(ts[good].max()))
+            if not self.watch_start:
+                self._watch_from = (int(pay[good[0]]), int(ts[good[0]]))
+        top = np.full(npay, -(1 << 62), dtype=np.int64)
+        np.maximum.at(top, self._seen_pay, self._seen_ts)
+        self._horizons = np.maximum(np.maximum.accumulate(top) - s.allowed_lateness,
+                                    self.watermark).tolist()
         # Which accepted readings can change anything?
         matter = ok & (val >= self._floor_np[kind])        # over the quiet floor (events: nan)
         matter |= ok & (event == 2) & self._has_event_rules_np[kind]
-        hot = [t for e in self._quiet_rules for t in e.tracks] + list(self.silent)
+        hot = [t for e in self._quiet_rules for t in e.tracks]
         busy = np.unique(idx[matter & ~no_value])
         if hot:
             busy = np.union1d(busy, np.array(hot, dtype=np.int64))
         if len(busy):
             matter |= ok & ~no_value & np.isin(idx, busy)
+        if self.silent:                     # any reading of a silent sensor ends its silence
+            matter |= ok & np.isin(idx, np.fromiter(self.silent, np.int64, len(self.silent)))
         if self._battery_kinds_any:
             bat = np.array([r.battery for r in readings], dtype=np.float64)   # None -> nan
             low = ok & (bat <= self._battery_ceiling_np[kind])                # nan: False
@@ -305,32 +428,59 @@ class Engine:
             matter |= low
         if self.keep_accepted and ok.any():
             out.accepted.append((idx[ok], ts[ok], val[ok]))
-        visit = np.flatnonzero(matter)
-        self._evaluate(readings, idx_list, visit[np.argsort(ts[visit], kind="stable")].tolist(), out)
+        rank = np.empty(n, dtype=np.int64)
+        rank[good] = np.arange(len(good))
+        self._visit = np.sort(rank[matter]).tolist()
+        self._positions = good.tolist()
+        self._evaluate(readings, idx_list, out)
         c = self.counters
         c["readings"] += n
         c["duplicates"] += int(duplicate.sum())
-        if not self.watch_start and self.max_ts:
-            self._start_watching(int(ts[ok].min()) if ok.any() else self.max_ts)
         if not fit.all() or len(stale_pos):
             self._reject_batch(readings, spans, out, idx_list, invalid, wrong_sender, known,
                                future, too_old, suspect, bad_value, stale_pos)
 
-    def _evaluate(self, readings: list, idx_list: list[int], positions: list[int],
-                  out: Output) -> None:
-        """The rules, reading by reading, for the readings that can change something; a timer
-        that fell due before a reading (and within the new watermark) acts before it."""
+    def _evaluate(self, readings: list, idx_list: list[int], out: Output) -> None:
+        """The rules, reading by reading, for the readings that can change something, in rank
+        order, with each payload's end between them; a timer that fell due before a reading (and
+        within its payload's horizon) acts before it."""
         kind_of = self.registry.kind_of
         vh, bh, eh = self._value, self._battery, self._event
         silent = self.silent
         changes = self.changes
         heap = self.timers.heap
-        horizon = self.max_ts - self.settings.allowed_lateness
-        for i in positions:
+        horizons = self._horizons
+        npay = len(horizons)
+        visit = self._visit                 # a scan may add to it (a sensor found silent)
+        positions = self._positions
+        pay = self._seen_pay
+        j = 0
+        while True:
+            if j == len(visit):
+                if self._cur == npay:
+                    break
+                self._next_visit = j
+                self._finish_payloads(npay, out)
+                continue
+            rk = visit[j]
+            q = int(pay[rk])
+            if q != self._cur:
+                self._next_visit = j
+                self._finish_payloads(q, out)
+                continue                    # an earlier reading may have been given a visit
+            j += 1
+            self._next_visit = j
+            self._passed = self._current = rk
+            i = positions[rk]
             r = readings[i]
             ts = r.ts
-            if heap and heap[0][0] < ts and heap[0][0] <= horizon:
-                self._run_timers(min(ts - 1, horizon), out)
+            upto = min(ts - 1, horizons[q])
+            if upto > self._frontier:
+                self._frontier = upto
+            if heap and heap[0][0] < ts and heap[0][0] <= horizons[q]:
+                self._run_timers(upto, out)
+            if self._recoveries:
+                self._recover_pending(rk, out, by_rank=True)
             s = idx_list[i]
             k = kind_of[s]
             if silent and s in silent:
@@ -390,7 +540,7 @@ class Engine:
         for i in stale_pos.tolist():
             r = readings[i]
             rejects.append((r, "stale", f"older than sensor {r.sensor_id}'s newest reading "
-                            f"({int(self.last_seen[idx_list[i]])})"))
+                            f"({self._stale_newest[i]})"))
         self._reject(rejects, readings, spans, out)
 
     def _reject(self, rejects: list, arrival: list, spans: list | None, out: Output) -> None:
@@ -450,24 +600,52 @@ class Engine:
         return out
 
     def _run_timers(self, upto: int, out: Output) -> None:
+        heap = self.timers.heap
         pop = self.timers.pop_due
         evaluators = self.evaluators
-        while (t := pop(upto)) is not None:
+        while True:
+            if self._recoveries and (not heap or heap[0][0] >= self._recoveries[0][0]) \
+                    and self._recoveries[0][0] <= upto:
+                self._recover_pending(self._recoveries[0][0], out)   # that reading came first
+                continue
+            t = pop(upto)
+            if t is None:
+                break
             due, owner, key = t
+            self._frontier = max(self._frontier, due)
             if owner >= 0:
                 evaluators[owner].on_timer(due, key)
             elif owner == LIFECYCLE:
                 self.book.on_timer(due, key, out.notices)
-            elif owner == SCAN:
+            elif owner == SCAN and key == self._scan_gen:    # else replaced by an earlier plan
                 self._apply_seen(due)
-                nxt = self._scan_absence(due)
-                self.timers.push(max(due + self.settings.absence_scan_every, nxt), SCAN, None)
+                nxt = self._scan_absence(due, out)
+                self._plan_scan(self._on_cadence(max(due + 1, nxt)) if nxt < NEVER else NEVER,
+                                replace=True)
             self._drain(out)
+        if upto > self._frontier:
+            self._frontier = upto
 
     def _start_watching(self, ts: int) -> None:
         self.watch_start = ts
         if self.absence:
-            self.timers.push(ts + self.settings.absence_scan_every, SCAN, None)
+            self._plan_scan(ts + self.settings.absence_scan_every)
+
+    def _on_cadence(self, t: int) -> int:
+        """The first scan time (watch start + k * absence_scan_every) at or after ``t``."""
+        every = self.settings.absence_scan_every
+        return self.watch_start + -(-(t - self.watch_start) // every) * every
+
+    def _plan_scan(self, at: int, replace: bool = False) -> None:
+        """Absence is checked at the scan times; scans that can find nothing are left out (the
+        next one is planned for when the next sensor could fall silent), and a sensor that comes
+        back moves the plan earlier if it must."""
+        if not replace and at >= self._scan_due:
+            return
+        self._scan_gen += 1
+        self._scan_due = at
+        if at < NEVER:
+            self.timers.push(at, SCAN, self._scan_gen)
 
     def _drain(self, out: Output) -> None:
         changes = self.changes
@@ -482,12 +660,12 @@ class Engine:
                 self.counters["changes." + ch.what] += 1
 
     # ---- absence --------------------------------------------------------------------------
-    def _scan_absence(self, at: int) -> int:
+    def _scan_absence(self, at: int, out: Output) -> int:
         """Silence as of event time ``at``; returns when the next sensor could fall silent
         (readings only push that later), so a scan never runs for nothing in a long replay."""
         seen = np.maximum(self._last_seen_np, self.watch_start)
-        upcoming = 1 << 62
-        fired_any = False
+        upcoming = NEVER
+        found: list[int] = []
         for a in self.absence:
             due = seen + a.absent_ms
             watched = a.absent_ms > 0
@@ -501,7 +679,7 @@ class Engine:
             new = [i for i in idxs.tolist() if i not in a.silent]
             if not new:
                 continue
-            fired_any = True
+            found += new
             whole: set[int] = set()
             gw = a.gateway_of
             if gw is not None:
@@ -517,8 +695,7 @@ class Engine:
                 else:
                     a.silent[i] = ""
                     self.silent.add(i)
-                    last = int(self.last_seen[i])
-                    a.fire(i, int(due[i]), last, None)
+                    a.fire(i, int(due[i]), int(self.last_seen[i]), None)
             for g, members in by_gateway.items():
                 subject = "gw:" + self.registry.gateways[g]
                 if subject not in a.tracks:
@@ -528,21 +705,41 @@ class Engine:
                 for i in members:
                     a.silent[i] = subject
                     self.silent.add(i)
-        if fired_any:
-            self._recover_later_in_batch()
+        if found and self._horizons is not None:
+            self._drain(out)
+            self._readings_after_scan(found)
         return upcoming
 
-    def _recover_later_in_batch(self) -> None:
-        """Sensors just found silent whose next reading is later in this very batch: that
-        reading has arrived already, so it resolves them now, stamped with its own time."""
-        rest_idx = self._seen_idx[self._seen_at:]
-        if not len(rest_idx):
+    def _readings_after_scan(self, found: list[int]) -> None:
+        """Sensors just found silent that have a reading in this batch after the scan's point:
+        that reading resolves them, in its place. One the loop has passed already (it needed no
+        visit) acts before the next timer or reading after it; a later one is visited."""
+        lo = self._seen_at
+        rest = self._seen_idx[lo:]
+        if not len(rest):
             return
-        rest_ts = self._seen_ts[self._seen_at:]
-        hit = np.isin(rest_idx, np.fromiter(self.silent, dtype=np.int64, count=len(self.silent)))
-        for i, t in zip(rest_idx[hit].tolist(), rest_ts[hit].tolist(), strict=True):
-            if i in self.silent:
-                self._recover(i, t)
+        hit = np.flatnonzero(np.isin(rest, np.array(found, dtype=np.int64)))
+        if not len(hit):
+            return
+        _, first = np.unique(rest[hit], return_index=True)
+        ranks = (lo + hit[first]).tolist()
+        for rk in sorted(ranks):
+            if rk < self._passed:
+                heapq.heappush(self._recoveries, (int(self._seen_ts[rk]), rk,
+                                                  int(self._seen_idx[rk])))
+            elif rk != self._current:
+                k = bisect.bisect_left(self._visit, rk, self._next_visit)
+                if k == len(self._visit) or self._visit[k] != rk:
+                    self._visit.insert(k, rk)
+
+    def _recover_pending(self, upto: int, out: Output, by_rank: bool = False) -> None:
+        """Readings of silent sensors that the loop passed before a scan found them silent."""
+        rec = self._recoveries
+        while rec and (rec[0][1] < upto if by_rank else rec[0][0] <= upto):
+            ts, _, s = heapq.heappop(rec)
+            if s in self.silent:
+                self._recover(s, ts)
+                self._drain(out)
 
     def _recover(self, idx: int, ts: int) -> None:
         for a in self.absence:
@@ -552,6 +749,11 @@ class Engine:
         self.silent.clear()
         for a in self.absence:
             self.silent.update(a.silent)
+        # it (or its gateway's others) can fall silent again: scan again from the next scan time
+        # after both the reading and the time the scans have covered (every scan time up to the
+        # timers' frontier counts as done, found something or not, so a late reading does not
+        # take the checks back in time)
+        self._plan_scan(self._on_cadence(max(ts, self.watermark + 1, self._frontier + 1)))
 
     # ---- state ----------------------------------------------------------------------------
     def _fingerprint(self) -> str:
@@ -579,7 +781,7 @@ class Engine:
             "watermark": self.watermark, "max_ts": self.max_ts, "watch_start": self.watch_start,
             "last_seen": self.last_seen.tobytes(),
             "sensor_ids": "\n".join(reg.sensor_ids),
-            "timers": timers, "timer_n": self.timers.n,
+            "timers": timers, "timer_n": self.timers.n, "scan": [self._scan_due, self._scan_gen],
             "rules": {e.id: e.dump(sid) for e in self.evaluators},
             "book": self.book.dump(sid),
             "counters": dict(self.counters),
@@ -636,5 +838,7 @@ class Engine:
         heapq.heapify(heap)
         self.timers.heap[:] = heap
         self.timers.n = state["timer_n"]
+        scans = [(due, key) for due, _, owner, key in heap if owner == SCAN]
+        self._scan_due, self._scan_gen = state.get("scan") or (min(scans) if scans else (NEVER, 0))
         self.counters = Counter(state["counters"])
         return {k: v for k, v in lost.items() if v}

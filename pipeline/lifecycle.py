@@ -15,7 +15,7 @@ from pipeline.models import Ack, Category, Severity, State, Tier
 from pipeline.registry import Registry
 from pipeline.routing import Router, Target
 from rules.compiler import modifier_notes
-from rules.evaluators import FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers
+from rules.evaluators import DOWNGRADE, FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers
 from rules.schema import AbsenceRule, CorrelationRule, format_duration
 
 LIFECYCLE = -1          # timer owner number of the AlertBook
@@ -74,14 +74,24 @@ class AlertBook:
             self._send(inc, State.firing, State.firing, ch.ts, out, self._widen(inc, ch.ts))
             if not inc.acked_by:
                 self._escalate_from(inc, inc.started, ch.ts)
+        elif ch.what == DOWNGRADE:
+            # a per-level clear held: one level down, and every tier that was told hears it
+            inc = self.open.get(ch.alert_id)
+            if inc is None or ch.rank >= inc.rank:
+                return
+            inc.rank, inc.value, inc.threshold = ch.rank, ch.value, ch.threshold
+            self._rebase(inc, ch)
+            self._send(inc, State.firing, State.firing, ch.ts, out, [], lowered=True,
+                       cleared=(ch.value, ch.cleared))
         elif ch.what == RESOLVE:
             inc = self.open.pop(ch.alert_id, None)
             if inc is None:
                 return
             prev = inc.state
-            inc.state, inc.value = State.resolved, ch.value if ch.value is not None else inc.value
-            self._rebase(inc, ch)
-            self._send(inc, State.resolved, prev, ch.ts, out, [])
+            inc.state = State.resolved
+            self._rebase(inc, ch)                   # the text still tells what fired
+            self._send(inc, State.resolved, prev, ch.ts, out, [],
+                       cleared=(ch.value, ch.cleared) if ch.cleared is not None else None)
             spec = self.rules[inc.rule].spec
             if getattr(spec, "flapping", None):
                 self.resolved[inc.aid] = inc
@@ -219,8 +229,9 @@ class AlertBook:
         members = [reg.sensor_ids[m] for m in inc.members] if inc.members else None
         out_kind = kind
         if isinstance(spec, AbsenceRule):
+            # last heard from: the change says it (a resolve comes after the track is gone)
             last = self.rules[inc.rule].tracks.get(inc.subject)
-            last_ms = last.extra if last is not None else 0
+            last_ms = ch.heard if ch.heard is not None else (last.extra if last is not None else 0)
             extra = {"last_seen": nt.fmt_time(last_ms, reg.tz) if last_ms else "自接入以来从未上报",
                      "absent_for": format_duration(self._absent_ms(spec, kind))}
             if isinstance(inc.subject, str):
@@ -246,14 +257,15 @@ class AlertBook:
         return spec.absent_for
 
     def _send(self, inc: Incident, state: State, prev: State | None, ts: int, out: list[dict],
-              new: list[Target], extra_summary: str = "", only: list[Target] | None = None) -> None:
+              new: list[Target], extra_summary: str = "", only: list[Target] | None = None,
+              lowered: bool = False, cleared: tuple | None = None) -> None:
         inc.seq += 1
         inc.last_ts = max(inc.last_ts, ts)
         inc.sent.extend(new)
         n = nt.finish(inc.base, seq=inc.seq, severity=Severity.of_rank(inc.rank), state=state,
                       previous=prev, ts_ms=ts, tz=self.registry.tz, flapping=inc.flapping,
                       escalation=inc.escalation, acked_by=inc.acked_by, acked_tier=inc.acked_tier,
-                      extra_summary=extra_summary)
+                      extra_summary=extra_summary, lowered=lowered, cleared=cleared)
         for t in (only if only is not None else inc.sent):
             out.append(nt.for_target(n, t.tier.value, t.target, t.worker))
 

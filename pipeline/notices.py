@@ -92,7 +92,8 @@ def base_notice(*, alert_id: str, rule_id: str, rule_name: str, rule_type: str, 
 
 def finish(base: dict, *, seq: int, severity: Severity, state: State, previous: State | None,
            ts_ms: int, tz: ZoneInfo, flapping: bool, escalation: int, acked_by: str | None,
-           acked_tier: str | None, extra_summary: str = "") -> dict:
+           acked_tier: str | None, extra_summary: str = "", lowered: bool = False,
+           cleared: tuple[float | None, float] | None = None) -> dict:
     """One state change's notice, less tier and target (``for_target`` adds them)."""
     n = {k: v for k, v in base.items() if not k.startswith("_")}
     n.update(seq=seq, severity=severity.value, level=severity.level,
@@ -103,9 +104,18 @@ def finish(base: dict, *, seq: int, severity: Severity, state: State, previous: 
     if state == State.firing and previous == State.resolved:
         mark = "·再次触发"
     elif state == State.firing and previous == State.firing:
-        mark = "·级别上调"
+        mark = "·级别下调" if lowered else "·级别上调"
     n["title"] = f"【{severity.chinese}{mark}】{base['_title']}"
     n["summary"] = base["_summary"] + extra_summary
+    if cleared is not None:
+        # a clear level held (a resolve, or a step-down): the notice says which, and the reading
+        value, level = cleared
+        if value is not None:
+            n["value"] = value
+        n["threshold"] = level
+        unit = base["unit"] or ""
+        n["summary"] += (f"当前{fmt_number(value)}{unit}，已达解除值{fmt_number(level)}{unit}"
+                         + ("，降级。" if lowered else "。"))
     return n
 
 

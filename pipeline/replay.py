@@ -127,17 +127,19 @@ def replay(engine: Engine, source: Path, out: IO[bytes], *, mapping: CsvMapping 
 
     if mapping is not None:
         pending: list[WireReading] = []
+        ends: list[int] = []            # each CSV row is a payload: batching changes nothing
         for rows in csv_readings(source, mapping, stats):
             pending += rows
+            ends.append(len(pending))
             if len(pending) >= batch:
                 stats.readings += len(pending)
-                emit(engine.process(pending, now_ms=clock))
-                pending = []
+                emit(engine.process(pending, now_ms=clock, ends=ends))
+                pending, ends = [], []
                 if progress:
                     progress(stats)
         if pending:
             stats.readings += len(pending)
-            emit(engine.process(pending, now_ms=clock))
+            emit(engine.process(pending, now_ms=clock, ends=ends))
     else:
         with source.open("rb") as f:
             chunk: list[bytes] = []

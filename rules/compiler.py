@@ -165,8 +165,9 @@ def _override_params(path: Path, files: dict[str, tuple[Path, Located, Pack]]) -
                                 f"{', '.join(sorted(unknown))}; it declares {', '.join(sorted(pack.params))}")
         districts = {d: {**pack.districts.get(d, {}), **v} for d, v in o.districts.items()}
         try:
-            merged = Pack.model_validate({**pack.model_dump(by_alias=True, exclude_unset=True),
-                                          "params": {**pack.params, **o.params},
+            # from the pack as written, not from its parsed form: parsed durations are already
+            # milliseconds and would be read again as seconds (every duration x1000)
+            merged = Pack.model_validate({**pdoc.data, "params": {**pack.params, **o.params},
                                           "districts": {**pack.districts, **districts}})
         except ValidationError as exc:
             raise pydantic_error(doc, exc, prefix=(name,)) from None
@@ -264,6 +265,9 @@ def _check_rule(r: LoadedRule, kinds: dict[str, SensorKind], ids: dict[str, str]
                               "quantity (value or battery); make two rules")
         if spec.clear:
             _comparison(r, ("clear",), spec.clear)
+        for i, lv in enumerate(spec.levels):
+            if lv.clear:
+                _comparison(r, ("levels", i, "clear"), lv.clear)
     if isinstance(spec, EventRule):
         allowed = set().union(*(kinds[k].events for k in spec.sensors))
         for name in list(spec.events) + spec.clear_events:
@@ -344,7 +348,8 @@ def _per_sensor(r: LoadedRule, reg: Registry, nodes: list[Node], sensors: list[i
                                   "with `where:`") from None
             except (TypeError, ZeroDivisionError) as exc:
                 raise r.doc.error(r.loc, f"rule {r.spec.id}: {what}: {exc}") from None
-            out.append(v)
+            # 4.6 - 0.2 is 4.3999999999999995 in binary: thresholds are decimal numbers
+            out.append(round(v, 9) if isinstance(v, float) else v)
         return tuple(out)
 
     if not needs_sensor:
@@ -372,30 +377,34 @@ def _compile_one(r: LoadedRule, rs: RuleSet, reg: Registry, number: int, sink: l
     if isinstance(spec, (ThresholdRule, RateRule, WindowRule)):
         comps = [_comparison(r, ("levels", i, "when"), lv.when) for i, lv in enumerate(spec.levels)]
         clear = _comparison(r, ("clear",), spec.clear) if spec.clear else None
-        nodes = [c[2] for c in comps] + ([clear[2]] if clear else [])
-        default, special = _per_sensor(r, reg, nodes, sensors, "threshold")
+        own = [(i, _comparison(r, ("levels", i, "clear"), lv.clear))
+               for i, lv in enumerate(spec.levels) if lv.clear]
+        nodes = [c[2] for c in comps] + ([clear[2]] if clear else []) + [c[2] for _, c in own]
         if isinstance(spec, ThresholdRule):
             order = ["value" if comps[0][0] == "value" else "battery"]
         elif isinstance(spec, RateRule):
             order = ["rise", "fall"]
         else:
             order = list(spec.windows)
+        default, special = _per_sensor(r, reg, nodes, sensors, "threshold")
         levels = [(order.index(q), op, i) for i, (q, op, _) in enumerate(comps)]
         clear_t = (order.index(clear[0]), clear[1], len(comps)) if clear else None
+        first_own = len(comps) + (1 if clear else 0)
+        level_clears: list = [None] * len(comps)
+        for n, (i, (q, op, _)) in enumerate(own):
+            level_clears[i] = (order.index(q), op, first_own + n)
         ranks = [lv.severity.rank for lv in spec.levels]
         args = common + (levels, ranks, clear_t, default, special)
         if isinstance(spec, ThresholdRule):
-            e: ev.Evaluator = ev.Threshold(*args)
+            e: ev.Evaluator = ev.Threshold(*args, level_clears=level_clears)
             e.reads = order[0]
         elif isinstance(spec, RateRule):
-            step = spec.over // spec.resolution
-            e = ev.Windowed(*args, step=step, tumbling=False,
-                            windows=[("rise", spec.resolution), ("fall", spec.resolution)])
-            e.type = "rate"
+            e = ev.Rate(*args, level_clears=level_clears, over=spec.over)
         else:
             first = next(iter(spec.windows.values()))
             step = first.every or first.size
-            e = ev.Windowed(*args, step=step, tumbling=first.every is None,
+            e = ev.Windowed(*args, level_clears=level_clears, step=step,
+                            tumbling=first.every is None,
                             windows=[(w.fn, w.size // step) for w in spec.windows.values()])
             e.type = "window"
     elif isinstance(spec, EventRule):

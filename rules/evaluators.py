@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import heapq
 import operator
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 PENDING, FIRING, CLEARING, RESOLVED = 1, 2, 3, 4
-FIRE, UPGRADE, RESOLVE, REOPEN = "fire", "upgrade", "resolve", "reopen"
+FIRE, UPGRADE, DOWNGRADE, RESOLVE, REOPEN = "fire", "upgrade", "downgrade", "resolve", "reopen"
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt,
     "==": operator.eq, "!=": operator.ne}
@@ -36,15 +37,18 @@ class Change:
     """An incident changed: fired, went up a level, resolved, or fired again while flapping."""
 
     __slots__ = ("what", "rule", "subject", "alert_id", "rank", "ts", "started", "value",
-                 "threshold", "event", "members", "flapping")
+                 "threshold", "event", "members", "flapping", "heard", "cleared")
 
     def __init__(self, what: str, rule: "Evaluator", subject: int | str, aid: str, rank: int,
                  ts: int, started: int, value: float | None, threshold: float | None,
                  event: str | None = None, members: list[int] | None = None,
-                 flapping: bool = False) -> None:
+                 flapping: bool = False, heard: int | None = None,
+                 cleared: float | None = None) -> None:
         self.what, self.rule, self.subject, self.alert_id = what, rule, subject, aid
         self.rank, self.ts, self.started, self.value = rank, ts, started, value
         self.threshold, self.event, self.members, self.flapping = threshold, event, members, flapping
+        self.heard = heard          # absence: when the subject was last heard from (0: never)
+        self.cleared = cleared      # the clear level that held (a resolve, a step-down)
 
     def __repr__(self) -> str:
         return (f"Change({self.what} {self.rule.id} {self.subject} rank={self.rank} ts={self.ts} "
@@ -151,17 +155,25 @@ class Stateful(Evaluator):
     ``levels`` is a list of (quantity number, comparison, threshold slot) from low to high
     severity; thresholds are per sensor (``thresholds`` for sensors whose district or registry
     facts differ, else ``default``), so a river gauge's 警戒水位 comes from the registry.
+    ``level_clears`` gives each level its own clear comparison (or None); with any, a firing
+    incident steps down a level when that level's clear holds (Kapacitor's warnReset/critReset).
     """
 
     def __init__(self, spec: Any, number: int, sink: list, timers: Timers,
                  subject_name: Callable[[int | str], str], levels: list[tuple[int, str, int]],
                  ranks: list[int], clear: tuple[int, str, int] | None,
-                 default: tuple[float, ...], thresholds: dict[int, tuple[float, ...]]) -> None:
+                 default: tuple[float, ...], thresholds: dict[int, tuple[float, ...]],
+                 level_clears: list[tuple[int, str, int] | None] | None = None) -> None:
         super().__init__(spec, number, sink, timers, subject_name)
         self.spec_levels = levels                # as written: (quantity, "op", slot)
         self.levels = [(q, OPS[op], slot) for q, op, slot in levels]
         self.ranks = ranks
         self.clear = (clear[0], OPS[clear[1]], clear[2]) if clear else None
+        own = level_clears or [None] * len(levels)
+        self.per_level = any(own)
+        # what clears each level: its own `clear:`, else its `when:` no longer holding
+        self.level_clears = [(c[0], OPS[c[1]], c[2], False) if c else (q, OPS[op], slot, True)
+                             for c, (q, op, slot) in zip(own, levels, strict=True)]
         self.default = default
         self.thresholds = thresholds
         self.for_ms = spec.for_
@@ -194,6 +206,29 @@ class Stateful(Evaluator):
         qi, op, slot = self.clear
         thr = self.thresholds.get(s, self.default) if self.thresholds else self.default
         return op(q[qi], thr[slot])
+
+    def clear_threshold(self, s: int | str) -> float:
+        """What a resolve says resolved it: the clear level (the rule's, or the lowest level's
+        own), or with neither the lowest level's threshold."""
+        thr = self.thresholds.get(s, self.default) if self.thresholds else self.default
+        if self.clear is not None:
+            return thr[self.clear[2]]
+        return thr[self.level_clears[0][2]]
+
+    def settle(self, s: int | str, q: tuple, rank: int, current: int) -> tuple[int, float | None]:
+        """Per-level clears: from the level of rank ``current``, step down while that level's
+        clear holds. Returns the level index that still holds (-1: cleared) and the clear
+        threshold that held last (None: no step)."""
+        thr = self.thresholds.get(s, self.default) if self.thresholds else self.default
+        j = self.ranks.index(current)
+        held = None
+        while j >= 0:
+            qi, op, slot, negate = self.level_clears[j]
+            if op(q[qi], thr[slot]) == negate:      # this level's clear does not hold
+                break
+            held = thr[slot]
+            j -= 1
+        return j, held
 
     def update(self, s: int | str, ts: int, q: tuple) -> None:
         """Feed the quantities observed at ``ts``; drive the incident state machine."""
@@ -233,6 +268,19 @@ class Stateful(Evaluator):
                 tr.rank = max(rank, tr.rank)
                 self._emit(REOPEN, s, tr, ts)
             return
+        if self.per_level and rank <= tr.rank:
+            j, held = self.settle(s, q, rank, tr.rank)
+            clear = j < 0
+            if not clear:
+                if phase == CLEARING:
+                    tr.phase = FIRING                # crossed back before clear_for ran out
+                if held is not None:                 # stepped down a level or more
+                    thr = self.thresholds.get(s, self.default) if self.thresholds else self.default
+                    tr.rank, tr.value, tr.threshold = self.ranks[j], value, thr[self.levels[j][2]]
+                    self._emit(DOWNGRADE, s, tr, ts, cleared=held)
+                else:
+                    tr.value = value
+                return
         if clear:
             if phase == FIRING:
                 tr.value = value
@@ -259,7 +307,7 @@ class Stateful(Evaluator):
             self.timers.push(tr.due, self.number, s)
 
     def _resolve(self, s: int | str, tr: Track, ts: int) -> None:
-        self._emit(RESOLVE, s, tr, ts)
+        self._emit(RESOLVE, s, tr, ts, cleared=self.clear_threshold(s))
         if self.flap_ms:
             tr.phase, tr.due = RESOLVED, ts + self.flap_ms
             self.timers.push(tr.due, self.number, s)
@@ -368,10 +416,6 @@ class Windowed(Stateful):
                 out.append(lo if lo is not None else 0.0)
             elif fn == "max":
                 out.append(hi if hi is not None else 0.0)
-            elif fn == "rise":
-                out.append(round(v - lo, 6) if lo is not None and v is not None else 0.0)
-            elif fn == "fall":
-                out.append(round(hi - v, 6) if hi is not None and v is not None else 0.0)
         return tuple(out)
 
     def dump(self, sid: Callable[[int | str], Any]) -> dict:
@@ -385,6 +429,58 @@ class Windowed(Stateful):
             s = sidx(key)
             if s is not None:
                 self.rings[s] = ring
+        return lost
+
+
+class Rate(Stateful):
+    """Rate of change: ``rise`` is the value minus the lowest of the sensor's readings in the
+    closed window [t - over, t] and ``fall`` the highest minus the value, exactly, whatever the
+    reporting interval (the reading made exactly ``over`` before counts: "0.4 m in 1 h").
+
+    Per sensor two monotonic queues of (ts, value): the lows ascending and the highs descending,
+    so each reading costs O(1) however many readings the window holds."""
+
+    type = "rate"
+
+    def __init__(self, *args: Any, over: int, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.over = over
+        self.lows: dict[int, deque] = {}
+        self.highs: dict[int, deque] = {}
+
+    def observe(self, s: int, ts: int, v: float) -> None:
+        if self.selected is not None and not self.selected[s]:
+            return
+        lows = self.lows.get(s)
+        if lows is None:
+            lows, highs = self.lows[s], self.highs[s] = deque(), deque()
+        else:
+            highs = self.highs[s]
+        start = ts - self.over
+        while lows and lows[0][0] < start:
+            lows.popleft()
+        while highs and highs[0][0] < start:
+            highs.popleft()
+        while lows and lows[-1][1] >= v:
+            lows.pop()
+        lows.append((ts, v))
+        while highs and highs[-1][1] <= v:
+            highs.pop()
+        highs.append((ts, v))
+        self.update(s, ts, (round(v - lows[0][1], 6), round(highs[0][1] - v, 6)))
+
+    def dump(self, sid: Callable[[int | str], Any]) -> dict:
+        d = super().dump(sid)
+        d["window"] = [[sid(s), list(self.lows[s]), list(self.highs[s])] for s in self.lows]
+        return d
+
+    def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
+        lost = super().load(state, sidx)
+        for key, lows, highs in state.get("window", []):
+            s = sidx(key)
+            if s is not None:
+                self.lows[s] = deque((t, v) for t, v in lows)
+                self.highs[s] = deque((t, v) for t, v in highs)
         return lost
 
 
@@ -459,7 +555,8 @@ class Absence(Evaluator):
         tr.extra = last                 # last heard from (0 = never)
         tr.aid = alert_id(self.id, self.subject_name(s), ts)
         rank = self.spec.severity.rank
-        self.out.append(Change(FIRE, self, s, tr.aid, rank, ts, ts, None, None, members=members))
+        self.out.append(Change(FIRE, self, s, tr.aid, rank, ts, ts, None, None, members=members,
+                               heard=last))
 
     def recover(self, s: int, ts: int) -> None:
         subject = self.silent.pop(s, None)
@@ -472,7 +569,8 @@ class Absence(Evaluator):
         if key != s:   # a gateway is back: its other sensors are looked at again by the next scan
             for m in [m for m, subj in self.silent.items() if subj == subject]:
                 del self.silent[m]
-        self.out.append(Change(RESOLVE, self, key, tr.aid, tr.rank, ts, tr.started, None, None))
+        self.out.append(Change(RESOLVE, self, key, tr.aid, tr.rank, ts, tr.started, None, None,
+                               heard=tr.extra))
 
     def dump(self, sid: Callable[[int | str], Any]) -> dict:
         d = super().dump(sid)

@@ -58,6 +58,9 @@ class SensorKind(_Strict):
 class Level(_Strict):
     severity: Severity
     when: str = Field(description="`QUANTITY OP expression`, e.g. `value >= params.level1_lel`")
+    clear: str | None = Field(default=None, description="this level's own hysteresis (Kapacitor's "
+                              "warnReset/critReset): when it holds, a firing incident steps down "
+                              "below this level; on the lowest level, it clears")
 
 
 class Modifier(_Strict):
@@ -94,17 +97,25 @@ class _Stateful(_RuleBase):
     clear_for: Duration = 0
     flapping: Flapping | None = None
 
+    @model_validator(mode="after")
+    def _one_kind_of_clear(self) -> "_Stateful":
+        if self.clear is not None and any(lv.clear for lv in self.levels):
+            raise ValueError("give `clear:` per level or once for the rule, not both")
+        return self
+
 
 class ThresholdRule(_Stateful):
     type: Literal["threshold"]
 
 
 class RateRule(_Stateful):
-    """Quantities `rise` (value minus the lowest in `over`) and `fall` (highest minus value)."""
+    """Quantities `rise` (value minus the lowest in the closed window [t - over, t]) and `fall`
+    (the highest in it minus value), over the sensor's own readings, exactly."""
 
     type: Literal["rate"]
     over: Duration
-    resolution: int = Field(default=12, ge=2, le=120, description="buckets in `over`")
+    resolution: int = Field(default=12, ge=2, le=120, description="accepted for old packs; no "
+                            "effect: the window is exact")
 
 
 class Window(_Strict):
