@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo test test-deps check bench bench-quick bench-runtime bench-kafka bench-sink bench-history clean
+.PHONY: run demo test test-deps check fuzz bench bench-quick bench-runtime bench-kafka bench-sink bench-history clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ test-deps:
 	$$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y $(APT_PACKAGES) || exit 1; \
 	for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || { \
 	    echo "make test: $$t is still missing after installing $(APT_PACKAGES)" >&2; exit 1; }; done
+
+## fuzz: the engine against its reference model on generated cities, for FUZZ_MINUTES (10)
+FUZZ_MINUTES ?= 10
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz_engine --minutes $(FUZZ_MINUTES)
 
 ## check: lint the rule packs, routing and registry
 check: $(STAMP)

@@ -1,0 +1,803 @@
+"""The reference model: the engine's semantics written the slow, plain way, as the specification.
+
+One payload at a time, one reading at a time, plain dicts and lists: no numpy, no screening of
+quiet readings, no timer heap, no skipped scans, no lazy bookkeeping. Every reading goes to every
+rule that watches its kind; every deadline is kept next to what it belongs to, and the earliest
+one due acts first (deadlines due at the same time act in the order they were set). It is slow
+on purpose: it is what the fast engine (``pipeline.engine``) must equal, notice for notice and
+dead letter for dead letter, whatever the batching (tests/test_engine_model.py fuzzes the two
+against each other).
+
+What it shares with the engine is only what is not a decision: the reading decoder
+(``pipeline.wire``, property-tested on its own), the router's tier policy and on-call lookup
+(``pipeline.routing``), and the notice text (titles, summaries, place fields, rendered by
+``pipeline.lifecycle.AlertBook``'s presentation helpers). Every decision — what is refused and
+why, when a rule fires, steps up or down, clears and resolves, who is told, escalation,
+reminders, acknowledgement, silence — is made here again.
+
+Time, as the engine defines it (README, "Time and order"):
+- A batch is its payloads one after another. A payload's readings are checked against the
+  state as it stands when the payload arrives, and taken in event-time order (ties: arrival).
+- The watermark after a payload is max(watermark, newest accepted reading - allowed_lateness).
+  Before each reading, the deadlines due before the reading's time that the payload's watermark
+  reaches act; after the payload, every deadline its watermark reaches.
+- Silence is checked at watch start + k * absence_scan_every, from the end of the first payload
+  with an accepted reading (watch start: its earliest reading).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import msgspec
+from pydantic import ValidationError
+
+from pipeline import wire
+from pipeline.engine import EARLIEST, EngineSettings
+from pipeline.lifecycle import AlertBook
+from pipeline.models import Ack, Severity, State, Tier
+from pipeline.registry import Registry
+from pipeline.routing import Router
+from rules.compiler import RuleSet, params_for
+from rules.evaluators import FIRE, RESOLVE, UPGRADE, DOWNGRADE, REOPEN, Change, Timers, alert_id
+from rules.expr import evaluate, parse
+from rules.schema import (AbsenceRule, CorrelationRule, EventRule, RateRule, ThresholdRule,
+                          WindowRule, format_duration)
+
+OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
+       "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+FLIP = {">=": "<=", "<=": ">=", ">": "<", "<": ">", "==": "==", "!=": "!="}
+
+
+class Deadlines:
+    """Everything that falls due: (due, set order, what). The earliest acts first."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int, Any]] = []
+        self.n = 0
+
+    def set(self, due: int, what: Any) -> None:
+        self.n += 1
+        self.items.append((due, self.n, what))
+
+    def next_due(self, upto: int) -> tuple[int, Any] | None:
+        due = [d for d in self.items if d[0] <= upto]
+        if not due:
+            return None
+        first = min(due)
+        self.items.remove(first)
+        return first[0], first[2]
+
+
+class View:
+    """What the presentation helpers read of a rule: its spec, where it came from, no state."""
+
+    def __init__(self, loaded: Any) -> None:
+        self.spec, self.loaded, self.id, self.tracks = loaded.spec, loaded, loaded.spec.id, {}
+
+
+class Rule:
+    """One rule's place in the model: its spec and per-sensor facts, worked out when asked."""
+
+    def __init__(self, number: int, loaded: Any, reg: Registry) -> None:
+        self.number, self.loaded, self.spec, self.id = number, loaded, loaded.spec, loaded.spec.id
+        self.reg = reg
+        self.kinds = set(self.spec.sensors)
+        self.tracks: dict[Any, dict] = {}
+        self._facts: dict[int, Any] = {}
+
+    def lookup(self, idx: int | None):
+        pack = self.loaded.pack
+        params = params_for(pack, self.reg.place_of(idx).district if idx is not None else None)
+        facts = self.reg.sensor_facts(idx) if idx is not None else {}
+        place = self.reg.place_of(idx) if idx is not None else None
+
+        def look(name: str) -> Any:
+            root, _, rest = name.partition(".")
+            if root == "params":
+                return params[rest]
+            if root == "sensor" and rest in facts:
+                return facts[rest]
+            if root == "place" and place is not None:
+                return getattr(place, rest)
+            raise KeyError(name)
+        return look
+
+    def holds(self, idx: int, text: str) -> bool:
+        try:
+            return bool(evaluate(parse(text), self.lookup(idx)))
+        except KeyError:
+            return False
+
+    def watches(self, idx: int) -> bool:
+        if self.reg.kinds[self.reg.kind_of[idx]] not in self.kinds:
+            return False
+        return self.spec.where is None or self.holds(idx, self.spec.where)
+
+    def bump(self, idx: int) -> int:
+        return sum(m.raise_ for m in self.spec.modifiers if self.holds(idx, m.if_))
+
+    def comparison(self, idx: int, text: str) -> tuple[str, Any, float]:
+        """`QUANTITY OP expression` for this sensor: (quantity, test, threshold)."""
+        node = parse(text)
+        op, a, b = node.args
+        quantities = {"value", "battery", "rise", "fall"} | set(getattr(self.spec, "windows", {}))
+        if a.op == "name" and a.args[0] in quantities:
+            q, rhs = a.args[0], b
+        else:
+            q, rhs, op = b.args[0], a, FLIP[op]
+        v = evaluate(rhs, self.lookup(idx))
+        return q, OPS[op], round(v, 9) if isinstance(v, float) else v
+
+
+class ReferenceEngine:
+    def __init__(self, registry: Registry, rules: RuleSet,
+                 settings: EngineSettings | None = None) -> None:
+        self.reg = registry
+        self.settings = settings or EngineSettings()
+        self.rules = [Rule(n, r, registry) for n, r in enumerate(rules.rules)]
+        self.by_id = {r.id: r for r in self.rules}
+        self.kinds = rules.kinds
+        self.router = Router(rules.routing, registry)
+        self.present = AlertBook(registry, self.router, Timers(),
+                                 {r.id: View(r.loaded) for r in self.rules}, rules.kinds,
+                                 self._name)
+        self.deadlines = Deadlines()
+        self.last_seen: dict[int, int] = {}
+        self.watermark = -(1 << 62)
+        self.max_ts = 0
+        self.watch_start = 0
+        self.silent: dict[str, dict[int, Any]] = {r.id: {} for r in self.rules}
+        self.members: dict[str, dict[str, dict[int, int]]] = {r.id: {} for r in self.rules}
+        self.incidents: dict[str, dict] = {}        # open
+        self.resolved: dict[str, dict] = {}         # kept while a flapping rule may reopen
+        self.changes: list[Change] = []
+        self.counters: Counter[str] = Counter()
+        self.notices: list[dict] = []
+        self.dead: list = []
+
+    def _name(self, s: Any) -> str:
+        return self.reg.sensor_ids[s] if isinstance(s, int) else s
+
+    # ---- input ----------------------------------------------------------------------------
+    def payload(self, raw: bytes, now_ms: int | None = None) -> None:
+        readings: list = []
+        positions: list = []
+        dead: list = []
+        wire.decode(raw, None, readings, dead, positions)
+        for d in dead:
+            self._dead(d)
+        is_array = raw.lstrip()[:1] == b"["
+        s = self.settings
+        checked = []
+        for r, pos in zip(readings, positions, strict=True):
+            where = pos if is_array else None
+            reason, detail = self._check(r, now_ms)
+            if reason:
+                self._dead(wire.dead_letter(reason, detail, raw, where))
+            else:
+                checked.append((r, where))
+        # stale or duplicate: in event-time order within the payload, ties by arrival
+        accepted = []
+        for r, where in sorted(checked, key=lambda x: x[0].ts):
+            idx = self.reg.index[r.sensor_id]
+            newest = max(self.last_seen.get(idx, 0), max((t for i, t, _ in accepted if i == idx),
+                                                          default=0))
+            if r.ts < newest:
+                self._dead(wire.dead_letter("stale", f"older than sensor {r.sensor_id}'s newest "
+                                            f"reading ({newest})", raw, where))
+            elif r.ts == newest:
+                self.counters["duplicates"] += 1
+            else:
+                accepted.append((idx, r.ts, r))
+        self.counters["readings"] += len(readings)
+        if accepted:
+            self.max_ts = max(self.max_ts, max(t for _, t, _ in accepted))
+        horizon = max(self.watermark, self.max_ts - s.allowed_lateness)
+        for idx, ts, r in accepted:
+            self._run(min(ts - 1, horizon))
+            self._reading(idx, ts, r)
+        if accepted and not self.watch_start:
+            self.watch_start = accepted[0][1]
+            self._plan_scan(self.watch_start + s.absence_scan_every)
+        self.advance(self.max_ts - s.allowed_lateness)
+
+    def _check(self, r: Any, now_ms: int | None) -> tuple[str | None, str]:
+        s = self.settings
+        value_nan = r.value is None or (isinstance(r.value, float) and math.isnan(r.value))
+        if (r.event is not None) != value_nan:
+            if r.value is not None and r.event is None:
+                return "not_finite", f"value {r.value} is not a finite measurement"
+            return "invalid", "a reading carries exactly one of `value` or `event`"
+        idx = self.reg.index.get(r.sensor_id)
+        if idx is None:
+            return "unknown_sensor", f"sensor {r.sensor_id} is not in the registry"
+        if now_ms is not None and r.ts > now_ms + s.max_future:
+            return "future", (f"ts {r.ts} is more than {s.max_future // 1000}s ahead of the "
+                              "clock; check the gateway's clock (NTP)")
+        if r.ts < EARLIEST or r.ts < self.watermark - s.max_age:
+            return "too_old", (f"ts {r.ts} is more than {s.max_age // 86_400_000} days behind "
+                               "the watermark" + ("; epoch seconds? send milliseconds"
+                                                  if r.ts < 10_000_000_000 else ""))
+        kind = self.reg.kinds[self.reg.kind_of[idx]]
+        wants_value = self.kinds[kind].reading == "value" if kind in self.kinds else True
+        if (r.event is not None) == wants_value:
+            return "wrong_kind", (f"sensor {r.sensor_id} reports "
+                                  f"{'`value`' if wants_value else '`event`'} readings")
+        if r.value is not None and not abs(r.value) < 1e15:
+            return "not_finite", f"value {r.value} is not a finite measurement"
+        return None, ""
+
+    def _dead(self, d: Any) -> None:
+        self.counters["dead_letters"] += 1
+        self.counters["dead." + d.reason] += 1
+        self.dead.append(d)
+
+    def _reading(self, idx: int, ts: int, r: Any) -> None:
+        self.last_seen[idx] = ts
+        for rule in self.rules:
+            if isinstance(rule.spec, AbsenceRule) and idx in self.silent[rule.id]:
+                self._back(rule, idx, ts)
+        kind = self.reg.kinds[self.reg.kind_of[idx]]
+        for rule in self.rules:
+            spec = rule.spec
+            if kind not in rule.kinds or isinstance(spec, (AbsenceRule, CorrelationRule)):
+                continue
+            if spec.where is not None and not rule.holds(idx, spec.where):
+                continue
+            if isinstance(spec, EventRule):
+                if r.event is not None:
+                    self._event(rule, idx, ts, r.event)
+            elif isinstance(spec, ThresholdRule):
+                q = self._threshold_quantity(rule, idx)
+                x = r.battery if q == "battery" else r.value
+                if x is not None:
+                    self._stateful(rule, idx, ts, {q: x})
+            elif isinstance(spec, RateRule) and r.value is not None:
+                self._rate(rule, idx, ts, r.value)
+            elif isinstance(spec, WindowRule) and r.value is not None:
+                self._window(rule, idx, ts, r.value)
+            self._drain()
+
+    def ack(self, raw: bytes | dict) -> None:
+        try:
+            a = Ack.model_validate_json(raw) if isinstance(raw, bytes) else Ack.model_validate(raw)
+        except ValidationError as exc:
+            self._refuse(str(exc.errors()[0]["msg"]),
+                         raw if isinstance(raw, bytes) else msgspec.json.encode(raw))
+            return
+        inc = self.incidents.get(a.alert_id)
+        if inc is None:
+            self._refuse(f"no open incident {a.alert_id} (resolved already, or never existed)",
+                         raw if isinstance(raw, bytes) else a.model_dump_json().encode())
+            return
+        self.counters["acks"] += 1
+        if inc["acked_by"]:
+            return
+        inc["acked_by"], inc["acked_tier"] = a.by, a.tier.value
+        prev = inc["state"]
+        inc["state"] = State.acknowledged
+        self._send(inc, State.acknowledged, prev, max(a.ts_ms, inc["last_ts"]), [])
+
+    def _refuse(self, why: str, payload: bytes) -> None:
+        self._dead(wire.dead_letter("bad_ack", why, payload))
+
+    # ---- time ------------------------------------------------------------------------------
+    def advance(self, watermark: int) -> None:
+        if watermark <= self.watermark:
+            return
+        self.watermark = watermark
+        if not self.watch_start and any(isinstance(r.spec, AbsenceRule) for r in self.rules) \
+                and watermark > 0:
+            self.watch_start = watermark
+            self._plan_scan(watermark + self.settings.absence_scan_every)
+        self._run(watermark)
+
+    def _run(self, upto: int) -> None:
+        while (d := self.deadlines.next_due(upto)) is not None:
+            due, (what, *key) = d
+            if what == "rule":
+                rule, s = key
+                self._rule_due(rule, s, due)
+            elif what == "scan":
+                self._scan(due)
+                self._plan_scan(due + self.settings.absence_scan_every)
+            else:
+                self._incident_due(due, what, *key)
+            self._drain()
+
+    def _plan_scan(self, at: int) -> None:
+        if any(isinstance(r.spec, AbsenceRule) for r in self.rules):
+            self.deadlines.set(at, ("scan",))
+
+    def _drain(self) -> None:
+        while self.changes:
+            batch, self.changes = self.changes, []
+            for ch in batch:
+                for rule in self.rules:
+                    if isinstance(rule.spec, CorrelationRule) and ch.rule.id in rule.spec.of:
+                        self._correlate(rule, ch)
+                self._apply(ch)
+                self.counters["changes." + ch.what] += 1
+
+    # ---- threshold, rate, window ---------------------------------------------------------
+    def _threshold_quantity(self, rule: Rule, idx: int) -> str:
+        return rule.comparison(idx, rule.spec.levels[0].when)[0]
+
+    def _levels(self, rule: Rule, idx: int, q: dict) -> tuple[int, float, float]:
+        """Highest severity whose level holds (-1: none), its threshold, the quantity seen."""
+        rank, at, seen = -1, None, None
+        for lv in rule.spec.levels:
+            name, test, thr = rule.comparison(idx, lv.when)
+            if test(q[name], thr):
+                rank, at, seen = lv.severity.rank, thr, q[name]
+        if at is None:
+            name, _, thr = rule.comparison(idx, rule.spec.levels[0].when)
+            at, seen = thr, q[name]
+        return rank, at, seen
+
+    def _level_cleared(self, rule: Rule, idx: int, q: dict, level: Any) -> tuple[bool, float]:
+        text = level.clear or level.when
+        name, test, thr = rule.comparison(idx, text)
+        held = test(q[name], thr)
+        return (held if level.clear else not held), thr
+
+    def _clear_threshold(self, rule: Rule, idx: int) -> float:
+        spec = rule.spec
+        text = spec.clear or spec.levels[0].clear or spec.levels[0].when
+        return rule.comparison(idx, text)[2]
+
+    def _emit(self, what: str, rule: Rule, s: Any, tr: dict, ts: int,
+              cleared: float | None = None) -> None:
+        bump = rule.bump(s) if isinstance(s, int) else 0
+        rank = min(3, tr["rank"] + bump)
+        self.changes.append(Change(what, rule, s, tr["aid"], rank, ts, tr["started"], tr["value"],
+                                   tr["threshold"], event=tr.get("event"),
+                                   flapping=tr["flapping"], cleared=cleared))
+
+    def _fire(self, rule: Rule, s: Any, tr: dict, ts: int) -> None:
+        tr["phase"] = "firing"
+        tr["aid"] = alert_id(rule.id, self._name(s), tr["started"])
+        self._emit(FIRE, rule, s, tr, ts)
+
+    def _resolve(self, rule: Rule, s: Any, tr: dict, ts: int) -> None:
+        self._emit(RESOLVE, rule, s, tr, ts, cleared=self._clear_threshold(rule, s))
+        if rule.spec.flapping:
+            tr["phase"], tr["due"] = "resolved", ts + rule.spec.flapping.window
+            self.deadlines.set(tr["due"], ("rule", rule, s))
+        else:
+            del rule.tracks[s]
+
+    def _stateful(self, rule: Rule, s: int, ts: int, q: dict) -> None:
+        spec = rule.spec
+        rank, at, value = self._levels(rule, s, q)
+        tr = rule.tracks.get(s)
+        if tr is None:
+            if rank < 0:
+                return
+            tr = rule.tracks[s] = {"phase": "pending", "started": ts, "rank": rank, "value": value,
+                                   "threshold": at, "due": 0, "aid": "", "flapping": False}
+            if spec.for_ == 0:
+                self._fire(rule, s, tr, ts)
+            else:
+                tr["due"] = ts + spec.for_
+                self.deadlines.set(tr["due"], ("rule", rule, s))
+            return
+        if tr["phase"] == "pending":
+            if ts >= tr["due"]:
+                self._fire(rule, s, tr, tr["due"])
+            elif rank < 0:
+                del rule.tracks[s]
+                return
+            else:
+                if rank > tr["rank"]:
+                    tr["rank"], tr["threshold"] = rank, at
+                tr["value"] = value
+                return
+        if tr["phase"] == "clearing" and ts >= tr["due"]:
+            self._resolve(rule, s, tr, tr["due"])
+            if s not in rule.tracks:
+                return self._stateful(rule, s, ts, q)
+        if tr["phase"] == "resolved":
+            if ts >= tr["due"]:
+                del rule.tracks[s]
+                return self._stateful(rule, s, ts, q)
+            if rank >= 0:
+                tr.update(phase="firing", flapping=True, value=value, threshold=at,
+                          rank=max(rank, tr["rank"]))
+                self._emit(REOPEN, rule, s, tr, ts)
+            return
+        per_level = any(lv.clear for lv in spec.levels)
+        if rank > tr["rank"]:
+            tr.update(phase="firing", rank=rank, value=value, threshold=at)
+            self._emit(UPGRADE, rule, s, tr, ts)
+            return
+        if per_level:
+            levels = [lv for lv in spec.levels if lv.severity.rank <= tr["rank"]]
+            held = None
+            while levels:
+                cleared, thr = self._level_cleared(rule, s, q, levels[-1])
+                if not cleared:
+                    break
+                held = thr
+                levels.pop()
+            cleared = not levels
+        else:
+            if spec.clear:
+                name, test, thr = rule.comparison(s, spec.clear)
+                cleared = test(q[name], thr)
+            else:
+                cleared = rank < 0
+        if cleared:
+            if tr["phase"] == "firing":
+                tr["value"] = value
+                wait = max(spec.clear_for, spec.flapping.window if spec.flapping and tr["flapping"]
+                           else 0)
+                if wait == 0:
+                    self._resolve(rule, s, tr, ts)
+                else:
+                    tr.update(phase="clearing", due=ts + wait)
+                    self.deadlines.set(tr["due"], ("rule", rule, s))
+            return
+        tr["phase"] = "firing"
+        if per_level and held is not None:
+            tr.update(rank=levels[-1].severity.rank, value=value,
+                      threshold=rule.comparison(s, levels[-1].when)[2])
+            self._emit(DOWNGRADE, rule, s, tr, ts, cleared=held)
+        elif rank >= 0 or per_level:
+            tr["value"] = value
+
+    def _rate(self, rule: Rule, s: int, ts: int, v: float) -> None:
+        seen = rule.tracks.setdefault(("readings", s), [])
+        seen.append((ts, v))
+        window = [x for t, x in seen if ts - rule.spec.over <= t <= ts]
+        seen[:] = [(t, x) for t, x in seen if t >= ts - rule.spec.over]
+        self._stateful(rule, s, ts, {"rise": round(v - min(window), 6),
+                                     "fall": round(max(window) - v, 6)})
+
+    def _window(self, rule: Rule, s: int, ts: int, v: float) -> None:
+        windows = rule.spec.windows
+        first = next(iter(windows.values()))
+        step = first.every or first.size
+        seen = rule.tracks.setdefault(("readings", s), [])
+        b = ts // step
+        if first.every is None:                      # tumbling: judged when the next one opens
+            if seen and seen[0][0] // step != b:
+                closed = seen[0][0] // step
+                q = {name: self._fn(w.fn, [[x for _, x in seen]]) for name, w in windows.items()}
+                seen.clear()
+                seen.append((ts, v))
+                self._stateful(rule, s, (closed + 1) * step, q)
+                return
+            seen.append((ts, v))
+            return
+        seen.append((ts, v))
+        q = {}
+        for name, w in windows.items():
+            steps = w.size // step
+            buckets = [[x for t, x in seen if t // step == bb] for bb in range(b - steps + 1, b + 1)]
+            q[name] = self._fn(w.fn, [bk for bk in buckets if bk])
+        longest = max(w.size for w in windows.values())
+        seen[:] = [(t, x) for t, x in seen if t // step > b - longest // step]
+        self._stateful(rule, s, ts, q)
+
+    @staticmethod
+    def _fn(fn: str, buckets: list[list[float]]) -> float:
+        """Sums and counts are per step, then over the steps (the engine keeps steps)."""
+        if fn in ("sum", "avg"):
+            total, count = 0.0, 0
+            for bk in buckets:
+                part = 0.0
+                for i, x in enumerate(bk):
+                    part = x if i == 0 else part + x
+                total += part
+                count += len(bk)
+            if fn == "sum":
+                return round(total, 6)
+            return round(total / count, 6) if count else 0.0
+        if fn == "count":
+            return float(sum(len(bk) for bk in buckets))
+        values = [x for bk in buckets for x in bk]
+        if not values:
+            return 0.0
+        return min(values) if fn == "min" else max(values)
+
+    def _rule_due(self, rule: Rule, s: Any, due: int) -> None:
+        tr = rule.tracks.get(s)
+        if tr is None or tr["due"] != due:
+            return
+        if isinstance(rule.spec, EventRule):
+            self._emit(RESOLVE, rule, s, tr, due)
+            del rule.tracks[s]
+        elif tr["phase"] == "pending":
+            self._fire(rule, s, tr, due)
+        elif tr["phase"] == "clearing":
+            self._resolve(rule, s, tr, due)
+        elif tr["phase"] == "resolved":
+            del rule.tracks[s]
+
+    # ---- events ----------------------------------------------------------------------------
+    def _event(self, rule: Rule, s: int, ts: int, event: str) -> None:
+        spec = rule.spec
+        tr = rule.tracks.get(s)
+        if event not in spec.events:
+            if tr is not None and event in spec.clear_events:
+                self._emit(RESOLVE, rule, s, tr, ts)
+                del rule.tracks[s]
+            return
+        rank = spec.events[event].rank
+        if tr is not None and ts >= tr["due"]:
+            self._emit(RESOLVE, rule, s, tr, tr["due"])
+            del rule.tracks[s]
+            tr = None
+        if tr is None:
+            tr = rule.tracks[s] = {"phase": "firing", "started": ts, "rank": rank, "value": None,
+                                   "threshold": None, "due": ts + spec.resolve_after, "aid": "",
+                                   "flapping": False, "event": event}
+            self._fire(rule, s, tr, ts)
+            self.deadlines.set(tr["due"], ("rule", rule, s))
+            return
+        if ts + spec.resolve_after > tr["due"]:      # a repeat keeps it open longer
+            tr["due"] = ts + spec.resolve_after
+            self.deadlines.set(tr["due"], ("rule", rule, s))
+        if rank > tr["rank"]:
+            tr["rank"], tr["event"] = rank, event
+            self._emit(UPGRADE, rule, s, tr, ts)
+
+    # ---- absence ---------------------------------------------------------------------------
+    def _absent_ms(self, rule: Rule, idx: int) -> int:
+        spec = rule.spec
+        kind = self.reg.kinds[self.reg.kind_of[idx]]
+        if kind not in rule.kinds or (spec.where is not None and not rule.holds(idx, spec.where)):
+            return 0
+        if isinstance(spec.absent_for, dict):
+            return spec.absent_for.get(kind, 0)
+        return spec.absent_for
+
+    def _scan(self, at: int) -> None:
+        for rule in self.rules:
+            if not isinstance(rule.spec, AbsenceRule):
+                continue
+            silent = self.silent[rule.id]
+            due = {}
+            for idx in range(len(self.reg)):
+                ms = self._absent_ms(rule, idx)
+                if ms:
+                    due[idx] = max(self.last_seen.get(idx, 0), self.watch_start) + ms
+            quiet = {i for i, d in due.items() if d <= at}
+            new = sorted(i for i in quiet if i not in silent)
+            if not new:
+                continue
+            by_gw: dict[int, list[int]] = {}
+            for i in due:
+                g = self.reg.gateway_of[i]
+                if rule.spec.group_by_gateway and g >= 0:
+                    by_gw.setdefault(g, []).append(i)
+            whole = {g for g, ms in by_gw.items() if len(ms) >= 2 and all(m in quiet for m in ms)}
+            for i in new:
+                g = self.reg.gateway_of[i]
+                if g in whole:
+                    subject = "gw:" + self.reg.gateways[g]
+                    if subject not in rule.tracks:
+                        members = sorted(by_gw[g])
+                        when = max(due[m] for m in members)
+                        heard = max(self.last_seen.get(m, 0) for m in members)
+                        self._silent_fire(rule, subject, when, heard, members)
+                    silent[i] = subject
+                else:
+                    silent[i] = ""
+                    self._silent_fire(rule, i, due[i], self.last_seen.get(i, 0), None)
+
+    def _silent_fire(self, rule: Rule, s: Any, ts: int, heard: int, members: Any) -> None:
+        rank = rule.spec.severity.rank
+        tr = rule.tracks[s] = {"rank": rank, "started": ts, "heard": heard,
+                               "aid": alert_id(rule.id, self._name(s), ts)}
+        self.changes.append(Change(FIRE, rule, s, tr["aid"], rank, ts, ts, None, None,
+                                   members=members, heard=heard))
+
+    def _back(self, rule: Rule, idx: int, ts: int) -> None:
+        silent = self.silent[rule.id]
+        subject = silent.pop(idx)
+        key = idx if subject == "" else subject
+        tr = rule.tracks.pop(key, None)
+        if tr is None:
+            return
+        if key != idx:                       # the gateway is back: its others are watched anew
+            for m in [m for m, subj in silent.items() if subj == subject]:
+                del silent[m]
+        self.changes.append(Change(RESOLVE, rule, key, tr["aid"], tr["rank"], ts, tr["started"],
+                                   None, None, heard=tr["heard"]))
+        self._drain()
+
+    # ---- correlation -----------------------------------------------------------------------
+    def _correlate(self, rule: Rule, ch: Change) -> None:
+        if not isinstance(ch.subject, int):
+            return
+        spec = rule.spec
+        by = spec.group_by
+        g = (self.reg.building[ch.subject] or None) if by == "building" \
+            else getattr(self.reg.place_of(ch.subject), by)
+        if g is None:
+            return
+        groups = self.members[rule.id]
+        if ch.what in (FIRE, REOPEN):
+            members = groups.setdefault(g, {})
+            members[ch.subject] = ch.ts
+            if g in rule.tracks:
+                return
+            times = sorted(members.values())
+            at = next((times[j] for j in range(spec.min_sensors - 1, len(times))
+                       if times[j] - times[j - spec.min_sensors + 1] <= spec.within), None)
+            if at is None:
+                return
+            recent = sorted(m for m, t in members.items() if at - spec.within <= t <= at)
+            aid = alert_id(rule.id, g, at)
+            rule.tracks[g] = {"aid": aid, "started": at, "rank": spec.severity.rank,
+                              "members": recent}
+            self.changes.append(Change(FIRE, rule, g, aid, spec.severity.rank, at, at, None,
+                                       float(spec.min_sensors), members=recent))
+        elif ch.what == RESOLVE and g in groups:
+            groups[g].pop(ch.subject, None)
+            if not groups[g]:
+                del groups[g]
+                tr = rule.tracks.pop(g, None)
+                if tr is not None:
+                    self.changes.append(Change(RESOLVE, rule, g, tr["aid"], tr["rank"], ch.ts,
+                                               tr["started"], None, None, members=tr["members"]))
+
+    # ---- the incident lifecycle ------------------------------------------------------------
+    def _apply(self, ch: Change) -> None:
+        if ch.what == FIRE:
+            idx = ch.subject if isinstance(ch.subject, int) else \
+                (ch.members[0] if ch.members else None)
+            inc = {"aid": ch.alert_id, "rule": ch.rule.id, "subject": ch.subject, "idx": idx,
+                   "members": ch.members, "rank": ch.rank, "state": State.firing,
+                   "started": ch.started, "seq": 0, "sent": [], "value": ch.value,
+                   "threshold": ch.threshold, "event": ch.event, "flapping": ch.flapping,
+                   "escalation": 0, "acked_by": None, "acked_tier": None, "last_ts": ch.ts,
+                   "district_at": None, "plan": 0}
+            inc["route"] = self.router.route(self.present._labels(_Inc(inc)))
+            self._base(inc, ch)
+            self.incidents[inc["aid"]] = inc
+            self._send(inc, State.firing, None, ch.ts, self._reach(inc, ch.ts))
+            self._plan_reminders(inc, ch.ts)
+            self._plan_escalation(inc, ch.ts, ch.ts)
+        elif ch.what == REOPEN:
+            inc = self.resolved.pop(ch.alert_id, None) or self.incidents.get(ch.alert_id)
+            if inc is None:
+                return self._apply(Change(FIRE, ch.rule, ch.subject, ch.alert_id, ch.rank, ch.ts,
+                                          ch.started, ch.value, ch.threshold, ch.event,
+                                          ch.members, ch.flapping))
+            inc.update(state=State.firing, rank=ch.rank, value=ch.value, threshold=ch.threshold,
+                       flapping=True, acked_by=None, acked_tier=None, escalation=0)
+            self.incidents[inc["aid"]] = inc
+            self._base(inc, ch)
+            self._send(inc, State.firing, State.resolved, ch.ts, self._reach(inc, ch.ts))
+            self._plan_reminders(inc, ch.ts)
+            self._plan_escalation(inc, ch.ts, ch.ts)
+        elif ch.what == UPGRADE:
+            inc = self.incidents.get(ch.alert_id)
+            if inc is None or ch.rank <= inc["rank"]:
+                return
+            inc.update(rank=ch.rank, value=ch.value, threshold=ch.threshold, event=ch.event)
+            self._base(inc, ch)
+            self._send(inc, State.firing, State.firing, ch.ts, self._reach(inc, ch.ts))
+            if not inc["acked_by"]:
+                self._plan_escalation(inc, inc["started"], ch.ts)
+        elif ch.what == DOWNGRADE:
+            inc = self.incidents.get(ch.alert_id)
+            if inc is None or ch.rank >= inc["rank"]:
+                return
+            inc.update(rank=ch.rank, value=ch.value, threshold=ch.threshold)
+            self._base(inc, ch)
+            self._send(inc, State.firing, State.firing, ch.ts, [], lowered=True,
+                       cleared=(ch.value, ch.cleared))
+        elif ch.what == RESOLVE:
+            inc = self.incidents.pop(ch.alert_id, None)
+            if inc is None:
+                return
+            prev = inc["state"]
+            inc["state"] = State.resolved
+            self._base(inc, ch)
+            self._send(inc, State.resolved, prev, ch.ts, [],
+                       cleared=(ch.value, ch.cleared) if ch.cleared is not None else None)
+            spec = ch.rule.spec
+            if getattr(spec, "flapping", None):
+                self.resolved[inc["aid"]] = inc
+                self.deadlines.set(ch.ts + spec.flapping.window + 1, ("forget", inc["aid"]))
+
+    def _base(self, inc: dict, ch: Change) -> None:
+        view = _Inc(inc)
+        self.present._rebase(view, ch)
+        inc["base"] = view.base
+
+    def _reach(self, inc: dict, ts: int) -> list:
+        """The targets its severity reaches now that were not told yet."""
+        if inc["idx"] is None:
+            return []
+        place = self.reg.place_of(inc["idx"])
+        category = self.present._category(_Inc(inc)).value
+        return [t for t in self.router.targets(inc["route"], Severity.of_rank(inc["rank"]), place,
+                                               category, ts) if t not in inc["sent"]]
+
+    def _send(self, inc: dict, state: State, prev: State | None, ts: int, new: list,
+              extra: str = "", only: list | None = None, lowered: bool = False,
+              cleared: tuple | None = None) -> None:
+        from pipeline import notices as nt
+        inc["seq"] += 1
+        inc["last_ts"] = max(inc["last_ts"], ts)
+        inc["sent"] += new
+        n = nt.finish(inc["base"], seq=inc["seq"], severity=Severity.of_rank(inc["rank"]),
+                      state=state, previous=prev, ts_ms=ts, tz=self.reg.tz,
+                      flapping=inc["flapping"], escalation=inc["escalation"],
+                      acked_by=inc["acked_by"], acked_tier=inc["acked_tier"],
+                      extra_summary=extra, lowered=lowered, cleared=cleared)
+        for t in (only if only is not None else inc["sent"]):
+            self.notices.append(nt.for_target(n, t.tier.value, t.target, t.worker))
+
+    def _plan_reminders(self, inc: dict, ts: int) -> None:
+        inc["plan"] += 1
+        r = inc["route"]
+        if r.remind_every and r.max_reminders:
+            self.deadlines.set(ts + r.remind_every, ("rem", inc["aid"], inc["plan"], 1))
+
+    def _plan_escalation(self, inc: dict, street_since: int, now: int) -> None:
+        told = {t.tier for t in inc["sent"]}
+        r = inc["route"]
+        if Tier.district in told and inc["district_at"] is None:
+            inc["district_at"] = now
+        if Tier.district not in told and r.escalate_street:
+            due = street_since + r.escalate_street
+        elif Tier.district in told and Tier.city not in told and r.escalate_district:
+            due = inc["district_at"] + r.escalate_district
+        else:
+            return
+        self.deadlines.set(max(due, now), ("esc", inc["aid"], inc["plan"]))
+
+    def _incident_due(self, due: int, what: str, aid: str, plan: int = 0, step: int = 0) -> None:
+        if what == "forget":
+            self.resolved.pop(aid, None)
+            return
+        inc = self.incidents.get(aid)
+        if inc is None or inc["acked_by"] or plan != inc["plan"]:
+            return
+        from pipeline import notices as nt
+        if what == "esc":
+            told = {t.tier for t in inc["sent"]}
+            nxt = Tier.district if Tier.district not in told else Tier.city
+            if nxt in told:
+                return
+            place = self.reg.place_of(inc["idx"]) if inc["idx"] is not None else None
+            target = self.router.target(nxt.value, place,
+                                        self.present._category(_Inc(inc)).value, due)
+            inc["escalation"] += 1
+            prev = inc["state"]
+            inc["state"] = State.escalated
+            self._send(inc, State.escalated, prev, due, [target] if target else [],
+                       f"超过{format_duration(due - inc['started'])}无人确认，已升级至"
+                       f"{nt.tier_cn(nxt.value)}。")
+            if nxt == Tier.district:
+                inc["district_at"] = due
+                self._plan_escalation(inc, inc["started"], due)
+        elif what == "rem":
+            prev = inc["state"]
+            targets = [t for t in inc["sent"] if t.tier in (Tier.grid, Tier.street)]
+            self._send(inc, State.reminder, prev, due, [], f"第{step}次提醒：尚未确认。",
+                       only=targets)
+            inc["state"] = prev
+            if step < inc["route"].max_reminders:
+                self.deadlines.set(due + inc["route"].remind_every, ("rem", aid, plan, step + 1))
+
+
+class _Inc:
+    """An incident of the model seen through the attribute names the presentation helpers
+    read (place, category, routing labels, notice text)."""
+
+    def __init__(self, inc: dict) -> None:
+        self.aid, self.rule, self.subject = inc["aid"], inc["rule"], inc["subject"]
+        self.idx, self.members, self.rank = inc["idx"], inc["members"], inc["rank"]
+        self.started, self.value, self.threshold = inc["started"], inc["value"], inc["threshold"]
+        self.event = inc["event"]
+        self.base = inc.get("base")
