@@ -163,7 +163,7 @@ class Bridge:
         self.link.start()
         if s.http.port:
             from pipeline.http_api import OpsHttpServer
-            self.http = OpsHttpServer(self, s.http.host, s.http.port)
+            self.http = OpsHttpServer(self, s.http)
             self.http.start()
         print(f"cityops bridge: mqtt://{s.mqtt.host}:{s.mqtt.port} "
               f"({self.prefix}/readings/+, {self.prefix}/gateways/+, {self.prefix}/acks, shared "

@@ -78,6 +78,12 @@ class HttpSettings(_Part):
     host: str = Field(default="127.0.0.1", description="health, metrics and acks; localhost "
                       "unless you put a proxy in front")
     port: int = Field(default=9464, ge=0, le=65535, description="0: no HTTP endpoint")
+    max_connections: int = Field(default=100, ge=2, le=10000, description="connections open at "
+                                 "once; a new one past it closes the oldest idle one")
+    header_timeout: Duration = Field(default="10s", description="a connection sends its whole "
+                                     "request within this, or is closed")
+    keep_alive: Duration = Field(default="5s", description="an idle connection between "
+                                 "requests is closed after this")
 
 
 class StateSettings(_Part):

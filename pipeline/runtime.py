@@ -106,7 +106,7 @@ class LiveRuntime:
             self._publish(notices, dead)
         if s.http.port:
             from pipeline.http_api import OpsHttpServer
-            self.http = OpsHttpServer(self, s.http.host, s.http.port)
+            self.http = OpsHttpServer(self, s.http)
             self.http.start()
         if self.simulate:
             self._start_simulator(host, port, protocol)
@@ -386,7 +386,7 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     # Faust's services log every start and stop under their classes' modules
     for noisy in ("amqtt", "transitions", "asyncio", "kafka", "aiokafka", "faust", "mode",
-                  "connectors.faust_bulk", "pipeline.worker"):
+                  "connectors.faust_bulk", "pipeline.worker", "uvicorn"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

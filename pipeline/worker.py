@@ -503,7 +503,7 @@ class CityWorker:
             self.push.start()
         if s.http.port:
             from pipeline.http_api import OpsHttpServer
-            self.http = OpsHttpServer(self, s.http.host, s.http.port)
+            self.http = OpsHttpServer(self, s.http)
             self.http.start()
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -56,13 +57,14 @@ def reading(sensor: str, value: float) -> bytes:
     return json.dumps([{"sensor_id": sensor, "ts": now_ms(), "value": value}]).encode()
 
 
-def http(url: str, data: bytes | None = None) -> tuple[int, dict[str, str], str]:
+def http(url: str, data: bytes | None = None) -> tuple[int, Message, str]:
+    """Status, headers (names in any case, as HTTP has them) and body."""
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, dict(r.headers), r.read().decode()
+            return r.status, r.headers, r.read().decode()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read().decode()
+        return e.code, e.headers, e.read().decode()
 
 
 def of(msgs: list[tuple[str, bytes]], topic_part: str) -> list[dict]:

@@ -89,6 +89,7 @@ class Runtime:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.err_path = self.out_path = tmp_path / "none"
+        self.preexec: Callable[[], None] | None = None     # run in the child before cityops
 
     def start(self, timeout: float = START_TIMEOUT) -> Runtime:
         assert not self.running, "already running"
@@ -103,7 +104,7 @@ class Runtime:
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err, \
                 open(os.devnull, "rb") as devnull:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=devnull, stdout=out,
-                                         stderr=err)
+                                         stderr=err, preexec_fn=self.preexec)
         self.wait_healthy(timeout)
         return self
 
