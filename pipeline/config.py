@@ -168,6 +168,12 @@ class SmsPushSettings(_Part):
                           description="the text; {names} from connectors.push.fields")
 
 
+class AckSettings(_Part):
+    users: Path | None = Field(default=None, description="who may acknowledge what besides the "
+                               "registry's grid workers, and their HTTP tokens (README: Who may "
+                               "acknowledge what)")
+
+
 class PushSettings(_Part):
     """Pushes to on-call grid workers (pipeline/delivery.py) and acknowledge links."""
 
@@ -299,6 +305,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     bridge: BridgeSettings = BridgeSettings()
     push: PushSettings = PushSettings()
+    acks: AckSettings = AckSettings()
     influx: InfluxSettings = InfluxSettings()
     # Live, timers wait `allowed_lateness` for stragglers before they fire: escalations and
     # reminders come that much after their deadline. 10 s here (60 s in replay) keeps people's

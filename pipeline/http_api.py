@@ -2,10 +2,13 @@
 
     GET  /healthz   200 when connected to the broker, 503 when degraded (JSON either way)
     GET  /metrics   Prometheus text format
-    POST /acks      an Ack (JSON object or array); 202 once queued for the engine's loop
+    POST /acks      acknowledgements (JSON object or array of {alert_id, ts, note?}) with
+                    `Authorization: Bearer <token>` (a user of acks.users); 202 once queued
+                    for the engine's loop, 401 without a known token, 403 naming someone else
     GET  /ack?t=    a push's acknowledge link: a confirmation page, acknowledging nothing
     POST /ack       t=<token> (the page's form): acknowledges as the token's recipient; 403 if
-                    the token is forged, tampered with, expired or malformed
+                    the token is forged, tampered with, expired or malformed; 410 (both) if
+                    the firing it came with has resolved
     GET  /alerts/{alert_id}/timeline   notices and push receipts of one alert (JSON)
 
 Starlette on uvicorn (h11), on a thread of its own, bound to localhost unless configured
@@ -38,11 +41,12 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pipeline.ack_tokens import MAX_TOKEN, BadToken
-from pipeline.models import Ack
+from pipeline.identity import Forbidden
+from pipeline.models import AckRequest
 
 log = logging.getLogger("cityops.http")
 MAX_BODY = 64 * 1024
-_acks = TypeAdapter(Ack | list[Ack])
+_requests = TypeAdapter(AckRequest | list[AckRequest])
 # The acknowledge page: a GET only shows it (chat apps fetch links to preview them, and that
 # must not acknowledge anything); the button POSTs the token. No outside resources, never
 # framed, never cached, no Referer carrying the token anywhere.
@@ -88,9 +92,10 @@ async def _body(request: Request, limit: int, what: str) -> bytes:
 
 
 def ops_app(rt: Any) -> Starlette:
-    """The routes, over a runtime with health(), metrics_text(), http_acks and (with push on)
-    push: LiveRuntime, Bridge or CityWorker."""
+    """The routes, over a runtime with health(), metrics_text(), users (who may acknowledge),
+    http_acks and (with push on) push: LiveRuntime, Bridge or CityWorker."""
     push = getattr(rt, "push", None)     # the push dispatcher, when push is on
+    users = rt.users
 
     async def healthz(request: Request) -> Response:
         h = rt.health()
@@ -100,22 +105,40 @@ def ops_app(rt: Any) -> Starlette:
         return Response(rt.metrics_text(), media_type="text/plain; version=0.0.4")
 
     async def post_acks(request: Request) -> Response:
+        user = users.bearer(request.headers.get("authorization"))
+        if user is None:
+            return JSONResponse({"error": "send Authorization: Bearer <your token> (a user of "
+                                 "acks.users with a token_sha256)"}, 401,
+                                headers={"WWW-Authenticate": 'Bearer realm="cityops"'})
         try:
             body = await _body(request, MAX_BODY, "a JSON body")
         except BodyRefused as exc:
             return exc.response
         try:
-            got = _acks.validate_json(body)
+            got = _requests.validate_json(body)
         except ValidationError as exc:
             err = exc.errors()[0]
             return _error(400, f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}")
-        for ack in got if isinstance(got, list) else [got]:
-            rt.http_acks.put(ack.model_dump_json().encode())
+        try:
+            acks = [users.ack(user, r) for r in (got if isinstance(got, list) else [got])]
+        except Forbidden as exc:
+            return _error(403, str(exc))
+        for ack in acks:
+            rt.http_acks.put(ack.model_dump_json(exclude_none=True).encode())
         return JSONResponse({"status": "queued"}, 202)
 
     def refuse(exc: BadToken) -> Response:
         return _page(403, "无法确认", f"<h1>无法确认</h1><p>"
                      f"{_REFUSED.get(exc.reason, '确认链接无效。')}</p>")
+
+    def over(claim: Any) -> Response | None:
+        """The page of a link whose firing has resolved (the incident may be firing again:
+        this link does not acknowledge that)."""
+        ended = push.firing_over(claim)
+        if ended is None:
+            return None
+        return _page(410, "预警已结束", f"<h1>预警已结束</h1><p>{html.escape(ended['title'])}</p>"
+                     "<p>这条链接对应的报警已经解除，无需再确认。如再次报警，请使用新推送中的链接。</p>")
 
     async def ack_page(request: Request) -> Response:
         token = request.query_params.get("t", "")
@@ -123,6 +146,8 @@ def ops_app(rt: Any) -> Starlette:
             claim = push.verify_token(token)
         except BadToken as exc:
             return refuse(exc)
+        if (ended := over(claim)) is not None:
+            return ended
         seen = [e for e in push.timeline(claim.alert_id) if e["event"] == "notice"]
         title = seen[-1]["title"] if seen else claim.alert_id
         return _page(200, "确认预警", (
@@ -136,12 +161,14 @@ def ops_app(rt: Any) -> Starlette:
             body = await _body(request, MAX_TOKEN + 16, "t=<token>")
         except BodyRefused as exc:
             return exc.response
-        form = parse_qs(body.decode("ascii", "replace"))
+        token = parse_qs(body.decode("ascii", "replace")).get("t", [""])[0]
         try:
-            ack = push.accept_token(form.get("t", [""])[0])
+            if (ended := over(push.verify_token(token))) is not None:
+                return ended
+            ack = push.accept_token(token)
         except BadToken as exc:
             return refuse(exc)
-        rt.http_acks.put(ack.model_dump_json().encode())
+        rt.http_acks.put(ack.model_dump_json(exclude_none=True).encode())
         return _page(200, "已确认", "<h1>已确认</h1><p>谢谢，确认已收到，预警不再升级和提醒。</p>")
 
     async def timeline(request: Request) -> Response:
