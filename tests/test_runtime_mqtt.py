@@ -66,6 +66,18 @@ NOTICE_FILTERS = ("cityops/alerts/#", "cityops/push/#")
 DEAD_TOPIC = "cityops/deadletter"
 ACK_TOPIC = "cityops/acks"          # + /{user}: the sender
 STREET_DESK, STREET_TOKEN = "desk-510104022", "street-desk-token-for-the-tests"
+GRID_WORKER, GRID_TOKEN = "w-510104020001-01", "grid-worker-token-for-the-tests"
+
+
+def sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def rt_users(tmp_path: Path, users: dict) -> Path:
+    """An acks.users file (README: Who may acknowledge what)."""
+    path = tmp_path / "users.yaml"
+    path.write_text(yaml.safe_dump({"users": users}))
+    return path
 START_TIMEOUT = 30.0          # process start until /healthz says 200
 STOP_TIMEOUT = 15.0           # SIGTERM until exit
 
@@ -549,10 +561,8 @@ def test_escalation_on_time_and_ack_stops_it(mosquitto: Mosquitto, runtime, tmp_
     # deadlines included, fall due that long after their time (60 s by default). A short
     # lateness keeps the test short; the check below allows for it and no more.
     config = tmp_path / "cityops.yaml"
-    users = tmp_path / "users.yaml"          # the street's duty desk acknowledges over HTTP
-    users.write_text(yaml.safe_dump({"users": {STREET_DESK: {
-        "scope": "street", "code": "510104022",
-        "token_sha256": hashlib.sha256(STREET_TOKEN.encode()).hexdigest()}}}))
+    users = rt_users(tmp_path, {STREET_DESK: {           # the street's desk acknowledges over HTTP
+        "scope": "street", "code": "510104022", "token_sha256": sha256(STREET_TOKEN)}})
     config.write_text(f"engine:\n  allowed_lateness: {int(LATENESS_S * 1000)}ms\n"
                       f"acks:\n  users: {users}\n")
     rt = runtime(mosquitto.url, "escalate", args=["--routing", str(routing_file),
@@ -921,12 +931,13 @@ def test_refused_acks_are_counted_in_the_metrics(mosquitto: Mosquitto, runtime) 
 
 
 def test_notices_made_while_the_broker_is_away_go_out_when_it_is_back(
-        mosquitto_factory, runtime) -> None:
+        mosquitto_factory, runtime, tmp_path) -> None:
     """README (live runtime, "Broker gone"): notices published meanwhile wait in paho and go out
     on reconnect. Here an acknowledgement arrives over HTTP while the broker is away."""
     broker = mosquitto_factory()
     url = broker.url
-    rt = runtime(url, "outage")
+    users = rt_users(tmp_path, {GRID_WORKER: {"token_sha256": sha256(GRID_TOKEN)}})
+    rt = runtime(url, "outage", env={"CITYOPS_ACKS__USERS": str(users)})
     # a dashboard with a persistent session of its own: it misses nothing across the restart
     sub = Subscriber(url, *NOTICE_FILTERS, client_id=f"dash-{uuid.uuid4().hex[:8]}",
                      clean_start=False, session_expiry=120).start()
@@ -937,8 +948,7 @@ def test_notices_made_while_the_broker_is_away_go_out_when_it_is_back(
         aid = notices(sub.messages)[0]["alert_id"]
         broker.stop()
         wait_until(lambda: rt.health()[0] == 503, 10, "/healthz 503 while the broker is away", rt)
-        ack = {"alert_id": aid, "by": "w-510104020001-01", "tier": "grid", "ts": now_ms()}
-        assert rt.post_ack(dumps(ack))[0] == 202
+        assert rt.post_ack(dumps({"alert_id": aid, "ts": now_ms()}), GRID_TOKEN)[0] == 202
         broker.start()
         rt.wait_healthy(20)
         sub.wait_for(lambda m: len([n for n in notices(m) if n["state"] == "acknowledged"]) >= 3,
