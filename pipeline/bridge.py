@@ -10,7 +10,8 @@
 
 A crash before the flush leaves the MQTT messages unacknowledged on a persistent session: the
 broker delivers them again (at least once; the worker's engine drops a redelivered reading as a
-duplicate). Acks from dashboards on `{prefix}/acks` go to `{prefix}.acks`, keyed by alert_id.
+duplicate). Acks on `{prefix}/acks/{user}` go to `{prefix}.acks`, keyed by alert_id, as that
+user's (pipeline/identity.py); the worker's engine checks the user's scope.
 """
 
 from __future__ import annotations
