@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import json
-import logging
 import socket
 import threading
 from typing import Any
@@ -44,7 +42,6 @@ from pipeline.ack_tokens import MAX_TOKEN, BadToken
 from pipeline.identity import Forbidden
 from pipeline.models import AckRequest
 
-log = logging.getLogger("cityops.http")
 MAX_BODY = 64 * 1024
 _requests = TypeAdapter(AckRequest | list[AckRequest])
 # The acknowledge page: a GET only shows it (chat apps fetch links to preview them, and that

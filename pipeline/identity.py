@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.models import Ack, AckRequest, DeadLetter, Tier
 from pipeline.registry import Place, Registry
 from pipeline.wire import dead_letter
-from pipeline.yamlfile import ConfigError, load_yaml, pydantic_error
+from pipeline.yamlfile import load_yaml, pydantic_error
 
 USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}\Z"     # an MQTT username that is one topic level
 
