@@ -1,8 +1,12 @@
-"""Signed acknowledgement tokens: the link in a push acknowledges one alert, for one tier, as one
-recipient, until it expires — and nothing else.
+"""Signed acknowledgement tokens: the link in a push acknowledges one firing of one alert, for
+one tier, as one recipient, until it expires — and nothing else.
 
     token  = b64url(claims) "." b64url(HMAC-SHA256(secret, "cityops-ack-v1\\n" + claims))
-    claims = alert_id "\\n" tier "\\n" recipient id "\\n" expiry (epoch seconds)
+    claims = alert_id "\\n" tier "\\n" recipient id "\\n" seq "\\n" expiry (epoch seconds)
+
+`seq` is the notice's the link came with: the engine refuses it once the incident has resolved
+and fired again (a flapping alert keeps its alert_id), so a link from the first firing cannot
+acknowledge the second.
 
 The claims are readable (the recipient sees them in the push anyway) and cannot be changed
 without the secret. Nothing is stored on the server: any process holding the secret can check a
@@ -39,12 +43,13 @@ class AckClaim:
     alert_id: str
     tier: str
     worker_id: str
+    seq: int
     expires_s: int
 
     def ack(self, now_ms: int, note: str) -> Ack:
         """The acknowledgement the claim stands for, made now."""
         return Ack(alert_id=self.alert_id, by=self.worker_id, tier=Tier(self.tier), ts=now_ms,
-                   note=note)
+                   note=note, seq=self.seq)
 
 
 REPLY_NOTE = "reply to the push"
@@ -78,9 +83,9 @@ class AckTokens:
     def _mac(self, claims: bytes) -> bytes:
         return hmac.new(self._key, _DOMAIN + claims, hashlib.sha256).digest()
 
-    def issue(self, alert_id: str, tier: str, worker_id: str, now_ms: int) -> str:
+    def issue(self, alert_id: str, tier: str, worker_id: str, seq: int, now_ms: int) -> str:
         expires = (now_ms + self.ttl_ms) // 1000
-        claims = f"{alert_id}\n{tier}\n{worker_id}\n{expires}".encode()
+        claims = f"{alert_id}\n{tier}\n{worker_id}\n{seq}\n{expires}".encode()
         return f"{_b64(claims)}.{_b64(self._mac(claims))}"
 
     def verify(self, token: str, now_ms: int, worker_id: str | None = None) -> AckClaim:
@@ -97,9 +102,10 @@ class AckTokens:
         if not hmac.compare_digest(mac, self._mac(claims)):
             raise BadToken("forged", "the token's signature does not match")
         parts = claims.decode("utf-8", "replace").split("\n")
-        if len(parts) != 4 or parts[1] not in _TIERS or not parts[3].isdigit():
+        if len(parts) != 5 or parts[1] not in _TIERS or not (parts[3] + parts[4]).isdigit() \
+                or not parts[3]:
             raise BadToken("malformed", "the token's claims are not readable")
-        claim = AckClaim(parts[0], parts[1], parts[2], int(parts[3]))
+        claim = AckClaim(parts[0], parts[1], parts[2], int(parts[3]), int(parts[4]))
         if now_ms // 1000 > claim.expires_s:
             raise BadToken("expired", "the acknowledge link has expired")
         if worker_id is not None and worker_id != claim.worker_id:

@@ -10,7 +10,8 @@
 
 A crash before the flush leaves the MQTT messages unacknowledged on a persistent session: the
 broker delivers them again (at least once; the worker's engine drops a redelivered reading as a
-duplicate). Acks from dashboards on `{prefix}/acks` go to `{prefix}.acks`, keyed by alert_id.
+duplicate). Acks on `{prefix}/acks/{user}` go to `{prefix}.acks`, keyed by alert_id, as that
+user's (pipeline/identity.py); the worker's engine checks the user's scope.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from connectors.mqtt import MqttLink, sender_of
 from pipeline import wire
 from pipeline.ack_tokens import REPLY_NOTE, AckTokens, BadToken, refused, reply_worker
 from pipeline.config import Settings
+from pipeline.identity import AckUsers, acks_user
 from pipeline.models import Ack, DeadLetter
 from pipeline.prom import dead_letters, family
 from pipeline.registry import Registry
@@ -104,12 +106,9 @@ class ReadingRouter:
         return self.gateway_number.get(name, -2) == gateway
 
 
-def _ack_key(payload: bytes) -> tuple[bytes | None, DeadLetter | None]:
-    try:
-        ack = Ack.model_validate_json(payload)
-    except ValueError as exc:
-        return None, wire.dead_letter("bad_ack", str(exc).splitlines()[0][:300], payload)
-    return ack.alert_id.encode(), None
+def _ack_key(ack: bytes) -> bytes:
+    """An Ack's Kafka key: its alert_id."""
+    return Ack.model_validate_json(ack).alert_id.encode()
 
 
 class Bridge:
@@ -118,6 +117,7 @@ class Bridge:
         rules = load_rules(settings.packs, settings.routing, params=settings.params)
         self.registry = load_registry(settings.registry, rules.kinds)
         self.router = ReadingRouter(self.registry, settings.kafka.partitions)
+        self.users = AckUsers(self.registry, settings.acks.users)   # who may acknowledge what
         self.topics = kt.topic_names(settings.kafka.prefix)
         self.prefix = settings.mqtt.prefix
         self.stopping = threading.Event()
@@ -157,16 +157,16 @@ class Bridge:
         # Every bridge in the group shares all three, so an ack reaches Kafka once, not once
         # per bridge.
         self.link.topics = [f"{share}{self.prefix}/readings/+", f"{share}{self.prefix}/gateways/+",
-                            f"{share}{self.prefix}/acks"]
+                            f"{share}{self.prefix}/acks/+", f"{share}{self.prefix}/acks"]
         if self.tokens is not None:
             self.link.topics.append(f"{share}{self.prefix}/push/+/ack")
         self.link.start()
         if s.http.port:
             from pipeline.http_api import OpsHttpServer
-            self.http = OpsHttpServer(self, s.http.host, s.http.port)
+            self.http = OpsHttpServer(self, s.http)
             self.http.start()
         print(f"cityops bridge: mqtt://{s.mqtt.host}:{s.mqtt.port} "
-              f"({self.prefix}/readings/+, {self.prefix}/gateways/+, {self.prefix}/acks, shared "
+              f"({self.prefix}/readings/+, {self.prefix}/gateways/+, {self.prefix}/acks/+, shared "
               f"group {s.bridge.shared_group}) → kafka {s.kafka.bootstrap} "
               f"{self.topics['readings']} ({s.kafka.partitions} partitions by street), "
               f"{self.topics['acks']}", flush=True)
@@ -181,26 +181,27 @@ class Bridge:
 
     def _forward(self, msgs: list) -> None:
         acks_topic, replies = f"{self.prefix}/acks", f"{self.prefix}/push/"
-        readings = [m for m in msgs if m.topic != acks_topic and not m.topic.startswith(replies)]
+
+        def is_ack(topic: str) -> bool:
+            return topic == acks_topic or topic.startswith((acks_topic + "/", replies))
+        readings = [m for m in msgs if not is_ack(m.topic)]
         records, dead = self.router.route([m.payload for m in readings], [m.topic for m in readings],
                                           [sender_of(m.topic, self.prefix) for m in readings])
         acks = []
-        for m in msgs:
-            if m.topic == acks_topic:
-                key, bad = _ack_key(m.payload)
-                if bad is None:
-                    acks.append((key, m.payload))
-                else:
-                    dead.append(bad)
-            elif m.topic.startswith(replies):
+        for m in msgs:      # the sender's identity goes to Kafka in the Ack (`by`, `tier`)
+            if m.topic.startswith(replies):
                 got = self._reply(m)
-                if isinstance(got, bytes):
-                    acks.append((_ack_key(got)[0], got))
-                else:
-                    dead.append(got)
-        while not self.http_acks.empty():          # validated by the HTTP face already
+            elif is_ack(m.topic):
+                got = self.users.from_topic(acks_user(m.topic, acks_topic), m.payload, m.topic)
+            else:
+                continue
+            if isinstance(got, bytes):
+                acks.append((_ack_key(got), got))
+            else:
+                dead.append(got)
+        while not self.http_acks.empty():          # made by the HTTP face from its user
             payload = self.http_acks.get_nowait()
-            acks.append((_ack_key(payload)[0], payload))
+            acks.append((_ack_key(payload), payload))
         # Until Kafka has the whole batch, MQTT keeps it: a failed attempt is tried again (the
         # engine drops the readings that did get through as duplicates).
         while not self._produce(records, acks, dead):

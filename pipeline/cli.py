@@ -118,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("out", type=Path)
     gen.add_argument("--sensors", type=int, default=1_000_000)
     gen.add_argument("--seed", type=int, default=1)
+    acl = gsub.add_parser("acl", help="the Mosquitto ACL blocks of the registry's gateways "
+                          "(deploy/mosquitto/acl): each may publish to its own topic only")
+    acl.add_argument("--prefix", default="cityops", help="the pipeline's mqtt.prefix")
+    _common(acl)
     return p
 
 
@@ -139,14 +143,16 @@ def main(argv: list[str] | None = None) -> int:
             return _route(args)
         if args.command == "registry" and args.registry_command == "generate":
             return _generate(args)
+        if args.command == "registry" and args.registry_command == "acl":
+            return _gateway_acl(args)
     except ConfigError as exc:
         print(f"cityops: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:          # a ConnectionError too: output piped into `head`
+        return 0
     except ConnectionError as exc:
         print(f"cityops: error: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        return 0
     parser.print_help()
     return 2
 
@@ -362,6 +368,17 @@ def _route(args: argparse.Namespace) -> int:
                  if opts.escalate_district else ""))
     if opts.remind_every:
         print(f"reminders every {format_duration(opts.remind_every)} until acknowledged")
+    return 0
+
+
+def _gateway_acl(args: argparse.Namespace) -> int:
+    """A `pattern` would grant every account a gateway topic of its own name; a block per
+    gateway grants it to gateways only."""
+    _, reg = _load(args)
+    print(f"# --- Gateways (cityops registry acl, {len(reg.gateways)} in the registry): each "
+          f"publishes its batches on {args.prefix}/gateways/<its gateway_id>, nothing else.")
+    for gw in sorted(reg.gateways):
+        print(f"user {gw}\ntopic write {args.prefix}/gateways/{gw}\n")
     return 0
 
 

@@ -78,6 +78,12 @@ class HttpSettings(_Part):
     host: str = Field(default="127.0.0.1", description="health, metrics and acks; localhost "
                       "unless you put a proxy in front")
     port: int = Field(default=9464, ge=0, le=65535, description="0: no HTTP endpoint")
+    max_connections: int = Field(default=100, ge=2, le=10000, description="connections open at "
+                                 "once; a new one past it closes the oldest idle one")
+    header_timeout: Duration = Field(default="10s", description="a connection sends its whole "
+                                     "request within this, or is closed")
+    keep_alive: Duration = Field(default="5s", description="an idle connection between "
+                                 "requests is closed after this")
 
 
 class StateSettings(_Part):
@@ -160,6 +166,12 @@ class SmsPushSettings(_Part):
     template: str = Field(default="{title}：读数{value}{unit}，阈值{threshold}{unit}。"
                           "{worker_name}请处置，确认：{ack_url}", max_length=500,
                           description="the text; {names} from connectors.push.fields")
+
+
+class AckSettings(_Part):
+    users: Path | None = Field(default=None, description="who may acknowledge what besides the "
+                               "registry's grid workers, and their HTTP tokens (README: Who may "
+                               "acknowledge what)")
 
 
 class PushSettings(_Part):
@@ -293,6 +305,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     bridge: BridgeSettings = BridgeSettings()
     push: PushSettings = PushSettings()
+    acks: AckSettings = AckSettings()
     influx: InfluxSettings = InfluxSettings()
     # Live, timers wait `allowed_lateness` for stragglers before they fire: escalations and
     # reminders come that much after their deadline. 10 s here (60 s in replay) keeps people's

@@ -276,7 +276,7 @@ class PushDispatcher:
     def _with_ack(self, n: dict, r: Recipient, now: int) -> dict:
         if n["state"] not in ACKABLE:
             return n
-        token = self.tokens.issue(n["alert_id"], n["tier"], r.id, now)
+        token = self.tokens.issue(n["alert_id"], n["tier"], r.id, n["seq"], now)
         url = f"{self.public_url}/ack?t={token}" if self.public_url else None
         return {**n, "ack_url": url, "ack_token": token}
 
@@ -288,6 +288,14 @@ class PushDispatcher:
         except BadToken as exc:
             self._count(("tokens", exc.reason))
             raise
+
+    def firing_over(self, claim: AckClaim) -> dict | None:
+        """The `resolved` notice that ended the firing a link came with, if this process saw
+        it (the engine refuses such a link's ack in any case; this is for the page)."""
+        for e in self.timeline(claim.alert_id):
+            if e["event"] == "notice" and e["state"] == "resolved" and e["seq"] > claim.seq:
+                return e
+        return None
 
     def accept_token(self, token: str, worker_id: str | None = None) -> Ack:
         """The acknowledgement a good token stands for, made now (see verify_token)."""

@@ -24,7 +24,7 @@ import hashlib
 import heapq
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
@@ -562,8 +562,11 @@ class Engine:
             else:
                 out.dead_letters.append(wire.dead_letter(reason, detail, msgspec.json.encode(r)))
 
-    def ack(self, acks: Sequence[Ack | dict | bytes], out: Output | None = None) -> Output:
-        """Acknowledgements from dashboards or a worker's push; a bad one is a dead letter."""
+    def ack(self, acks: Sequence[Ack | dict | bytes], out: Output | None = None,
+            may_ack: Callable[[Ack, Any, str], str | None] | None = None) -> Output:
+        """Acknowledgements from dashboards or a worker's push; a bad one is a dead letter.
+        ``may_ack``: the runtimes' check of who may acknowledge what (pipeline/identity.py);
+        an ack it refuses is a `forbidden` dead letter."""
         out = out if out is not None else Output()
         for a in acks:
             raw = a if isinstance(a, bytes) else None
@@ -575,17 +578,17 @@ class Engine:
             except ValidationError as exc:
                 self._refuse_ack(out, str(exc.errors()[0]["msg"]), raw or msgspec.json.encode(a))
                 continue
-            why = self.book.ack(a, out.notices)
-            if why:
-                self._refuse_ack(out, why, raw or a.model_dump_json().encode())
+            refused = self.book.ack(a, out.notices, may_ack)
+            if refused:
+                self._refuse_ack(out, refused[1], raw or a.model_dump_json().encode(), refused[0])
             else:
                 self.counters["acks"] += 1
         return out
 
-    def _refuse_ack(self, out: Output, why: str, payload: bytes) -> None:
+    def _refuse_ack(self, out: Output, why: str, payload: bytes, reason: str = "bad_ack") -> None:
         self.counters["dead_letters"] += 1
-        self.counters["dead.bad_ack"] += 1
-        out.dead_letters.append(wire.dead_letter("bad_ack", why, payload))
+        self.counters["dead." + reason] += 1
+        out.dead_letters.append(wire.dead_letter(reason, why, payload))
 
     # ---- time ---------------------------------------------------------------------------
     def advance(self, watermark: int, out: Output | None = None) -> Output:

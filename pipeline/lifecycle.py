@@ -24,7 +24,8 @@ LIFECYCLE = -1          # timer owner number of the AlertBook
 class Incident:
     __slots__ = ("aid", "rule", "subject", "idx", "members", "rank", "state", "started", "seq",
                  "sent", "route", "value", "threshold", "event", "flapping", "escalation",
-                 "acked_by", "acked_tier", "reminders", "base", "last_ts", "district_at", "gen")
+                 "acked_by", "acked_tier", "reminders", "base", "last_ts", "district_at", "gen",
+                 "fired")
 
     def dump(self, sid: Callable[[Any], Any]) -> list:
         return [self.aid, self.rule, sid(self.subject), sid(self.idx) if self.idx is not None else None,
@@ -33,7 +34,7 @@ class Incident:
                 [[t.tier.value, t.target, t.worker.id if t.worker else None] for t in self.sent],
                 self.value, self.threshold, self.event, self.flapping, self.escalation,
                 self.acked_by, self.acked_tier, self.reminders, self.last_ts, self.district_at,
-                self.gen]
+                self.gen, self.fired]
 
 
 class AlertBook:
@@ -63,6 +64,7 @@ class AlertBook:
             self.open[inc.aid] = inc
             self._rebase(inc, ch)
             self._send(inc, State.firing, State.resolved, ch.ts, out, self._widen(inc, ch.ts))
+            inc.fired = inc.seq
             self._remind_from(inc, ch.ts)
             self._escalate_from(inc, ch.ts, ch.ts)
         elif ch.what == UPGRADE:
@@ -111,15 +113,29 @@ class AlertBook:
         self._rebase(inc, ch)
         self.open[inc.aid] = inc
         self._send(inc, State.firing, None, ch.ts, out, self._widen(inc, ch.ts))
+        inc.fired = inc.seq
         self._remind_from(inc, ch.ts)
         self._escalate_from(inc, ch.ts, ch.ts)
 
     # ---- from people -------------------------------------------------------------------
-    def ack(self, ack: Ack, out: list[dict]) -> str | None:
-        """Apply an acknowledgement; returns why it was refused, or None."""
+    def ack(self, ack: Ack, out: list[dict],
+            may_ack: Callable[[Ack, Any, str], str | None] | None = None) -> tuple[str, str] | None:
+        """Apply an acknowledgement; returns (dead-letter reason, why) if refused, or None.
+        ``may_ack(ack, place, category)``: why its sender may not acknowledge this incident
+        (pipeline/identity.py). A push link's ack (``seq``) is its token's: good for the firing
+        its notice belonged to, not for the same incident firing again after it resolved."""
         inc = self.open.get(ack.alert_id)
         if inc is None:
-            return f"no open incident {ack.alert_id} (resolved already, or never existed)"
+            return "bad_ack", f"no open incident {ack.alert_id} (resolved already, or never existed)"
+        if ack.seq is not None:
+            if ack.seq < inc.fired:
+                return "bad_ack", (f"the alert this link was for is over: it resolved and fired "
+                                   f"again (seq {inc.fired}); the link came with seq {ack.seq}")
+        elif may_ack is not None:
+            place = self.registry.place_of(inc.idx) if inc.idx is not None else None
+            why = may_ack(ack, place, self._category(inc).value)
+            if why:
+                return "forbidden", why
         if inc.acked_by:
             return None                      # a second ack changes nothing: idempotent
         inc.acked_by, inc.acked_tier = ack.by, ack.tier.value
@@ -288,7 +304,7 @@ class AlertBook:
     def _load_one(self, row: list, sidx: Callable[[Any], Any]) -> Incident | None:
         (aid, rule, subject, idx, members, rank, state, started, seq, sent, value, threshold,
          event, flapping, escalation, acked_by, acked_tier, reminders, last_ts, district_at,
-         gen) = row
+         gen) = row[:21]
         if rule not in self.rules:
             return None
         inc = Incident()
@@ -301,6 +317,7 @@ class AlertBook:
         inc.value, inc.threshold, inc.event, inc.flapping = value, threshold, event, flapping
         inc.escalation, inc.acked_by, inc.acked_tier = escalation, acked_by, acked_tier
         inc.reminders, inc.last_ts, inc.district_at, inc.gen = reminders, last_ts, district_at, gen
+        inc.fired = row[21] if len(row) > 21 else 0       # older snapshots: any link's seq is good
         inc.route = self.router.route(self._labels(inc))
         inc.sent = []
         for tier, target, worker in sent:

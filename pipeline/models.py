@@ -210,8 +210,23 @@ class AlertNotice(BaseModel):
                                   "to publish on {prefix}/push/{worker_id}/ack")
 
 
+class AckRequest(BaseModel):
+    """What a person sends to acknowledge (on `{prefix}/acks/{user}` or `POST /acks`). Who
+    sends it is the login's: `by` and `tier`, when given, must be the sender's own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alert_id: str
+    ts: AwareDatetime | Annotated[int, Field(ge=0)]
+    note: str | None = Field(default=None, max_length=500)
+    by: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    tier: Tier | None = None
+
+
 class Ack(BaseModel):
-    """An acknowledgement: somebody at a tier has taken the incident in hand."""
+    """An acknowledgement as the pipeline applies it: somebody at a tier has taken the incident
+    in hand. Made by cityops from an authenticated sender (`by` is the login, `tier` its
+    scope's) or from a push link (`seq`: the link's notice)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -220,6 +235,8 @@ class Ack(BaseModel):
     tier: Tier
     ts: AwareDatetime | Annotated[int, Field(ge=0)]
     note: str | None = Field(default=None, max_length=500)
+    seq: int | None = Field(default=None, ge=1, description="a push link's acknowledgement: the "
+                            "seq of the notice it came with; good only while that firing lasts")
 
     @property
     def ts_ms(self) -> int:
@@ -231,7 +248,8 @@ class DeadLetter(BaseModel):
     """Input the pipeline could not use: the reason, the original bytes, where it came from."""
 
     reason: Literal["malformed", "invalid", "oversize", "unknown_sensor", "wrong_sender", "wrong_kind",
-                    "not_finite", "future", "too_old", "stale", "bad_ack", "undeliverable"]
+                    "not_finite", "future", "too_old", "stale", "bad_ack", "forbidden",
+                    "undeliverable"]
     detail: str
     payload: str = Field(description="the original bytes as UTF-8 text (or base64 if not UTF-8)")
     payload_encoding: Literal["utf-8", "base64"] = "utf-8"

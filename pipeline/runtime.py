@@ -33,6 +33,7 @@ from connectors.mqtt import MqttLink, sender_of
 from pipeline.ack_tokens import BadToken, refused, reply_worker
 from pipeline.config import Settings
 from pipeline.engine import Engine, Output
+from pipeline.identity import AckUsers, acks_user
 from pipeline.prom import dead_letters, notices_by_tier
 from pipeline.registry import load as load_registry
 from pipeline.store import ACKS, ADVANCE, READINGS, StateStore
@@ -67,6 +68,7 @@ class LiveRuntime:
         rules = load_rules(settings.packs, settings.routing, params=settings.params)
         self.registry = load_registry(settings.registry, rules.kinds)
         self.engine = Engine(self.registry, rules, settings.engine)
+        self.users = AckUsers(self.registry, settings.acks.users)     # who may acknowledge what
         self.store = StateStore(settings.state.path)
         self.prefix = settings.mqtt.prefix
         self.acks_topic = f"{self.prefix}/acks"
@@ -97,6 +99,9 @@ class LiveRuntime:
             password=s.mqtt.password.get_secret_value() if s.mqtt.password else None,
             shared_group=s.mqtt.shared_group, keepalive=s.mqtt.keepalive,
             session_expiry_s=s.mqtt.session_expiry // 1000, max_inflight=s.mqtt.max_inflight)
+        # acknowledgements name their sender: {prefix}/acks/{user} (the bare topic is
+        # subscribed only to dead-letter what arrives there)
+        self.link.topics.append(f"{self.acks_topic}/+")
         if self.push is not None:
             self.link.topics.append(f"{self.push_topics}+/ack")
         self.link.start()
@@ -106,7 +111,7 @@ class LiveRuntime:
             self._publish(notices, dead)
         if s.http.port:
             from pipeline.http_api import OpsHttpServer
-            self.http = OpsHttpServer(self, s.http.host, s.http.port)
+            self.http = OpsHttpServer(self, s.http)
             self.http.start()
         if self.simulate:
             self._start_simulator(host, port, protocol)
@@ -158,7 +163,8 @@ class LiveRuntime:
             f"  alerts     mosquitto_sub -h {host} -p {port} -t '{self.prefix}/alerts/#' "
             f"-t '{self.prefix}/push/#' -v",
             f"  dead       {self.prefix}/deadletter",
-            f"  acks       {self.acks_topic}" + (f", or POST {http}/acks" if http else ""),
+            f"  acks       {self.acks_topic}/{{user}}" + (f", or POST {http}/acks (bearer token)"
+                                                       if http else ""),
         ]
         if http:
             lines.append(f"  health     {http}/healthz    metrics {http}/metrics")
@@ -182,11 +188,9 @@ class LiveRuntime:
             msgs = link.take(s.max_batch, s.max_wait / 1000)
             now = int(time.time() * 1000)
             entries: list[tuple[str, int, list]] = []
-            readings = [[m.topic, m.payload] for m in msgs
-                        if m.topic != self.acks_topic and not m.topic.startswith(self.push_topics)]
-            acks = [m.payload for m in msgs if m.topic == self.acks_topic]
-            if len(readings) + len(acks) < len(msgs):
-                acks += self._token_acks([m for m in msgs if m.topic.startswith(self.push_topics)])
+            readings = [[m.topic, m.payload] for m in msgs if not self._is_ack(m.topic)]
+            acks = self._acks([m for m in msgs if self._is_ack(m.topic)]) \
+                if len(readings) < len(msgs) else []
             while not self.http_acks.empty():
                 acks.append(self.http_acks.get_nowait())
             if readings:
@@ -230,15 +234,25 @@ class LiveRuntime:
             return self.engine.ingest([p for _, p in items], source=topics, now_ms=at,
                                       senders=[sender_of(t, self.prefix) for t in topics])
         if kind == ACKS:
-            return self.engine.ack(items)
+            return self.engine.ack(items, may_ack=self.users.may_ack)
         return self.engine.advance(at)
 
-    def _token_acks(self, msgs: list) -> list[bytes]:
-        """Workers' replies on {prefix}/push/{worker_id}/ack carry the token of their push: a
-        good one becomes that worker's Ack (journaled like any other), a forged, expired or
-        someone else's one a `bad_ack` dead letter."""
+    def _is_ack(self, topic: str) -> bool:
+        return (topic == self.acks_topic or topic.startswith(self.acks_topic + "/")
+                or topic.startswith(self.push_topics))
+
+    def _acks(self, msgs: list) -> list[bytes]:
+        """Acknowledgements as the Acks to journal, made from who sent them: a user's on
+        {prefix}/acks/{user} (pipeline/identity.py), a worker's reply on
+        {prefix}/push/{worker_id}/ack with the token of their push. What names nobody, comes
+        from nobody who may acknowledge, or carries a forged, expired or someone else's token
+        is a dead letter (`forbidden`, `bad_ack`)."""
         acks, dead = [], []
         for m in msgs:
+            if not m.topic.startswith(self.push_topics):
+                got = self.users.from_topic(acks_user(m.topic, self.acks_topic), m.payload, m.topic)
+                (acks if isinstance(got, bytes) else dead).append(got)
+                continue
             worker = reply_worker(m.topic, self.prefix)
             try:
                 if self.push is None:
@@ -328,7 +342,7 @@ class LiveRuntime:
             "# TYPE cityops_duplicates_total counter",
             f"cityops_duplicates_total {c['duplicates']}",
             *notices_by_tier(self.metrics),
-            *dead_letters(c),
+            *dead_letters(self.metrics),        # every one published, the engine's and the loop's
         ]
         lines += [
             "# HELP cityops_engine_errors_total Inputs the engine failed on (a bug: see the logs).",
@@ -386,7 +400,7 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     # Faust's services log every start and stop under their classes' modules
     for noisy in ("amqtt", "transitions", "asyncio", "kafka", "aiokafka", "faust", "mode",
-                  "connectors.faust_bulk", "pipeline.worker"):
+                  "connectors.faust_bulk", "pipeline.worker", "uvicorn"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -44,6 +44,7 @@ from connectors.faust_bulk import bulk_consumer
 from pipeline.bridge import ReadingRouter
 from pipeline.config import Settings
 from pipeline.engine import Engine, Output
+from pipeline.identity import AckUsers
 from pipeline.models import Ack
 from pipeline.prom import dead_letters, family, notices_by_tier
 from pipeline.registry import load as load_registry
@@ -96,6 +97,7 @@ class CityWorker:
         self.registry = load_registry(s.registry, self.rules.kinds)
         self.partitions = s.kafka.partitions
         self.router = ReadingRouter(self.registry, self.partitions)
+        self.users = AckUsers(self.registry, s.acks.users)     # who may acknowledge what
         members: dict[int, list[int]] = defaultdict(list)
         for i, p in enumerate(self.router.partition_of.tolist()):
             members[p].append(i)
@@ -326,7 +328,10 @@ class CityWorker:
                 fresh = self._fresh(ps, ACKS, [e.message for e in evs])
                 if not fresh:
                     continue
-                out = self._apply(ps, ps.engine.ack, [m.value for m in fresh])
+                # `by` is who the bridge (or the HTTP face) authenticated; the engine holding the
+                # incident checks that it lies within that user's scope
+                out = self._apply(ps, ps.engine.ack, [m.value for m in fresh],
+                                  may_ack=self.users.may_ack)
                 ps.offsets[ACKS] = fresh[-1].offset + 1
                 # Refusals for incidents this partition does not hold are the fan-out's doing.
                 out.dead_letters = [d for d in out.dead_letters
@@ -503,7 +508,7 @@ class CityWorker:
             self.push.start()
         if s.http.port:
             from pipeline.http_api import OpsHttpServer
-            self.http = OpsHttpServer(self, s.http.host, s.http.port)
+            self.http = OpsHttpServer(self, s.http)
             self.http.start()
 
     def close(self) -> None:

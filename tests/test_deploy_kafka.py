@@ -146,11 +146,11 @@ def workloads() -> list[dict]:
     return [d for d in k8s_objects() if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet")]
 
 
-def configmap_file() -> tuple[str, str]:
-    """(key, text) of the cityops config in the ConfigMap."""
+def configmap_file(key: str = "cityops.yaml") -> tuple[str, str]:
+    """(key, text) of a file in the ConfigMap: the cityops config, or another it names."""
     (cm,) = [d for d in k8s_objects("ConfigMap") if d["metadata"]["name"] == "cityops-config"]
-    (item,) = cm["data"].items()
-    return item
+    assert key in cm["data"], f"the ConfigMap has no {key}"
+    return key, cm["data"][key]
 
 
 def model_of(annotation: Any) -> type[BaseModel] | None:
@@ -458,6 +458,14 @@ def test_k8s_workload_settings(index: int, monkeypatch: pytest.MonkeyPatch,
     (cfg,) = [m for m in mounts.values() if config.parent == Path(m["mountPath"])]
     assert volumes[cfg["name"]]["configMap"]["name"] == "cityops-config"
     assert config.name == key
+    if s.acks.users is not None:        # next to the config, in the ConfigMap, and it loads
+        from pipeline.identity import AckUsers
+        from pipeline.registry import load as load_registry
+        from rules.compiler import load_rules
+        assert s.acks.users.parent == config.parent
+        users_key, users_text = configmap_file(s.acks.users.name)
+        (tmp_path / users_key).write_text(users_text)
+        AckUsers(load_registry(None, load_rules().kinds), tmp_path / users_key)
 
     # Probes: /healthz on http.port, which must listen beyond localhost.
     assert s.http.host == "0.0.0.0"

@@ -1,11 +1,11 @@
 """deploy/mosquitto does what it says: a real mosquitto started with the production config and
 ACL (listener and file paths swapped for a temp dir and a free port; users made with
-mosquitto_passwd -b) refuses anonymous clients and keeps every account to its own topics."""
+mosquitto_passwd -b) refuses anonymous clients and keeps every account to its own topics: each
+account's allowed and refused topics, read and write, with real clients."""
 
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,8 +33,11 @@ PASSWORDS = {
     "dashboard-city": "dash-secret",
     "w-510104020001-01": "w1-secret",
     "w-510104020001-02": "w2-secret",
+    "cityops-monitor": "monitor-secret",
+    "duty-510104": "duty-secret",          # an acknowledging user of the pipeline's acks.users
 }
-NOT_AUTHORIZED = 135          # MQTT 5 reason code
+NOT_AUTHORIZED = 135          # MQTT 5 reason codes
+NO_SUBSCRIBERS = 16
 READING = b'{"sensor_id": "gas-510104-000001", "ts": 1782885780000, "value": 27.5}'
 
 
@@ -47,16 +50,21 @@ def production_config(tmp: Path) -> str:
     return text
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    tmp = tmp_path_factory.mktemp("deploy-mosquitto")
-    shutil.copy(DEPLOY / "acl", tmp / "acl")
+def deploy_broker(tmp: Path, passwords: dict[str, str], acl: str) -> Mosquitto:
+    """Mosquitto with the production config, these accounts (mosquitto_passwd) and this ACL."""
+    (tmp / "acl").write_text(acl)
     try:
-        for user, password in PASSWORDS.items():
+        for user, password in passwords.items():
             mosquitto_passwd(tmp / "passwd", user, password)
-        b = Mosquitto(tmp / "broker", config=production_config(tmp)).start()
+        return Mosquitto(tmp / "broker", config=production_config(tmp)).start()
     except MosquittoMissing as e:       # never a skip: `make test` installs it
         pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    b = deploy_broker(tmp_path_factory.mktemp("deploy-mosquitto"), PASSWORDS,
+                      (DEPLOY / "acl").read_text())
     yield b
     b.stop()
 
@@ -68,7 +76,7 @@ def as_user(user: str) -> dict[str, str]:
 @pytest.fixture
 def pipeline(broker: Mosquitto):
     """The pipeline's subscriptions, as the cityops account."""
-    with Subscriber(broker.url, "cityops/gateways/#", "cityops/readings/#", "cityops/acks",
+    with Subscriber(broker.url, "cityops/gateways/#", "cityops/readings/#", "cityops/acks/+",
                     **as_user("cityops")) as sub:
         assert sub.granted == [1, 1, 1]
         yield sub
@@ -147,7 +155,8 @@ def test_dashboard_reads_alerts_not_readings(broker: Mosquitto) -> None:
     assert cli.lines() == ["cityops/alerts/district/510104 district alert"]
 
 
-def test_grid_worker_reads_own_pushes_and_acks(broker: Mosquitto, pipeline: Subscriber) -> None:
+def test_grid_worker_reads_own_pushes_and_acks_as_itself(broker: Mosquitto,
+                                                          pipeline: Subscriber) -> None:
     w1 = as_user("w-510104020001-01")
     mine, theirs = "cityops/push/w-510104020001-01", "cityops/push/w-510104020001-02"
     with Subscriber(broker.url, mine, theirs, "cityops/alerts/#", **w1) as sub:
@@ -155,15 +164,115 @@ def test_grid_worker_reads_own_pushes_and_acks(broker: Mosquitto, pipeline: Subs
             assert publish(broker.url, topic, topic.encode(), **as_user("cityops")) == 0
         got = sub.wait_for(lambda m: any(t == mine for t, _ in m))
         assert got == [(mine, mine.encode())]
-    ack = b'{"alert_id": "a1", "by": "w-510104020001-01", "tier": "grid", "ts": 1782885900000}'
-    assert publish(broker.url, "cityops/acks", ack, **w1) == 0
-    assert pipeline.wait_for(lambda m: ("cityops/acks", ack) in m)
-    assert publish(broker.url, "cityops/alerts/city", b"forged", **w1) == NOT_AUTHORIZED
+    ack = b'{"alert_id": "a1", "ts": 1782885900000}'
+    assert publish(broker.url, "cityops/acks/w-510104020001-01", ack, **w1) == 0
+    assert pipeline.wait_for(lambda m: ("cityops/acks/w-510104020001-01", ack) in m)
+    for forged in ("cityops/acks/w-510104020001-02", "cityops/acks", "cityops/alerts/city"):
+        assert publish(broker.url, forged, b"forged", **w1) == NOT_AUTHORIZED, forged
 
 
-def test_only_workers_acknowledge(broker: Mosquitto) -> None:
-    for user in ("gw-510104-0001", "dashboard-city"):
-        assert publish(broker.url, "cityops/acks", b"{}", **as_user(user)) == NOT_AUTHORIZED
+# Every account against every topic it might try. Writes: the topics each account may publish
+# to ({me} is its own username); every other one is refused with reason code 135.
+ME = "{me}"
+WRITE_TOPICS = [
+    "cityops/gateways/gw-510104-0001", f"cityops/gateways/{ME}",
+    "cityops/readings/gas-510104-000001", "cityops/acks", f"cityops/acks/{ME}",
+    "cityops/acks/w-510104020001-02", "cityops/alerts/city", "cityops/alerts/district/510104",
+    "cityops/push/w-510104020001-01", f"cityops/push/{ME}/ack",
+    "cityops/push/w-510104020001-02/ack", "cityops/deadletter", "cityops/receipts",
+]
+OWN = {f"cityops/acks/{ME}", f"cityops/push/{ME}/ack"}      # every account: its own topics
+MAY_WRITE = {
+    "cityops": OWN | {"cityops/alerts/city", "cityops/alerts/district/510104",
+                      "cityops/push/w-510104020001-01", "cityops/push/w-510104020001-02/ack",
+                      "cityops/deadletter", "cityops/receipts"},
+    "gw-510104-0001": OWN | {"cityops/gateways/gw-510104-0001", f"cityops/gateways/{ME}"},
+    "gw-510104-0002": OWN | {f"cityops/gateways/{ME}"},
+    "dashboard-city": OWN,
+    "w-510104020001-01": OWN | {"cityops/push/w-510104020001-01/ack"},
+    "w-510104020001-02": OWN | {"cityops/acks/w-510104020001-02",
+                                "cityops/push/w-510104020001-02/ack"},
+    "cityops-monitor": OWN,
+    "duty-510104": OWN,
+}
+
+
+@pytest.mark.parametrize("account", sorted(PASSWORDS))
+def test_what_each_account_may_write(broker: Mosquitto, account: str) -> None:
+    allowed = {t.replace(ME, account) for t in MAY_WRITE[account]}
+    for topic in dict.fromkeys(t.replace(ME, account) for t in WRITE_TOPICS):
+        rc = publish(broker.url, topic, b"x", **as_user(account))
+        # taken: 0, or 16 "no matching subscribers"; refused: 135
+        want = (0, NO_SUBSCRIBERS) if topic in allowed else (NOT_AUTHORIZED,)
+        assert rc in want, (account, topic, rc)
+
+
+# Reads: what each account's subscription to everything receives when every topic carries a
+# message from its rightful writer.
+SOURCES = [
+    ("gw-510104-0001", "cityops/gateways/gw-510104-0001"),
+    ("cityops", "cityops/alerts/city"),
+    ("cityops", "cityops/alerts/street/510104020"),
+    ("cityops", "cityops/push/w-510104020001-01"),
+    ("cityops", "cityops/push/w-510104020001-02"),
+    ("w-510104020001-01", "cityops/acks/w-510104020001-01"),
+    ("w-510104020001-01", "cityops/push/w-510104020001-01/ack"),
+    ("cityops", "cityops/deadletter"),
+    ("cityops", "cityops/receipts"),
+]
+MAY_READ = {
+    "cityops": {"cityops/gateways/gw-510104-0001", "cityops/acks/w-510104020001-01",
+                "cityops/push/w-510104020001-01/ack"},
+    "gw-510104-0001": set(),
+    "gw-510104-0002": set(),
+    "dashboard-city": {"cityops/alerts/city", "cityops/alerts/street/510104020"},
+    "w-510104020001-01": {"cityops/push/w-510104020001-01"},
+    "w-510104020001-02": {"cityops/push/w-510104020001-02"},
+    "cityops-monitor": {"cityops/deadletter", "cityops/receipts"},
+    "duty-510104": set(),
+}
+
+
+def test_what_each_account_may_read(broker: Mosquitto) -> None:
+    subs = {a: Subscriber(broker.url, "#", **as_user(a)).start() for a in sorted(PASSWORDS)}
+    try:
+        for writer, topic in SOURCES:
+            assert publish(broker.url, topic, topic.encode(), **as_user(writer)) == 0, topic
+        for account, sub in subs.items():
+            # its own push topic (every account may read it) closes what it was going to get
+            sentinel = (f"cityops/push/{account}", b"sentinel")
+            got = delivered_before(sub, lambda: publish(broker.url, *sentinel,
+                                                        **as_user("cityops")), sentinel)
+            assert {t for t, _ in got} == MAY_READ[account], account
+    finally:
+        for sub in subs.values():
+            sub.close()
+
+
+def test_only_the_monitor_reads_broker_statistics(broker: Mosquitto) -> None:
+    """$SYS/broker/version is retained: a subscriber allowed to read it gets it at once."""
+    with Subscriber(broker.url, "$SYS/broker/version", **as_user("cityops-monitor")) as sub:
+        assert sub.wait_count(1)[0][0] == "$SYS/broker/version"
+    for account in ("cityops", "dashboard-city", "gw-510104-0001"):
+        with Subscriber(broker.url, "$SYS/broker/version", f"cityops/push/{account}",
+                        **as_user(account)) as sub:
+            sentinel = (f"cityops/push/{account}", b"sentinel")
+            assert delivered_before(sub, lambda: publish(broker.url, *sentinel,
+                                                         **as_user("cityops")), sentinel) == []
+
+
+def test_gateway_blocks_are_the_registry_acl() -> None:
+    """The deploy ACL's gateway blocks are what `cityops registry acl` writes for the fixture."""
+    import subprocess
+    import sys
+    acl = (DEPLOY / "acl").read_text()
+    blocks = re.findall(r"(?m)^user (gw-\S+)\ntopic write (\S+)$", acl)
+    assert blocks, "the deploy ACL should show its gateway blocks"
+    generated = subprocess.run([sys.executable, "-m", "pipeline.cli", "registry", "acl"],
+                               capture_output=True, text=True, check=True).stdout
+    for user, topic in blocks:
+        assert f"user {user}\ntopic write {topic}\n" in generated
+    assert not re.search(r"(?m)^pattern write cityops/(gateways|readings)/", acl)
 
 
 def test_pipeline_shared_subscription(broker: Mosquitto) -> None:

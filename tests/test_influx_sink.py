@@ -382,9 +382,8 @@ def test_live_runtime_writes_readings_and_alerts_and_keeps_alerting_through_an_o
             publish(mosquitto.url, "cityops/gateways/gw-510104-0001", json.dumps(batch).encode())
             sub.wait_count(5, timeout=15)
             fired = [json.loads(p) for _, p in sub.messages]
-            publish(mosquitto.url, "cityops/acks", json.dumps(
-                {"alert_id": fired[0]["alert_id"], "by": "w-510104020001-01", "tier": "grid",
-                 "ts": ts + 42_000}).encode())
+            publish(mosquitto.url, "cityops/acks/w-510104020001-01", json.dumps(
+                {"alert_id": fired[0]["alert_id"], "ts": ts + 42_000}).encode())
             sub.wait_count(10, timeout=15)
             sent = [reading_point(registry, r["sensor_id"], r["ts"], r["value"]) for r in batch]
             want = set(sent)

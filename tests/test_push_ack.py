@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -56,13 +57,14 @@ def reading(sensor: str, value: float) -> bytes:
     return json.dumps([{"sensor_id": sensor, "ts": now_ms(), "value": value}]).encode()
 
 
-def http(url: str, data: bytes | None = None) -> tuple[int, dict[str, str], str]:
+def http(url: str, data: bytes | None = None) -> tuple[int, Message, str]:
+    """Status, headers (names in any case, as HTTP has them) and body."""
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, dict(r.headers), r.read().decode()
+            return r.status, r.headers, r.read().decode()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read().decode()
+        return e.code, e.headers, e.read().decode()
 
 
 def of(msgs: list[tuple[str, bytes]], topic_part: str) -> list[dict]:
@@ -158,10 +160,10 @@ def test_the_link_shows_a_page_and_its_button_acknowledges(mosquitto: Mosquitto,
 
     # refused: another key, changed claims, expired, garbage — on the page and on the button
     sig = token.split(".")[1]
-    other = AckTokens(b"x" * 40, 3_600_000).issue(aid, "grid", worker, now_ms())
+    other = AckTokens(b"x" * 40, 3_600_000).issue(aid, "grid", worker, 1, now_ms())
     tampered = AckTokens(SECRET.encode(), 3_600_000).issue(aid, "grid", ANOTHER_WORKER,
-                                                          now_ms()).split(".")[0] + "." + sig
-    expired = AckTokens(SECRET.encode(), 1000).issue(aid, "grid", worker, now_ms() - 60_000)
+                                                          1, now_ms()).split(".")[0] + "." + sig
+    expired = AckTokens(SECRET.encode(), 1000).issue(aid, "grid", worker, 1, now_ms() - 60_000)
     for bad in (other, tampered, expired, "garbage"):
         code, _, page = http(running.url(f"/ack?t={bad}"))
         assert code == 403, bad
@@ -211,7 +213,7 @@ def test_a_reply_on_mqtt_acknowledges_only_on_the_workers_own_topic(
         mosquitto: Mosquitto, running: Running, sub: Subscriber) -> None:
     push = fire(mosquitto, sub, "gas-510104-000002")
     worker, aid, token = push["worker_id"], push["alert_id"], push["ack_token"]
-    forged = AckTokens(b"x" * 40, 3_600_000).issue(aid, "grid", worker, now_ms())
+    forged = AckTokens(b"x" * 40, 3_600_000).issue(aid, "grid", worker, 1, now_ms())
 
     publish(mosquitto.url, f"cityops/push/{ANOTHER_WORKER}/ack", token)   # not theirs
     publish(mosquitto.url, f"cityops/push/{worker}/ack", forged)
@@ -230,6 +232,49 @@ def test_a_reply_on_mqtt_acknowledges_only_on_the_workers_own_topic(
     metrics = running.metrics()
     assert 'cityops_push_ack_tokens_total{outcome="wrong_worker"} 1' in metrics
     assert 'cityops_push_ack_tokens_total{outcome="accepted"} 1' in metrics
+
+
+def test_a_link_from_an_earlier_firing_does_not_acknowledge_the_alert_firing_again(
+        mosquitto: Mosquitto, running: Running, sub: Subscriber) -> None:
+    """gas.leak is flapping-aware: firing again within 30 min of resolving reopens the same
+    alert_id. A link from the first firing must not acknowledge the second. (Readings 10 min
+    in the past: the 2 min clear_for is already over by the wall clock, so the test is quick.)"""
+    sensor, t0 = "gas-510104-000004", now_ms() - 10 * 60_000
+
+    def send(at: int, value: float) -> None:
+        publish(mosquitto.url, GATEWAY, json.dumps([{"sensor_id": sensor, "ts": at,
+                                                     "value": value}]).encode())
+
+    def pushes(m: list) -> list[dict]:
+        return [n for n in of(m, "cityops/push/") if n["sensor_id"] == sensor]
+
+    send(t0, 55.0)
+    first = pushes(sub.wait_for(lambda m: pushes(m)))[0]
+    aid, worker = first["alert_id"], first["worker_id"]
+    send(t0 + 60_000, 2.0)                    # clears; resolved 2 min later
+    sub.wait_for(lambda m: any(n["state"] == "resolved" for n in pushes(m)))
+    send(t0 + 4 * 60_000, 55.0)               # fires again: the same incident, reopened
+    got = sub.wait_for(lambda m: any(n["state"] == "firing" and n["previous_state"] == "resolved"
+                                     for n in pushes(m)))
+    [again] = [n for n in pushes(got) if n["previous_state"] == "resolved"]
+    assert again["alert_id"] == aid and again["seq"] > first["seq"]
+
+    # the old link: a page saying its alert is over, on opening and on the button
+    code, _, page = http(first["ack_url"])
+    assert code == 410 and "预警已结束" in page and "已经解除" in page
+    code, _, page = http(running.url("/ack"), f"t={first['ack_token']}".encode())
+    assert code == 410 and "预警已结束" in page
+    # the old token as an MQTT reply: the engine refuses it (it knows the firing)
+    publish(mosquitto.url, f"cityops/push/{worker}/ack", first["ack_token"])
+    dead = sub.wait_for(lambda m: of(m, "deadletter"))
+    [refusal] = [DeadLetter.model_validate(d) for d in of(dead, "deadletter")]
+    assert refusal.reason == "bad_ack" and "the alert this link was for is over" in refusal.detail
+    assert not any(n["state"] == "acknowledged" for n in of(settle(sub), "cityops/alerts/"))
+
+    # the new link acknowledges the firing it came with
+    code, _, page = http(running.url("/ack"), f"t={again['ack_token']}".encode())
+    assert code == 200 and "已确认" in page
+    sub.wait_for(acknowledged(sub, aid))
 
 
 # ---- cityops run, kill -9, start again ---------------------------------------------------------

@@ -59,7 +59,7 @@ def notice() -> dict:
     out = engine.ingest([json.dumps({"sensor_id": GAS_ALONE, "ts": TS, "value": 55.0}).encode()])
     n = next(n for n in out.notices if n["tier"] == "grid")
     assert n["worker_id"] == WORKER.id
-    token = AckTokens(b"a" * 32, 3_600_000).issue(n["alert_id"], "grid", WORKER.id, TS)
+    token = AckTokens(b"a" * 32, 3_600_000).issue(n["alert_id"], "grid", WORKER.id, n["seq"], TS)
     return {**n, "ack_url": f"https://ops.example.cn/cityops/ack?t={token}", "ack_token": token}
 
 

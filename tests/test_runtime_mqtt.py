@@ -21,6 +21,7 @@ persistent session is removed from it when the test ends.
 from __future__ import annotations
 
 import base64
+import hashlib
 import csv
 import json
 import os
@@ -63,7 +64,20 @@ FIXTURE = ROOT / "pipeline" / "fixtures" / "chengdu"
 TZ = ZoneInfo("Asia/Shanghai")
 NOTICE_FILTERS = ("cityops/alerts/#", "cityops/push/#")
 DEAD_TOPIC = "cityops/deadletter"
-ACK_TOPIC = "cityops/acks"
+ACK_TOPIC = "cityops/acks"          # + /{user}: the sender
+STREET_DESK, STREET_TOKEN = "desk-510104022", "street-desk-token-for-the-tests"
+GRID_WORKER, GRID_TOKEN = "w-510104020001-01", "grid-worker-token-for-the-tests"
+
+
+def sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def rt_users(tmp_path: Path, users: dict) -> Path:
+    """An acks.users file (README: Who may acknowledge what)."""
+    path = tmp_path / "users.yaml"
+    path.write_text(yaml.safe_dump({"users": users}))
+    return path
 START_TIMEOUT = 30.0          # process start until /healthz says 200
 STOP_TIMEOUT = 15.0           # SIGTERM until exit
 
@@ -89,6 +103,7 @@ class Runtime:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.err_path = self.out_path = tmp_path / "none"
+        self.preexec: Callable[[], None] | None = None     # run in the child before cityops
 
     def start(self, timeout: float = START_TIMEOUT) -> Runtime:
         assert not self.running, "already running"
@@ -103,7 +118,7 @@ class Runtime:
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err, \
                 open(os.devnull, "rb") as devnull:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=devnull, stdout=out,
-                                         stderr=err)
+                                         stderr=err, preexec_fn=self.preexec)
         self.wait_healthy(timeout)
         return self
 
@@ -199,9 +214,12 @@ class Runtime:
                 out[name] = float(value)
         return out
 
-    def post_ack(self, body: bytes) -> tuple[int, dict]:
+    def post_ack(self, body: bytes, token: str | None = None) -> tuple[int, dict]:
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/acks", data=body,
-                                     method="POST", headers={"Content-Type": "application/json"})
+                                     method="POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=5) as r:
                 return r.status, json.loads(r.read())
@@ -543,7 +561,10 @@ def test_escalation_on_time_and_ack_stops_it(mosquitto: Mosquitto, runtime, tmp_
     # deadlines included, fall due that long after their time (60 s by default). A short
     # lateness keeps the test short; the check below allows for it and no more.
     config = tmp_path / "cityops.yaml"
-    config.write_text(f"engine:\n  allowed_lateness: {int(LATENESS_S * 1000)}ms\n")
+    users = rt_users(tmp_path, {STREET_DESK: {           # the street's desk acknowledges over HTTP
+        "scope": "street", "code": "510104022", "token_sha256": sha256(STREET_TOKEN)}})
+    config.write_text(f"engine:\n  allowed_lateness: {int(LATENESS_S * 1000)}ms\n"
+                      f"acks:\n  users: {users}\n")
     rt = runtime(mosquitto.url, "escalate", args=["--routing", str(routing_file),
                                                   "--config", str(config)],
                  env={"CITYOPS_TICK": "200ms"})
@@ -566,25 +587,25 @@ def test_escalation_on_time_and_ack_stops_it(mosquitto: Mosquitto, runtime, tmp_
         aid = {s: fired[s]["alert_id"] for s in (a, b, c)}
         assert len(set(aid.values())) == 3
 
-        # acknowledgements, long before the first deadline (2 s: reminder; 3 s: escalation)
-        ack_b = {"alert_id": aid[b], "by": "w-510104022001-01", "tier": "street", "ts": now_ms()}
-        assert publish(url, ACK_TOPIC, dumps(ack_b)) == 0
-        ack_c = {"alert_id": aid[c], "by": "w-510104022001-02", "tier": "grid", "ts": now_ms()}
-        assert rt.post_ack(dumps(ack_c)) == (202, {"status": "queued"})
+        # acknowledgements, long before the first deadline (2 s: reminder; 3 s: escalation):
+        # B by its grid worker over MQTT (the topic names them), C by the street's desk over HTTP
+        grid_worker = "w-510104022001-01"
+        ack_b = {"alert_id": aid[b], "ts": now_ms()}
+        assert publish(url, f"{ACK_TOPIC}/{grid_worker}", dumps(ack_b)) == 0
+        ack_c = {"alert_id": aid[c], "ts": now_ms()}
+        assert rt.post_ack(dumps(ack_c), STREET_TOKEN) == (202, {"status": "queued"})
         # garbage: not JSON; an unknown tier naming A (must not stop A's escalation); forged id
-        garbage = [b"ack!", dumps({"alert_id": aid[a], "by": "mayor", "tier": "mayor",
-                                   "ts": now_ms()}),
-                   dumps({"alert_id": "0123456789abcdef", "by": "w-x", "tier": "street",
-                          "ts": now_ms()})]
-        publish_many(url, [(ACK_TOPIC, g) for g in garbage])
-        code, body = rt.post_ack(b'{"alert_id": 42}')
+        garbage = [b"ack!", dumps({"alert_id": aid[a], "tier": "mayor", "ts": now_ms()}),
+                   dumps({"alert_id": "0123456789abcdef", "ts": now_ms()})]
+        publish_many(url, [(f"{ACK_TOPIC}/{grid_worker}", g) for g in garbage])
+        code, body = rt.post_ack(b'{"alert_id": 42}', STREET_TOKEN)
         assert code == 400 and "error" in body
         sub.wait_for(lambda m: len([n for n in notices(m) if n["state"] == "acknowledged"]) >= 4,
                      timeout=5)
         assert now_ms() - start < REMIND_S * 1000, "acks were too slow for this test's timing"
         assert rt.metrics()["cityops_acks_total"] == 2
         # a second ack for B changes nothing
-        assert rt.post_ack(dumps({**ack_b, "by": "w-510104022001-02"}))[0] == 202
+        assert rt.post_ack(dumps(ack_b), STREET_TOKEN)[0] == 202
 
         # A climbs: district at start + 3 s, city 3 s after the district was told
         def escalated(level: int) -> Callable[[list], bool]:
@@ -626,20 +647,23 @@ def test_escalation_on_time_and_ack_stops_it(mosquitto: Mosquitto, runtime, tmp_
     assert Counter(n["tier"] for n in reminders) == Counter({"street": 2, "grid": 2}), reminders
     assert not [n for n in mine if n["state"] == "acknowledged"], "a garbage ack acknowledged A"
 
-    for s, ack, tier in ((b, ack_b, "street"), (c, ack_c, "grid")):
+    for s, by, tier in ((b, grid_worker, "grid"), (c, STREET_DESK, "street")):
         theirs = [n for n in every if n["alert_id"] == aid[s]]
         acked = [n for n in theirs if n["state"] == "acknowledged"]
         assert sorted(n["tier"] for n in acked) == ["grid", "street"], acked   # every tier told
-        assert {(n["acked_by"], n["acked_tier"], n["seq"]) for n in acked} == {
-            (ack["by"], tier, 2)}
+        assert {(n["acked_by"], n["acked_tier"], n["seq"]) for n in acked} == {(by, tier, 2)}
         assert all(n["title"].startswith("【蓝色预警·已确认】") for n in acked)
         later = [n for n in theirs if n["state"] not in ("firing", "acknowledged")]
         assert not later, f"{s} was acknowledged, yet: {later}"
 
     dead = dead_letters(msgs)
     assert [d.reason for d in dead] == ["bad_ack"] * 3, dead
-    assert sorted(d.payload.encode() for d in dead) == sorted(garbage)
-    assert all(d.source is None or d.source == ACK_TOPIC for d in dead)
+    # refused where it arrived: its bytes; refused by the engine: the Ack it was made into
+    forged = {"alert_id": "0123456789abcdef", "by": grid_worker, "tier": "grid",
+              "ts": json.loads(garbage[2])["ts"]}
+    assert sorted(d.payload for d in dead) == sorted([garbage[0].decode(), garbage[1].decode(),
+                                                      json.dumps(forged, separators=(",", ":"))])
+    assert all(d.source is None or d.source == f"{ACK_TOPIC}/{grid_worker}" for d in dead)
 
 
 # ---- 4. kill -9 in the middle of a stream ------------------------------------------------------
@@ -895,9 +919,9 @@ def test_refused_acks_are_counted_in_the_metrics(mosquitto: Mosquitto, runtime) 
     url = mosquitto.url
     rt = runtime(url, "badack")
     with Subscriber(url, DEAD_TOPIC) as sub:
-        assert publish(url, ACK_TOPIC, b"ack!") == 0
-        assert rt.post_ack(dumps({"alert_id": "0123456789abcdef", "by": "w-510104020001-01",
-                                  "tier": "street", "ts": now_ms()}))[0] == 202
+        assert publish(url, f"{ACK_TOPIC}/w-510104020001-01", b"ack!") == 0
+        assert publish(url, f"{ACK_TOPIC}/w-510104020001-01", dumps(
+            {"alert_id": "0123456789abcdef", "ts": now_ms()})) == 0
         sub.wait_for(lambda m: len(dead_letters(m)) >= 2, timeout=10)
         dead = dead_letters(settle(sub))
     assert [d.reason for d in dead] == ["bad_ack", "bad_ack"], dead
@@ -907,12 +931,13 @@ def test_refused_acks_are_counted_in_the_metrics(mosquitto: Mosquitto, runtime) 
 
 
 def test_notices_made_while_the_broker_is_away_go_out_when_it_is_back(
-        mosquitto_factory, runtime) -> None:
+        mosquitto_factory, runtime, tmp_path) -> None:
     """README (live runtime, "Broker gone"): notices published meanwhile wait in paho and go out
     on reconnect. Here an acknowledgement arrives over HTTP while the broker is away."""
     broker = mosquitto_factory()
     url = broker.url
-    rt = runtime(url, "outage")
+    users = rt_users(tmp_path, {GRID_WORKER: {"token_sha256": sha256(GRID_TOKEN)}})
+    rt = runtime(url, "outage", env={"CITYOPS_ACKS__USERS": str(users)})
     # a dashboard with a persistent session of its own: it misses nothing across the restart
     sub = Subscriber(url, *NOTICE_FILTERS, client_id=f"dash-{uuid.uuid4().hex[:8]}",
                      clean_start=False, session_expiry=120).start()
@@ -923,8 +948,7 @@ def test_notices_made_while_the_broker_is_away_go_out_when_it_is_back(
         aid = notices(sub.messages)[0]["alert_id"]
         broker.stop()
         wait_until(lambda: rt.health()[0] == 503, 10, "/healthz 503 while the broker is away", rt)
-        ack = {"alert_id": aid, "by": "w-510104020001-01", "tier": "grid", "ts": now_ms()}
-        assert rt.post_ack(dumps(ack))[0] == 202
+        assert rt.post_ack(dumps({"alert_id": aid, "ts": now_ms()}), GRID_TOKEN)[0] == 202
         broker.start()
         rt.wait_healthy(20)
         sub.wait_for(lambda m: len([n for n in notices(m) if n["state"] == "acknowledged"]) >= 3,

@@ -1,0 +1,236 @@
+"""Who may acknowledge what.
+
+An acknowledgement stops escalation and reminders, so it is taken only from a sender the
+pipeline can name, and only within that sender's scope:
+
+    over MQTT   the topic {prefix}/acks/{user}: the broker's ACL lets a login publish only on its
+                own (deploy/mosquitto: `pattern write cityops/acks/%u`)
+    over HTTP   POST /acks with `Authorization: Bearer <token>`, the user's token
+    push link   the signed token of the push (pipeline/ack_tokens.py), bound to one recipient
+                and one firing of one alert
+
+A user's scope is a tier and the places (or departments) it answers for:
+
+    registry grid workers   tier grid: the grids they serve, those of the workers they back up,
+                            and the streets they are duty officer of (as the router pushes them)
+    acks.users file         city; district, street or grid codes; department ids
+
+`by` and `tier` of the applied Ack are the sender's (a request naming someone else is refused,
+not rewritten: it is a mistake or a forgery either way). Whether the incident lies within the
+scope is decided where the incident is known, in the engine (`may_ack`, refusal `forbidden`).
+
+The users file, checked once at start (file:line on every mistake):
+
+    users:
+      duty-510104: {scope: district, code: "510104", token_sha256: 9f86d08…}
+      chunxi-street: {scope: street, code: ["510104020", "510104021"]}
+      gas-centre: {scope: dept, code: gas}
+      city-duty: {scope: city, token_sha256: …}
+      w-510104020001-01: {token_sha256: …}      # a registry worker: its roster scope, a token
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.models import Ack, AckRequest, DeadLetter, Tier
+from pipeline.registry import Place, Registry
+from pipeline.wire import dead_letter
+from pipeline.yamlfile import load_yaml, pydantic_error
+
+USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}\Z"     # an MQTT username that is one topic level
+
+
+class Forbidden(ValueError):
+    """An acknowledgement its sender may not make."""
+
+
+class _UserSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    scope: Literal["city", "district", "street", "dept", "grid"] | None = None
+    code: str | list[str] | None = None
+    token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                                     description="SHA-256 (hex) of the user's HTTP bearer token")
+
+
+class _UsersFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    users: dict[str, _UserSpec]
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What one user may acknowledge: incidents at these places (or of these departments)."""
+
+    tier: Tier
+    codes: frozenset[str] = frozenset()       # grid, street or district codes; department ids
+    streets: frozenset[str] = frozenset()     # a grid worker's streets as duty officer
+
+    def covers(self, place: Place | None, dept: str | None) -> bool:
+        t = self.tier
+        if t is Tier.city:
+            return True
+        if t is Tier.dept:
+            return dept in self.codes
+        if place is None:
+            return False
+        if t is Tier.district:
+            return place.district in self.codes
+        if t is Tier.street:
+            return place.street in self.codes
+        return place.grid in self.codes or place.street in self.streets
+
+    def describe(self) -> str:
+        if self.tier is Tier.city:
+            return "the city"
+        codes = sorted(self.codes) + [f"street {s}" for s in sorted(self.streets)]
+        return f"{self.tier.value} {', '.join(codes)}"
+
+
+def _roster_scopes(registry: Registry) -> dict[str, Scope]:
+    """Grid workers answer for the grids the router may push them: their own, those of the
+    workers they back up, and as a street's duty officer the whole street."""
+    grids: dict[str, set[str]] = {w: set(x.grids) for w, x in registry.workers.items()}
+    for w in registry.workers.values():
+        if w.backup in grids:
+            grids[w.backup] |= set(w.grids)
+    streets: dict[str, set[str]] = {}
+    for street, officer in registry.duty_officer.items():
+        streets.setdefault(officer, set()).add(street)
+    return {w: Scope(Tier.grid, frozenset(g), frozenset(streets.get(w, ()))) for w, g in grids.items()}
+
+
+class AckUsers:
+    """The users who may acknowledge, their scopes and HTTP tokens; checked once at start."""
+
+    def __init__(self, registry: Registry, path: Path | None = None) -> None:
+        self.registry = registry
+        self.scopes = _roster_scopes(registry)
+        self._tokens: list[tuple[bytes, str]] = []      # (SHA-256 of the token, user)
+        if path is not None:
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
+        doc = load_yaml(path)
+        try:                       # (a file that is not a mapping fails here too, at line 1)
+            spec = _UsersFile.model_validate(doc.data)
+        except ValidationError as exc:
+            raise pydantic_error(doc, exc) from None
+        for user, u in spec.users.items():
+            where = ("users", user)
+            if not re.match(USER_PATTERN, user):
+                raise doc.error(where, f"user {user!r}: letters, digits and _.- only, up to 64 "
+                                "(it is an MQTT topic level)")
+            if u.scope is None:
+                if user not in self.scopes:
+                    raise doc.error(where, f"user {user!r}: set `scope:` (only the registry's "
+                                    "grid workers have one from the roster)")
+            else:
+                self.scopes[user] = self._scope(doc, where, user, u)
+            if u.token_sha256 is not None:
+                self._tokens.append((bytes.fromhex(u.token_sha256), user))
+
+    def _scope(self, doc, where: tuple, user: str, u: _UserSpec) -> Scope:
+        tier = Tier(u.scope)
+        codes = [u.code] if isinstance(u.code, str) else list(u.code or [])
+        if tier is Tier.city:
+            if codes:
+                raise doc.error(where, f"user {user!r}: a city user has no `code`")
+            return Scope(tier)
+        if not codes:
+            raise doc.error(where, f"user {user!r}: scope {tier.value} needs `code:` (which "
+                            f"{'department' if tier is Tier.dept else tier.value})")
+        reg = self.registry
+        known = {Tier.district: reg.districts, Tier.street: reg.streets, Tier.dept: reg.departments,
+                 Tier.grid: reg.grid_index}[tier]
+        for code in codes:
+            if code not in known:
+                raise doc.error(where, f"user {user!r}: {tier.value} {code!r} is not in the registry")
+        return Scope(tier, frozenset(codes))
+
+    # ---- who is asking --------------------------------------------------------------------
+    def bearer(self, authorization: str | None) -> str | None:
+        """The user whose token an `Authorization: Bearer …` header carries, or None. Every
+        stored hash is compared, in constant time, whoever matches."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        found = None
+        for stored, user in self._tokens:
+            if hmac.compare_digest(stored, digest):
+                found = user
+        return found
+
+    def ack(self, user: str, request: AckRequest) -> Ack:
+        """The Ack a user's request stands for; Forbidden if the user may acknowledge nothing,
+        or names someone else or another tier."""
+        scope = self.scopes.get(user)
+        if scope is None:
+            raise Forbidden(f"{user!r} may not acknowledge alerts (not a registry worker, not in "
+                            "acks.users)")
+        if request.by is not None and request.by != user:
+            raise Forbidden(f"sent by {user!r} but says by {request.by!r}: an acknowledgement is "
+                            "its sender's")
+        if request.tier is not None and request.tier is not scope.tier:
+            raise Forbidden(f"{user!r} acknowledges for tier {scope.tier.value}, not "
+                            f"{request.tier.value}")
+        return Ack(alert_id=request.alert_id, by=user, tier=scope.tier, ts=request.ts,
+                   note=request.note)
+
+    def from_topic(self, user: str | None, payload: bytes, source: str) -> bytes | DeadLetter:
+        """An acknowledgement published on `{prefix}/acks/{user}` (None: the bare acks topic,
+        which names nobody) as the Ack to apply, or the dead letter that says why not."""
+        if user is None:
+            return dead_letter("forbidden", f"an acknowledgement on {source} names no sender: "
+                               f"publish it on {source}/<your user>", payload, source=source)
+        try:
+            request = AckRequest.model_validate_json(payload)
+        except ValidationError as exc:
+            return dead_letter("bad_ack", ack_error(exc, payload), payload, source=source)
+        try:
+            return self.ack(user, request).model_dump_json(exclude_none=True).encode()
+        except Forbidden as exc:
+            return dead_letter("forbidden", str(exc), payload, source=source)
+
+    def may_ack(self, ack: Ack, place: Place | None, category: str) -> str | None:
+        """Why ``ack`` may not acknowledge an incident at ``place`` of ``category``, or None.
+        The engine asks, where the incident is known."""
+        scope = self.scopes.get(ack.by)
+        if scope is None:
+            return f"{ack.by!r} may not acknowledge alerts (not a registry worker, not in acks.users)"
+        if ack.tier is not scope.tier:
+            return f"{ack.by!r} acknowledges for tier {scope.tier.value}, not {ack.tier.value}"
+        if not scope.covers(place, self.registry.dept_of_category.get(category)):
+            where = f"{place.district_name}{place.street_name} grid {place.grid}" if place else category
+            return (f"{ack.by!r} answers for {scope.describe()}; alert {ack.alert_id} is at "
+                    f"{where}")
+        return None
+
+
+def ack_error(exc: ValidationError, payload: bytes) -> str:
+    """One line on what is wrong with an acknowledgement's JSON."""
+    try:
+        orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return "not JSON: an acknowledgement is a JSON object with alert_id and ts"
+    err = exc.errors()[0]
+    where = ".".join(str(x) for x in err["loc"]) or "(top)"
+    return f"{where}: {err['msg']}"
+
+
+def acks_user(topic: str, acks_topic: str) -> str | None:
+    """The sender an acknowledgement's topic names: `{prefix}/acks/{user}` → user."""
+    if not topic.startswith(acks_topic + "/"):
+        return None
+    return topic[len(acks_topic) + 1:] or None
