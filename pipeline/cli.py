@@ -37,7 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "built-in one (repeatable)")
     p.add_argument("--routing", metavar="FILE", help="routing tree (default: rules/routing.yaml)")
     p.add_argument("--params", metavar="FILE", help="the city's own values for pack parameters, "
-                   "per pack and per district (docs: README, 'The rule language')")
+                   "per pack and per district (docs/rules.md)")
 
 
 def _parser() -> argparse.ArgumentParser:

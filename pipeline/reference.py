@@ -202,6 +202,9 @@ class ReferenceEngine:
         if accepted and not self.watch_start:
             self.watch_start = accepted[0][1]
             self._plan_scan(self.watch_start + s.absence_scan_every)
+        # everything the payload's watermark reaches acts now, also what a late reading set
+        # behind a watermark that did not move (an escalation due before it arrived)
+        self._run(horizon)
         self.advance(self.max_ts - s.allowed_lateness)
 
     def _check(self, r: Any, now_ms: int | None) -> tuple[str | None, str]:

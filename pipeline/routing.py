@@ -1,6 +1,6 @@
 """Who is told: the tier policy, the shallow routing tree, and the on-call worker of the place.
 
-The default policy (rules/routing.yaml, from ARCHITECTURE.md): blue → street + grid worker,
+The default policy (rules/routing.yaml, docs/routing.md): blue → street + grid worker,
 yellow → + district, orange → + the department sub-centre of the category, red → + city. A
 route is a child of the root with matchers (like Alertmanager's, one level deep, first match
 wins) that overrides only the options it sets.

@@ -2,8 +2,8 @@
 
     python -m tests.fuzz_engine --minutes 30
 
-Prints how many scenarios were checked; on a mismatch, hypothesis shrinks it and prints the
-minimal scenario (keep it as a rule test in tests/rules/) and this exits 1.
+Prints how many scenarios were checked; on a mismatch, hypothesis shrinks it, this prints the
+minimal scenario (keep it as a rule test in tests/rules/) and exits 1.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def main() -> int:
     while time.monotonic() < end:
         try:
             one_round()
-        except Exception as exc:                  # the shrunk scenario is printed above
-            print(f"MISMATCH after {checked} scenarios: {exc}", file=sys.stderr)
+        except Exception as exc:
+            notes = "\n".join(getattr(exc, "__notes__", []))     # the shrunk scenario
+            print(f"MISMATCH after {checked} scenarios: {exc}\n{notes}", file=sys.stderr)
             return 1
         print(f"{checked} scenarios, no mismatch ({time.monotonic() - start:.0f} s)", flush=True)
     print(f"fuzzed {checked} scenarios in {time.monotonic() - start:.0f} s: no mismatch")
