@@ -106,8 +106,18 @@ class OpsHttpServer:
                     f'value="{html.escape(token)}"><button type="submit" '
                     f'style="font-size:1.2em;padding:.5em 2em">确认接单</button></form>'))
 
+            def _length(self) -> int | None:
+                """The body's length; None (and a 400 sent) when the header is not a number."""
+                text = self.headers.get("Content-Length") or "0"
+                if not text.strip().isdigit():
+                    self._send(400, b'{"error": "Content-Length must be a number"}')
+                    return None
+                return int(text)
+
             def _ack_by_token(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
+                length = self._length()
+                if length is None:
+                    return
                 if not 0 < length <= MAX_TOKEN + 16:
                     self._send(413 if length else 411, b'{"error": "send t=<token>"}')
                     return
@@ -127,7 +137,9 @@ class OpsHttpServer:
                 if self.path != "/acks":
                     self._send(404, b'{"error": "POST /acks"}')
                     return
-                length = int(self.headers.get("Content-Length") or 0)
+                length = self._length()
+                if length is None:
+                    return
                 if not 0 < length <= MAX_BODY:
                     self._send(413 if length else 411, b'{"error": "send a JSON body up to 64 KiB"}')
                     return
