@@ -38,8 +38,8 @@ def resolve(host: str, port: int) -> None:
                               f"{exc.strerror}); check the name in the broker URL") from None
 
 
-_UNSUPPORTED = "Unsupported protocol version"
-# amqtt closes an MQTT 5 CONNECT that carries properties without a CONNACK
+_UNSUPPORTED = "it refused MQTT 5 (unsupported protocol version)"
+# amqtt may close an MQTT 5 CONNECT that carries properties without a CONNACK
 _DROPPED = "it closed the connection before answering"
 
 
@@ -130,9 +130,9 @@ class MqttLink:
             self.stop()
             where = f"the MQTT broker at {self.host}:{self.port}"
             if self.protocol == 5 and self.refused in (_UNSUPPORTED, _DROPPED):
-                raise ConnectionError(f"{where} refused MQTT 5 ({self.refused}); for a broker "
-                                      "that speaks only 3.1.1, such as the one `cityops run` "
-                                      "embeds, set mqtt.protocol: 311 (CITYOPS_MQTT__PROTOCOL=311)")
+                raise ConnectionError(f"{where}: {self.refused}; if it speaks only MQTT 3.1.1, as "
+                                      "the broker `cityops run` embeds does, set mqtt.protocol: "
+                                      "311 (CITYOPS_MQTT__PROTOCOL=311)")
             raise ConnectionError(f"{where}: {self.refused}")
 
     def stop(self) -> None:
@@ -143,8 +143,10 @@ class MqttLink:
     # ---- paho callbacks (network thread: nothing but bookkeeping here) ----------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
-            self._refused(str(reason_code))
+            if self.connects:                 # a reconnect; at start, start() says it
+                log.error("broker refused the connection: %s", reason_code)
+            self._refused(_UNSUPPORTED if str(reason_code) == "Unsupported protocol version"
+                          else f"it refused the connection ({reason_code})")
             return
         self.connects += 1
         if self.topics and self.protocol == 5:
@@ -168,7 +170,7 @@ class MqttLink:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._refused(_DROPPED)
         self.connected.clear()
-        if not self.stopping:
+        if not self.stopping and self.connects:
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:

@@ -172,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cityops: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:           # `cityops replay … | head`: the reader has had enough
+        return 0
     except ConnectionError as exc:
         print(f"cityops: error: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        return 0
     parser.print_help()
     return 2
 

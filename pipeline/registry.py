@@ -234,7 +234,7 @@ class Registry:
 
     def on_call(self, grid: str, street: str, at_ms: int) -> Worker | None:
         """The worker to push to: on-shift grid worker, else an on-shift backup, else the
-        street's duty officer (docs/routing.md)."""
+        street's duty officer (README, "The city registry")."""
         local = datetime.fromtimestamp(at_ms / 1000, self.tz)
         minute = local.hour * 60 + local.minute
         primaries = [self.workers[w] for w in self.workers_of_grid.get(grid, ())]
