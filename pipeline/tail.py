@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import queue
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +66,7 @@ def line_for(topic: str, payload: bytes, prefix: str, keep: Filter) -> str | Non
 
 def tail(host: str, port: int, prefix: str, keep: Filter, *, username: str | None = None,
          password: str | None = None, count: int | None = None,
-         write: Callable[[str], None] | None = None) -> int:
+         write: Callable[[str], None] | None = None, answer_within: float = 15.0) -> int:
     """Print lines until Ctrl-C (or ``count`` lines). ConnectionError, in one line, when no
     broker can be reached."""
     write = write or (lambda line: print(line, flush=True))
@@ -76,13 +78,22 @@ def tail(host: str, port: int, prefix: str, keep: Filter, *, username: str | Non
         client.username_pw_set(username, password)
     topics = [f"{prefix}/alerts/#", f"{prefix}/push/#", f"{prefix}/deadletter", f"{prefix}/acks"]
 
+    answered = threading.Event()
+
     def on_connect(c, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             inbox.put(f"the broker at {host}:{port} refused the connection: {reason_code}")
             return
+        answered.set()
         c.subscribe([(t, 1) for t in topics])
 
+    def on_disconnect(c, userdata, flags, reason_code, properties) -> None:
+        if not answered.is_set():
+            inbox.put(f"{host}:{port} closed the connection before answering; is it an MQTT "
+                      "broker?")
+
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     client.on_message = lambda c, u, msg: inbox.put((msg.topic, msg.payload))
     try:
         client.connect(host, port, keepalive=30)
@@ -90,14 +101,21 @@ def tail(host: str, port: int, prefix: str, keep: Filter, *, username: str | Non
         raise ConnectionError(f"no MQTT broker answered at {host}:{port} ({exc.strerror or exc}); "
                               "is `cityops run` running? Give its broker with --broker") from None
     client.loop_start()
-    print(f"cityops tail: mqtt://{host}:{port} {', '.join(topics)} (Ctrl-C stops)",
-          file=sys.stderr, flush=True)
     shown = 0
+    announced = False
+    deadline = time.monotonic() + answer_within
     try:
         while count is None or shown < count:
+            if answered.is_set() and not announced:     # said once the broker has answered
+                announced = True
+                print(f"cityops tail: mqtt://{host}:{port} {', '.join(topics)} (Ctrl-C stops)",
+                      file=sys.stderr, flush=True)
             try:
                 got = inbox.get(timeout=0.5)
             except queue.Empty:
+                if not answered.is_set() and time.monotonic() > deadline:
+                    raise ConnectionError(f"{host}:{port} took the connection but did not answer "
+                                          f"MQTT within {answer_within:.0f}s") from None
                 continue
             if isinstance(got, str):
                 raise ConnectionError(got)
