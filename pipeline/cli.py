@@ -138,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="only notices of this district, e.g. 510104 or 锦江区 (repeatable)")
     tl.add_argument("--street", action="append", default=[], metavar="CODE|NAME",
                     help="only notices of this street, e.g. 510104020 or 春熙路街道 (repeatable)")
+    tl.add_argument("--prefix", help="topic prefix (default: mqtt.prefix, cityops)")
     tl.add_argument("--count", type=int, metavar="N", help="stop after N lines")
 
     g = sub.add_parser("registry", help="registry tools")
@@ -202,13 +203,9 @@ def _broker_url(text: str) -> str:
     from pipeline.config import MqttSettings
     try:
         return MqttSettings.model_validate({"url": text}).url
-    except ValidationError as exc:
-        raise ConfigError("--broker", None, _reason(exc)) from None
-
-
-def _reason(exc: ValidationError) -> str:
-    """pydantic's message for the first error, without its 'Value error, ' prefix."""
-    return exc.errors()[0]["msg"].removeprefix("Value error, ")
+    except ValidationError as exc:     # its message, not pydantic's whole report
+        raise ConfigError("--broker", None,
+                          exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def _distributed(args: argparse.Namespace) -> int:
@@ -437,7 +434,7 @@ def _tail(args: argparse.Namespace) -> int:
     s = load_settings(args.config)
     m = s.mqtt.model_copy(update={"url": _broker_url(args.broker)}) if args.broker else s.mqtt
     host, port = (m.host, m.port) if m.url else (s.embedded.host, s.embedded.port)
-    return tail(host, port, m.prefix, Filter(args.tier, args.district, args.street),
+    return tail(host, port, args.prefix or m.prefix, Filter(args.tier, args.district, args.street),
                 username=m.username, password=m.password.get_secret_value() if m.password else None,
                 count=args.count)
 

@@ -200,8 +200,10 @@ class LiveRuntime:
             lines.append("  story      a fresh simulated city (the last run's state is cleared; "
                          "--resume continues it)")
         elif self.simulate:
-            lines.append(f"  story      resumed: {_open_incidents(self.engine)}; the story's "
-                         "alarms for them are no news, the rest goes on")
+            n = len(self.engine.book.open)
+            lines.append(f"  story      resumed: {n} incident{'s' if n != 1 else ''} still open "
+                         "from the last run; the story's alarms for them are no news, the rest "
+                         "goes on")
         if self.simulate:
             lines.append("  simulating gateways: a gas leak at an elderly resident living alone, a "
                          "rainstorm, a construction site violation, a sensor going silent, a "
@@ -416,11 +418,6 @@ def _cityops() -> str:
 def _tail_flags(s: Settings, host: str, port: int) -> str:
     flags = "" if (host, port) == ("127.0.0.1", 1883) else f" --broker mqtt://{host}:{port}"
     return flags + ("" if s.mqtt.prefix == "cityops" else f" --prefix {s.mqtt.prefix}")
-
-
-def _open_incidents(engine: Engine) -> str:
-    n = len(engine.book.open)
-    return f"{n} incident{'s' if n != 1 else ''} still open from the last run"
 
 
 class JsonLogFormatter(logging.Formatter):

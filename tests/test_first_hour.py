@@ -219,14 +219,14 @@ def test_tail_against_mosquitto_filters_by_tier_and_street(mosquitto, tmp_path: 
               "title": "【红色预警】锦江区春熙路街道和平社区燃气泄漏报警"}
     other = {**notice, "street": "510108001", "street_name": "双桥子街道", "title": "other"}
     dist = {**notice, "tier": "district", "target": "510104", "title": "district copy"}
-    tail = subprocess.Popen([CITYOPS, "tail", "--broker", mosquitto.url, "--tier", "street",
-                             "--street", "春熙路街道", "--count", "1"], cwd=tmp_path, env=_env(),
+    tail = subprocess.Popen([CITYOPS, "tail", "--broker", mosquitto.url, "--prefix", "chengdu",
+                             "--tier", "street", "--street", "春熙路街道", "--count", "1"], cwd=tmp_path, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def feed() -> None:
         for n, topic in ((other, "street/510108001"), (dist, "district/510104"),
                          (notice, "street/510104020")):
-            publish(mosquitto.url, f"cityops/alerts/{topic}", json.dumps(n).encode())
+            publish(mosquitto.url, f"chengdu/alerts/{topic}", json.dumps(n).encode())
     out, err = _feed_until_done(tail, feed)
     assert tail.returncode == 0, err
     assert out.splitlines() == [f"14:03:00  {pad('街镇', 6)} {pad('春熙路街道', 14)} "
