@@ -13,7 +13,8 @@ and a push to the grid worker on call. ``Simulator`` plays the city's gateways:
 - **Scenario**: a short story on top, from the table ``SCENARIO`` below (seconds after the
   first ``step()``, divided by ``speed``): a gas leak at a resident living alone and then the
   neighbours (red: the city is told), a rainstorm with road waterlogging, construction-site
-  violations, a dust monitor that goes silent, a river rising fast. An alarm is uploaded at
+  violations, a dust monitor that goes silent, a river rising fast, a reading for a sensor
+  the registry does not hold (a dead letter). An alarm is uploaded at
   once (gateways forward alarms without waiting for their cadence); between the scenario's
   points a sensor keeps reporting its last scenario value. ``speed`` compresses the story
   only: gateways keep their 30-60 s cadence, and as readings carry the clock's time, rule
