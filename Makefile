@@ -82,4 +82,4 @@ bench-kafka: $(STAMP)
 	$(PY) bench/kafka_bench.py
 
 clean:
-	rm -rf $(VENV) bench/out .pytest_cache cityops-demo-notices.jsonl
+	rm -rf $(VENV) .run bench/out .pytest_cache cityops-demo-notices.jsonl

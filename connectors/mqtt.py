@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +26,21 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 log = logging.getLogger("cityops.mqtt")
+
+
+def resolve(host: str, port: int) -> None:
+    """ConnectionError naming DNS when ``host`` has no address: paho would retry it quietly
+    until a timeout that blames the broker."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConnectionError(f"cannot resolve the MQTT broker's host {host!r} (DNS: "
+                              f"{exc.strerror}); check the name in the broker URL") from None
+
+
+_UNSUPPORTED = "it refused MQTT 5 (unsupported protocol version)"
+# amqtt may close an MQTT 5 CONNECT that carries properties without a CONNACK
+_DROPPED = "it closed the connection before answering"
 
 
 def sender_of(topic: str, prefix: str) -> tuple[str, str] | None:
@@ -63,6 +79,8 @@ class MqttLink:
         # past its timeout when a signal arrives, and SIGTERM would wait for the next message
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self.connected = threading.Event()
+        self.refused: str | None = None        # why the broker refused our CONNECT, if it did
+        self._answered = threading.Event()     # CONNACK came: accepted or refused
         self.stopping = False
         self.connects = 0
         # mids handed to paho and not yet acknowledged by the broker. Tracked by on_publish,
@@ -82,6 +100,7 @@ class MqttLink:
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
 
@@ -93,13 +112,28 @@ class MqttLink:
             props.SessionExpiryInterval = self.session_expiry_s
             props.ReceiveMaximum = min(self.max_inflight, 65535)
             kw = {"clean_start": False, "properties": props}
+        resolve(self.host, self.port)
         self.client.connect_async(self.host, self.port, keepalive=self.keepalive, **kw)
         self.client.loop_start()
-        if not self.connected.wait(timeout):
+        if not self._answered.wait(timeout):
+            listening = self.client.socket() is not None
             self.client.loop_stop()
+            if listening and self.protocol == 5:
+                raise ConnectionError(
+                    f"{self.host}:{self.port} took the connection but did not answer MQTT 5 "
+                    f"within {timeout:.0f}s; for a broker that speaks only 3.1.1, such as the "
+                    "one `cityops run` embeds, set mqtt.protocol: 311 (CITYOPS_MQTT__PROTOCOL=311)")
             raise ConnectionError(f"no MQTT broker answered at {self.host}:{self.port} within "
                                   f"{timeout:.0f}s; start one or leave mqtt.url unset for the "
                                   "embedded broker")
+        if self.refused is not None:
+            self.stop()
+            where = f"the MQTT broker at {self.host}:{self.port}"
+            if self.protocol == 5 and self.refused in (_UNSUPPORTED, _DROPPED):
+                raise ConnectionError(f"{where}: {self.refused}; if it speaks only MQTT 3.1.1, as "
+                                      "the broker `cityops run` embeds does, set mqtt.protocol: "
+                                      "311 (CITYOPS_MQTT__PROTOCOL=311)")
+            raise ConnectionError(f"{where}: {self.refused}")
 
     def stop(self) -> None:
         self.stopping = True
@@ -109,7 +143,10 @@ class MqttLink:
     # ---- paho callbacks (network thread: nothing but bookkeeping here) ----------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
+            if self.connects:                 # a reconnect; at start, start() says it
+                log.error("broker refused the connection: %s", reason_code)
+            self._refused(_UNSUPPORTED if str(reason_code) == "Unsupported protocol version"
+                          else f"it refused the connection ({reason_code})")
             return
         self.connects += 1
         if self.topics and self.protocol == 5:
@@ -117,12 +154,23 @@ class MqttLink:
         elif self.topics:
             client.subscribe([(t, 1) for t in self.topics])
         self.connected.set()
+        self._answered.set()
         log.info("connected to %s:%s (session present: %s)", self.host, self.port,
                  flags.session_present)
 
+    def _refused(self, why: str) -> None:
+        if not self._answered.is_set():       # at start: start() says why and stops
+            self.refused = why
+            self._answered.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self._refused("nothing answers there (connection refused or unreachable); start the "
+                      "broker, or leave mqtt.url unset for the embedded one")
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._refused(_DROPPED)
         self.connected.clear()
-        if not self.stopping:
+        if not self.stopping and self.connects:
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:

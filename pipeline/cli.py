@@ -8,6 +8,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from pipeline.console import SHOWN, pad
 from pipeline.yamlfile import ConfigError
 
 EPILOG = """\
@@ -22,6 +25,8 @@ examples:
   cityops rules test tests/rules/             run rule unit tests written as data
   cityops route --rule gas.leak --sensor gas-510104-000001
                                               who would be told, and when it would escalate
+  cityops tail --tier street --district 锦江区
+                                              watch a running pipeline's notices
   cityops bridge --broker mqtt://10.0.0.5:1883 --kafka 10.0.0.7:9092
                                               gateways' MQTT readings into Kafka
   cityops worker --kafka 10.0.0.7:9092        the engine on Kafka; start one per machine, they
@@ -59,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                      ".run/cityops-state.sqlite)")
     run.add_argument("--simulate", action="store_true", help="feed the pipeline from simulated "
                      "gateways of the Chengdu fixture (gas leak, rainstorm, site violation, silence)")
+    run.add_argument("--resume", action="store_true", help="with --simulate: continue the "
+                     "simulated city from its saved state (default: a fresh city, so the story's "
+                     "notices show again); a run without --simulate always resumes")
     run.add_argument("--console", action="store_true", help="print every notice")
     _common(run)
 
@@ -95,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, help="write notices here instead of standard output")
     r.add_argument("--dead-letters", type=Path, metavar="FILE", help="write dead letters here")
     r.add_argument("--batch", type=int, default=1000, help="readings per engine batch (default 1000)")
+    r.add_argument("--ack-after", metavar="DURATION", help="acknowledge every incident this long "
+                   "after it fires (e.g. 5m), as an operations centre would: no reminders or "
+                   "escalations past it (docs/replay.md)")
     _common(r)
 
     rules = sub.add_parser("rules", help="check rule packs, run rule tests")
@@ -111,6 +122,24 @@ def _parser() -> argparse.ArgumentParser:
                     help="severity (default: the rule's lowest level, raised by modifiers)")
     rt.add_argument("--at", help="local time, e.g. 2026-07-01T23:30 (default: now)")
     _common(rt)
+
+    tl = sub.add_parser("tail", help="watch notices, pushes, dead letters and acks as they go out",
+                        description="Print what a running pipeline tells people, one line each: "
+                        "tier notices, grid workers' pushes, dead letters and acks. MQTT 3.1.1, "
+                        "so it works with the embedded broker and with Mosquitto.")
+    tl.add_argument("--broker", metavar="URL", help="mqtt://host:port (default: mqtt.url of "
+                    "--config or CITYOPS_MQTT__URL, else the embedded broker's address)")
+    tl.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file (its "
+                    "mqtt: section: url, username, password, prefix)")
+    tl.add_argument("--tier", action="append", default=[], choices=SHOWN,
+                    help="only these (repeatable): city, district, street, dept, grid, dead "
+                    "(dead letters), acks")
+    tl.add_argument("--district", action="append", default=[], metavar="CODE|NAME",
+                    help="only notices of this district, e.g. 510104 or 锦江区 (repeatable)")
+    tl.add_argument("--street", action="append", default=[], metavar="CODE|NAME",
+                    help="only notices of this street, e.g. 510104020 or 春熙路街道 (repeatable)")
+    tl.add_argument("--prefix", help="topic prefix (default: mqtt.prefix, cityops)")
+    tl.add_argument("--count", type=int, metavar="N", help="stop after N lines")
 
     g = sub.add_parser("registry", help="registry tools")
     gsub = g.add_subparsers(dest="registry_command", metavar="SUBCOMMAND")
@@ -141,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             return _test(args)
         if args.command == "route":
             return _route(args)
+        if args.command == "tail":
+            return _tail(args)
         if args.command == "registry" and args.registry_command == "generate":
             return _generate(args)
         if args.command == "registry" and args.registry_command == "acl":
@@ -158,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.config import MqttSettings, load_settings
+    from pipeline.config import load_settings, session_named
     from pipeline.runtime import serve
     s = load_settings(args.config, registry=args.registry and Path(args.registry),
                       packs=[Path(p) for p in args.packs], params=args.params and Path(args.params),
@@ -167,18 +198,24 @@ def _run(args: argparse.Namespace) -> int:
     # milliseconds as seconds.
     update = {}
     if args.broker:
-        try:
-            url = MqttSettings.model_validate({"url": args.broker}).url
-        except Exception as exc:
-            raise ConfigError("--broker", None, str(exc).splitlines()[-1].strip()) from None
-        update["mqtt"] = s.mqtt.model_copy(update={"url": url})
+        update["mqtt"] = s.mqtt.model_copy(update={"url": _broker_url(args.broker)})
     if args.state:
         update["state"] = s.state.model_copy(update={"path": args.state})
-    return serve(s.model_copy(update=update) if update else s, simulate=args.simulate)
+    s = session_named(s.model_copy(update=update) if update else s)
+    return serve(s, simulate=args.simulate, resume=args.resume)
+
+
+def _broker_url(text: str) -> str:
+    from pipeline.config import MqttSettings
+    try:
+        return MqttSettings.model_validate({"url": text}).url
+    except ValidationError as exc:     # its message, not pydantic's whole report
+        raise ConfigError("--broker", None,
+                          exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def _distributed(args: argparse.Namespace) -> int:
-    from pipeline.config import KafkaSettings, MqttSettings, load_settings
+    from pipeline.config import KafkaSettings, load_settings
     s = load_settings(args.config, registry=args.registry and Path(args.registry),
                       packs=[Path(p) for p in args.packs], params=args.params and Path(args.params),
                       routing=args.routing and Path(args.routing))
@@ -190,11 +227,7 @@ def _distributed(args: argparse.Namespace) -> int:
             raise ConfigError("--kafka", None, "write the brokers as host:port[,host:port]") from exc
         update["kafka"] = s.kafka.model_copy(update={"bootstrap": args.kafka})
     if getattr(args, "broker", None):
-        try:
-            url = MqttSettings.model_validate({"url": args.broker}).url
-        except Exception as exc:
-            raise ConfigError("--broker", None, str(exc).splitlines()[-1].strip()) from None
-        update["mqtt"] = s.mqtt.model_copy(update={"url": url})
+        update["mqtt"] = s.mqtt.model_copy(update={"url": _broker_url(args.broker)})
     s = s.model_copy(update=update) if update else s
     if args.command == "bridge":
         if s.mqtt.url is None:
@@ -212,10 +245,12 @@ def _distributed(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, select: list[str] | None = None):
+    from pipeline.registry import check_districts
     from pipeline.registry import load as load_registry
     from rules.compiler import load_rules
     rs = load_rules(args.packs, args.routing, params=args.params)
     reg = load_registry(args.registry, rs.kinds)
+    check_districts(rs.packs, rs.sources, reg, args.params)
     return rs.select(select), reg
 
 
@@ -235,6 +270,13 @@ def _replay(args: argparse.Namespace) -> int:
     if mapping is None and args.file.suffix.lower() == ".csv":
         raise ConfigError(args.file, None, "a CSV needs --csv-map MAP.yaml (which columns are "
                           "time and which feed which sensor); see docs/replay.md")
+    ack_after = None
+    if args.ack_after is not None:
+        from rules.schema import parse_duration
+        try:
+            ack_after = parse_duration(args.ack_after)
+        except ValueError as exc:
+            raise ConfigError("--ack-after", None, str(exc)) from None
     rs, reg = _load(args, args.rules)
     engine = Engine(reg, rs)
     started = time.perf_counter()
@@ -252,7 +294,7 @@ def _replay(args: argparse.Namespace) -> int:
     dead = args.dead_letters.open("wb") if args.dead_letters else None
     try:
         stats = replay(engine, args.file, out, mapping=mapping, batch=args.batch, dead=dead,
-                       progress=progress,
+                       progress=progress, ack_after=ack_after,
                        on_output=(lambda o: collected.extend(o.notices)) if args.demo else None)
     finally:
         if args.out:
@@ -329,6 +371,11 @@ def _route(args: argparse.Namespace) -> int:
     idx = reg.index.get(args.sensor)
     if idx is None:
         raise ConfigError("--sensor", None, f"no sensor {args.sensor} in {reg.source}")
+    kind = reg.kinds[reg.kind_of[idx]]
+    if kind not in rule.spec.sensors:
+        raise ConfigError("--sensor", None, f"{args.sensor} is a {kind} sensor; {args.rule} "
+                          f"watches {', '.join(rule.spec.sensors)} sensors")
+    at = _local_time(args.at, reg.tz)
     from pipeline.engine import Engine
     engine = Engine(reg, rs.select([args.rule]))
     e = engine.by_id[args.rule]
@@ -340,7 +387,6 @@ def _route(args: argparse.Namespace) -> int:
             base = getattr(rule.spec, "severity", Severity.blue).rank if hasattr(rule.spec, "severity") \
                 else min(s.rank for s in getattr(rule.spec, "events", {Severity.blue: 0}).values())
         sev = Severity.of_rank(base + e.bump.get(idx, 0))
-    at = datetime.fromisoformat(args.at).replace(tzinfo=reg.tz) if args.at else datetime.now(reg.tz)
     at_ms = int(at.timestamp() * 1000)
     router = Router(rs.routing, reg)
     from pipeline.lifecycle import Incident
@@ -355,19 +401,20 @@ def _route(args: argparse.Namespace) -> int:
     print(f"route: {opts.name}")
     for t in router.targets(opts, sev, place, category, at_ms):
         if t.worker:
-            print(f"  {tier_cn(t.tier.value):4} push {t.worker.id} {t.worker.name} (shift "
+            print(f"  {pad(tier_cn(t.tier.value), 6)} push {t.worker.id} {t.worker.name} (shift "
                   f"{t.worker.start_min // 60:02}:{t.worker.start_min % 60:02}-"
                   f"{t.worker.end_min // 60:02}:{t.worker.end_min % 60:02})")
         else:
             name = {"district": reg.districts.get(t.target), "street": reg.streets.get(t.target, ("",))[0],
                     "dept": reg.departments.get(t.target), "city": reg.city_name}[t.tier.value]
-            print(f"  {tier_cn(t.tier.value):4} {t.tier.value}/{t.target} {name}")
+            print(f"  {pad(tier_cn(t.tier.value), 6)} {t.tier.value}/{t.target} {name}")
     if opts.escalate_street:
         print(f"unacknowledged: to the next tier after {format_duration(opts.escalate_street)}"
               + (f", then to the city after {format_duration(opts.escalate_district)} more"
                  if opts.escalate_district else ""))
-    if opts.remind_every:
-        print(f"reminders every {format_duration(opts.remind_every)} until acknowledged")
+    if opts.remind_every and opts.max_reminders:
+        print(f"reminders every {format_duration(opts.remind_every)} until acknowledged, "
+              f"{opts.max_reminders} at most")
     return 0
 
 
@@ -380,6 +427,33 @@ def _gateway_acl(args: argparse.Namespace) -> int:
     for gw in sorted(reg.gateways):
         print(f"user {gw}\ntopic write {args.prefix}/gateways/{gw}\n")
     return 0
+
+
+def _local_time(text: str | None, tz) -> datetime:
+    """--at: a local date and time, or a time of today; now when not given."""
+    now = datetime.now(tz)
+    if not text:
+        return now
+    try:
+        if len(text) <= 5 and ":" in text:
+            h, m = (int(x) for x in text.split(":"))
+            return now.replace(hour=h, minute=m, second=0, microsecond=0)
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError("--at", None, f"{text!r}: write a local time as 2026-07-01T23:30, "
+                          "or 23:30 for today") from None
+    return at.astimezone(tz) if at.tzinfo else at.replace(tzinfo=tz)
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from pipeline.config import load_settings
+    from pipeline.tail import Filter, tail
+    s = load_settings(args.config)
+    m = s.mqtt.model_copy(update={"url": _broker_url(args.broker)}) if args.broker else s.mqtt
+    host, port = (m.host, m.port) if m.url else (s.embedded.host, s.embedded.port)
+    return tail(host, port, args.prefix or m.prefix, Filter(args.tier, args.district, args.street),
+                username=m.username, password=m.password.get_secret_value() if m.password else None,
+                count=args.count)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ what to fix. Secrets (the MQTT password) are SecretStr: never printed, never log
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,7 +34,8 @@ class MqttSettings(_Part):
     url: str | None = Field(default=None, description="mqtt://host:port of the broker; none: "
                             "start the embedded broker on `embedded`")
     client_id: str = Field(default="cityops", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
-                           description="also the persistent session's name: keep it stable")
+                           description="also the persistent session's name: keep it stable; "
+                           "unset: cityops-<a digest of state.path> (see session_named)")
     username: str | None = None
     password: SecretStr | None = None
     prefix: str = Field(default="cityops", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
@@ -330,6 +332,16 @@ class Settings(BaseSettings):
                                    file_secret_settings: PydanticBaseSettingsSource,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return env_settings, init_settings        # the environment overrides the file
+
+
+def session_named(s: Settings) -> Settings:
+    """Without an explicit mqtt.client_id, the session is named after the state file: two
+    pipelines with their own state never take over each other's MQTT session, and one
+    pipeline keeps its session across restarts."""
+    if "client_id" in s.mqtt.model_fields_set:
+        return s
+    digest = hashlib.sha256(str(s.state.path.resolve()).encode()).hexdigest()[:10]
+    return s.model_copy(update={"mqtt": s.mqtt.model_copy(update={"client_id": f"cityops-{digest}"})})
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:

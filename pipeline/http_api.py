@@ -257,7 +257,7 @@ class OpsHttpServer:
             sock.bind((self.host, self.port))
         except OSError as exc:
             sock.close()
-            raise ConnectionError(f"cannot serve HTTP on {self.host}:{self.port}: "
+            raise ConnectionError(f"cannot listen on {self.host}:{self.port}: "
                                   f"{exc.strerror}") from None
         sock.listen(self.config.backlog)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},

@@ -234,7 +234,7 @@ class Registry:
 
     def on_call(self, grid: str, street: str, at_ms: int) -> Worker | None:
         """The worker to push to: on-shift grid worker, else an on-shift backup, else the
-        street's duty officer (docs/routing.md)."""
+        street's duty officer (README, "The city registry")."""
         local = datetime.fromtimestamp(at_ms / 1000, self.tz)
         minute = local.hour * 60 + local.minute
         primaries = [self.workers[w] for w in self.workers_of_grid.get(grid, ())]
@@ -436,3 +436,21 @@ def _load_sensors(reg: Registry, path: Path, known_kinds: set[str] | None) -> No
             reg.owner_contact.append(contact)
         if len(reg.kinds) > 255:
             raise ConfigError(path, None, "more than 255 sensor kinds")
+
+
+def check_districts(packs: Iterable[Any], sources: Iterable[str], registry: Registry,
+                    params: str | Path | None = None) -> None:
+    """ConfigError, at the line that names it, for a pack parameter set for a district the
+    registry does not hold: a mistyped code would otherwise silently never apply."""
+    for pack, source in zip(packs, sources):
+        for code in pack.districts:
+            if code in registry.districts:
+                continue
+            doc = load_yaml(params) if params else None
+            if doc is None or code not in ((doc.data or {}).get(pack.pack) or {}).get("districts", {}):
+                doc = load_yaml(source)
+                loc: tuple = ("districts", code)
+            else:
+                loc = (pack.pack, "districts", code)
+            raise doc.error(loc, f"no district {code} in the registry {registry.source}; its "
+                            f"districts are {', '.join(sorted(registry.districts))}")

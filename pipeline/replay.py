@@ -9,6 +9,7 @@ watermark so that every due timer (clear_for, quiet periods) has had its say.
 from __future__ import annotations
 
 import csv
+import heapq
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,6 +21,7 @@ from zoneinfo import ZoneInfo
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline import wire
 from pipeline.engine import Engine, Output
 from pipeline.wire import WireReading
 from pipeline.yamlfile import ConfigError, load_yaml, pydantic_error
@@ -103,11 +105,52 @@ def csv_readings(path: Path, mapping: CsvMapping, stats: ReplayStats) -> Iterato
             yield batch
 
 
+class AckAfter:
+    """Someone acknowledges every incident ``delay`` ms after it fires (or fires again after
+    resolving), at the first tier it told: replayed history then shows what acknowledged
+    incidents do, not reminders and escalations nobody would have let happen.
+
+    An ack must reach the engine at its event time, before a later reading moves the
+    watermark past the escalation it prevents: ``due_by(ts)`` applies those due by the next
+    input's time, so the replay goes an input at a time."""
+
+    BY = "replay"
+
+    def __init__(self, delay_ms: int) -> None:
+        self.delay = delay_ms
+        self.due: list[tuple[int, str, str]] = []        # (due ms, alert_id, tier): a heap
+        self.seen: set[tuple[str, int]] = set()
+
+    def watch(self, o: Output) -> None:
+        for n in o.notices:
+            key = (n["alert_id"], n["seq"])
+            if n["state"] == "firing" and n.get("previous_state") in (None, "resolved") \
+                    and key not in self.seen:
+                self.seen.add(key)
+                fired = int(datetime.fromisoformat(n["ts"]).timestamp() * 1000)
+                heapq.heappush(self.due, (fired + self.delay, n["alert_id"], n["tier"]))
+
+    def due_by(self, engine: Engine, ts: int) -> Iterator[Output]:
+        while self.due and self.due[0][0] <= ts:
+            at, alert_id, tier = heapq.heappop(self.due)
+            o = engine.advance(at)
+            yield engine.ack([{"alert_id": alert_id, "by": self.BY, "tier": tier, "ts": at}], o)
+
+
+def _earliest(raw: bytes) -> int | None:
+    readings, _ = wire.decode(raw)
+    return min((r.ts for r in readings), default=None)
+
+
 def replay(engine: Engine, source: Path, out: IO[bytes], *, mapping: CsvMapping | None = None,
            batch: int = 1000, dead: IO[bytes] | None = None,
            progress: Callable[[ReplayStats], None] | None = None,
-           on_output: Callable[[Output], None] | None = None) -> ReplayStats:
+           on_output: Callable[[Output], None] | None = None,
+           ack_after: int | None = None) -> ReplayStats:
     stats = ReplayStats()
+    acks = AckAfter(ack_after) if ack_after is not None else None
+    if acks is not None:
+        batch = 1
     # The wall clock only refuses readings from the future; history is never ahead of it, so
     # the output stays byte-identical from run to run.
     clock = int(time.time() * 1000)
@@ -124,11 +167,19 @@ def replay(engine: Engine, source: Path, out: IO[bytes], *, mapping: CsvMapping 
                 dead.write(d.model_dump_json().encode() + b"\n")
         if on_output:
             on_output(o)
+        if acks is not None:
+            acks.watch(o)
+
+    def settle(ts: int | None) -> None:
+        if acks is not None and ts is not None:
+            for o in acks.due_by(engine, ts):
+                emit(o)
 
     if mapping is not None:
         pending: list[WireReading] = []
         ends: list[int] = []            # each CSV row is a payload: batching changes nothing
         for rows in csv_readings(source, mapping, stats):
+            settle(min((r.ts for r in rows), default=None))
             pending += rows
             ends.append(len(pending))
             if len(pending) >= batch:
@@ -148,6 +199,8 @@ def replay(engine: Engine, source: Path, out: IO[bytes], *, mapping: CsvMapping 
                 if not raw:
                     continue
                 stats.lines += 1
+                if acks is not None:
+                    settle(_earliest(raw))
                 chunk.append(raw)
                 if len(chunk) >= batch:
                     emit(engine.ingest(chunk, source=str(source), now_ms=clock))
@@ -158,6 +211,7 @@ def replay(engine: Engine, source: Path, out: IO[bytes], *, mapping: CsvMapping 
                 emit(engine.ingest(chunk, source=str(source), now_ms=clock))
         stats.readings = engine.counters["readings"]
     # History is over: let every timer that the data would have reached run out.
+    settle(engine.max_ts + 1)
     emit(engine.advance(engine.max_ts + 1))
     return stats
 

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -32,11 +33,15 @@ import orjson
 from connectors.mqtt import MqttLink, sender_of
 from pipeline.ack_tokens import BadToken, refused, reply_worker
 from pipeline.config import Settings
+from pipeline.console import StoryConsole
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers, acks_user
 from pipeline.prom import dead_letters, notices_by_tier
+from pipeline.registry import check_districts
 from pipeline.registry import load as load_registry
+from pipeline.statelock import StateLock
 from pipeline.store import ACKS, ADVANCE, READINGS, StateStore
+from pipeline.yamlfile import ConfigError
 from rules.compiler import load_rules
 
 log = logging.getLogger("cityops.runtime")
@@ -52,9 +57,13 @@ def notice_topic(prefix: str, n: dict) -> str:
 
 
 class LiveRuntime:
-    def __init__(self, settings: Settings, simulate: bool = False) -> None:
+    def __init__(self, settings: Settings, simulate: bool = False, resume: bool = False,
+                 log_file: Path | None = None) -> None:
         self.s = settings
+        self.log_file = log_file
         self.simulate = simulate
+        self.lock = StateLock(settings.state.path)
+        self.lock.acquire()                       # before anything reads or writes the state
         self.stopping = threading.Event()
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self.metrics: Counter[str] = Counter()
@@ -65,11 +74,18 @@ class LiveRuntime:
         self.link: MqttLink | None = None
         self.http = None
         self._sim_thread: threading.Thread | None = None
+        self.console = StoryConsole() if settings.console or simulate else None
         rules = load_rules(settings.packs, settings.routing, params=settings.params)
         self.registry = load_registry(settings.registry, rules.kinds)
+        check_districts(rules.packs, rules.sources, self.registry, settings.params)
         self.engine = Engine(self.registry, rules, settings.engine)
         self.users = AckUsers(self.registry, settings.acks.users)     # who may acknowledge what
         self.store = StateStore(settings.state.path)
+        # The simulated story replays the same incidents on every start; resumed, they are
+        # still open and make no notice. A fresh city tells the whole story again.
+        self.fresh = simulate and not resume
+        if self.fresh:
+            self.store.clear()
         self.prefix = settings.mqtt.prefix
         self.acks_topic = f"{self.prefix}/acks"
         self.push_topics = f"{self.prefix}/push/"     # a worker's reply: …/push/{worker_id}/ack
@@ -86,12 +102,23 @@ class LiveRuntime:
     # ---- start ------------------------------------------------------------------------
     def start(self) -> None:
         s = self.s
+        if s.http.port:          # first: a busy port stops the start before any broker session
+            from pipeline.http_api import OpsHttpServer
+            self.http = OpsHttpServer(self, s.http)
+            try:
+                self.http.start()
+            except ConnectionError as exc:
+                raise ConfigError("http.port", None, f"{exc} (another cityops?); set "
+                                  "CITYOPS_HTTP__PORT to a free port, or 0 for none") from None
         replayed = self._restore()
         host, port, protocol = s.mqtt.host, s.mqtt.port, s.mqtt.protocol
         if s.mqtt.url is None:
             from connectors.embedded_broker import EmbeddedBroker
             self.broker = EmbeddedBroker(s.embedded.host, s.embedded.port)
-            self.broker.start()
+            try:
+                self.broker.start()
+            except RuntimeError as exc:           # it says what to do: a user's error
+                raise ConnectionError(str(exc)) from None
             host, port, protocol = s.embedded.host, self.broker.port, 311   # amqtt: 3.1.1 only
         self.link = MqttLink(
             host, port, client_id=s.mqtt.client_id, prefix=self.prefix, protocol=protocol,
@@ -109,10 +136,6 @@ class LiveRuntime:
             self.push.start(broker=(host, port, protocol))
         for notices, dead in replayed:            # what the journal regenerated goes out again
             self._publish(notices, dead)
-        if s.http.port:
-            from pipeline.http_api import OpsHttpServer
-            self.http = OpsHttpServer(self, s.http)
-            self.http.start()
         if self.simulate:
             self._start_simulator(host, port, protocol)
         self._banner(host, port, protocol)
@@ -143,9 +166,12 @@ class LiveRuntime:
         sim_link.topics = []                      # it only publishes, as a gateway would
         sim_link.start()
         sim = Simulator(self.registry, sim_link.publish, prefix=self.prefix)
+        console = self.console
+        assert console is not None
+        console.story_of = sim.story_of
 
         def loop() -> None:
-            sim.run(self.stopping, report=lambda line: print(f"  [simulate] {line}", flush=True))
+            sim.run(self.stopping, report=console.heading)
             sim_link.stop()
         self._sim_thread = threading.Thread(target=loop, name="simulator", daemon=True)
         self._sim_thread.start()
@@ -160,8 +186,9 @@ class LiveRuntime:
             f"  broker     mqtt://{host}:{port} ({kind})",
             f"  readings   publish to {self.prefix}/readings/{{sensor_id}} or "
             f"{self.prefix}/gateways/{{gateway_id}}",
-            f"  alerts     mosquitto_sub -h {host} -p {port} -t '{self.prefix}/alerts/#' "
-            f"-t '{self.prefix}/push/#' -v",
+            f"  watch      {_cityops()} tail{_tail_flags(s, host, port)}    (notices of every "
+            f"tier, pushes, dead letters, acks)",
+            f"  alerts     {self.prefix}/alerts/#, pushes {self.prefix}/push/#",
             f"  dead       {self.prefix}/deadletter",
             f"  acks       {self.acks_topic}/{{user}}" + (f", or POST {http}/acks (bearer token)"
                                                        if http else ""),
@@ -172,9 +199,20 @@ class LiveRuntime:
             lines.append(f"  push       {', '.join(self.push.lanes)} to on-call workers; receipts "
                          f"{self.prefix}/receipts; replies {self.push_topics}{{worker_id}}/ack")
         lines.append(f"  state      {s.state.path}")
+        if self.log_file is not None:
+            lines.append(f"  logs       {self.log_file} (warnings on stderr too)")
+        if self.fresh:
+            lines.append("  story      a fresh simulated city (the last run's state is cleared; "
+                         "--resume continues it)")
+        elif self.simulate:
+            n = len(self.engine.book.open)
+            lines.append(f"  story      resumed: {n} incident{'s' if n != 1 else ''} still open "
+                         "from the last run; the story's alarms for them are no news, the rest "
+                         "goes on")
         if self.simulate:
             lines.append("  simulating gateways: a gas leak at an elderly resident living alone, a "
-                         "rainstorm, a construction site violation, a sensor going silent")
+                         "rainstorm, a construction site violation, a sensor going silent, a "
+                         "reading for an unknown sensor")
         print("\n".join(lines), flush=True)
 
     # ---- the loop ---------------------------------------------------------------------
@@ -273,12 +311,14 @@ class LiveRuntime:
             if push is None or not push.owns(n):   # else the push's MQTT channel publishes it
                 link.publish(notice_topic(self.prefix, n), orjson.dumps(n))
             self.metrics["notices." + n["tier"]] += 1
-            if self.s.console or self.simulate:
-                who = n.get("worker_name") or n["target"]
-                print(f"  → {n['tier']:8} {who:10} {n['title']}", flush=True)
+            if self.console is not None:
+                self.console.notice(n)
         for d in dead:
             link.publish(f"{self.prefix}/deadletter", d.model_dump_json().encode())
             self.metrics["dead." + d.reason] += 1
+            if self.console is not None:
+                self.console.dead_letter(d.model_dump(mode="json"),
+                                         (d.source or "").rpartition("/")[2])
         if push is not None:
             push.submit(notices)
 
@@ -317,6 +357,7 @@ class LiveRuntime:
         if self.history is not None:
             self.history.close(10.0)
         self.store.close()
+        self.lock.release()
         log.info("stopped; state saved in %s", self.s.state.path)
 
     # ---- operability ------------------------------------------------------------------
@@ -381,6 +422,17 @@ class LiveRuntime:
         return "\n".join(lines) + "\n"
 
 
+def _cityops() -> str:
+    """How the user started cityops (`.venv/bin/cityops` from `make run`), so the commands the
+    banner suggests run as printed."""
+    return sys.argv[0] if Path(sys.argv[0]).name == "cityops" else "cityops"
+
+
+def _tail_flags(s: Settings, host: str, port: int) -> str:
+    flags = "" if (host, port) == ("127.0.0.1", 1883) else f" --broker mqtt://{host}:{port}"
+    return flags + ("" if s.mqtt.prefix == "cityops" else f" --prefix {s.mqtt.prefix}")
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: easy to ship, easy to grep."""
 
@@ -392,11 +444,20 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(level: str = "INFO", file: Path | None = None) -> None:
+    """JSON lines on stderr; with ``file`` (a console run), the log goes there and stderr
+    keeps only warnings, so the log does not drown the story."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter())
+    handlers: list[logging.Handler] = [handler]
+    if file is not None:
+        handler.setLevel(logging.WARNING)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(file, encoding="utf-8")
+        to_file.setFormatter(JsonLogFormatter())
+        handlers.append(to_file)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level)
     # Faust's services log every start and stop under their classes' modules
     for noisy in ("amqtt", "transitions", "asyncio", "kafka", "aiokafka", "faust", "mode",
@@ -404,9 +465,10 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def serve(settings: Settings, simulate: bool = False) -> int:
-    setup_logging()
-    rt = LiveRuntime(settings, simulate=simulate)
+def serve(settings: Settings, simulate: bool = False, resume: bool = False) -> int:
+    log_file = settings.state.path.with_suffix(".log") if simulate or settings.console else None
+    setup_logging(file=log_file)
+    rt = LiveRuntime(settings, simulate=simulate, resume=resume, log_file=log_file)
     signal.signal(signal.SIGTERM, rt.stop)
     signal.signal(signal.SIGINT, rt.stop)
     rt.start()

@@ -13,7 +13,8 @@ and a push to the grid worker on call. ``Simulator`` plays the city's gateways:
 - **Scenario**: a short story on top, from the table ``SCENARIO`` below (seconds after the
   first ``step()``, divided by ``speed``): a gas leak at a resident living alone and then the
   neighbours (red: the city is told), a rainstorm with road waterlogging, construction-site
-  violations, a dust monitor that goes silent, a river rising fast. An alarm is uploaded at
+  violations, a dust monitor that goes silent, a river rising fast, a reading for a sensor
+  the registry does not hold (a dead letter). An alarm is uploaded at
   once (gateways forward alarms without waiting for their cadence); between the scenario's
   points a sensor keeps reporting its last scenario value. ``speed`` compresses the story
   only: gateways keep their 30-60 s cadence, and as readings carry the clock's time, rule
@@ -104,6 +105,7 @@ class Scenario:
     line: str
     tracks: tuple[Track, ...] = ()
     silence: tuple[str, ...] = ()     # sensors that stop reporting at ``at``, for good
+    strangers: tuple[str, ...] = ()   # ids the registry does not hold: one reading each at ``at``
 
 
 # The story, in seconds after start (divided by ``speed``). What the built-in packs make of it:
@@ -113,38 +115,41 @@ class Scenario:
 # smoke_fire orange, wind_speed_alarm yellow); device.silent 30 min for a dust monitor;
 # river.level within 0.5 m of 警戒水位 blue, river.rapid_rise 0.4 m in 1 h yellow.
 SCENARIO: tuple[Scenario, ...] = (
-    Scenario(5, "燃气泄漏 gas leak at {owner} ({sensor}), {address}: 28 → 35 → 55 %LEL; "
+    Scenario(1, "燃气泄漏 gas leak at {owner} ({sensor}), {address}: 28 → 35 → 55 %LEL; "
                 "a resident living alone: one level up, and the grid worker is pushed",
-             tracks=(Track("gas-510104-000001", ((5, 28.0), (8, 35.0), (12, 55.0))),)),
-    Scenario(10, "暴雨 rainstorm over {district}{street}: {sensor} reports 20-30 mm at a time; "
-                 "road waterlogging rising at wl-510104-000001 (8 → 18 → 30 → 42 cm), "
-                 "wl-510104-000002 and wl-510104-000003 (waterlogging.depth needs 2 min above 15 cm)",
-             tracks=(Track("rain-510104-000001", ((10, 22.4), (25, 27.1), (40, 24.6), (55, 29.3),
-                                                  (70, 21.8), (90, 6.5), (110, None))),
-                     Track("wl-510104-000001", ((12, 8.0), (30, 18.0), (50, 30.0), (70, 42.0),
-                                                (420, 24.0), (600, 6.0), (660, None))),
+             tracks=(Track("gas-510104-000001", ((1, 28.0), (3, 35.0), (5, 55.0))),)),
+    Scenario(7, "暴雨 rainstorm over {district}{street}: {sensor} reports 20-30 mm at a time; "
+                "road waterlogging rising at wl-510104-000001 (8 → 18 → 30 → 42 cm), "
+                "wl-510104-000002 and wl-510104-000003 (waterlogging.depth needs 2 min above 15 cm)",
+             tracks=(Track("rain-510104-000001", ((7, 22.4), (22, 27.1), (37, 24.6), (52, 29.3),
+                                                  (67, 21.8), (87, 6.5), (107, None))),
+                     Track("wl-510104-000001", ((9, 8.0), (27, 18.0), (47, 30.0), (67, 42.0),
+                                                (417, 24.0), (597, 6.0), (657, None))),
                      # 春熙路街道 has only one gauge in the fixture: the other two 锦江区 ones
-                     Track("wl-510104-000002", ((20, 6.0), (45, 12.0), (70, 17.5), (95, 19.0),
-                                                (420, 9.0), (600, 3.0), (660, None))),
-                     Track("wl-510104-000003", ((25, 5.0), (50, 11.0), (75, 16.0), (100, 21.5),
-                                                (420, 8.0), (600, 2.5), (660, None))))),
-    Scenario(15, "同楼栋多户报警 neighbours in the same building alarm too: {sensor} ({owner}) "
+                     Track("wl-510104-000002", ((17, 6.0), (42, 12.0), (67, 17.5), (92, 19.0),
+                                                (417, 9.0), (597, 3.0), (657, None))),
+                     Track("wl-510104-000003", ((22, 5.0), (47, 11.0), (72, 16.0), (97, 21.5),
+                                                (417, 8.0), (597, 2.5), (657, None))))),
+    Scenario(10, "同楼栋多户报警 neighbours in the same building alarm too: {sensor} ({owner}) "
                  "and gas-510104-000003 → same-building correlation (red)",
-             tracks=(Track("gas-510104-000002", ((15, 26.0),)),
-                     Track("gas-510104-000003", ((18, 31.0),)))),
-    Scenario(20, "工地违规 construction site {owner}: {sensor} sees no helmet, then smoke/fire; "
+             tracks=(Track("gas-510104-000002", ((10, 26.0),)),
+                     Track("gas-510104-000003", ((12, 31.0),)))),
+    Scenario(15, "工地违规 construction site {owner}: {sensor} sees no helmet, then smoke/fire; "
                  "crane-510108-000001 wind-speed alarm",
-             tracks=(Track("cam-510108-000001", ((20, "no_helmet"), (24, "smoke_fire"))),
-                     Track("crane-510108-000001", ((22, "wind_speed_alarm"),)))),
-    Scenario(25, "设备失联 {sensor} ({owner}, {address}) stops reporting: device.silent fires "
+             tracks=(Track("cam-510108-000001", ((15, "no_helmet"), (19, "smoke_fire"))),
+                     Track("crane-510108-000001", ((17, "wind_speed_alarm"),)))),
+    Scenario(22, "设备失联 {sensor} ({owner}, {address}) stops reporting: device.silent fires "
                  "after its absent_for (30 min for a dust monitor)",
              silence=("dust-510108-000001",)),
-    Scenario(30, "河道涨水 {address} ({sensor}) rising fast: +0.55 m in 2.5 min, to 0.45 m "
+    Scenario(25, "河道涨水 {address} ({sensor}) rising fast: +0.55 m in 2.5 min, to 0.45 m "
                  "under its {warning_level} m 警戒水位 (river.rapid_rise, river.level); "
                  "it recedes from ~15 min",
-             tracks=(Track("river-510104-000001", ((30, 0.05), (60, 0.15), (90, 0.25), (120, 0.35),
-                                                   (150, 0.45), (180, 0.55), (900, 0.4), (1200, 0.25),
-                                                   (1500, 0.1), (1800, None)), relative=True),)),
+             tracks=(Track("river-510104-000001", ((25, 0.05), (55, 0.15), (85, 0.25), (115, 0.35),
+                                                   (145, 0.45), (175, 0.55), (895, 0.4), (1195, 0.25),
+                                                   (1495, 0.1), (1795, None)), relative=True),)),
+    Scenario(30, "坏数据 a gateway sends a reading for {sensor}, which the registry does not hold: "
+                 "a dead letter (unknown_sensor) with the reason and the original bytes",
+             strangers=("gas-510104-999999",)),
     Scenario(120, "燃气处置 the leak at gas-510104-000001..000003 is shut off: back to 2 %LEL; "
                   "the incidents resolve after clear_for (2 min)",
              tracks=(Track("gas-510104-000001", ((120, 2.0),)),
@@ -204,15 +209,19 @@ class Simulator:
             self._period.append(p)
             self._phase.append(self.rng.uniform(0.0, p))
         # the scenario, resolved against this registry (sensors it does not have are left out)
-        self._scenes: list[tuple[float, str]] = []
+        # (at, line, the sensors it names, strangers)
+        self._scenes: list[tuple[float, str, frozenset[str], tuple[str, ...]]] = []
         self._points: list[tuple[float, int, float | str | None, bool]] = []
         self._silence: list[tuple[float, int]] = []
         for sc in SCENARIO:
             ids = [t.sensor for t in sc.tracks] + list(sc.silence)
             present = [reg.index[s] for s in ids if s in reg.index]
-            if not present:
+            strangers = tuple(s for s in sc.strangers if s not in reg.index)
+            if not present and not strangers:
                 continue
-            self._scenes.append((sc.at, sc.line.format(**self._facts(present[0]))))
+            facts = self._facts(present[0]) if present else {"sensor": strangers[0]}
+            self._scenes.append((sc.at, sc.line.format(**facts),
+                                 frozenset(ids) | frozenset(strangers), strangers))
             for tr in sc.tracks:
                 i = reg.index.get(tr.sensor)
                 if i is None or self._quiet[i] is None and not self._event[i]:
@@ -242,9 +251,11 @@ class Simulator:
             self._begin(now)
         start = self.started
         lines = []
+        strangers: list[str] = []
         while self._next_scene < len(self._scenes) and \
                 start + self._scenes[self._next_scene][0] / self.speed <= now:
             lines.append(self._scenes[self._next_scene][1])
+            strangers += self._scenes[self._next_scene][3]
             self._next_scene += 1
         while self._next_silence < len(self._silence) and \
                 start + self._silence[self._next_silence][0] / self.speed <= now:
@@ -284,7 +295,18 @@ class Simulator:
             else:                                       # a sensor on its own: one object each
                 for r in readings:
                     self.publish(f"{self.prefix}/readings/{sensor_ids[key]}", _encode(r))
+        for sid in strangers:
+            self.publish(f"{self.prefix}/readings/{sid}",
+                         _encode({"sensor_id": sid, "ts": now_ms, "value": 1.0}))
         return lines
+
+    def story_of(self, sensor_id: str) -> str | None:
+        """The story event a sensor's notice belongs to: the latest one started so far that
+        names it, by its first word (燃气泄漏, 暴雨, …); None if the story does not name it."""
+        for at, line, ids, _ in reversed(self._scenes[:self._next_scene]):
+            if sensor_id in ids:
+                return line.split(" ", 1)[0]
+        return None
 
     def run(self, stop: threading.Event, interval: float = 1.0,
             report: Callable[[str], None] | None = None) -> None:

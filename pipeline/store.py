@@ -74,6 +74,14 @@ class StateStore:
         self.db.execute("COMMIT")
         self.journaled_since_snapshot = 0
 
+    def clear(self) -> None:
+        """Forget everything: the next start is a new city."""
+        self.db.execute("BEGIN")
+        self.db.execute("DELETE FROM snapshot")
+        self.db.execute("DELETE FROM journal")
+        self.db.execute("COMMIT")
+        self.journaled_since_snapshot = 0
+
     def load(self) -> tuple[bytes | None, Iterator[Entry]]:
         snap = self.db.execute("SELECT upto, blob FROM snapshot").fetchone()
         upto = snap[0] if snap else 0

@@ -92,15 +92,27 @@ def load_yaml(path: str | Path, text: str | None = None) -> Located:
         node = loader.get_single_node()        # composed once: lines from it, data from it
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        raise ConfigError(path, line, f"YAML syntax: {exc.problem or exc}") from None
+        raise _syntax_error(path, exc) from None
     finally:
         loader.dispose()
     lines: dict[tuple, int] = {}
     if node is not None:
         _walk(node, (), lines)
     return Located(path, data, lines)
+
+
+def _syntax_error(path: Path, exc: yaml.MarkedYAMLError) -> ConfigError:
+    """The line to look at: for an unclosed quote or bracket it is where it opened (the
+    context), not where the parser gave up, which can be many lines later."""
+    mark, problem = exc.problem_mark, exc.problem or str(exc)
+    opened = exc.context_mark is not None and (
+        isinstance(exc, yaml.scanner.ScannerError) or "flow" in (exc.context or ""))
+    if opened:
+        assert exc.context_mark is not None
+        mark = exc.context_mark
+        at = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
+        problem = f"{exc.context}: {problem}{at}"
+    return ConfigError(path, mark.line + 1 if mark else None, f"YAML syntax: {problem}")
 
 
 def _data_path(data: Any, loc: Sequence[Any]) -> tuple:

@@ -303,7 +303,7 @@ def test_kind_declared_differently_in_two_packs(tmp_path):
 
 @pytest.mark.parametrize("text, line, message", [
     ("- a\n- b\n", 1, "a rule pack is a mapping"),
-    ("pack: demo\ntitle: [unclosed\n", 3, "YAML syntax"),
+    ("pack: demo\ntitle: [unclosed\n", 2, "YAML syntax"),        # where the [ opened
     ("pack: demo\ntitle: x\nrules: {a: 1}\n", 3, "rules"),
 ])
 def test_pack_that_is_not_a_pack(tmp_path, text, line, message):
