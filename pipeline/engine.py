@@ -740,6 +740,9 @@ class Engine:
         rec = self._recoveries
         while rec and (rec[0][1] < upto if by_rank else rec[0][0] <= upto):
             ts, _, s = heapq.heappop(rec)
+            # the reading acts in its place: after every timer due before it that the payload's
+            # horizon reaches, whether or not one was planned
+            self._frontier = max(self._frontier, min(ts - 1, self._horizons[self._cur]))
             if s in self.silent:
                 self._recover(s, ts)
                 self._drain(out)
@@ -752,11 +755,11 @@ class Engine:
         self.silent.clear()
         for a in self.absence:
             self.silent.update(a.silent)
-        # it (or its gateway's others) can fall silent again: scan again from the next scan time
-        # after both the reading and the time the scans have covered (every scan time up to the
+        # it, or its gateway's others (silent still, and now one by one), can fall silent: check
+        # at the first scan time the scans have not covered yet (every scan time up to the
         # timers' frontier counts as done, found something or not, so a late reading does not
         # take the checks back in time)
-        self._plan_scan(self._on_cadence(max(ts, self.watermark + 1, self._frontier + 1)))
+        self._plan_scan(self._on_cadence(max(self.watermark, self._frontier) + 1))
 
     # ---- state ----------------------------------------------------------------------------
     def _fingerprint(self) -> str:
