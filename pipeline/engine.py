@@ -396,6 +396,7 @@ class Engine:
     def _reject(self, rejects: list, arrival: list, spans: list | None, out: Output) -> None:
         where = {id(r): i for i, r in enumerate(arrival)} if spans else {}
         ends = [span[0] for span in spans] if spans else []
+        arrays: dict[int, wire.GatewayArray] = {}
         for r, reason, detail in rejects:
             self.counters["dead_letters"] += 1
             self.counters["dead." + reason] += 1
@@ -408,7 +409,11 @@ class Engine:
                     index = positions[pos - start]
                 else:
                     index = pos - start if payload.lstrip()[:1] == b"[" else None
-                out.dead_letters.append(wire.dead_letter(reason, detail, payload, index, source))
+                if index is None:
+                    out.dead_letters.append(wire.dead_letter(reason, detail, payload, None, source))
+                else:
+                    array = arrays.get(i) or arrays.setdefault(i, wire.GatewayArray(payload))
+                    out.dead_letters.append(array.dead_letter(reason, detail, index, source))
             else:
                 out.dead_letters.append(wire.dead_letter(reason, detail, msgspec.json.encode(r)))
 

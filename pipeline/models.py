@@ -231,9 +231,13 @@ class DeadLetter(BaseModel):
     """Input the pipeline could not use: the reason, the original bytes, where it came from."""
 
     reason: Literal["malformed", "invalid", "oversize", "unknown_sensor", "wrong_sender", "wrong_kind",
-                    "not_finite", "future", "too_old", "stale", "bad_ack", "undeliverable"]
+                    "not_finite", "future", "too_old", "stale", "bad_ack", "undeliverable",
+                    "poison", "wrong_topic"]
     detail: str
-    payload: str = Field(description="the original bytes as UTF-8 text (or base64 if not UTF-8)")
+    payload: str = Field(description="the original bytes as UTF-8 text (or base64 if not UTF-8); "
+                         "for an element of a gateway array, that element's bytes only")
     payload_encoding: Literal["utf-8", "base64"] = "utf-8"
     index: int | None = Field(default=None, description="position in a gateway array, if any")
+    payload_digest: str | None = Field(default=None, description="blake2b-128 (hex) of the whole "
+                                       "gateway array, when `payload` is one of its elements")
     source: str | None = Field(default=None, description="topic or file it came from")

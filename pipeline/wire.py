@@ -9,6 +9,7 @@ costs the good ones around it and nothing raises.
 from __future__ import annotations
 
 import base64
+import hashlib
 from datetime import datetime
 from typing import Annotated, Union
 
@@ -45,13 +46,44 @@ _raw_items = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def dead_letter(reason: str, detail: str, payload: bytes, index: int | None = None,
-                source: str | None = None) -> DeadLetter:
+                source: str | None = None, payload_digest: str | None = None) -> DeadLetter:
     try:
         text, enc = payload.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         text, enc = base64.b64encode(payload).decode("ascii"), "base64"
     return DeadLetter(reason=reason, detail=detail, payload=text, payload_encoding=enc,
-                      index=index, source=source)
+                      index=index, source=source, payload_digest=payload_digest)
+
+
+def digest(payload: bytes) -> str:
+    """Names a payload in the dead letters of its elements (blake2b, 128 bits, hex)."""
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
+class GatewayArray:
+    """A gateway array whose elements are dead-lettered one by one: each dead letter carries
+    its own element and the array's digest, never the whole array again, so an array of n bad
+    elements costs O(n) bytes of dead letters, not O(n²). Split and hashed once, on demand."""
+
+    __slots__ = ("payload", "_elements", "_digest")
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self._elements: list | None = None
+        self._digest: str | None = None
+
+    def element(self, index: int) -> bytes:
+        if self._elements is None:
+            try:
+                self._elements = _raw_items.decode(self.payload)
+            except _BAD_BYTES:
+                self._elements = []
+        return bytes(self._elements[index]) if index < len(self._elements) else b""
+
+    def dead_letter(self, reason: str, detail: str, index: int, source: str | None) -> DeadLetter:
+        if self._digest is None:
+            self._digest = digest(self.payload)
+        return dead_letter(reason, detail, self.element(index), index, source, self._digest)
 
 
 def normalise(r: WireReading) -> str | None:
@@ -106,14 +138,17 @@ def decode(payload: bytes, source: str | None = None, readings: list | None = No
         items = _element_by_element(payload, source, dead)
         if items is None:
             return readings, dead
+    array = GatewayArray(payload) if is_array else None
     for i, r in items:
         problem = normalise(r)
         if problem is None:
             readings.append(r)
             if positions is not None:
                 positions.append(i)
+        elif array is not None:
+            dead.append(array.dead_letter("invalid", problem, i, source))
         else:
-            dead.append(dead_letter("invalid", problem, payload, index=i, source=source))
+            dead.append(dead_letter("invalid", problem, payload, source=source))
     return readings, dead
 
 
@@ -126,12 +161,14 @@ def _element_by_element(payload: bytes, source: str | None,
         dead.append(dead_letter("malformed", _detail(exc), payload, source=source))
         return None
     out = []
+    array = GatewayArray(payload)
+    array._elements = raws
     for i, raw in enumerate(raws):
         try:
             out.append((i, _one.decode(raw)))
         except _BAD_BYTES as exc:
             reason = "invalid" if isinstance(exc, msgspec.ValidationError) else "malformed"
-            dead.append(dead_letter(reason, _detail(exc), payload, index=i, source=source))
+            dead.append(array.dead_letter(reason, _detail(exc), i, source))
     return out
 
 

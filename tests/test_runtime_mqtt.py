@@ -33,6 +33,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
+from hashlib import blake2b
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -489,14 +490,15 @@ def test_garbage_goes_to_the_dead_letter_topic_and_the_runtime_goes_on(
         d = by_reason["unknown_sensor"]
         assert d.payload.encode() == unknown and "gas-999999-000001" in d.detail
         assert d.source == "cityops/readings/gas-999999-000001"
-        d = by_reason["invalid"]
-        assert d.payload.encode() == mixed and d.index == 1
+        d = by_reason["invalid"]      # an array's bad element: that element, where it sat
+        assert d.payload.encode() == dumps(json.loads(mixed)[1]) and d.index == 1
+        assert d.payload_digest == blake2b(mixed, digest_size=16).hexdigest()
         d = by_reason["oversize"]
         assert d.payload_encoding == "utf-8" and oversize.startswith(d.payload.encode())
         assert str(len(oversize)) in d.detail
         assert {(d.source, d.payload.encode(), d.index) for d in dead
                 if d.reason == "wrong_sender"} == {
-            ("cityops/gateways/gw-510104-0001", foreign, 0),
+            ("cityops/gateways/gw-510104-0001", dumps(json.loads(foreign)[0]), 0),
             ("cityops/readings/gas-510104-000002", impostor, None)}
 
         # the good element of the mixed gateway array was not lost with the bad one
