@@ -112,7 +112,7 @@ def _ack_key(payload: bytes) -> tuple[bytes | None, DeadLetter | None]:
     try:
         ack = Ack.model_validate_json(payload)
     except ValueError as exc:
-        return None, wire.dead_letter("bad_ack", str(exc).splitlines()[0][:300], payload)
+        return None, wire.dead_letter("bad_ack", wire.ack_refusal(exc), payload)
     return ack.alert_id.encode(), None
 
 

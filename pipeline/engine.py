@@ -164,7 +164,8 @@ class Engine:
     # ---- input ------------------------------------------------------------------------
     def ingest(self, payloads: Iterable[bytes], source: str | list[str] | None = None,
                now_ms: int | None = None,
-               senders: list[tuple[str, str] | None] | None = None) -> Output:
+               senders: list[tuple[str, str] | None] | None = None,
+               out: Output | None = None) -> Output:
         """Decode payloads (objects or gateway arrays) and process them as one batch.
 
         ``source``: where they came from (a topic, one per payload, or a file) for dead letters.
@@ -172,15 +173,21 @@ class Engine:
         ("sensor", id), e.g. from the MQTT topic the broker's ACL ties to the gateway's login.
         A reading for a sensor that is not the sender, or not behind the sending gateway, is
         refused (`wrong_sender`): one gateway cannot clear another's gas alarm.
+        ``out``: an Output to add to, which keeps what was made before a failure
+        (pipeline.quarantine).
         """
         payloads = list(payloads)
         readings, dead, spans = wire.decode_batch(payloads, source)
-        out = Output(dead_letters=dead)
+        out = out if out is not None else Output()
+        out.dead_letters += dead
         self.counters["dead_letters"] += len(dead)
         for d in dead:
             self.counters["dead." + d.reason] += 1
         claims = self._claims(senders, spans) if senders is not None and readings else None
+        screened = len(out.dead_letters)
         self.process(readings, now_ms, out, _spans=spans, _claims=claims)
+        # decoded but refused (unknown, stale, from the future ...): not readings the engine took
+        self.counters["refused"] += len(out.dead_letters) - screened
         return out
 
     def _claims(self, senders: list, spans: list) -> tuple[np.ndarray, np.ndarray]:
@@ -417,9 +424,13 @@ class Engine:
             else:
                 out.dead_letters.append(wire.dead_letter(reason, detail, msgspec.json.encode(r)))
 
-    def ack(self, acks: Sequence[Ack | dict | bytes], out: Output | None = None) -> Output:
-        """Acknowledgements from dashboards or a worker's push; a bad one is a dead letter."""
+    def ack(self, acks: Sequence[Ack | dict | bytes], out: Output | None = None,
+            now_ms: int | None = None) -> Output:
+        """Acknowledgements from dashboards or a worker's push; a bad one is a dead letter.
+        Their time is held to the bounds of a reading's (``now_ms``: the clock, as in ingest):
+        an ack stamped far in the future would stamp its incident's notices there."""
         out = out if out is not None else Output()
+        s = self.settings
         for a in acks:
             raw = a if isinstance(a, bytes) else None
             try:
@@ -428,9 +439,16 @@ class Engine:
                 elif isinstance(a, dict):
                     a = Ack.model_validate(a)
             except ValidationError as exc:
-                self._refuse_ack(out, str(exc.errors()[0]["msg"]), raw or msgspec.json.encode(a))
+                self._refuse_ack(out, wire.ack_refusal(exc), raw or msgspec.json.encode(a))
                 continue
-            why = self.book.ack(a, out.notices)
+            ts = a.ts_ms
+            why = None
+            if now_ms is not None and ts > now_ms + s.max_future:
+                why = (f"ts {ts} is more than {s.max_future // 1000}s ahead of the clock; "
+                       "check the sender's clock (NTP)")
+            elif ts < self.watermark - s.max_age:
+                why = f"ts {ts} is more than {s.max_age // 86_400_000} days behind the watermark"
+            why = why or self.book.ack(a, out.notices)
             if why:
                 self._refuse_ack(out, why, raw or a.model_dump_json().encode())
             else:

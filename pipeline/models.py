@@ -218,7 +218,7 @@ class Ack(BaseModel):
     alert_id: str
     by: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     tier: Tier
-    ts: AwareDatetime | Annotated[int, Field(ge=0)]
+    ts: AwareDatetime | Annotated[int, Field(ge=0, le=MAX_TS_MS)]
     note: str | None = Field(default=None, max_length=500)
 
     @property

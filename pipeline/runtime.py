@@ -34,8 +34,10 @@ from pipeline.ack_tokens import BadToken, refused, reply_worker
 from pipeline.config import Settings
 from pipeline.engine import Engine, Output
 from pipeline.prom import dead_letters, notices_by_tier
+from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import load as load_registry
 from pipeline.store import ACKS, ADVANCE, READINGS, StateStore
+from pipeline.wire import dead_letter
 from rules.compiler import load_rules
 
 log = logging.getLogger("cityops.runtime")
@@ -120,8 +122,9 @@ class LiveRuntime:
                 log.warning("restored state; not carried over (registry or rules changed): %s", lost)
         replayed = []
         n = 0
+        poisoned = self.store.poisoned()
         for e in entries:
-            out = self._apply(e.kind, e.at, e.items)
+            out = self._apply(e.kind, e.at, e.items, e.seq, poisoned.get(e.seq))
             replayed.append((out.notices, out.dead_letters))
             if self.history is not None:  # written again: points are idempotent by series and
                 self.history.add(out)     # time, and this recovers what kill -9 took from its buffer
@@ -197,12 +200,12 @@ class LiveRuntime:
                 entries.append((ADVANCE, now - s.engine.allowed_lateness, []))
                 last_tick = now
             if entries:
-                self.store.append_many(entries)       # durable first ...
+                seqs = self.store.append_many(entries)        # durable first ...
                 link.ack(msgs)                        # ... then the broker may forget them
                 self.metrics["payloads"] += len(readings)
-                for kind, at, items in entries:
+                for (kind, at, items), seq in zip(entries, seqs, strict=True):
                     t = time.perf_counter()
-                    out = self._apply(kind, at, items)
+                    out = self._apply(kind, at, items, seq)
                     self.batch_seconds += time.perf_counter() - t
                     self.batches += 1
                     self._publish(out.notices, out.dead_letters)
@@ -213,25 +216,46 @@ class LiveRuntime:
                     last_snapshot = time.monotonic()
         self._shutdown()
 
-    def _apply(self, kind: str, at: int, items: list) -> Output:
-        """One journaled input through the engine. The engine refuses bad input itself; if it
-        ever raised, that input would come back on every restart from the journal, so it is
-        logged, counted and passed over instead of stopping the city's pipeline."""
-        try:
-            return self._evaluate(kind, at, items)
-        except Exception:
-            log.exception("engine failed on a %s input (at %s); passed over", kind, at)
-            self.metrics["engine_errors"] += 1
-            return Output()
-
-    def _evaluate(self, kind: str, at: int, items: list) -> Output:
+    def _apply(self, kind: str, at: int, items: list, seq: int | None = None,
+               quarantined: dict[int, str] | None = None) -> Output:
+        """One journaled input (entry ``seq``) through the engine. The engine refuses bad input
+        itself; a payload or ack it fails on is isolated, dead-lettered as `poison` and
+        recorded beside the journal (pipeline.quarantine), so the rest of the batch is
+        evaluated and a restart does not replay it into the same failure."""
+        engine = self.engine
+        if kind == ADVANCE:
+            try:
+                return engine.advance(at)
+            except Exception:
+                log.exception("engine failed moving the watermark to %s; passed over", at)
+                self.metrics["engine_errors"] += 1
+                return Output()
+        quarantined = quarantined or {}
+        live = [i for i in range(len(items)) if i not in quarantined]
         if kind == READINGS:
-            topics = [t for t, _ in items]
-            return self.engine.ingest([p for _, p in items], source=topics, now_ms=at,
-                                      senders=[sender_of(t, self.prefix) for t in topics])
-        if kind == ACKS:
-            return self.engine.ack(items)
-        return self.engine.advance(at)
+            topics = [items[i][0] for i in live]
+            payloads = [items[i][1] for i in live]
+            senders = [sender_of(t, self.prefix) for t in topics]
+
+            def attempt(lo: int, hi: int, out: Output) -> None:
+                engine.ingest(payloads[lo:hi], source=topics[lo:hi], now_ms=at,
+                              senders=senders[lo:hi], out=out)
+        else:
+            acks = [items[i] for i in live]
+
+            def attempt(lo: int, hi: int, out: Output) -> None:
+                engine.ack(acks[lo:hi], out=out, now_ms=at)
+        out, poisoned = evaluate_isolating(attempt, len(live), engine.counters, kind)
+        fresh = [(live[i], why) for i, why in poisoned]
+        if fresh and seq is not None:
+            self.store.quarantine(seq, fresh)
+        self.metrics["engine_errors"] += len(fresh)
+        for i, why in sorted([*quarantined.items(), *fresh]):
+            topic, payload = items[i] if kind == READINGS else (self.acks_topic, items[i])
+            out.dead_letters.append(dead_letter("poison", poison_detail(why), payload, source=topic))
+            engine.counters["dead_letters"] += 1
+            engine.counters["dead.poison"] += 1
+        return out
 
     def _token_acks(self, msgs: list) -> list[bytes]:
         """Workers' replies on {prefix}/push/{worker_id}/ack carry the token of their push: a

@@ -99,6 +99,22 @@ def normalise(r: WireReading) -> str | None:
     return None
 
 
+def ack_refusal(exc: ValueError) -> str:
+    """One line on why an ack's bytes are not an Ack (pydantic's own first line only says
+    "1 validation error for Ack")."""
+    errors = exc.errors() if hasattr(exc, "errors") else []
+    if not errors:
+        return str(exc).splitlines()[0][:300]
+    e = errors[0]
+    if e["type"] == "json_invalid":
+        return f"not JSON: {e['msg'].removeprefix('Invalid JSON: ')}"
+    if e["loc"][:1] == ("ts",):          # a union: pydantic would explain both of its arms
+        return (f"ts {str(e.get('input'))[:40]} is not a time: RFC 3339 with an offset, or "
+                f"epoch milliseconds from 0 to {MAX_TS_MS} (9999-12-31)")
+    where = ".".join(str(p) for p in e["loc"])
+    return f"{where}: {e['msg']}"[:300] if where else e["msg"][:300]
+
+
 def _detail(exc: BaseException) -> str:
     if isinstance(exc, UnicodeDecodeError):
         return f"not UTF-8 text: {exc.reason} at byte {exc.start}"

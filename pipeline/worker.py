@@ -46,9 +46,10 @@ from pipeline.config import Settings
 from pipeline.engine import Engine, Output
 from pipeline.models import Ack
 from pipeline.prom import dead_letters, family, notices_by_tier
+from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import load as load_registry
 from pipeline.runtime import notice_topic as mqtt_notice_topic
-from pipeline.wire import dead_letter
+from pipeline.wire import ack_refusal, dead_letter
 from rules.compiler import load_rules
 
 log = logging.getLogger("cityops.worker")
@@ -250,7 +251,11 @@ class CityWorker:
                 sources.append(f"{topic}[{ps.p}]@{m.offset}")
             else:
                 await self._misrouted(ps, m, payloads, sources)
-        out = self._apply(ps, ps.engine.ingest, payloads, source=sources, now_ms=now)
+        engine = ps.engine
+
+        def attempt(lo: int, hi: int, out: Output) -> None:
+            engine.ingest(payloads[lo:hi], source=sources[lo:hi], now_ms=now, out=out)
+        out = self._isolating(ps, attempt, payloads, sources)
         self.counters["readings"] += len(payloads)
         ps.offsets[READINGS] = fresh[-1].offset + 1
         ps.last_progress = time.time()
@@ -285,6 +290,17 @@ class CityWorker:
         ps.restored = False
         return fresh
 
+    def _isolating(self, ps: PartitionState, attempt: Any, inputs: list[bytes],
+                   sources: list[str | None]) -> Output:
+        """A record the engine fails on costs only itself: it is found by halving the batch
+        and dead-lettered `poison`; the rest is evaluated (pipeline.quarantine)."""
+        out, poisoned = evaluate_isolating(attempt, len(inputs), ps.engine.counters)
+        for i, why in poisoned:
+            out.dead_letters.append(dead_letter("poison", poison_detail(why), inputs[i],
+                                                source=sources[i]))
+        self.counters["engine_errors"] += len(poisoned)
+        return out
+
     def _apply(self, ps: PartitionState, call: Any, *args: Any, **kw: Any) -> Output:
         """A bug in the engine must not stop a city's partition: the input is counted, logged
         and passed over (it is acknowledged with the rest at the next checkpoint)."""
@@ -303,7 +319,7 @@ class CityWorker:
             try:
                 ack = Ack.model_validate_json(payload)
             except ValueError as exc:
-                d = dead_letter("bad_ack", str(exc).splitlines()[0][:300], payload,
+                d = dead_letter("bad_ack", ack_refusal(exc), payload,
                                 source=f"{self.names[ACKS]}@{event.message.offset}")
                 await self.t_dead.send(value=d.model_dump_json().encode())
                 self.counters["dead.bad_ack"] += 1
@@ -326,7 +342,14 @@ class CityWorker:
                 fresh = self._fresh(ps, ACKS, [e.message for e in evs])
                 if not fresh:
                     continue
-                out = self._apply(ps, ps.engine.ack, [m.value for m in fresh])
+                acks = [m.value for m in fresh]
+                now = int(time.time() * 1000)
+
+                def attempt(lo: int, hi: int, out: Output, engine: Engine = ps.engine,
+                            acks: list = acks, now: int = now) -> None:
+                    engine.ack(acks[lo:hi], out=out, now_ms=now)
+                out = self._isolating(ps, attempt, acks,
+                                      [f"{self.names[ACKS]}@{m.offset}" for m in fresh])
                 ps.offsets[ACKS] = fresh[-1].offset + 1
                 # Refusals for incidents this partition does not hold are the fan-out's doing.
                 out.dead_letters = [d for d in out.dead_letters

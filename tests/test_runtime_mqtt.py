@@ -78,7 +78,9 @@ PLACE = "锦江区春熙路街道和平社区"
 class Runtime:
     """One `cityops run` (restartable: same state file, same client id, same HTTP port)."""
 
-    def __init__(self, tmp_path: Path, url: str, name: str, args: list[str], env: dict[str, str]):
+    def __init__(self, tmp_path: Path, url: str, name: str, args: list[str], env: dict[str, str],
+                 module: str = "pipeline.cli"):
+        self.module = module        # tests/poison_seam.py: the same CLI with a failing engine
         self.tmp = tmp_path
         self.url = url
         self.name = name
@@ -99,7 +101,7 @@ class Runtime:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CITYOPS_")}
         env.update({"PYTHONFAULTHANDLER": "1", "CITYOPS_HTTP__PORT": str(self.http_port),
                     "CITYOPS_MQTT__CLIENT_ID": self.client_id, **self.env})
-        cmd = [sys.executable, "-m", "pipeline.cli", "run", "--broker", self.url,
+        cmd = [sys.executable, "-m", self.module, "run", "--broker", self.url,
                "--state", str(self.state), *self.args]
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err, \
                 open(os.devnull, "rb") as devnull:
@@ -251,8 +253,9 @@ def runtime(tmp_path: Path) -> Iterator[Callable[..., Runtime]]:
     made: list[Runtime] = []
 
     def make(url: str, name: str = "rt", args: list[str] | None = None,
-             env: dict[str, str] | None = None, start: bool = True) -> Runtime:
-        rt = Runtime(tmp_path, url, name, list(args or []), dict(env or {}))
+             env: dict[str, str] | None = None, start: bool = True,
+             module: str = "pipeline.cli") -> Runtime:
+        rt = Runtime(tmp_path, url, name, list(args or []), dict(env or {}), module)
         made.append(rt)
         return rt.start() if start else rt
 
