@@ -130,6 +130,9 @@ class Engine:
         self._seen_idx = self._seen_ts = np.zeros(0, dtype=np.int64)   # see _apply_seen
         self._seen_at = 0
         self.watermark = -(1 << 62)
+        self.clock_bound = False            # see max_ts
+        self._clock: int | None = None
+        self._max_ts = 0
         self.max_ts = 0
         self.watch_start = 0                # when absence watching began (event time)
         self.counters: Counter[str] = Counter()
@@ -157,6 +160,20 @@ class Engine:
             top = max(top, max(e.default[slot] for _, _, slot in e.levels))
         return top
 
+    # ---- time is never moved by one sensor ----------------------------------------------
+    @property
+    def max_ts(self) -> int:
+        """The newest event time taken. With ``clock_bound`` (set by the live runtimes) it is
+        held to the clock the batch is judged by (ingest's ``now_ms``): a reading that is
+        within ``max_future`` of the clock is taken, but the watermark, and with it every timer
+        of every incident in the city, does not move past the wall clock on its word."""
+        return self._max_ts
+
+    @max_ts.setter
+    def max_ts(self, ts: int) -> None:
+        clock = self._clock
+        self._max_ts = max(clock, self._max_ts) if clock is not None and ts > clock else ts
+
     # ---- names of subjects (sensor numbers or group keys) -----------------------------
     def _subject_name(self, s: int | str) -> str:
         return self.registry.sensor_ids[s] if isinstance(s, int) else s
@@ -177,6 +194,7 @@ class Engine:
         (pipeline.quarantine).
         """
         payloads = list(payloads)
+        self._clock = now_ms if self.clock_bound else None
         readings, dead, spans = wire.decode_batch(payloads, source)
         out = out if out is not None else Output()
         out.dead_letters += dead

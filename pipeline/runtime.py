@@ -69,6 +69,8 @@ class LiveRuntime:
         rules = load_rules(settings.packs, settings.routing, params=settings.params)
         self.registry = load_registry(settings.registry, rules.kinds)
         self.engine = Engine(self.registry, rules, settings.engine)
+        self.engine.clock_bound = True            # one sensor's clock does not move the city's
+        self.catching_up = True                   # see run()
         self.store = StateStore(settings.state.path)
         self.prefix = settings.mqtt.prefix
         self.acks_topic = f"{self.prefix}/acks"
@@ -181,9 +183,27 @@ class LiveRuntime:
         assert link is not None
         last_tick = 0
         last_snapshot = time.monotonic()
+        # After a start or a reconnect the broker may hold readings for us that are older than
+        # the wall clock: the clock does not move the watermark until they are in (connected,
+        # inbox empty, nothing new for catch_up_quiet), else a leak still on could be resolved
+        # by the clock and fire again from the backlog. At most catch_up_max: under a steady
+        # stream the readings move the watermark themselves.
+        connects = -1
+        since = last_message = time.monotonic()
         while not self.stopping.is_set():
             msgs = link.take(s.max_batch, s.max_wait / 1000)
             now = int(time.time() * 1000)
+            mono = time.monotonic()
+            if msgs:
+                last_message = mono
+            if connects != link.connects or not link.connected.is_set():
+                connects, since, last_message = link.connects, mono, mono
+                self.catching_up = True
+            elif self.catching_up and (mono - since >= s.catch_up_max / 1000 or (
+                    mono - last_message >= s.catch_up_quiet / 1000 and link.inbox.empty())):
+                self.catching_up = False
+                log.info("caught up with the broker's backlog in %.1f s; the clock moves time",
+                         mono - since)
             entries: list[tuple[str, int, list]] = []
             readings = [[m.topic, m.payload] for m in msgs
                         if m.topic != self.acks_topic and not m.topic.startswith(self.push_topics)]
@@ -196,7 +216,7 @@ class LiveRuntime:
                 entries.append((READINGS, now, readings))
             if acks:
                 entries.append((ACKS, now, acks))
-            if now - last_tick >= s.tick:
+            if now - last_tick >= s.tick and not self.catching_up:
                 entries.append((ADVANCE, now - s.engine.allowed_lateness, []))
                 last_tick = now
             if entries:
@@ -333,6 +353,7 @@ class LiveRuntime:
     def health(self) -> dict[str, Any]:
         connected = self.link is not None and self.link.connected.is_set()
         return {"status": "ok" if connected else "degraded", "broker_connected": connected,
+                "catching_up": self.catching_up,
                 "open_incidents": len(self.engine.book.open),
                 "inbox": self.link.inbox.qsize() if self.link else 0,
                 "uptime_s": round(time.time() - self.started, 1)}

@@ -199,6 +199,7 @@ class CityWorker:
             engine = Engine(self.registry.subset(self.members.get(p, ())), self.rules,
                             self.s.engine)
             engine.keep_accepted = self.history is not None
+            engine.clock_bound = True       # one sensor's clock does not move the partition's
             ps = PartitionState(p, engine, np.array(self.members.get(p, ()), dtype=np.int64))
             head = self.table.get(str(p))
             if head:

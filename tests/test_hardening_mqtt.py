@@ -127,3 +127,67 @@ def test_acks_stamped_1e17_and_1e20_are_bad_acks_and_escalation_goes_on(
     assert not any(n["state"] == "acknowledged" for n in notices(msgs))
     wait_until(lambda: metric(rt, "cityops_journal_entries") == 0, 10, "a snapshot", rt)
     assert rt.running
+
+
+# ---- item 4: after an outage, the clock waits for the backlog ----------------------------------
+
+def test_after_an_outage_longer_than_clear_for_a_leak_still_on_is_not_resolved(
+        mosquitto: Mosquitto, runtime, tmp_path: Path) -> None:
+    """The leak dips under the clear level, cityops is killed, the gas comes back while it is
+    down (behind 3,000 other readings the broker keeps for it) and the outage outlasts
+    clear_for. Before: the first clock tick after the restart resolved the leak, then the
+    backlog fired it again."""
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    gas = (ROOT / "rules" / "packs" / "gas.yaml").read_text()
+    assert "clear_for: 2m" in gas
+    (packs / "gas.yaml").write_text(gas.replace("clear_for: 2m", "clear_for: 5s"))
+    (tmp_path / "cityops.yaml").write_text("engine:\n  allowed_lateness: 500ms\n"
+                                           "state:\n  snapshot_every: 1h\n")
+    url = mosquitto.url
+    rt = runtime(url, "outage", args=["--packs", str(packs), "--config",
+                                      str(tmp_path / "cityops.yaml")],
+                 env={"CITYOPS_TICK": "200ms"})
+    topic = f"cityops/readings/{GAS_ALONE}"
+    with Subscriber(url, *NOTICE_FILTERS) as sub:
+        t0 = now_ms()
+        publish(url, topic, dumps(reading(GAS_ALONE, 55.0, ts=t0)))
+        sub.wait_for(lambda m: len(notices(m)) >= 5, 10)
+        publish(url, topic, dumps(reading(GAS_ALONE, 5.0, ts=t0 + 100)))     # dips: 5 s to clear
+        wait_until(lambda: metric(rt, "cityops_payloads_total") == 2, 5, "the dip taken", rt)
+        rt.kill()
+        quiet = "gas-510104-000003"
+        publish_many(url, [(f"cityops/readings/{quiet}", dumps(reading(quiet, 1.0, ts=t0 + 200 + i)))
+                           for i in range(3000)]
+                     + [(topic, dumps(reading(GAS_ALONE, 55.0, ts=t0 + 1500)))])  # still on
+        wait_until(lambda: now_ms() > t0 + 100 + 5000 + 2000, 15, "an outage longer than clear_for")
+        rt.start()
+        wait_until(lambda: rt.health()[1].get("catching_up") is False, 30, "caught up", rt)
+        wait_until(lambda: metric(rt, "cityops_inbox_depth") == 0, 10, "backlog in", rt)
+        time.sleep(1.0)                    # several ticks after the backlog
+        msgs = settle(sub)
+    # the replay sends its notice again (at-least-once): the same one, not a second firing
+    states = sorted({(n["state"], n["seq"]) for n in notices(msgs) if n["tier"] == "street"})
+    assert states == [("firing", 1)], f"the leak was still on: {states}"
+    assert "caught up with the broker's backlog" in rt.stderr()
+
+
+# ---- item 5: one reading from the future moves no timer ----------------------------------------
+
+def test_one_reading_4_minutes_ahead_resolves_nothing_and_sends_no_reminder_early(
+        mosquitto: Mosquitto, runtime) -> None:
+    url = mosquitto.url
+    rt = runtime(url, "future")            # live defaults: allowed_lateness 10 s, clear_for 2 min
+    with Subscriber(url, *NOTICE_FILTERS) as sub:
+        t0 = now_ms()
+        publish(url, f"cityops/readings/{GAS_ALONE}", dumps(reading(GAS_ALONE, 55.0, ts=t0)))
+        sub.wait_for(lambda m: len(notices(m)) >= 5, 10)
+        publish(url, f"cityops/readings/{GAS_ALONE}", dumps(reading(GAS_ALONE, 1.0, ts=t0 + 1000)))
+        publish(url, f"cityops/readings/{NEIGHBOUR}",
+                dumps(reading(NEIGHBOUR, 1.0, ts=now_ms() + 4 * 60_000)))
+        wait_until(lambda: metric(rt, "cityops_payloads_total") == 3, 5, "all three taken", rt)
+        time.sleep(2.0)                    # ten ticks
+        msgs = settle(sub)
+    assert not dead_letters(msgs)
+    states = {n["state"] for n in notices(msgs)}
+    assert states == {"firing"}, f"time moved on one sensor's word: {states}"
