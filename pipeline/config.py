@@ -84,6 +84,8 @@ class StateSettings(_Part):
     path: Path = Path(".run/cityops-state.sqlite")
     snapshot_every: Duration = Field(default="30s", description="engine snapshot cadence; "
                                      "the journal covers the time between")
+    snapshot_bytes: int = Field(default=64 * 2**20, ge=1, description="a snapshot also once the "
+                                "journal since the last one holds this many bytes")
 
 
 class InfluxSettings(_Part):

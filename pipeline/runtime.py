@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import signal
 import sys
@@ -37,7 +38,7 @@ from pipeline.prom import dead_letters, notices_by_tier
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import load as load_registry
 from pipeline.store import ACKS, ADVANCE, READINGS, StateStore
-from pipeline.wire import dead_letter
+from pipeline.wire import MAX_PAYLOAD_BYTES, OVERSIZE_KEPT, dead_letter, oversize
 from rules.compiler import load_rules
 
 log = logging.getLogger("cityops.runtime")
@@ -182,7 +183,9 @@ class LiveRuntime:
         link = self.link
         assert link is not None
         last_tick = 0
-        last_snapshot = time.monotonic()
+        # at once after a start: a runtime restarted more often than snapshot_every would
+        # otherwise replay an ever longer journal
+        last_snapshot = -math.inf
         # After a start or a reconnect the broker may hold readings for us that are older than
         # the wall clock: the clock does not move the watermark until they are in (connected,
         # inbox empty, nothing new for catch_up_quiet), else a leak still on could be resolved
@@ -205,7 +208,9 @@ class LiveRuntime:
                 log.info("caught up with the broker's backlog in %.1f s; the clock moves time",
                          mono - since)
             entries: list[tuple[str, int, list]] = []
-            readings = [[m.topic, m.payload] for m in msgs
+            # an oversize payload is journaled as what its dead letter keeps, and its size
+            readings = [[m.topic, m.payload] if len(m.payload) <= MAX_PAYLOAD_BYTES
+                        else [m.topic, m.payload[:OVERSIZE_KEPT], len(m.payload)] for m in msgs
                         if m.topic != self.acks_topic and not m.topic.startswith(self.push_topics)]
             acks = [m.payload for m in msgs if m.topic == self.acks_topic]
             if len(readings) + len(acks) < len(msgs):
@@ -231,7 +236,8 @@ class LiveRuntime:
                     self._publish(out.notices, out.dead_letters)
                     if self.history is not None:
                         self.history.add(out)
-            if (time.monotonic() - last_snapshot) * 1000 >= s.state.snapshot_every:
+            if ((time.monotonic() - last_snapshot) * 1000 >= s.state.snapshot_every
+                    or self.store.journaled_bytes >= s.state.snapshot_bytes):
                 if self._snapshot():
                     last_snapshot = time.monotonic()
         self._shutdown()
@@ -252,7 +258,9 @@ class LiveRuntime:
                 return Output()
         quarantined = quarantined or {}
         live = [i for i in range(len(items)) if i not in quarantined]
+        aside: list = []                          # refused before the engine: no reading in it
         if kind == READINGS:
+            live = [i for i in live if not self._aside(items[i], aside)]
             topics = [items[i][0] for i in live]
             payloads = [items[i][1] for i in live]
             senders = [sender_of(t, self.prefix) for t in topics]
@@ -271,11 +279,28 @@ class LiveRuntime:
             self.store.quarantine(seq, fresh)
         self.metrics["engine_errors"] += len(fresh)
         for i, why in sorted([*quarantined.items(), *fresh]):
-            topic, payload = items[i] if kind == READINGS else (self.acks_topic, items[i])
-            out.dead_letters.append(dead_letter("poison", poison_detail(why), payload, source=topic))
+            topic, payload = items[i][:2] if kind == READINGS else (self.acks_topic, items[i])
+            aside.append(dead_letter("poison", poison_detail(why), payload, source=topic))
+        for d in aside:
             engine.counters["dead_letters"] += 1
-            engine.counters["dead.poison"] += 1
+            engine.counters["dead." + d.reason] += 1
+        out.dead_letters += aside
         return out
+
+    def _aside(self, item: list, dead: list) -> bool:
+        """A payload journaled only in part (over the size limit), or on a topic that names no
+        sender (a level too deep): a dead letter, not the engine's business."""
+        topic, payload, *size = item
+        if size:
+            dead.append(oversize(payload, size[0], topic))
+        elif sender_of(topic, self.prefix) is None:
+            dead.append(dead_letter(
+                "wrong_topic", f"readings go to {self.prefix}/readings/{{sensor_id}} or "
+                f"{self.prefix}/gateways/{{gateway_id}}, one level, not {topic}", payload,
+                source=topic))
+        else:
+            return False
+        return True
 
     def _token_acks(self, msgs: list) -> list[bytes]:
         """Workers' replies on {prefix}/push/{worker_id}/ack carry the token of their push: a
@@ -363,9 +388,10 @@ class LiveRuntime:
         c = e.counters
         now = time.time() * 1000
         lines = [
-            "# HELP cityops_readings_total Readings the engine took (after decoding).",
+            "# HELP cityops_readings_total Readings the engine took: decoded, not refused "
+            "(dead letters) and not a redelivered duplicate.",
             "# TYPE cityops_readings_total counter",
-            f"cityops_readings_total {c['readings']}",
+            f"cityops_readings_total {c['readings'] - c['refused'] - c['duplicates']}",
             "# HELP cityops_payloads_total MQTT reading payloads received.",
             "# TYPE cityops_payloads_total counter",
             f"cityops_payloads_total {self.metrics['payloads']}",
@@ -404,6 +430,13 @@ class LiveRuntime:
             "# HELP cityops_journal_entries Inputs journaled since the last snapshot.",
             "# TYPE cityops_journal_entries gauge",
             f"cityops_journal_entries {self.store.journaled_since_snapshot}",
+            "# HELP cityops_journal_bytes Bytes journaled since the last snapshot.",
+            "# TYPE cityops_journal_bytes gauge",
+            f"cityops_journal_bytes {self.store.journaled_bytes}",
+            "# HELP cityops_retained_skipped_total Retained messages the broker replayed on a "
+            "(re)subscription: taken when published, not again.",
+            "# TYPE cityops_retained_skipped_total counter",
+            f"cityops_retained_skipped_total {self.link.retained_skipped if self.link else 0}",
         ]
         if self.history is not None:
             lines += self.history.metrics_lines()

@@ -50,13 +50,16 @@ class StateStore:
         row = self.db.execute("SELECT max(seq) FROM journal").fetchone()
         snap = self.db.execute("SELECT upto FROM snapshot").fetchone()
         self.seq = max(row[0] or 0, snap[0] if snap else 0)
-        self.journaled_since_snapshot = self.db.execute("SELECT count(*) FROM journal").fetchone()[0]
+        self.journaled_since_snapshot, self.journaled_bytes = self.db.execute(
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM journal").fetchone()
 
     def append(self, kind: str, at: int, items: list) -> int:
         self.seq += 1
+        body = msgspec.msgpack.encode(items)
         self.db.execute("INSERT INTO journal (seq, kind, at, body) VALUES (?, ?, ?, ?)",
-                        (self.seq, kind, at, msgspec.msgpack.encode(items)))
+                        (self.seq, kind, at, body))
         self.journaled_since_snapshot += 1
+        self.journaled_bytes += len(body)
         return self.seq
 
     def append_many(self, entries: list[tuple[str, int, list]]) -> list[int]:
@@ -91,7 +94,10 @@ class StateStore:
         self.db.execute("DELETE FROM journal WHERE seq <= ?", (self.seq,))
         self.db.execute("DELETE FROM poison WHERE seq <= ?", (self.seq,))
         self.db.execute("COMMIT")
-        self.journaled_since_snapshot = 0
+        self.journaled_since_snapshot = self.journaled_bytes = 0
+        # SQLite reuses the journal's freed pages, but the WAL file only ever grows unless
+        # truncated: at a snapshot it holds nothing the database file does not
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def load(self) -> tuple[bytes | None, Iterator[Entry]]:
         snap = self.db.execute("SELECT upto, blob FROM snapshot").fetchone()

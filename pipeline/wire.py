@@ -18,6 +18,7 @@ import msgspec
 from pipeline.models import MAX_TS_MS, DeadLetter
 
 MAX_PAYLOAD_BYTES = 256 * 1024   # a gateway batch of ~1,000 readings; larger is a fault, not data
+OVERSIZE_KEPT = 4096             # what an oversize payload's dead letter keeps of it
 # What a decoder can throw at bad bytes: a bad number or shape, bad UTF-8 inside a string,
 # nesting deep enough to exhaust the stack.
 _BAD_BYTES = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
@@ -53,6 +54,13 @@ def dead_letter(reason: str, detail: str, payload: bytes, index: int | None = No
         text, enc = base64.b64encode(payload).decode("ascii"), "base64"
     return DeadLetter(reason=reason, detail=detail, payload=text, payload_encoding=enc,
                       index=index, source=source, payload_digest=payload_digest)
+
+
+def oversize(head: bytes, size: int, source: str | None) -> DeadLetter:
+    """A payload over the limit: its first OVERSIZE_KEPT bytes are all anyone keeps of it (the
+    runtime journals no more than that either)."""
+    return dead_letter("oversize", f"payload of {size} bytes is over the {MAX_PAYLOAD_BYTES}-byte "
+                       "limit; split the gateway batch", head, source=source)
 
 
 def digest(payload: bytes) -> str:
@@ -135,9 +143,7 @@ def decode(payload: bytes, source: str | None = None, readings: list | None = No
     readings = [] if readings is None else readings
     dead = [] if dead is None else dead
     if len(payload) > MAX_PAYLOAD_BYTES:
-        dead.append(dead_letter("oversize", f"payload of {len(payload)} bytes is over the "
-                                f"{MAX_PAYLOAD_BYTES}-byte limit; split the gateway batch",
-                                payload[:4096], source=source))
+        dead.append(oversize(payload[:OVERSIZE_KEPT], len(payload), source))
         return readings, dead
     is_array = payload.lstrip()[:1] == b"["
     items: list[tuple[int | None, WireReading]] = []

@@ -191,3 +191,76 @@ def test_one_reading_4_minutes_ahead_resolves_nothing_and_sends_no_reminder_earl
     assert not dead_letters(msgs)
     states = {n["state"] for n in notices(msgs)}
     assert states == {"firing"}, f"time moved on one sensor's word: {states}"
+
+
+# ---- item 11: the smaller ones -------------------------------------------------------------------
+
+def test_wrong_topic_levels_oversize_and_refused_readings_are_accounted_for(
+        mosquitto: Mosquitto, runtime) -> None:
+    """A reading one level too deep is a dead letter `wrong_topic` (it used to vanish in the
+    broker); an oversize payload is journaled as the 4 KiB its dead letter keeps; readings_total
+    counts only readings the engine took."""
+    url = mosquitto.url
+    rt = runtime(url, "small", env={"CITYOPS_STATE__SNAPSHOT_EVERY": "1h"})
+    ts = now_ms()
+    good = dumps(reading(NEIGHBOUR, 1.0, ts=ts))
+    deep = [(f"cityops/readings/{NEIGHBOUR}/extra", good),
+            ("cityops/gateways/gw-510104-0001/a/b", dumps([reading(NEIGHBOUR, 1.0, ts=ts)]))]
+    huge = dumps([reading(NEIGHBOUR, 1.0, ts=ts + i) for i in range(6000)])
+    with Subscriber(url, DEAD_TOPIC) as sub:
+        publish_many(url, [*deep, (f"cityops/readings/{NEIGHBOUR}", good),
+                           ("cityops/readings/gas-999999-000001",
+                            dumps(reading("gas-999999-000001", 1.0, ts=ts))),
+                           ("cityops/gateways/gw-510104-0001", huge)])
+        sub.wait_for(lambda m: len(dead_letters(m)) >= 4, 15)
+        dead = dead_letters(settle(sub))
+    wrong = sorted((d.source, d.payload.encode()) for d in dead if d.reason == "wrong_topic")
+    assert wrong == sorted((t, p) for t, p in deep), dead
+    assert sorted(d.reason for d in dead) == ["oversize", "unknown_sensor", "wrong_topic",
+                                              "wrong_topic"]
+    m = rt.metrics()
+    assert m['cityops_dead_letters_total{reason="wrong_topic"}'] == 2
+    assert m["cityops_readings_total"] == 1, "a refused reading is not a reading taken"
+    assert 0 < m["cityops_journal_bytes"] < 4096 + 2000, "the oversize payload journaled whole"
+
+
+def test_retained_garbage_is_dead_lettered_once_not_at_every_reconnect(
+        mosquitto: Mosquitto, runtime) -> None:
+    url = mosquitto.url
+    topic = f"cityops/readings/{NEIGHBOUR}"
+    rt = runtime(url, "retained")
+    try:
+        with Subscriber(url, DEAD_TOPIC) as sub:
+            publish(url, topic, b"firmware 1.2 garbage", retain=True)
+            sub.wait_for(lambda m: len(dead_letters(m)) >= 1, 10)
+            rt.stop()
+            rt.start()                          # same session: the broker replays the retained
+            rt.stop()
+            rt.start()
+            wait_until(lambda: metric(rt, "cityops_retained_skipped_total") >= 1, 10,
+                       "the replayed retained message skipped", rt)
+            dead = dead_letters(settle(sub, quiet=1.0))
+        assert [(d.reason, d.payload) for d in dead] == [("malformed", "firmware 1.2 garbage")]
+    finally:
+        publish(url, topic, b"", retain=True)   # the module's broker is shared: clear it
+
+
+def test_a_runtime_restarted_more_often_than_its_snapshot_interval_still_snapshots(
+        mosquitto: Mosquitto, runtime) -> None:
+    url = mosquitto.url
+    rt = runtime(url, "restarts", env={"CITYOPS_STATE__SNAPSHOT_EVERY": "1h"})
+    ts = now_ms()
+    for k in range(3):                          # kill -9 each time, long before the hour
+        publish(url, f"cityops/readings/{NEIGHBOUR}", dumps(reading(NEIGHBOUR, 1.0, ts=ts + k)))
+        wait_until(lambda: metric(rt, "cityops_journal_entries") > 0, 10, "journaled", rt)
+        rt.kill()
+        rt.start()
+        wait_until(lambda: metric(rt, "cityops_journal_entries") == 0, 10,
+                   "a snapshot after the start", rt)
+    rt.stop()
+    rt.env["CITYOPS_STATE__SNAPSHOT_BYTES"] = "2000"       # and once the journal passes a size
+    rt.start()
+    publish_many(url, [(f"cityops/readings/{NEIGHBOUR}",
+                        dumps(reading(NEIGHBOUR, 1.0, ts=ts + 100 + i))) for i in range(40)])
+    wait_until(lambda: metric(rt, "cityops_readings_total") >= 43, 10, "readings taken", rt)
+    wait_until(lambda: metric(rt, "cityops_journal_bytes") < 2000, 10, "a size snapshot", rt)
