@@ -105,6 +105,7 @@ class CityWorker:
         self.parts: dict[int, PartitionState] = {}
         self.counters: dict[str, int] = defaultdict(int)
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._ack_misses: dict[bytes, set[int]] = {}     # see _missed
         self.started = time.time()
         self.ready = False
         self.recovered = False
@@ -325,8 +326,10 @@ class CityWorker:
                 await self.t_dead.send(value=d.model_dump_json().encode())
                 self.counters["dead.bad_ack"] += 1
                 continue
+            # the key names this ack (not only its alert), so that the partitions' misses add up
+            origin = f"{ack.alert_id}@{event.message.partition}:{event.message.offset}".encode()
             for p in range(self.partitions):
-                await self.t_fanout.send(key=ack.alert_id.encode(), value=payload, partition=p)
+                await self.t_fanout.send(key=origin, value=payload, partition=p)
             await self.app.producer.flush()
             self.counters["acks"] += 1
 
@@ -352,11 +355,35 @@ class CityWorker:
                 out = self._isolating(ps, attempt, acks,
                                       [f"{self.names[ACKS]}@{m.offset}" for m in fresh])
                 ps.offsets[ACKS] = fresh[-1].offset + 1
-                # Refusals for incidents this partition does not hold are the fan-out's doing.
+                # Refusals for incidents this partition does not hold are the fan-out's doing:
+                # an ack is refused only once every partition has missed it (_missed).
                 out.dead_letters = [d for d in out.dead_letters
                                     if not d.detail.startswith("no open incident")]
+                self._missed(ps, fresh, out)
                 await self._emit(out, ps)
             await self._checkpoint_due()
+
+    def _missed(self, ps: PartitionState, fresh: list, out: Output) -> None:
+        """Count, per ack, the partitions that do not hold its incident; when they are all of
+        them, the ack is a dead letter `bad_ack`, as in cityops run. The count is this
+        process's: with the partitions spread over several workers, none sees them all and an
+        unknown alert_id is counted (cityops_acks_unmatched_total) but not dead-lettered."""
+        misses = self._ack_misses
+        for m in fresh:
+            key = m.key or b""
+            alert_id = key.decode("utf-8", "replace").rpartition("@")[0]
+            if alert_id in ps.engine.book.open:
+                continue
+            seen = misses.setdefault(key, set())
+            seen.add(ps.p)
+            if len(seen) == self.partitions:
+                del misses[key]
+                self.counters["acks_unmatched"] += 1
+                out.dead_letters.append(dead_letter(
+                    "bad_ack", f"no open incident {alert_id} in any partition (resolved "
+                    "already, or never existed)", m.value, source=self.names[ACKS]))
+        while len(misses) > 10_000:           # acks some partition held: forgotten in time
+            misses.pop(next(iter(misses)))
 
     async def _tick(self) -> None:
         """The wall clock moves every partition's watermark: escalations, reminders and silence
@@ -462,6 +489,10 @@ class CityWorker:
             *dead_letters(c),
             *family("cityops_forwarded_total", "counter", "Readings moved to their street's "
                     "partition.", c["forwarded"]),
+            *family("cityops_acks_total", "counter", "Acknowledgements taken and fanned out to "
+                    "the partitions.", c["acks"]),
+            *family("cityops_acks_unmatched_total", "counter", "Acknowledgements no partition "
+                    "of this worker had an open incident for.", c["acks_unmatched"]),
             *family("cityops_engine_errors_total", "counter", "Inputs the engine failed on (a "
                     "bug: see the logs).", c["engine_errors"]),
             *family("cityops_checkpoints_total", "counter", "Partition checkpoints written.",
@@ -557,8 +588,10 @@ def serve(settings: Settings) -> int:
           flush=True)
     try:
         # our JSON log lines, not Faust's own logging set-up (and no stdout redirection)
-        faust.Worker(worker.app, quiet=True, override_logging=False,
-                     redirect_stdouts=False).execute_from_commandline()
+        fw = faust.Worker(worker.app, quiet=True, override_logging=False, redirect_stdouts=False)
+        if not fw.stdout.isatty():
+            fw.spinner = None       # it writes "show the cursor" (ESC [?25h) to a log file too
+        fw.execute_from_commandline()
     finally:
         worker.close()
     return 0
