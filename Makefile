@@ -76,6 +76,10 @@ bench-runtime: $(STAMP) test-deps
 bench-kafka: $(STAMP)
 	$(PY) bench/kafka_bench.py
 
+## attack: hostile input, kill -9 in an outage, broker kill, forged acks, idle HTTP: a table
+attack: $(STAMP) test-deps
+	$(PY) bench/attack.py
+
 ## soak: cityops run at 2,000 readings/s for 20 minutes: RSS and state files, slopes per hour
 soak: $(STAMP) test-deps
 	$(PY) bench/soak.py --minutes 20
