@@ -138,6 +138,7 @@ class Attack:
         self.expected_exits = 0
         self.rows: list[Row] = []
         self.rnd = random.Random(12)
+        self.array_kb = (1, 4, 16, 32, 64)
 
     # ---- helpers ---------------------------------------------------------------------------
     def rss(self) -> float:
@@ -248,9 +249,7 @@ class Attack:
 
     def poison_arrays(self, row: Row) -> None:
         sizes = {}
-        # each bad element is a dead letter of its own, published at the broker's pace (~1,000/s
-        # here): 64 KB (32,768 elements) keeps the suite to minutes
-        for kb in (1, 4, 16, 32, 64):
+        for kb in self.array_kb:
             before = self.rss()
             ones = b"[" + b",".join([b"1"] * (kb * 512)) + b"]"
             d0 = self.wire.counts()[1]
@@ -383,9 +382,15 @@ def _line(r: Row) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "attack.json")
+    # each bad element is a dead letter of its own, published at the broker's pace (~1,000/s
+    # here): up to 64 KB (32,768 elements) keeps the suite to minutes; 255 is the largest
+    # array under the payload limit
+    ap.add_argument("--array-kb", default="1,4,16,32,64",
+                    help="sizes of the poison arrays, KB, comma-separated")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="cityops-attack-") as tmp:
         attack = Attack(Path(tmp))
+        attack.array_kb = tuple(int(k) for k in args.array_kb.split(","))
         print(HEADER, flush=True)
         try:
             attack.scenario("fuzz", attack.fuzz)
@@ -402,7 +407,8 @@ def main() -> int:
     crashes = sum(r.crashes for r in rows)
     differ = sum(r.missing + r.extra for r in rows)
     print(f"\n{sum(r.inputs for r in rows):,} inputs, {sum(r.dead for r in rows):,} dead letters, "
-          f"{crashes} crashes, {differ} notices differing from replay (JSON: {args.out})")
+          f"{crashes} crashes, {differ} notices differing from replay (JSON: "
+          f"{args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out})")
     return 1 if crashes or differ else 0
 
 
