@@ -118,8 +118,9 @@ class Row:
 
 
 class Attack:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, quick: bool = False) -> None:
         self.workdir = workdir
+        self.quick = quick
         packs = workdir / "packs"
         packs.mkdir()
         gas = (ROOT / "rules" / "packs" / "gas.yaml").read_text()
@@ -127,7 +128,8 @@ class Attack:
         self.broker = Mosquitto(workdir / "broker", config=bench_config()).start()
         self.rt = Runtime(self.broker.url, workdir, "attack", {
             "CITYOPS_PACKS": json.dumps([str(packs)]), "CITYOPS_TICK": "200ms",
-            "CITYOPS_ENGINE__ALLOWED_LATENESS": "1s"}).start()
+            "CITYOPS_ENGINE__ALLOWED_LATENESS": "1s",
+            **({"CITYOPS_STATE__SNAPSHOT_EVERY": "2s"} if quick else {})}).start()
         rules = load_rules([packs])
         self.replay = Engine(load_registry(None, rules.kinds), rules,
                              EngineSettings(allowed_lateness="1s"))
@@ -218,7 +220,8 @@ class Attack:
         return row
 
     # ---- scenarios ---------------------------------------------------------------------------
-    def fuzz(self, row: Row, n: int = 1500) -> None:
+    def fuzz(self, row: Row) -> None:
+        n = 100 if self.quick else 1500
         rnd, ts = self.rnd, now_ms()
         msgs: list[tuple[str, bytes]] = []
         good = json.dumps({"sensor_id": GAS[1], "ts": ts, "value": 1.0}).encode()
@@ -322,7 +325,8 @@ class Attack:
         row.inputs = len(payloads)
         row.note = f"{min(10, len(open_ids))} acks under other identities/tiers, 5 malformed"
 
-    def idle_http(self, row: Row, n: int = 1100) -> None:
+    def idle_http(self, row: Row) -> None:
+        n = 50 if self.quick else 1100
         socks = []
         port = self.rt.port
         try:
@@ -387,10 +391,12 @@ def main() -> int:
     # array under the payload limit
     ap.add_argument("--array-kb", default="1,4,16,32,64",
                     help="sizes of the poison arrays, KB, comma-separated")
+    ap.add_argument("--quick", action="store_true", help="a smoke run (about a minute): few "
+                    "inputs, one 1 KB array, 50 idle connections, snapshots every 2 s")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="cityops-attack-") as tmp:
-        attack = Attack(Path(tmp))
-        attack.array_kb = tuple(int(k) for k in args.array_kb.split(","))
+        attack = Attack(Path(tmp), quick=args.quick)
+        attack.array_kb = (1,) if args.quick else tuple(int(k) for k in args.array_kb.split(","))
         print(HEADER, flush=True)
         try:
             attack.scenario("fuzz", attack.fuzz)
