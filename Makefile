@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo test test-deps check fuzz bench bench-quick bench-runtime bench-kafka bench-sink bench-history clean
+.PHONY: run demo test test-deps check fuzz bench bench-quick bench-runtime bench-kafka bench-sink bench-history soak attack clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -80,6 +80,14 @@ bench-runtime: $(STAMP) test-deps
 ## bench-kafka: cityops worker on tansu vs a raw kafka-python loop and a naive Faust agent
 bench-kafka: $(STAMP)
 	$(PY) bench/kafka_bench.py
+
+## attack: hostile input, kill -9 in an outage, broker kill, forged acks, idle HTTP: a table
+attack: $(STAMP) test-deps
+	$(PY) bench/attack.py
+
+## soak: cityops run at 2,000 readings/s for 20 minutes: RSS and state files, slopes per hour
+soak: $(STAMP) test-deps
+	$(PY) bench/soak.py --minutes 20
 
 clean:
 	rm -rf $(VENV) .run bench/out .pytest_cache cityops-demo-notices.jsonl

@@ -74,7 +74,11 @@ class MqttLink:
         self.session_expiry_s = session_expiry_s
         self.max_inflight = max_inflight
         share = f"$share/{shared_group}/" if shared_group else ""
-        self.topics = [f"{share}{prefix}/readings/+", f"{share}{prefix}/gateways/+", f"{prefix}/acks"]
+        # `#`, not `+`: a reading published one level too deep must reach us to be
+        # dead-lettered (`wrong_topic`) rather than vanish in the broker
+        self.topics = [f"{share}{prefix}/readings/#", f"{share}{prefix}/gateways/#", f"{prefix}/acks"]
+        self.retired = [f"{share}{prefix}/readings/+", f"{share}{prefix}/gateways/+"]
+        self.retained_skipped = 0
         # queue.Queue, not SimpleQueue: on CPython 3.11 SimpleQueue.get(timeout=...) can sleep
         # past its timeout when a signal arrives, and SIGTERM would wait for the next message
         self.inbox: queue.Queue[Inbound] = queue.Queue()
@@ -149,6 +153,8 @@ class MqttLink:
                           else f"it refused the connection ({reason_code})")
             return
         self.connects += 1
+        if flags.session_present and self.topics:
+            client.unsubscribe(self.retired)      # a session of an older version: no doubles
         if self.topics and self.protocol == 5:
             client.subscribe([(t, SubscribeOptions(qos=1)) for t in self.topics])
         elif self.topics:
@@ -174,6 +180,14 @@ class MqttLink:
             log.warning("lost the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        if msg.retain:
+            # The broker replaying a retained message to a new subscription, on every
+            # (re)connect: a reading is an event, not a state, and this one was taken (or
+            # dead-lettered) when it was published. Counted, never evaluated again.
+            self.retained_skipped += 1
+            if msg.qos:
+                client.ack(msg.mid, msg.qos)
+            return
         self.inbox.put(Inbound(msg.topic, msg.payload, msg.mid, msg.qos))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:

@@ -78,6 +78,12 @@ class ReadingRouter:
         for n, (end, payload, source, positions) in enumerate(spans):
             single = end - start == 1 and payload.lstrip()[:1] == b"{"
             sender = senders[n] if senders else None
+            array = wire.GatewayArray(payload)
+
+            def refuse(reason: str, detail: str, where: int | None) -> DeadLetter:
+                if where is None:
+                    return wire.dead_letter(reason, detail, payload, None, source)
+                return array.dead_letter(reason, detail, where, source)
             for k in range(start, end):
                 r = readings[k]
                 i = index.get(r.sensor_id)
@@ -85,14 +91,12 @@ class ReadingRouter:
                 if where is None and not single:
                     where = k - start
                 if i is None:
-                    dead.append(wire.dead_letter(
-                        "unknown_sensor", f"sensor {r.sensor_id!r} is not in the registry",
-                        payload, where, source))
+                    dead.append(refuse("unknown_sensor",
+                                       f"sensor {r.sensor_id!r} is not in the registry", where))
                     continue
                 if sender is not None and not self._vouches(sender, r.sensor_id, gateway_of[i]):
-                    dead.append(wire.dead_letter(
-                        "wrong_sender", f"{sender[0]} {sender[1]!r} may not send readings of "
-                        f"sensor {r.sensor_id!r}", payload, where, source))
+                    dead.append(refuse("wrong_sender", f"{sender[0]} {sender[1]!r} may not send "
+                                       f"readings of sensor {r.sensor_id!r}", where))
                     continue
                 value = payload if single else _encode(r)
                 records.append((int(self.partition_of[i]), r.sensor_id.encode(), value))

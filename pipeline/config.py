@@ -92,6 +92,8 @@ class StateSettings(_Part):
     path: Path = Path(".run/cityops-state.sqlite")
     snapshot_every: Duration = Field(default="30s", description="engine snapshot cadence; "
                                      "the journal covers the time between")
+    snapshot_bytes: int = Field(default=64 * 2**20, ge=1, description="a snapshot also once the "
+                                "journal since the last one holds this many bytes")
 
 
 class InfluxSettings(_Part):
@@ -322,6 +324,11 @@ class Settings(BaseSettings):
                            "(escalations, reminders, absence run on it when no readings come)")
     max_batch: int = Field(default=5_000, ge=1, description="readings payloads per engine call")
     max_wait: Duration = Field(default="20ms", description="how long a batch waits to fill")
+    catch_up_quiet: Duration = Field(default="1s", description="after a start or reconnect, the "
+                                     "clock moves the watermark only once nothing has arrived "
+                                     "for this long (the broker's backlog is in)")
+    catch_up_max: Duration = Field(default="2m", description="... or once this long has passed "
+                                   "since the connection, whatever still arrives")
     console: bool = Field(default=False, description="print every notice on standard output")
 
     @classmethod

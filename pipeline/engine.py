@@ -161,6 +161,9 @@ class Engine:
         self._scan_gen = 0
         self._frontier = -NEVER              # in a batch: the time timers have been run up to
         self.watermark = -(1 << 62)
+        self.clock_bound = False            # see max_ts
+        self._clock: int | None = None
+        self._max_ts = 0
         self.max_ts = 0
         self.watch_start = 0                # when absence watching began (event time)
         self.counters: Counter[str] = Counter()
@@ -188,6 +191,20 @@ class Engine:
             top = max(top, max(e.default[slot] for _, _, slot in e.levels))
         return top
 
+    # ---- time is never moved by one sensor ----------------------------------------------
+    @property
+    def max_ts(self) -> int:
+        """The newest event time taken. With ``clock_bound`` (set by the live runtimes) it is
+        held to the clock the batch is judged by (ingest's ``now_ms``): a reading that is
+        within ``max_future`` of the clock is taken, but the watermark, and with it every timer
+        of every incident in the city, does not move past the wall clock on its word."""
+        return self._max_ts
+
+    @max_ts.setter
+    def max_ts(self, ts: int) -> None:
+        clock = self._clock
+        self._max_ts = max(clock, self._max_ts) if clock is not None and ts > clock else ts
+
     # ---- names of subjects (sensor numbers or group keys) -----------------------------
     def _subject_name(self, s: int | str) -> str:
         return self.registry.sensor_ids[s] if isinstance(s, int) else s
@@ -195,7 +212,8 @@ class Engine:
     # ---- input ------------------------------------------------------------------------
     def ingest(self, payloads: Iterable[bytes], source: str | list[str] | None = None,
                now_ms: int | None = None,
-               senders: list[tuple[str, str] | None] | None = None) -> Output:
+               senders: list[tuple[str, str] | None] | None = None,
+               out: Output | None = None) -> Output:
         """Decode payloads (objects or gateway arrays) and process them as one batch.
 
         ``source``: where they came from (a topic, one per payload, or a file) for dead letters.
@@ -203,15 +221,22 @@ class Engine:
         ("sensor", id), e.g. from the MQTT topic the broker's ACL ties to the gateway's login.
         A reading for a sensor that is not the sender, or not behind the sending gateway, is
         refused (`wrong_sender`): one gateway cannot clear another's gas alarm.
+        ``out``: an Output to add to, which keeps what was made before a failure
+        (pipeline.quarantine).
         """
         payloads = list(payloads)
+        self._clock = now_ms if self.clock_bound else None
         readings, dead, spans = wire.decode_batch(payloads, source)
-        out = Output(dead_letters=dead)
+        out = out if out is not None else Output()
+        out.dead_letters += dead
         self.counters["dead_letters"] += len(dead)
         for d in dead:
             self.counters["dead." + d.reason] += 1
         claims = self._claims(senders, spans) if senders is not None and readings else None
+        screened = len(out.dead_letters)
         self.process(readings, now_ms, out, _spans=spans, _claims=claims)
+        # decoded but refused (unknown, stale, from the future ...): not readings the engine took
+        self.counters["refused"] += len(out.dead_letters) - screened
         return out
 
     def _claims(self, senders: list, spans: list) -> tuple[np.ndarray, np.ndarray]:
@@ -399,12 +424,15 @@ class Engine:
         self._seen_idx, self._seen_ts, self._seen_pay = idx[good], ts[good], pay[good]
         self._seen_at = 0
         self._cur = 0
+        before = self.max_ts
         if len(good):
             self.max_ts = max(self.max_ts, int(ts[good].max()))
             if not self.watch_start:
                 self._watch_from = (int(pay[good[0]]), int(ts[good[0]]))
         top = np.full(npay, -(1 << 62), dtype=np.int64)
         np.maximum.at(top, self._seen_pay, self._seen_ts)
+        if self._clock is not None:         # clock_bound: no payload moves time past the clock
+            top = np.minimum(top, max(self._clock, before))
         self._horizons = np.maximum(np.maximum.accumulate(top) - s.allowed_lateness,
                                     self.watermark).tolist()
         # Which accepted readings can change anything?
@@ -546,6 +574,7 @@ class Engine:
     def _reject(self, rejects: list, arrival: list, spans: list | None, out: Output) -> None:
         where = {id(r): i for i, r in enumerate(arrival)} if spans else {}
         ends = [span[0] for span in spans] if spans else []
+        arrays: dict[int, wire.GatewayArray] = {}
         for r, reason, detail in rejects:
             self.counters["dead_letters"] += 1
             self.counters["dead." + reason] += 1
@@ -558,16 +587,24 @@ class Engine:
                     index = positions[pos - start]
                 else:
                     index = pos - start if payload.lstrip()[:1] == b"[" else None
-                out.dead_letters.append(wire.dead_letter(reason, detail, payload, index, source))
+                if index is None:
+                    out.dead_letters.append(wire.dead_letter(reason, detail, payload, None, source))
+                else:
+                    array = arrays.get(i) or arrays.setdefault(i, wire.GatewayArray(payload))
+                    out.dead_letters.append(array.dead_letter(reason, detail, index, source))
             else:
                 out.dead_letters.append(wire.dead_letter(reason, detail, msgspec.json.encode(r)))
 
     def ack(self, acks: Sequence[Ack | dict | bytes], out: Output | None = None,
+            now_ms: int | None = None,
             may_ack: Callable[[Ack, Any, str], str | None] | None = None) -> Output:
         """Acknowledgements from dashboards or a worker's push; a bad one is a dead letter.
+        Their time is held to the bounds of a reading's (``now_ms``: the clock, as in ingest):
+        an ack stamped far in the future would stamp its incident's notices there.
         ``may_ack``: the runtimes' check of who may acknowledge what (pipeline/identity.py);
         an ack it refuses is a `forbidden` dead letter."""
         out = out if out is not None else Output()
+        s = self.settings
         for a in acks:
             raw = a if isinstance(a, bytes) else None
             try:
@@ -576,9 +613,17 @@ class Engine:
                 elif isinstance(a, dict):
                     a = Ack.model_validate(a)
             except ValidationError as exc:
-                self._refuse_ack(out, str(exc.errors()[0]["msg"]), raw or msgspec.json.encode(a))
+                self._refuse_ack(out, wire.ack_refusal(exc), raw or msgspec.json.encode(a))
                 continue
-            refused = self.book.ack(a, out.notices, may_ack)
+            ts = a.ts_ms
+            refused: tuple[str, str] | None = None
+            if now_ms is not None and ts > now_ms + s.max_future:
+                refused = "bad_ack", (f"ts {ts} is more than {s.max_future // 1000}s ahead of "
+                                      "the clock; check the sender's clock (NTP)")
+            elif ts < self.watermark - s.max_age:
+                refused = "bad_ack", (f"ts {ts} is more than {s.max_age // 86_400_000} days "
+                                      "behind the watermark")
+            refused = refused or self.book.ack(a, out.notices, may_ack)
             if refused:
                 self._refuse_ack(out, refused[1], raw or a.model_dump_json().encode(), refused[0])
             else:

@@ -138,10 +138,19 @@ class AlertBook:
                 return "forbidden", why
         if inc.acked_by:
             return None                      # a second ack changes nothing: idempotent
-        inc.acked_by, inc.acked_tier = ack.by, ack.tier.value
+        # The notices are built first, on the incident as it will be; it keeps that state only
+        # once they exist: a notice that cannot be built must not leave an incident
+        # acknowledged in silence (with its escalation stopped).
+        before = inc.acked_by, inc.acked_tier, inc.state, inc.seq, inc.last_ts
         prev = inc.state
-        inc.state = State.acknowledged
-        self._send(inc, State.acknowledged, prev, max(ack.ts_ms, inc.last_ts), out, [])
+        inc.acked_by, inc.acked_tier, inc.state = ack.by, ack.tier.value, State.acknowledged
+        told: list[dict] = []
+        try:
+            self._send(inc, State.acknowledged, prev, max(ack.ts_ms, inc.last_ts), told, [])
+        except Exception:
+            inc.acked_by, inc.acked_tier, inc.state, inc.seq, inc.last_ts = before
+            raise
+        out += told
         return None
 
     # ---- deadlines ---------------------------------------------------------------------

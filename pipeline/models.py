@@ -233,7 +233,7 @@ class Ack(BaseModel):
     alert_id: str
     by: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     tier: Tier
-    ts: AwareDatetime | Annotated[int, Field(ge=0)]
+    ts: AwareDatetime | Annotated[int, Field(ge=0, le=MAX_TS_MS)]
     note: str | None = Field(default=None, max_length=500)
     seq: int | None = Field(default=None, ge=1, description="a push link's acknowledgement: the "
                             "seq of the notice it came with; good only while that firing lasts")
@@ -249,9 +249,12 @@ class DeadLetter(BaseModel):
 
     reason: Literal["malformed", "invalid", "oversize", "unknown_sensor", "wrong_sender", "wrong_kind",
                     "not_finite", "future", "too_old", "stale", "bad_ack", "forbidden",
-                    "undeliverable"]
+                    "undeliverable", "poison", "wrong_topic"]
     detail: str
-    payload: str = Field(description="the original bytes as UTF-8 text (or base64 if not UTF-8)")
+    payload: str = Field(description="the original bytes as UTF-8 text (or base64 if not UTF-8); "
+                         "for an element of a gateway array, that element's bytes only")
     payload_encoding: Literal["utf-8", "base64"] = "utf-8"
     index: int | None = Field(default=None, description="position in a gateway array, if any")
+    payload_digest: str | None = Field(default=None, description="blake2b-128 (hex) of the whole "
+                                       "gateway array, when `payload` is one of its elements")
     source: str | None = Field(default=None, description="topic or file it came from")

@@ -170,13 +170,20 @@ class ReferenceEngine:
         for d in dead:
             self._dead(d)
         is_array = raw.lstrip()[:1] == b"["
+        array = wire.GatewayArray(raw) if is_array else None
+
+        def refuse(reason: str, detail: str, where: int | None) -> None:
+            # an array's bad element is a dead letter of its own bytes (and the array's digest)
+            self._dead(array.dead_letter(reason, detail, where, None) if array is not None
+                       else wire.dead_letter(reason, detail, raw))
+
         s = self.settings
         checked = []
         for r, pos in zip(readings, positions, strict=True):
             where = pos if is_array else None
             reason, detail = self._check(r, now_ms)
             if reason:
-                self._dead(wire.dead_letter(reason, detail, raw, where))
+                refuse(reason, detail, where)
             else:
                 checked.append((r, where))
         # stale or duplicate: in event-time order within the payload, ties by arrival
@@ -186,8 +193,8 @@ class ReferenceEngine:
             newest = max(self.last_seen.get(idx, 0), max((t for i, t, _ in accepted if i == idx),
                                                           default=0))
             if r.ts < newest:
-                self._dead(wire.dead_letter("stale", f"older than sensor {r.sensor_id}'s newest "
-                                            f"reading ({newest})", raw, where))
+                refuse("stale", f"older than sensor {r.sensor_id}'s newest reading ({newest})",
+                       where)
             elif r.ts == newest:
                 self.counters["duplicates"] += 1
             else:

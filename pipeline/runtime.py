@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import signal
 import sys
@@ -37,10 +38,12 @@ from pipeline.console import StoryConsole
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers, acks_user
 from pipeline.prom import dead_letters, notices_by_tier
+from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import check_districts
 from pipeline.registry import load as load_registry
 from pipeline.statelock import StateLock
 from pipeline.store import ACKS, ADVANCE, READINGS, StateStore
+from pipeline.wire import MAX_PAYLOAD_BYTES, OVERSIZE_KEPT, dead_letter, oversize
 from pipeline.yamlfile import ConfigError
 from rules.compiler import load_rules
 
@@ -80,6 +83,8 @@ class LiveRuntime:
         check_districts(rules.packs, rules.sources, self.registry, settings.params)
         self.engine = Engine(self.registry, rules, settings.engine)
         self.users = AckUsers(self.registry, settings.acks.users)     # who may acknowledge what
+        self.engine.clock_bound = True            # one sensor's clock does not move the city's
+        self.catching_up = True                   # see run()
         self.store = StateStore(settings.state.path)
         # The simulated story replays the same incidents on every start; resumed, they are
         # still open and make no notice. A fresh city tells the whole story again.
@@ -148,8 +153,9 @@ class LiveRuntime:
                 log.warning("restored state; not carried over (registry or rules changed): %s", lost)
         replayed = []
         n = 0
+        poisoned = self.store.poisoned()
         for e in entries:
-            out = self._apply(e.kind, e.at, e.items)
+            out = self._apply(e.kind, e.at, e.items, e.seq, poisoned.get(e.seq))
             replayed.append((out.notices, out.dead_letters))
             if self.history is not None:  # written again: points are idempotent by series and
                 self.history.add(out)     # time, and this recovers what kill -9 took from its buffer
@@ -221,12 +227,35 @@ class LiveRuntime:
         link = self.link
         assert link is not None
         last_tick = 0
-        last_snapshot = time.monotonic()
+        # at once after a start: a runtime restarted more often than snapshot_every would
+        # otherwise replay an ever longer journal
+        last_snapshot = -math.inf
+        # After a start or a reconnect the broker may hold readings for us that are older than
+        # the wall clock: the clock does not move the watermark until they are in (connected,
+        # inbox empty, nothing new for catch_up_quiet), else a leak still on could be resolved
+        # by the clock and fire again from the backlog. At most catch_up_max: under a steady
+        # stream the readings move the watermark themselves.
+        connects = -1
+        since = last_message = time.monotonic()
         while not self.stopping.is_set():
             msgs = link.take(s.max_batch, s.max_wait / 1000)
             now = int(time.time() * 1000)
+            mono = time.monotonic()
+            if msgs:
+                last_message = mono
+            if connects != link.connects or not link.connected.is_set():
+                connects, since, last_message = link.connects, mono, mono
+                self.catching_up = True
+            elif self.catching_up and (mono - since >= s.catch_up_max / 1000 or (
+                    mono - last_message >= s.catch_up_quiet / 1000 and link.inbox.empty())):
+                self.catching_up = False
+                log.info("caught up with the broker's backlog in %.1f s; the clock moves time",
+                         mono - since)
             entries: list[tuple[str, int, list]] = []
-            readings = [[m.topic, m.payload] for m in msgs if not self._is_ack(m.topic)]
+            # an oversize payload is journaled as what its dead letter keeps, and its size
+            readings = [[m.topic, m.payload] if len(m.payload) <= MAX_PAYLOAD_BYTES
+                        else [m.topic, m.payload[:OVERSIZE_KEPT], len(m.payload)]
+                        for m in msgs if not self._is_ack(m.topic)]
             acks = self._acks([m for m in msgs if self._is_ack(m.topic)]) \
                 if len(readings) < len(msgs) else []
             while not self.http_acks.empty():
@@ -235,45 +264,86 @@ class LiveRuntime:
                 entries.append((READINGS, now, readings))
             if acks:
                 entries.append((ACKS, now, acks))
-            if now - last_tick >= s.tick:
+            if now - last_tick >= s.tick and not self.catching_up:
                 entries.append((ADVANCE, now - s.engine.allowed_lateness, []))
                 last_tick = now
             if entries:
-                self.store.append_many(entries)       # durable first ...
+                seqs = self.store.append_many(entries)        # durable first ...
                 link.ack(msgs)                        # ... then the broker may forget them
                 self.metrics["payloads"] += len(readings)
-                for kind, at, items in entries:
+                for (kind, at, items), seq in zip(entries, seqs, strict=True):
                     t = time.perf_counter()
-                    out = self._apply(kind, at, items)
+                    out = self._apply(kind, at, items, seq)
                     self.batch_seconds += time.perf_counter() - t
                     self.batches += 1
                     self._publish(out.notices, out.dead_letters)
                     if self.history is not None:
                         self.history.add(out)
-            if (time.monotonic() - last_snapshot) * 1000 >= s.state.snapshot_every:
+            if ((time.monotonic() - last_snapshot) * 1000 >= s.state.snapshot_every
+                    or self.store.journaled_bytes >= s.state.snapshot_bytes):
                 if self._snapshot():
                     last_snapshot = time.monotonic()
         self._shutdown()
 
-    def _apply(self, kind: str, at: int, items: list) -> Output:
-        """One journaled input through the engine. The engine refuses bad input itself; if it
-        ever raised, that input would come back on every restart from the journal, so it is
-        logged, counted and passed over instead of stopping the city's pipeline."""
-        try:
-            return self._evaluate(kind, at, items)
-        except Exception:
-            log.exception("engine failed on a %s input (at %s); passed over", kind, at)
-            self.metrics["engine_errors"] += 1
-            return Output()
-
-    def _evaluate(self, kind: str, at: int, items: list) -> Output:
+    def _apply(self, kind: str, at: int, items: list, seq: int | None = None,
+               quarantined: dict[int, str] | None = None) -> Output:
+        """One journaled input (entry ``seq``) through the engine. The engine refuses bad input
+        itself; a payload or ack it fails on is isolated, dead-lettered as `poison` and
+        recorded beside the journal (pipeline.quarantine), so the rest of the batch is
+        evaluated and a restart does not replay it into the same failure."""
+        engine = self.engine
+        if kind == ADVANCE:
+            try:
+                return engine.advance(at)
+            except Exception:
+                log.exception("engine failed moving the watermark to %s; passed over", at)
+                self.metrics["engine_errors"] += 1
+                return Output()
+        quarantined = quarantined or {}
+        live = [i for i in range(len(items)) if i not in quarantined]
+        aside: list = []                          # refused before the engine: no reading in it
         if kind == READINGS:
-            topics = [t for t, _ in items]
-            return self.engine.ingest([p for _, p in items], source=topics, now_ms=at,
-                                      senders=[sender_of(t, self.prefix) for t in topics])
-        if kind == ACKS:
-            return self.engine.ack(items, may_ack=self.users.may_ack)
-        return self.engine.advance(at)
+            live = [i for i in live if not self._aside(items[i], aside)]
+            topics = [items[i][0] for i in live]
+            payloads = [items[i][1] for i in live]
+            senders = [sender_of(t, self.prefix) for t in topics]
+
+            def attempt(lo: int, hi: int, out: Output) -> None:
+                engine.ingest(payloads[lo:hi], source=topics[lo:hi], now_ms=at,
+                              senders=senders[lo:hi], out=out)
+        else:
+            acks = [items[i] for i in live]
+
+            def attempt(lo: int, hi: int, out: Output) -> None:
+                engine.ack(acks[lo:hi], out=out, now_ms=at, may_ack=self.users.may_ack)
+        out, poisoned = evaluate_isolating(attempt, len(live), engine.counters, kind)
+        fresh = [(live[i], why) for i, why in poisoned]
+        if fresh and seq is not None:
+            self.store.quarantine(seq, fresh)
+        self.metrics["engine_errors"] += len(fresh)
+        for i, why in sorted([*quarantined.items(), *fresh]):
+            topic, payload = items[i][:2] if kind == READINGS else (self.acks_topic, items[i])
+            aside.append(dead_letter("poison", poison_detail(why), payload, source=topic))
+        for d in aside:
+            engine.counters["dead_letters"] += 1
+            engine.counters["dead." + d.reason] += 1
+        out.dead_letters += aside
+        return out
+
+    def _aside(self, item: list, dead: list) -> bool:
+        """A payload journaled only in part (over the size limit), or on a topic that names no
+        sender (a level too deep): a dead letter, not the engine's business."""
+        topic, payload, *size = item
+        if size:
+            dead.append(oversize(payload, size[0], topic))
+        elif sender_of(topic, self.prefix) is None:
+            dead.append(dead_letter(
+                "wrong_topic", f"readings go to {self.prefix}/readings/{{sensor_id}} or "
+                f"{self.prefix}/gateways/{{gateway_id}}, one level, not {topic}", payload,
+                source=topic))
+        else:
+            return False
+        return True
 
     def _is_ack(self, topic: str) -> bool:
         return (topic == self.acks_topic or topic.startswith(self.acks_topic + "/")
@@ -364,6 +434,7 @@ class LiveRuntime:
     def health(self) -> dict[str, Any]:
         connected = self.link is not None and self.link.connected.is_set()
         return {"status": "ok" if connected else "degraded", "broker_connected": connected,
+                "catching_up": self.catching_up,
                 "open_incidents": len(self.engine.book.open),
                 "inbox": self.link.inbox.qsize() if self.link else 0,
                 "uptime_s": round(time.time() - self.started, 1)}
@@ -373,9 +444,10 @@ class LiveRuntime:
         c = e.counters
         now = time.time() * 1000
         lines = [
-            "# HELP cityops_readings_total Readings the engine took (after decoding).",
+            "# HELP cityops_readings_total Readings the engine took: decoded, not refused "
+            "(dead letters) and not a redelivered duplicate.",
             "# TYPE cityops_readings_total counter",
-            f"cityops_readings_total {c['readings']}",
+            f"cityops_readings_total {c['readings'] - c['refused'] - c['duplicates']}",
             "# HELP cityops_payloads_total MQTT reading payloads received.",
             "# TYPE cityops_payloads_total counter",
             f"cityops_payloads_total {self.metrics['payloads']}",
@@ -414,6 +486,13 @@ class LiveRuntime:
             "# HELP cityops_journal_entries Inputs journaled since the last snapshot.",
             "# TYPE cityops_journal_entries gauge",
             f"cityops_journal_entries {self.store.journaled_since_snapshot}",
+            "# HELP cityops_journal_bytes Bytes journaled since the last snapshot.",
+            "# TYPE cityops_journal_bytes gauge",
+            f"cityops_journal_bytes {self.store.journaled_bytes}",
+            "# HELP cityops_retained_skipped_total Retained messages the broker replayed on a "
+            "(re)subscription: taken when published, not again.",
+            "# TYPE cityops_retained_skipped_total counter",
+            f"cityops_retained_skipped_total {self.link.retained_skipped if self.link else 0}",
         ]
         if self.history is not None:
             lines += self.history.metrics_lines()

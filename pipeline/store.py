@@ -7,6 +7,9 @@ acknowledged to the broker; on restart the snapshot is restored and the journal 
 rebuilds the exact state and regenerates the same notices (idempotent by alert_id/state/seq).
 A snapshot is taken only once every notice before it has been delivered, and it truncates the
 journal.
+
+Inputs the engine failed on (pipeline.quarantine) are named in a table beside the journal, by
+journal entry and position, so a replay passes them over instead of failing on them again.
 """
 
 from __future__ import annotations
@@ -42,28 +45,46 @@ class StateStore:
                         " upto INTEGER NOT NULL, blob BLOB NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY,"
                         " kind TEXT NOT NULL, at INTEGER NOT NULL, body BLOB NOT NULL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS poison (seq INTEGER NOT NULL,"
+                        " item INTEGER NOT NULL, detail TEXT NOT NULL, PRIMARY KEY (seq, item))")
         row = self.db.execute("SELECT max(seq) FROM journal").fetchone()
         snap = self.db.execute("SELECT upto FROM snapshot").fetchone()
         self.seq = max(row[0] or 0, snap[0] if snap else 0)
-        self.journaled_since_snapshot = self.db.execute("SELECT count(*) FROM journal").fetchone()[0]
+        self.journaled_since_snapshot, self.journaled_bytes = self.db.execute(
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM journal").fetchone()
 
     def append(self, kind: str, at: int, items: list) -> int:
         self.seq += 1
+        body = msgspec.msgpack.encode(items)
         self.db.execute("INSERT INTO journal (seq, kind, at, body) VALUES (?, ?, ?, ?)",
-                        (self.seq, kind, at, msgspec.msgpack.encode(items)))
+                        (self.seq, kind, at, body))
         self.journaled_since_snapshot += 1
+        self.journaled_bytes += len(body)
         return self.seq
 
-    def append_many(self, entries: list[tuple[str, int, list]]) -> None:
-        """Several inputs in one transaction: one commit (the costly part) per batch."""
+    def append_many(self, entries: list[tuple[str, int, list]]) -> list[int]:
+        """Several inputs in one transaction: one commit (the costly part) per batch. Returns
+        their journal numbers."""
         self.db.execute("BEGIN")
         try:
-            for kind, at, items in entries:
-                self.append(kind, at, items)
+            seqs = [self.append(kind, at, items) for kind, at, items in entries]
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        return seqs
+
+    def quarantine(self, seq: int, poisoned: list[tuple[int, str]]) -> None:
+        """Journal entry ``seq``'s items the engine failed on: a replay passes them over."""
+        self.db.executemany("INSERT OR REPLACE INTO poison (seq, item, detail) VALUES (?, ?, ?)",
+                            [(seq, item, detail) for item, detail in poisoned])
+
+    def poisoned(self) -> dict[int, dict[int, str]]:
+        """Per journal entry, its quarantined items and why."""
+        out: dict[int, dict[int, str]] = {}
+        for seq, item, detail in self.db.execute("SELECT seq, item, detail FROM poison"):
+            out.setdefault(seq, {})[item] = detail
+        return out
 
     def save_snapshot(self, blob: bytes) -> None:
         """The engine state as of everything journaled so far; the journal restarts empty."""
@@ -71,8 +92,12 @@ class StateStore:
         self.db.execute("INSERT OR REPLACE INTO snapshot (id, upto, blob) VALUES (1, ?, ?)",
                         (self.seq, blob))
         self.db.execute("DELETE FROM journal WHERE seq <= ?", (self.seq,))
+        self.db.execute("DELETE FROM poison WHERE seq <= ?", (self.seq,))
         self.db.execute("COMMIT")
-        self.journaled_since_snapshot = 0
+        self.journaled_since_snapshot = self.journaled_bytes = 0
+        # SQLite reuses the journal's freed pages, but the WAL file only ever grows unless
+        # truncated: at a snapshot it holds nothing the database file does not
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def clear(self) -> None:
         """Forget everything: the next start is a new city."""

@@ -9,6 +9,7 @@ costs the good ones around it and nothing raises.
 from __future__ import annotations
 
 import base64
+import hashlib
 from datetime import datetime
 from typing import Annotated, Union
 
@@ -17,6 +18,7 @@ import msgspec
 from pipeline.models import MAX_TS_MS, DeadLetter
 
 MAX_PAYLOAD_BYTES = 256 * 1024   # a gateway batch of ~1,000 readings; larger is a fault, not data
+OVERSIZE_KEPT = 4096             # what an oversize payload's dead letter keeps of it
 # What a decoder can throw at bad bytes: a bad number or shape, bad UTF-8 inside a string,
 # nesting deep enough to exhaust the stack.
 _BAD_BYTES = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
@@ -45,13 +47,51 @@ _raw_items = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def dead_letter(reason: str, detail: str, payload: bytes, index: int | None = None,
-                source: str | None = None) -> DeadLetter:
+                source: str | None = None, payload_digest: str | None = None) -> DeadLetter:
     try:
         text, enc = payload.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         text, enc = base64.b64encode(payload).decode("ascii"), "base64"
     return DeadLetter(reason=reason, detail=detail, payload=text, payload_encoding=enc,
-                      index=index, source=source)
+                      index=index, source=source, payload_digest=payload_digest)
+
+
+def oversize(head: bytes, size: int, source: str | None) -> DeadLetter:
+    """A payload over the limit: its first OVERSIZE_KEPT bytes are all anyone keeps of it (the
+    runtime journals no more than that either)."""
+    return dead_letter("oversize", f"payload of {size} bytes is over the {MAX_PAYLOAD_BYTES}-byte "
+                       "limit; split the gateway batch", head, source=source)
+
+
+def digest(payload: bytes) -> str:
+    """Names a payload in the dead letters of its elements (blake2b, 128 bits, hex)."""
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
+class GatewayArray:
+    """A gateway array whose elements are dead-lettered one by one: each dead letter carries
+    its own element and the array's digest, never the whole array again, so an array of n bad
+    elements costs O(n) bytes of dead letters, not O(n²). Split and hashed once, on demand."""
+
+    __slots__ = ("payload", "_elements", "_digest")
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self._elements: list | None = None
+        self._digest: str | None = None
+
+    def element(self, index: int) -> bytes:
+        if self._elements is None:
+            try:
+                self._elements = _raw_items.decode(self.payload)
+            except _BAD_BYTES:
+                self._elements = []
+        return bytes(self._elements[index]) if index < len(self._elements) else b""
+
+    def dead_letter(self, reason: str, detail: str, index: int, source: str | None) -> DeadLetter:
+        if self._digest is None:
+            self._digest = digest(self.payload)
+        return dead_letter(reason, detail, self.element(index), index, source, self._digest)
 
 
 def normalise(r: WireReading) -> str | None:
@@ -65,6 +105,22 @@ def normalise(r: WireReading) -> str | None:
             return f"ts {ts.isoformat()} is before 1970 or after 9999"
         r.ts = ms
     return None
+
+
+def ack_refusal(exc: ValueError) -> str:
+    """One line on why an ack's bytes are not an Ack (pydantic's own first line only says
+    "1 validation error for Ack")."""
+    errors = exc.errors() if hasattr(exc, "errors") else []
+    if not errors:
+        return str(exc).splitlines()[0][:300]
+    e = errors[0]
+    if e["type"] == "json_invalid":
+        return f"not JSON: {e['msg'].removeprefix('Invalid JSON: ')}"
+    if e["loc"][:1] == ("ts",):          # a union: pydantic would explain both of its arms
+        return (f"ts {str(e.get('input'))[:40]} is not a time: RFC 3339 with an offset, or "
+                f"epoch milliseconds from 0 to {MAX_TS_MS} (9999-12-31)")
+    where = ".".join(str(p) for p in e["loc"])
+    return f"{where}: {e['msg']}"[:300] if where else e["msg"][:300]
 
 
 def _detail(exc: BaseException) -> str:
@@ -87,9 +143,7 @@ def decode(payload: bytes, source: str | None = None, readings: list | None = No
     readings = [] if readings is None else readings
     dead = [] if dead is None else dead
     if len(payload) > MAX_PAYLOAD_BYTES:
-        dead.append(dead_letter("oversize", f"payload of {len(payload)} bytes is over the "
-                                f"{MAX_PAYLOAD_BYTES}-byte limit; split the gateway batch",
-                                payload[:4096], source=source))
+        dead.append(oversize(payload[:OVERSIZE_KEPT], len(payload), source))
         return readings, dead
     is_array = payload.lstrip()[:1] == b"["
     items: list[tuple[int | None, WireReading]] = []
@@ -106,14 +160,17 @@ def decode(payload: bytes, source: str | None = None, readings: list | None = No
         items = _element_by_element(payload, source, dead)
         if items is None:
             return readings, dead
+    array = GatewayArray(payload) if is_array else None
     for i, r in items:
         problem = normalise(r)
         if problem is None:
             readings.append(r)
             if positions is not None:
                 positions.append(i)
+        elif array is not None:
+            dead.append(array.dead_letter("invalid", problem, i, source))
         else:
-            dead.append(dead_letter("invalid", problem, payload, index=i, source=source))
+            dead.append(dead_letter("invalid", problem, payload, source=source))
     return readings, dead
 
 
@@ -126,12 +183,14 @@ def _element_by_element(payload: bytes, source: str | None,
         dead.append(dead_letter("malformed", _detail(exc), payload, source=source))
         return None
     out = []
+    array = GatewayArray(payload)
+    array._elements = raws
     for i, raw in enumerate(raws):
         try:
             out.append((i, _one.decode(raw)))
         except _BAD_BYTES as exc:
             reason = "invalid" if isinstance(exc, msgspec.ValidationError) else "malformed"
-            dead.append(dead_letter(reason, _detail(exc), payload, index=i, source=source))
+            dead.append(array.dead_letter(reason, _detail(exc), i, source))
     return out
 
 

@@ -47,9 +47,10 @@ from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers
 from pipeline.models import Ack
 from pipeline.prom import dead_letters, family, notices_by_tier
+from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import load as load_registry
 from pipeline.runtime import notice_topic as mqtt_notice_topic
-from pipeline.wire import dead_letter
+from pipeline.wire import ack_refusal, dead_letter
 from rules.compiler import load_rules
 
 log = logging.getLogger("cityops.worker")
@@ -106,6 +107,7 @@ class CityWorker:
         self.parts: dict[int, PartitionState] = {}
         self.counters: dict[str, int] = defaultdict(int)
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._ack_misses: dict[bytes, set[int]] = {}     # see _missed
         self.started = time.time()
         self.ready = False
         self.recovered = False
@@ -200,6 +202,7 @@ class CityWorker:
             engine = Engine(self.registry.subset(self.members.get(p, ())), self.rules,
                             self.s.engine)
             engine.keep_accepted = self.history is not None
+            engine.clock_bound = True       # one sensor's clock does not move the partition's
             ps = PartitionState(p, engine, np.array(self.members.get(p, ()), dtype=np.int64))
             head = self.table.get(str(p))
             if head:
@@ -252,7 +255,11 @@ class CityWorker:
                 sources.append(f"{topic}[{ps.p}]@{m.offset}")
             else:
                 await self._misrouted(ps, m, payloads, sources)
-        out = self._apply(ps, ps.engine.ingest, payloads, source=sources, now_ms=now)
+        engine = ps.engine
+
+        def attempt(lo: int, hi: int, out: Output) -> None:
+            engine.ingest(payloads[lo:hi], source=sources[lo:hi], now_ms=now, out=out)
+        out = self._isolating(ps, attempt, payloads, sources)
         self.counters["readings"] += len(payloads)
         ps.offsets[READINGS] = fresh[-1].offset + 1
         ps.last_progress = time.time()
@@ -287,6 +294,17 @@ class CityWorker:
         ps.restored = False
         return fresh
 
+    def _isolating(self, ps: PartitionState, attempt: Any, inputs: list[bytes],
+                   sources: list[str | None]) -> Output:
+        """A record the engine fails on costs only itself: it is found by halving the batch
+        and dead-lettered `poison`; the rest is evaluated (pipeline.quarantine)."""
+        out, poisoned = evaluate_isolating(attempt, len(inputs), ps.engine.counters)
+        for i, why in poisoned:
+            out.dead_letters.append(dead_letter("poison", poison_detail(why), inputs[i],
+                                                source=sources[i]))
+        self.counters["engine_errors"] += len(poisoned)
+        return out
+
     def _apply(self, ps: PartitionState, call: Any, *args: Any, **kw: Any) -> Output:
         """A bug in the engine must not stop a city's partition: the input is counted, logged
         and passed over (it is acknowledged with the rest at the next checkpoint)."""
@@ -305,13 +323,15 @@ class CityWorker:
             try:
                 ack = Ack.model_validate_json(payload)
             except ValueError as exc:
-                d = dead_letter("bad_ack", str(exc).splitlines()[0][:300], payload,
+                d = dead_letter("bad_ack", ack_refusal(exc), payload,
                                 source=f"{self.names[ACKS]}@{event.message.offset}")
                 await self.t_dead.send(value=d.model_dump_json().encode())
                 self.counters["dead.bad_ack"] += 1
                 continue
+            # the key names this ack (not only its alert), so that the partitions' misses add up
+            origin = f"{ack.alert_id}@{event.message.partition}:{event.message.offset}".encode()
             for p in range(self.partitions):
-                await self.t_fanout.send(key=ack.alert_id.encode(), value=payload, partition=p)
+                await self.t_fanout.send(key=origin, value=payload, partition=p)
             await self.app.producer.flush()
             self.counters["acks"] += 1
 
@@ -330,14 +350,44 @@ class CityWorker:
                     continue
                 # `by` is who the bridge (or the HTTP face) authenticated; the engine holding the
                 # incident checks that it lies within that user's scope
-                out = self._apply(ps, ps.engine.ack, [m.value for m in fresh],
-                                  may_ack=self.users.may_ack)
+                acks = [m.value for m in fresh]
+                now = int(time.time() * 1000)
+
+                def attempt(lo: int, hi: int, out: Output, engine: Engine = ps.engine,
+                            acks: list = acks, now: int = now) -> None:
+                    engine.ack(acks[lo:hi], out=out, now_ms=now, may_ack=self.users.may_ack)
+                out = self._isolating(ps, attempt, acks,
+                                      [f"{self.names[ACKS]}@{m.offset}" for m in fresh])
                 ps.offsets[ACKS] = fresh[-1].offset + 1
-                # Refusals for incidents this partition does not hold are the fan-out's doing.
+                # Refusals for incidents this partition does not hold are the fan-out's doing:
+                # an ack is refused only once every partition has missed it (_missed).
                 out.dead_letters = [d for d in out.dead_letters
                                     if not d.detail.startswith("no open incident")]
+                self._missed(ps, fresh, out)
                 await self._emit(out, ps)
             await self._checkpoint_due()
+
+    def _missed(self, ps: PartitionState, fresh: list, out: Output) -> None:
+        """Count, per ack, the partitions that do not hold its incident; when they are all of
+        them, the ack is a dead letter `bad_ack`, as in cityops run. The count is this
+        process's: with the partitions spread over several workers, none sees them all and an
+        unknown alert_id is counted (cityops_acks_unmatched_total) but not dead-lettered."""
+        misses = self._ack_misses
+        for m in fresh:
+            key = m.key or b""
+            alert_id = key.decode("utf-8", "replace").rpartition("@")[0]
+            if alert_id in ps.engine.book.open:
+                continue
+            seen = misses.setdefault(key, set())
+            seen.add(ps.p)
+            if len(seen) == self.partitions:
+                del misses[key]
+                self.counters["acks_unmatched"] += 1
+                out.dead_letters.append(dead_letter(
+                    "bad_ack", f"no open incident {alert_id} in any partition (resolved "
+                    "already, or never existed)", m.value, source=self.names[ACKS]))
+        while len(misses) > 10_000:           # acks some partition held: forgotten in time
+            misses.pop(next(iter(misses)))
 
     async def _tick(self) -> None:
         """The wall clock moves every partition's watermark: escalations, reminders and silence
@@ -443,6 +493,10 @@ class CityWorker:
             *dead_letters(c),
             *family("cityops_forwarded_total", "counter", "Readings moved to their street's "
                     "partition.", c["forwarded"]),
+            *family("cityops_acks_total", "counter", "Acknowledgements taken and fanned out to "
+                    "the partitions.", c["acks"]),
+            *family("cityops_acks_unmatched_total", "counter", "Acknowledgements no partition "
+                    "of this worker had an open incident for.", c["acks_unmatched"]),
             *family("cityops_engine_errors_total", "counter", "Inputs the engine failed on (a "
                     "bug: see the logs).", c["engine_errors"]),
             *family("cityops_checkpoints_total", "counter", "Partition checkpoints written.",
@@ -538,8 +592,10 @@ def serve(settings: Settings) -> int:
           flush=True)
     try:
         # our JSON log lines, not Faust's own logging set-up (and no stdout redirection)
-        faust.Worker(worker.app, quiet=True, override_logging=False,
-                     redirect_stdouts=False).execute_from_commandline()
+        fw = faust.Worker(worker.app, quiet=True, override_logging=False, redirect_stdouts=False)
+        if not fw.stdout.isatty():
+            fw.spinner = None       # it writes "show the cursor" (ESC [?25h) to a log file too
+        fw.execute_from_commandline()
     finally:
         worker.close()
     return 0

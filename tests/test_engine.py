@@ -4,6 +4,7 @@ never an exception; the output does not depend on batching; a snapshot restores 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import random
 import msgspec
@@ -88,7 +89,8 @@ def test_unknown_sensor_in_a_gateway_array_names_its_index(engine):
                  reading(GAS_ALONE, T0, value=1.0)])
     out = engine.ingest([p])
     assert [(d.reason, d.index) for d in out.dead_letters] == [("unknown_sensor", 1)]
-    assert raw(out.dead_letters[0]) == p
+    assert raw(out.dead_letters[0]) == payload(reading("nope-1", T0, value=1.0))   # its element
+    assert out.dead_letters[0].payload_digest == hashlib.blake2b(p, digest_size=16).hexdigest()
     assert engine.last_seen[engine.registry.index[GAS]] == T0          # the good ones were used
     assert engine.last_seen[engine.registry.index[GAS_ALONE]] == T0
 
@@ -96,15 +98,16 @@ def test_unknown_sensor_in_a_gateway_array_names_its_index(engine):
 def test_engine_dead_letter_index_counts_every_array_element(engine):
     """The index is the position in the gateway's array, also when an element before it was
     already refused by the decoder."""
-    p = payload([reading(GAS, T0, value="1.0"),                 # invalid: refused by decode
-                 reading(GAS_ALONE, T0, value=1.0),
-                 reading("nope-1", T0, value=1.0),              # unknown sensor
-                 reading(GAS, T0, value=1.0, event="x"),        # invalid: both value and event
-                 reading(DOOR, T0, value=1.0)])                 # wrong kind
+    items = [reading(GAS, T0, value="1.0"),                 # invalid: refused by decode
+             reading(GAS_ALONE, T0, value=1.0),
+             reading("nope-1", T0, value=1.0),              # unknown sensor
+             reading(GAS, T0, value=1.0, event="x"),        # invalid: both value and event
+             reading(DOOR, T0, value=1.0)]                  # wrong kind
+    p = payload(items)
     out = engine.ingest([p])
     got = sorted((d.index, d.reason) for d in out.dead_letters)
     assert got == [(0, "invalid"), (2, "unknown_sensor"), (3, "invalid"), (4, "wrong_kind")]
-    assert all(raw(d) == p for d in out.dead_letters)
+    assert all(raw(d) == payload(items[d.index]) for d in out.dead_letters)
 
 
 def test_index_is_within_its_own_payload(engine):
@@ -112,8 +115,10 @@ def test_index_is_within_its_own_payload(engine):
     second = payload([reading("gas-510104-000003", T0, value=1.0), reading("nope-2", T0, value=1.0)])
     single = payload(reading("nope-3", T0, value=1.0))
     out = engine.ingest([first, second, single])
-    got = {(d.reason, d.index, raw(d)) for d in out.dead_letters}
-    assert got == {("unknown_sensor", 1, second), ("unknown_sensor", None, single)}
+    got = {(d.reason, d.index, raw(d), d.payload_digest) for d in out.dead_letters}
+    assert got == {("unknown_sensor", 1, payload(reading("nope-2", T0, value=1.0)),
+                    hashlib.blake2b(second, digest_size=16).hexdigest()),
+                   ("unknown_sensor", None, single, None)}
 
 
 @pytest.mark.parametrize("sensor, fields, detail", [

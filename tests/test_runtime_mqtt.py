@@ -34,6 +34,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
+from hashlib import blake2b
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -91,7 +92,9 @@ PLACE = "锦江区春熙路街道和平社区"
 class Runtime:
     """One `cityops run` (restartable: same state file, same client id, same HTTP port)."""
 
-    def __init__(self, tmp_path: Path, url: str, name: str, args: list[str], env: dict[str, str]):
+    def __init__(self, tmp_path: Path, url: str, name: str, args: list[str], env: dict[str, str],
+                 module: str = "pipeline.cli"):
+        self.module = module        # tests/poison_seam.py: the same CLI with a failing engine
         self.tmp = tmp_path
         self.url = url
         self.name = name
@@ -113,7 +116,7 @@ class Runtime:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CITYOPS_")}
         env.update({"PYTHONFAULTHANDLER": "1", "CITYOPS_HTTP__PORT": str(self.http_port),
                     "CITYOPS_MQTT__CLIENT_ID": self.client_id, **self.env})
-        cmd = [sys.executable, "-m", "pipeline.cli", "run", "--broker", self.url,
+        cmd = [sys.executable, "-m", self.module, "run", "--broker", self.url,
                "--state", str(self.state), *self.args]
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err, \
                 open(os.devnull, "rb") as devnull:
@@ -268,8 +271,9 @@ def runtime(tmp_path: Path) -> Iterator[Callable[..., Runtime]]:
     made: list[Runtime] = []
 
     def make(url: str, name: str = "rt", args: list[str] | None = None,
-             env: dict[str, str] | None = None, start: bool = True) -> Runtime:
-        rt = Runtime(tmp_path, url, name, list(args or []), dict(env or {}))
+             env: dict[str, str] | None = None, start: bool = True,
+             module: str = "pipeline.cli") -> Runtime:
+        rt = Runtime(tmp_path, url, name, list(args or []), dict(env or {}), module)
         made.append(rt)
         return rt.start() if start else rt
 
@@ -507,14 +511,15 @@ def test_garbage_goes_to_the_dead_letter_topic_and_the_runtime_goes_on(
         d = by_reason["unknown_sensor"]
         assert d.payload.encode() == unknown and "gas-999999-000001" in d.detail
         assert d.source == "cityops/readings/gas-999999-000001"
-        d = by_reason["invalid"]
-        assert d.payload.encode() == mixed and d.index == 1
+        d = by_reason["invalid"]      # an array's bad element: that element, where it sat
+        assert d.payload.encode() == dumps(json.loads(mixed)[1]) and d.index == 1
+        assert d.payload_digest == blake2b(mixed, digest_size=16).hexdigest()
         d = by_reason["oversize"]
         assert d.payload_encoding == "utf-8" and oversize.startswith(d.payload.encode())
         assert str(len(oversize)) in d.detail
         assert {(d.source, d.payload.encode(), d.index) for d in dead
                 if d.reason == "wrong_sender"} == {
-            ("cityops/gateways/gw-510104-0001", foreign, 0),
+            ("cityops/gateways/gw-510104-0001", dumps(json.loads(foreign)[0]), 0),
             ("cityops/readings/gas-510104-000002", impostor, None)}
 
         # the good element of the mixed gateway array was not lost with the bad one

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from pipeline.models import DeadLetter, Reading
-from pipeline.wire import MAX_PAYLOAD_BYTES, decode
+from pipeline.wire import MAX_PAYLOAD_BYTES, decode, decode_batch, digest
 
 FIELDS = ("sensor_id", "ts", "value", "event", "unit", "seq", "battery", "gateway_id")
 ID_CHARS = string.ascii_letters + string.digits + "_.:-"
@@ -166,7 +166,7 @@ def test_decode_and_contract_read_the_same_fields(d):
 @given(st.lists(readings, max_size=6))
 def test_gateway_array_is_decoded_element_by_element(items):
     """An array gives what its elements give one by one: the good ones, and a dead letter with
-    the index and the whole original payload for each bad one."""
+    the index, its own element's bytes and the whole payload's digest for each bad one."""
     try:
         payload = json.dumps(items, ensure_ascii=False, allow_nan=False).encode()
     except ValueError:
@@ -184,7 +184,8 @@ def test_gateway_array_is_decoded_element_by_element(items):
     assert sorted(d.index for d in dead) == expected_bad
     for d in dead:
         assert d.reason == "invalid"
-        assert d.payload == payload.decode() and d.payload_encoding == "utf-8"
+        assert d.payload.encode() == encode(items[d.index]) and d.payload_encoding == "utf-8"
+        assert d.payload_digest == digest(payload)
         assert d.source == "cityops/gw-1"
 
 
@@ -265,7 +266,9 @@ def test_gateway_array_keeps_the_good_and_dead_letters_the_bad_with_its_index():
     assert isinstance(d, DeadLetter)
     assert (d.reason, d.index, d.source) == ("invalid", 1, "cityops/readings/gw-510104-0001")
     assert "$.ts" in d.detail
-    assert d.payload.encode() == payload and d.payload_encoding == "utf-8"
+    assert json.loads(d.payload) == {"sensor_id": "gas-510104-000002", "ts": "yesterday",
+                                     "value": 1.0}
+    assert d.payload_encoding == "utf-8" and d.payload_digest == digest(payload)
 
 
 def test_gateway_array_value_and_event_both_set_is_dead_lettered_with_its_index():
@@ -284,7 +287,19 @@ def test_gateway_array_with_leading_whitespace_still_counts_indexes():
     got, dead = decode(payload)
     assert [r.sensor_id for r in got] == ["a"]
     assert [(d.reason, d.index) for d in dead] == [("invalid", 1)]
-    assert d_payload_bytes(dead[0]) == payload
+    assert d_payload_bytes(dead[0]) == b'{"sensor_id": "b"}'
+    assert dead[0].payload_digest == digest(payload)
+
+
+def test_an_array_of_bad_elements_costs_its_elements_not_their_square():
+    """Issue 12: every bad element of a 32 KB array of `1`s used to carry the whole array
+    (515 MB of dead letters). Each now carries its own element: the dead letters weigh about
+    what the array weighs, in decode and in decode_batch (the runtime's path) alike."""
+    payload = b"[" + b",".join([b"1"] * 16_384) + b"]"
+    for dead in (decode(payload)[1], decode_batch([payload, payload])[1]):
+        assert {(d.reason, d.payload, d.payload_digest) for d in dead} == {
+            ("invalid", "1", digest(payload))}
+        assert max(len(d.model_dump_json()) for d in dead) < 300
 
 
 def test_gateway_array_of_non_objects():
@@ -363,7 +378,11 @@ def test_non_utf8_payload_is_dead_lettered_as_base64(payload):
     d = dead[-1]
     assert d.reason in ("malformed", "invalid")
     assert d.payload_encoding == "base64"
-    assert base64.b64decode(d.payload) == payload
+    if d.index is None:
+        assert base64.b64decode(d.payload) == payload
+    else:                           # an array's element: its own bytes, the array's digest
+        assert base64.b64decode(d.payload) == b'{"sensor_id": "\xe4\xb8", "ts": 1, "value": 1}'
+        assert d.payload_digest == digest(payload)
     assert d.source == "cityops/readings/gw-9"
 
 

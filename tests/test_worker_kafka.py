@@ -410,3 +410,27 @@ def test_bridge_killed_mid_stream_loses_no_reading(kafka, mosquitto, tmp_path) -
             assert r.partition == street_partition[reg.index[r.key.decode()]]
     finally:
         bridge.stop()
+
+
+def test_an_ack_no_partition_holds_is_a_bad_ack_counted_and_the_log_has_no_escape_codes(
+        kafka, tmp_path) -> None:
+    """Issue 12, item 11: on Kafka an ack for an unknown alert_id vanished (no dead letter, no
+    counter) where cityops run dead-letters it; a non-JSON ack's detail says it is not JSON;
+    the worker's log, a file here, had a terminal escape code in it."""
+    w = worker(kafka, tmp_path, "acks")
+    try:
+        w.wait_partitions(PARTITIONS)
+        unknown = json.dumps({"alert_id": "no-such-alert", "by": "w-510104020001-01",
+                              "tier": "grid", "ts": int(time.time() * 1000)}).encode()
+        produce(kafka.bootstrap, T["acks"], [(b"no-such-alert", unknown), (b"x", b"ack it!")])
+        dead = TopicReader(kafka.bootstrap, [T["deadletter"]])
+        dead.until(lambda recs: len(recs) >= 2, timeout=60, quiet=2.0)
+        got = sorted((d["reason"], d["detail"].split(":")[0], d["payload"]) for d in dead.values())
+        assert got == [("bad_ack", "no open incident no-such-alert in any partition (resolved "
+                        "already, or never existed)", unknown.decode()),
+                       ("bad_ack", "not JSON", "ack it!")], got
+        assert sum(w.metric("cityops_acks_total").values()) == 1
+        assert sum(w.metric("cityops_acks_unmatched_total").values()) == 1
+    finally:
+        w.stop()
+    assert "\x1b" not in w.log_path.read_text(errors="replace")
