@@ -15,8 +15,8 @@ resolved notices: alert_id, state, seq, tier, target). Scenarios:
                 behind a backlog, the outage outlasts clear_for, restart: nothing resolves
   broker-kill   kill -9 of Mosquitto, restart on the same port, alarms after it
   forged-acks   acks under other identities and tiers, for unknown alerts, stamped 1e17/1e20,
-                not JSON (until acks carry an authenticated identity, forged ones are applied:
-                the table counts what was refused)
+                not JSON, each on its login's own topic (cityops/acks/{user}): refused as
+                `forbidden` or `bad_ack`, the same as the replay refuses them
   idle-http     1,100 idle TCP connections to the HTTP port: does /healthz still answer?
 
 It prints one row per scenario: inputs tried, dead letters (the runtime's and the replay's),
@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtime_bench import ROOT, Runtime, _client, bench_config  # noqa: E402
 
 from pipeline.engine import Engine, EngineSettings  # noqa: E402
+from pipeline.identity import AckUsers  # noqa: E402
 from pipeline.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402
@@ -134,6 +135,7 @@ class Attack:
         self.replay = Engine(load_registry(None, rules.kinds), rules,
                              EngineSettings(allowed_lateness="1s"))
         self.replay.clock_bound = True
+        self.users = AckUsers(self.replay.registry)      # roster workers, as the runtime's
         self.replay_notices: list[dict] = []
         self.replay_dead = 0
         self.wire = Wire(self.broker.url)
@@ -164,9 +166,18 @@ class Attack:
                                      senders=[_sender(topic)])
             self._replayed(out)
 
-    def acks(self, payloads: list[bytes]) -> None:
-        self.wire.send([(ACKS, p) for p in payloads])
-        self._replayed(self.replay.ack(payloads, now_ms=now_ms()))
+    def acks(self, sent: list[tuple[str, bytes]]) -> None:
+        """Acks as (login, payload), each on that login's topic; the replay makes them the
+        runtime's way: the sender's identity, then its scope (pipeline/identity.py)."""
+        self.wire.send([(f"{ACKS}/{user}", p) for user, p in sent])
+        made = []
+        for user, p in sent:
+            got = self.users.from_topic(user, p, f"{ACKS}/{user}")
+            if isinstance(got, bytes):
+                made.append(got)
+            else:
+                self.replay_dead += 1
+        self._replayed(self.replay.ack(made, now_ms=now_ms(), may_ack=self.users.may_ack))
 
     def _replayed(self, out) -> None:
         self.replay_notices += out.notices
@@ -309,21 +320,22 @@ class Attack:
     def forged_acks(self, row: Row) -> None:
         open_ids = sorted({n["alert_id"] for n in self.replay_notices if n["state"] == "firing"})
         ts = now_ms()
-        payloads = []
+        sent = []
         for i, alert in enumerate(open_ids[:10]):
-            who = ["w-510106020001-01", "mallory", "w-510104020001-02"][i % 3]
-            tier = ["grid", "city", "district"][i % 3]
-            payloads.append(json.dumps({"alert_id": alert, "by": who, "tier": tier,
-                                        "ts": ts}).encode())
-        payloads += [json.dumps({"alert_id": "no-such-alert", "by": "x", "tier": "grid",
-                                 "ts": ts}).encode(),
-                     b'{"alert_id": "%s", "by": "x", "tier": "grid", "ts": 1e17}' % (
-                         open_ids[0].encode() if open_ids else b"a"),
-                     b'{"alert_id": "a", "by": "x", "tier": "grid", "ts": 1e20}',
-                     b"acknowledged!", b'{"alert_id": "a"}']
-        self.acks(payloads)
-        row.inputs = len(payloads)
-        row.note = f"{min(10, len(open_ids))} acks under other identities/tiers, 5 malformed"
+            # a 金牛区 worker, a login nobody knows, a 锦江区 worker claiming another's name
+            who, claim = [("w-510106020001-01", {}), ("mallory", {}),
+                          ("w-510104020001-02", {"by": "w-510104020001-01"})][i % 3]
+            sent.append((who, json.dumps({"alert_id": alert, "ts": ts, **claim}).encode()))
+        worker = "w-510104020001-01"
+        sent += [(worker, json.dumps({"alert_id": "no-such-alert", "ts": ts}).encode()),
+                 (worker, b'{"alert_id": "%s", "ts": 1e17}' % (
+                     open_ids[0].encode() if open_ids else b"a")),
+                 (worker, b'{"alert_id": "a", "ts": 1e20}'),
+                 (worker, b"acknowledged!"), (worker, b'{"alert_id": "a"}')]
+        self.acks(sent)
+        row.inputs = len(sent)
+        row.note = (f"{min(10, len(open_ids))} acks out of scope, by unknown logins or in "
+                    "another's name; 5 malformed")
 
     def idle_http(self, row: Row) -> None:
         n = 50 if self.quick else 1100

@@ -38,12 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.models import Ack, AckRequest, DeadLetter, Tier
 from pipeline.registry import Place, Registry
-from pipeline.wire import dead_letter
+from pipeline.wire import ack_refusal, dead_letter
 from pipeline.yamlfile import load_yaml, pydantic_error
 
 USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}\Z"     # an MQTT username that is one topic level
@@ -197,7 +196,7 @@ class AckUsers:
         try:
             request = AckRequest.model_validate_json(payload)
         except ValidationError as exc:
-            return dead_letter("bad_ack", ack_error(exc, payload), payload, source=source)
+            return dead_letter("bad_ack", ack_refusal(exc), payload, source=source)
         try:
             return self.ack(user, request).model_dump_json(exclude_none=True).encode()
         except Forbidden as exc:
@@ -216,17 +215,6 @@ class AckUsers:
             return (f"{ack.by!r} answers for {scope.describe()}; alert {ack.alert_id} is at "
                     f"{where}")
         return None
-
-
-def ack_error(exc: ValidationError, payload: bytes) -> str:
-    """One line on what is wrong with an acknowledgement's JSON."""
-    try:
-        orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return "not JSON: an acknowledgement is a JSON object with alert_id and ts"
-    err = exc.errors()[0]
-    where = ".".join(str(x) for x in err["loc"]) or "(top)"
-    return f"{where}: {err['msg']}"
 
 
 def acks_user(topic: str, acks_topic: str) -> str | None:

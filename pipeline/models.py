@@ -217,7 +217,7 @@ class AckRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     alert_id: str
-    ts: AwareDatetime | Annotated[int, Field(ge=0)]
+    ts: AwareDatetime | Annotated[int, Field(ge=0, le=MAX_TS_MS)]    # as an Ack's
     note: str | None = Field(default=None, max_length=500)
     by: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     tier: Tier | None = None

@@ -118,8 +118,8 @@ def test_acks_stamped_1e17_and_1e20_are_bad_acks_and_escalation_goes_on(
         fired = sub.wait_for(lambda m: any(n["state"] == "firing" for n in notices(m)), 10)
         alert = next(n["alert_id"] for n in notices(fired))
         for ts in ("1e17", "1e20"):
-            publish(url, ACK_TOPIC, f'{{"alert_id": "{alert}", "by": "w-510104020001-01", '
-                                    f'"tier": "grid", "ts": {ts}}}')
+            publish(url, f"{ACK_TOPIC}/w-510104020001-01",        # a roster worker's own topic
+                    f'{{"alert_id": "{alert}", "ts": {ts}}}')
         msgs = sub.wait_for(lambda m: any(n["state"] == "escalated" for n in notices(m)), 20)
         msgs = settle(sub)
     bad = [d for d in dead_letters(msgs) if d.reason == "bad_ack"]
