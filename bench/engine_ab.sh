@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 base=${1:?usage: bench/engine_ab.sh BASE_REV [ROUNDS] [engine_bench.py args]}
 rounds=${2:-3}
 shift; shift || true
-py=$(realpath "${PY:-.venv/bin/python}")
+py=${PY:-.venv/bin/python}
+[[ $py = /* ]] || py="$PWD/$py"      # absolute, but not resolved: a venv's python is a link
 tmp=$(mktemp -d)
 trap 'git worktree remove --force "$tmp/base" >/dev/null 2>&1; rm -rf "$tmp"' EXIT
 git worktree add -q --detach "$tmp/base" "$base"
