@@ -10,7 +10,6 @@ used to hurt it. Each test failed on the code before its fix:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
