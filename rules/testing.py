@@ -18,12 +18,13 @@ production runs the test; a mismatch prints what was expected and what happened.
       - {at: 3m, rule: gas.leak, state: acknowledged}
 
 Each expected change is compared on the fields it names; `tiers` is the set of tiers that got a
-copy. Every change that happened must be expected (a test cannot pass by saying too little).
+copy. Every change that happened must be expected (a test cannot pass by saying too little), and
+one told twice to the same target fails it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,8 @@ class Happened:
     notice: dict
     tiers: set[str]
     worker: str | None = None
+    targets: set = field(default_factory=set)     # (tier, target) copies seen
+    twice: int = 0                                 # copies that came again: told twice
 
     def describe(self) -> str:
         n = self.notice
@@ -126,6 +129,9 @@ def collect(notices: list[dict], start_ms: int, into: list[Happened]) -> None:
             h = index[key] = Happened(ts - start_ms, n, set())
             into.append(h)
         h.tiers.add(n["tier"])
+        copy = (n["tier"], n["target"])
+        h.twice += copy in h.targets
+        h.targets.add(copy)
         if n["tier"] == "grid":
             h.worker = n["worker_id"]
 
@@ -175,7 +181,7 @@ def _find_incident(engine: Engine, rule: str, subject: str) -> str | None:
 
 
 def compare(expected: list[Expect], happened: list[Happened]) -> list[str]:
-    failures = []
+    failures = [f"told twice: {h.describe()}" for h in happened if h.twice]
     for i, want in enumerate(expected):
         if i >= len(happened):
             failures.append(f"expected #{i + 1} did not happen: {want.model_dump(exclude_none=True)}")
