@@ -123,8 +123,8 @@ def tail(host: str, port: int, prefix: str, keep: Filter, *, username: str | Non
             if line is not None:
                 write(line)
                 shown += 1
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:       # Ctrl-C is how a person stops watching: not an error
+        return 0
     finally:
         client.disconnect()
         client.loop_stop()
