@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 from pydantic import ValidationError
 
+from pipeline import notices as nt
 from pipeline import wire
 from pipeline.engine import EARLIEST, EngineSettings
 from pipeline.lifecycle import AlertBook
@@ -41,7 +42,7 @@ from pipeline.models import Ack, Severity, State, Tier
 from pipeline.registry import Registry
 from pipeline.routing import Router
 from rules.compiler import RuleSet, params_for
-from rules.evaluators import FIRE, RESOLVE, UPGRADE, DOWNGRADE, REOPEN, Change, Timers, alert_id
+from rules.evaluators import DOWNGRADE, FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers, alert_id
 from rules.expr import evaluate, parse
 from rules.schema import (AbsenceRule, CorrelationRule, EventRule, RateRule, ThresholdRule,
                           WindowRule, format_duration)
@@ -735,7 +736,6 @@ class ReferenceEngine:
     def _send(self, inc: dict, state: State, prev: State | None, ts: int, new: list,
               extra: str = "", only: list | None = None, lowered: bool = False,
               cleared: tuple | None = None) -> None:
-        from pipeline import notices as nt
         inc["seq"] += 1
         inc["last_ts"] = max(inc["last_ts"], ts)
         inc["sent"] += new
@@ -773,7 +773,6 @@ class ReferenceEngine:
         inc = self.incidents.get(aid)
         if inc is None or inc["acked_by"] or plan != inc["plan"]:
             return
-        from pipeline import notices as nt
         if what == "esc":
             told = {t.tier for t in inc["sent"]}
             nxt = Tier.district if Tier.district not in told else Tier.city
