@@ -307,8 +307,7 @@ class Engine:
         pay = self._seen_pay
         first = lo + int(np.searchsorted(pay[lo:], cur, side="left"))
         last = lo + int(np.searchsorted(pay[lo:], cur, side="right"))
-        end = max(first, lo) + int(np.searchsorted(self._seen_ts[max(first, lo):last], upto,
-                                                   side="right"))
+        end = first + int(np.searchsorted(self._seen_ts[first:last], upto, side="right"))
         if end > lo:
             sl = slice(lo, end)
             np.maximum.at(self._last_seen_np, self._seen_idx[sl], self._seen_ts[sl])
