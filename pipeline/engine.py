@@ -12,9 +12,10 @@ dead letters (bad input with its reason and original bytes). No I/O happens here
 
 Time: the watermark is the newest event time seen minus ``allowed_lateness`` (a live runtime
 also advances it from the wall clock). Readings act at once, in event-time order within a
-batch; a sensor's reading older than its newest one is stale (dead-lettered) and an exact
-repeat is a duplicate (counted, dropped: at-least-once delivery redelivers). Timers fire when
-the watermark passes them.
+batch; a sensor's reading older than its newest one by at most ``allowed_lateness`` is late
+(it may open or raise an incident, never lower or end one), older still is stale
+(dead-lettered), and an exact repeat is a duplicate (counted, dropped: at-least-once delivery
+redelivers). Timers fire when the watermark passes them.
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ class Engine:
                                if e.reads == "battery" and k in e.spec.sensors) for k in kinds]
         self._event = [tuple(e.observe for e in self.evaluators
                              if e.reads == "event" and k in e.spec.sensors) for k in kinds]
+        # what a late reading can act on, per kind (README "Late readings")
+        self._late_value = [tuple(e.late for e in self.evaluators if e.reads == "value"
+                                  and e.takes_late and k in e.spec.sensors) for k in kinds]
+        self._late_event = [tuple(e.late for e in self.evaluators if e.reads == "event"
+                                  and e.takes_late and k in e.spec.sensors) for k in kinds]
         # Quiet readings of a kind whose only value rule is a plain rising threshold (gas: the
         # bulk of a city's sensors) need no call at all: under the lowest threshold and with no
         # incident open, nothing can happen. (floor, that rule's tracks) per kind, else None.
@@ -156,6 +162,10 @@ class Engine:
         self._passed = 0
         self._current = -1
         self._recoveries: list[tuple[int, int, int]] = []
+        self._late: list[tuple[int, int]] = []      # (payload, reading) of the late readings
+        self._late_at = 0
+        self._readings: list = []
+        self._idx_list: list[int] = []
         self._watch_from: tuple[int, int] | None = None
         self._scan_due = NEVER               # the planned absence scan, and its plan number
         self._scan_gen = 0
@@ -296,6 +306,7 @@ class Engine:
         self._horizons = None
         self._frontier = -NEVER
         self._recoveries.clear()
+        self._late, self._late_at, self._readings, self._idx_list = [], 0, [], []
 
     def _apply_seen(self, upto: int) -> None:
         """Stamps an absence scan at ``upto`` may see: earlier payloads, and the current
@@ -326,6 +337,8 @@ class Engine:
             watch = self._watch_from
             if watch is not None and watch[0] < nxt:
                 nxt = watch[0]
+            if self._late_at < len(self._late) and self._late[self._late_at][0] <= nxt:
+                nxt = self._late[self._late_at][0] - 1      # its late readings act as it arrives
             if self._recoveries:
                 nxt = self._cur              # readings of this payload still to act
             if nxt >= upto:
@@ -339,6 +352,7 @@ class Engine:
             self._run_timers(h[nxt], out)
             self._recover_pending(1 << 62, out)
             self._cur = nxt + 1
+            self._take_late(out)
             if self._next_visit < len(self._visit):
                 upto = min(upto, int(self._seen_pay[self._visit[self._next_visit]]))
         self._cur = max(self._cur, upto)
@@ -414,8 +428,17 @@ class Engine:
         accepted = g_ts > newest_seen
         duplicate = g_ts == newest_seen
         older = g_ts < newest_seen
+        # late: older than the sensor's newest by at most allowed_lateness. Taken, acting only
+        # where it can raise (README "Late readings"); older still is stale.
+        late = older & (g_ts >= newest_seen - s.allowed_lateness)
+        older &= ~late
         stale_pos = np.sort(order[older])
         self._stale_newest = dict(zip(order[older].tolist(), newest_seen[older].tolist()))
+        late_pos = np.sort(order[late])
+        if len(late_pos):                   # by payload, then event time, ties by arrival
+            late_pos = late_pos[np.lexsort((ts[late_pos], pay[late_pos]))]
+            self._late = list(zip(pay[late_pos].tolist(), late_pos.tolist()))
+            self.counters["late"] += len(late_pos)
         ok = np.zeros(n, dtype=bool)
         ok[order[accepted]] = True
         good = np.flatnonzero(ok)
@@ -453,12 +476,15 @@ class Engine:
             if battery_hot and charged.any():   # a flat battery that was changed clears
                 low |= charged & np.isin(idx, np.array(battery_hot, dtype=np.int64))
             matter |= low
-        if self.keep_accepted and ok.any():
-            out.accepted.append((idx[ok], ts[ok], val[ok]))
+        if self.keep_accepted and (ok.any() or len(late_pos)):
+            kept = ok.copy()
+            kept[late_pos] = True           # a late reading is a real measurement: history
+            out.accepted.append((idx[kept], ts[kept], val[kept]))
         rank = np.empty(n, dtype=np.int64)
         rank[good] = np.arange(len(good))
         self._visit = np.sort(rank[matter]).tolist()
         self._positions = good.tolist()
+        self._readings, self._idx_list = readings, idx_list
         self._evaluate(readings, idx_list, out)
         c = self.counters
         c["readings"] += n
@@ -482,6 +508,7 @@ class Engine:
         positions = self._positions
         pay = self._seen_pay
         j = 0
+        self._take_late(out)                # the first payload's, as it arrives
         while True:
             if j == len(visit):
                 if self._cur == npay:
@@ -524,6 +551,25 @@ class Engine:
                 for h in bh[k]:
                     h(s, ts, b)
             if changes:
+                self._drain(out)
+
+    def _take_late(self, out: Output) -> None:
+        """The late readings of the payload now arriving (``_cur``), before any of its own
+        readings or timers, in event-time order."""
+        late = self._late
+        while self._late_at < len(late) and late[self._late_at][0] == self._cur:
+            i = late[self._late_at][1]
+            self._late_at += 1
+            r = self._readings[i]
+            k = self.registry.kind_of[self._idx_list[i]]
+            s, ts = self._idx_list[i], r.ts
+            if r.value is not None:
+                for h in self._late_value[k]:
+                    h(s, ts, r.value)
+            else:
+                for h in self._late_event[k]:
+                    h(s, ts, r.event)
+            if self.changes:
                 self._drain(out)
 
     def _reject_batch(self, readings: list, spans: list | None, out: Output, idx_list: list[int],
@@ -820,6 +866,11 @@ class Engine:
         def sid(s: Any) -> Any:
             return ["s", reg.sensor_ids[s]] if isinstance(s, int) else ["g", s]
 
+        lateness = self.settings.allowed_lateness
+        for e in self.evaluators:       # an end before (newest - lateness) stops no late reading
+            if e.ended:
+                e.ended = {k: t for k, t in e.ended.items()
+                           if not isinstance(k, int) or t >= self.last_seen[k] - lateness}
         timers = []
         for due, n, owner, key in self.timers.heap:
             if owner >= 0:
