@@ -24,7 +24,7 @@ import bisect
 import hashlib
 import heapq
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -77,6 +77,24 @@ class EngineSettings(BaseModel):
     max_age: Duration = Field(default=7 * 86_400_000, description="readings older than this "
                               "behind the watermark are refused")
     absence_scan_every: Duration = Field(default=60_000, description="how often silence is checked")
+    time_quorum: int = Field(default=1, ge=1, le=100, description="how many sources (gateways; a "
+                             "sensor without one is its own) must have reached an event time "
+                             "before it moves the watermark: 1 = the newest reading; replay of "
+                             "gateway payloads uses 2, so one gateway's wrong clock moves no one "
+                             "else's timers")
+    quorum_window: int = Field(default=100, ge=1, description="with time_quorum: the sources that "
+                               "count are those heard in this many last payloads")
+
+
+@dataclass
+class _Quorum:
+    """time_quorum's state: each source's newest reading, the sources of the last payloads
+    (how many of those each was in: the counted ones), and the counted sources ranked by their
+    newest reading (a sorted list: at most quorum_window of them)."""
+    newest: dict[int, int] = field(default_factory=dict)
+    count: dict[int, int] = field(default_factory=dict)
+    ranked: list[tuple[int, int]] = field(default_factory=list)
+    recent: deque = field(default_factory=deque)
 
 
 @dataclass
@@ -143,6 +161,11 @@ class Engine:
         self._kind_np = np.frombuffer(registry.kind_of, dtype=np.uint8) if n else np.zeros(1, np.uint8)
         self._gateway_np = np.frombuffer(registry.gateway_of, dtype=np.int32) if n else np.zeros(1, np.int32)
         self._gateway_numbers = {g: i for i, g in enumerate(registry.gateways)}
+        # time_quorum: the source of each sensor (its gateway, else itself after the gateways),
+        # and the newest time of the sources in the lead, at most time_quorum of them
+        self._source_np = np.where(self._gateway_np >= 0, self._gateway_np,
+                                   len(registry.gateways) + np.arange(max(n, 1))) if n else self._gateway_np
+        self._quorum = _Quorum()
         self.absence = [e for e in self.evaluators if isinstance(e, ev.Absence)]
         self._listeners: dict[str, list[ev.Correlation]] = {}
         for e in self.evaluators:
@@ -349,6 +372,8 @@ class Engine:
             if watch is not None and watch[0] == nxt:
                 self._watch_from = None
                 self._start_watching(watch[1])
+                # watching starts once this payload is taken: its first scans see all of it
+                self._apply_seen(NEVER)
             self._run_timers(h[nxt], out)
             self._recover_pending(1 << 62, out)
             self._cur = nxt + 1
@@ -401,9 +426,12 @@ class Engine:
         finite = no_value | (np.abs(val) < 1e15)
         unset = ts < EARLIEST
         could = known & ~future & ~unset & (no_value != wants) & finite
-        newest = np.full(npay, -(1 << 62), dtype=np.int64)
-        np.maximum.at(newest, pay[could], ts[could])
-        newest = np.maximum.accumulate(newest)
+        if s.time_quorum > 1:
+            reached = self._quorum_time(pay, idx, ts, could, npay)
+        else:
+            reached = np.full(npay, -(1 << 62), dtype=np.int64)
+            np.maximum.at(reached, pay[could], ts[could])
+        newest = np.maximum.accumulate(reached)
         arrived = np.empty(npay, dtype=np.int64)       # the watermark as each payload arrives
         arrived[0] = self.watermark
         arrived[1:] = np.maximum(newest[:-1] - s.allowed_lateness, self.watermark)
@@ -447,12 +475,18 @@ class Engine:
         self._seen_at = 0
         self._cur = 0
         before = self.max_ts
+        if s.time_quorum > 1 and newest[-1] > self.max_ts:
+            self.max_ts = int(newest[-1])
         if len(good):
-            self.max_ts = max(self.max_ts, int(ts[good].max()))
+            if s.time_quorum == 1:
+                self.max_ts = max(self.max_ts, int(ts[good].max()))
             if not self.watch_start:
                 self._watch_from = (int(pay[good[0]]), int(ts[good[0]]))
-        top = np.full(npay, -(1 << 62), dtype=np.int64)
-        np.maximum.at(top, self._seen_pay, self._seen_ts)
+        if s.time_quorum > 1:
+            top = reached
+        else:
+            top = np.full(npay, -(1 << 62), dtype=np.int64)
+            np.maximum.at(top, self._seen_pay, self._seen_ts)
         if self._clock is not None:         # clock_bound: no payload moves time past the clock
             top = np.minimum(top, max(self._clock, before))
         self._horizons = np.maximum(np.maximum.accumulate(top) - s.allowed_lateness,
@@ -492,6 +526,75 @@ class Engine:
         if not fit.all() or len(stale_pos):
             self._reject_batch(readings, spans, out, idx_list, invalid, wrong_sender, known,
                                future, too_old, suspect, bad_value, stale_pos)
+
+    def _quorum_time(self, pay: np.ndarray, idx: np.ndarray, ts: np.ndarray, could: np.ndarray,
+                     npay: int) -> np.ndarray:
+        """Per payload, the time ``time_quorum`` sources have reached once it is taken (-inf:
+        the payload took nothing): the q-th newest of the newest readings of the sources heard
+        in the last ``quorum_window`` payloads (all of them, while fewer). Arrival order is the
+        one clock a wrong gateway clock cannot fake: a gateway running ahead is outvoted by the
+        others still sending, and a source gone quiet leaves the window instead of holding
+        time back. A too_old reading (judged, like the reference model's, against the
+        watermark as its payload arrives) is not heard; a stale, late or duplicate one is, and
+        is older than its own source's newest."""
+        s = self.settings
+        q, window = s.time_quorum, s.quorum_window
+        qs = self._quorum
+        newest, count, ranked, recent = qs.newest, qs.count, qs.ranked, qs.recent
+        out = np.full(npay, -(1 << 62), dtype=np.int64)
+        cand = np.flatnonzero(could)
+        if not len(cand):
+            return out
+        src = self._source_np[idx[cand]]
+        c_pay, c_ts = pay[cand], ts[cand]
+        order = np.lexsort((c_ts, src, c_pay))            # each (payload, source): its newest last
+        last = np.ones(len(order), dtype=bool)
+        last[:-1] = (c_pay[order][1:] != c_pay[order][:-1]) | (src[order][1:] != src[order][:-1])
+        pick = order[last]
+        n_pick = len(pick)
+        g_pay, g_src, g_ts = c_pay[pick].tolist(), src[pick].tolist(), c_ts[pick].tolist()
+        floor = self.watermark - s.max_age
+        reached = -(1 << 62)
+        lateness, max_age = s.allowed_lateness, s.max_age
+        insort, bisect_left = bisect.insort, bisect.bisect_left
+        i = 0
+        while i < n_pick:                   # a payload at a time
+            p = g_pay[i]
+            heard = []
+            while i < n_pick and g_pay[i] == p:
+                x, t = g_src[i], g_ts[i]
+                i += 1
+                if t < floor:               # too_old: not heard
+                    continue
+                heard.append(x)
+                old = newest.get(x)
+                if old is None or t > old:
+                    if x in count:          # counted: move it to its new place
+                        del ranked[bisect_left(ranked, (old, x))]
+                        insort(ranked, (t, x))
+                    newest[x] = t
+            if not heard:
+                continue
+            recent.append(heard)
+            for x in heard:
+                c = count.get(x, 0)
+                count[x] = c + 1
+                if not c:                   # back in the window: counted again
+                    insort(ranked, (newest[x], x))
+            if len(recent) > window:
+                for x in recent.popleft():
+                    c = count[x] - 1
+                    if c:
+                        count[x] = c
+                    else:
+                        del count[x]
+                        del ranked[bisect_left(ranked, (newest[x], x))]
+            now = ranked[-q][0] if len(ranked) >= q else ranked[0][0]
+            out[p] = now
+            if now > reached:               # the watermark the next payload arrives to
+                reached = now
+                floor = max(self.watermark, reached - lateness) - max_age
+        return out
 
     def _evaluate(self, readings: list, idx_list: list[int], out: Output) -> None:
         """The rules, reading by reading, for the readings that can change something, in rank
@@ -887,6 +990,14 @@ class Engine:
             "book": self.book.dump(sid),
             "counters": dict(self.counters),
         }
+        if self._quorum.newest:             # time_quorum: sources by name
+            ngw = len(reg.gateways)
+
+            def source(src: int) -> Any:
+                return ["g", reg.gateways[src]] if src < ngw else sid(src - ngw)
+            state["quorum"] = {"newest": [[source(x), t] for x, t in self._quorum.newest.items()],
+                               "recent": [[source(x) for x in heard]
+                                          for heard in self._quorum.recent]}
         return msgspec.msgpack.encode(state)
 
     def restore(self, blob: bytes) -> dict[str, int]:
@@ -942,4 +1053,20 @@ class Engine:
         scans = [(due, key) for due, _, owner, key in heap if owner == SCAN]
         self._scan_due, self._scan_gen = state.get("scan") or (min(scans) if scans else (NEVER, 0))
         self.counters = Counter(state["counters"])
+        if "quorum" in state:
+            def source(key: list) -> int | None:
+                tag, name = key
+                x = self._gateway_numbers.get(name) if tag == "g" else reg.index.get(name)
+                return x if x is None or tag == "g" else int(self._source_np[x])
+            qs = self._quorum
+            for key, t in state["quorum"]["newest"]:
+                x = source(key)
+                if x is not None:
+                    qs.newest[x] = max(qs.newest.get(x, t), t)
+            for heard in state["quorum"]["recent"]:
+                known = [x for x in map(source, heard) if x is not None]
+                qs.recent.append(known)
+                for x in known:
+                    qs.count[x] = qs.count.get(x, 0) + 1
+            qs.ranked[:] = sorted((qs.newest[x], x) for x in qs.count)
         return {k: v for k, v in lost.items() if v}

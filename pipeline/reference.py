@@ -20,7 +20,8 @@ Time, as the engine defines it (README, "Time and order"):
   state as it stands when the payload arrives, and taken in event-time order (ties: arrival).
   Its late readings (older than the sensor's newest by at most allowed_lateness) act first, as
   it arrives, and only where they can raise (``_late``).
-- The watermark after a payload is max(watermark, newest accepted reading - allowed_lateness).
+- The watermark after a payload is max(watermark, newest accepted reading - allowed_lateness);
+  with time_quorum q > 1, "newest" is the q-th newest of the sources' newest readings.
   Before each reading, the deadlines due before the reading's time that the payload's watermark
   reaches act; after the payload, every deadline its watermark reaches.
 - Silence is checked at watch start + k * absence_scan_every, from the end of the first payload
@@ -153,6 +154,8 @@ class ReferenceEngine:
         self.watermark = -(1 << 62)
         self.max_ts = 0
         self.watch_start = 0
+        self.sources: dict[Any, int] = {}       # time_quorum: each source's newest reading
+        self.heard: list[set] = []              # ... and the sources of every payload so far
         self.silent: dict[str, dict[int, Any]] = {r.id: {} for r in self.rules}
         self.members: dict[str, dict[str, dict[int, int]]] = {r.id: {} for r in self.rules}
         self.incidents: dict[str, dict] = {}        # open
@@ -208,7 +211,22 @@ class ReferenceEngine:
             else:
                 accepted.append((idx, r.ts, r))
         self.counters["readings"] += len(readings)
-        if accepted:
+        if checked and s.time_quorum > 1:
+            # the time `time_quorum` sources have reached: the q-th newest of the newest readings
+            # of the sources heard in the last `quorum_window` payloads that took a reading
+            # (all of them, while fewer); a gateway is a source, a sensor without one is its own
+            heard = set()
+            for r, _ in checked:
+                idx = self.reg.index[r.sensor_id]
+                g = self.reg.gateway_of[idx]
+                src = ("g", g) if g >= 0 else ("s", idx)
+                heard.add(src)
+                self.sources[src] = max(self.sources.get(src, r.ts), r.ts)
+            self.heard.append(heard)
+            counted = set().union(*self.heard[-s.quorum_window:])
+            newest = sorted((self.sources[x] for x in counted), reverse=True)
+            self.max_ts = max(self.max_ts, newest[min(s.time_quorum, len(newest)) - 1])
+        elif accepted and s.time_quorum == 1:
             self.max_ts = max(self.max_ts, max(t for _, t, _ in accepted))
         horizon = max(self.watermark, self.max_ts - s.allowed_lateness)
         for idx, ts, r in late:             # as the payload arrives, before its own readings

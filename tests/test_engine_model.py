@@ -157,7 +157,9 @@ def timelines(draw, city: dict) -> list:
 
     def reading() -> dict:
         sid = draw(st.sampled_from(lv + cam))
-        at = clock - draw(st.sampled_from([0, 0, 0, SEC, 20 * SEC, 45 * SEC, 2 * MIN]))
+        # ... and now and then a sensor whose gateway's clock runs ahead (time_quorum)
+        at = clock - draw(st.sampled_from([0, 0, 0, SEC, 20 * SEC, 45 * SEC, 2 * MIN,
+                                           -4 * MIN, -30 * MIN]))
         if sid.startswith("lv"):
             r = {"sensor_id": sid, "ts": at, "value": draw(st.sampled_from(VALUES))}
             if draw(st.integers(0, 5)) == 0:
@@ -295,7 +297,9 @@ def scenarios(draw):
     city = draw(cities())
     return (city, draw(packs()), draw(routings()),
             EngineSettings(allowed_lateness=draw(st.sampled_from(["0s", "1s", "1m", "1m"])),
-                           absence_scan_every=draw(st.sampled_from(["30s", "1m"]))),
+                           absence_scan_every=draw(st.sampled_from(["30s", "1m"])),
+                           time_quorum=draw(st.sampled_from([1, 1, 2, 3])),
+                           quorum_window=draw(st.sampled_from([1, 2, 3, 100]))),
             draw(timelines(city)),
             draw(st.lists(st.sampled_from([1, 2, 3, 5, 1000]), min_size=1, max_size=20)))
 
