@@ -126,8 +126,11 @@ def routings(draw) -> dict:
         r["remind_every"] = draw(st.sampled_from(["1m", "2m", "10m"]))
         r["max_reminders"] = draw(st.integers(0, 3))
     if draw(st.booleans()):
+        r["notify"] = ["owner"]
+    if draw(st.booleans()):
         r["routes"] = [{"name": "cams", "match": {"rule_id": "fz.cam"},
-                        "tiers": {"yellow": ["street", "dept"]}, "remind_every": "1m"}]
+                        "tiers": {"yellow": ["street", "dept"]}, "remind_every": "1m",
+                        "notify": draw(st.sampled_from([[], ["owner"]]))}]
     return r
 
 
