@@ -121,6 +121,13 @@ def unreachable_owners(rules: Any, registry: Registry, selected: dict[str, Any] 
     for rule in rules.rules:
         spec = rule.spec
         kinds = set(spec.sensors)
+        categories = {spec.category.value} if spec.category else \
+            {rules.kinds[k].category.value for k in kinds if k in rules.kinds}
+        if "root" not in notifying and not any(
+                r.name in notifying and _matches(spec.id, r.match.get("rule_id", spec.id))
+                and any(_matches(c, r.match.get("category", c)) for c in categories)
+                for r in rules.routing.routes):
+            continue            # (a city's registry has millions of sensors: look only where it may)
         severities = _severities(spec)
         mask = (selected or {}).get(spec.id)
         for idx in registry.sensors_of_kinds(kinds):

@@ -6,7 +6,8 @@ a construction-site camera's violation reaches the project's responsible party (
 `seq`) acknowledges the incident as the owner for every tier told; a snapshot keeps the owner
 among those told; replay shows the owner's notices; `cityops route` names the owner; `cityops
 rules check` warns, naming route, file, line and sensors, when a route notifies owners the
-registry cannot reach. The pushes themselves: tests/test_push_owner.py.
+registry cannot reach; `cityops tail` shows an owner's reply as the owner's. The pushes
+themselves: tests/test_push_owner.py.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from pathlib import Path
 import pytest
 
 from pipeline import registry
+from pipeline.ack_tokens import AckTokens
 from pipeline.engine import Engine
+from pipeline.identity import AckUsers
 from pipeline.models import AlertNotice
+from pipeline.tail import Filter, line_for
 from pipeline.yamlfile import ConfigError
 from rules.compiler import load_rules
 
@@ -94,6 +98,16 @@ def test_the_owners_link_acknowledges_for_every_tier_as_the_owner(chengdu, rules
     # acknowledged: no reminder, no escalation afterwards
     later = engine.advance(T0 + 40 * MIN).notices
     assert not [n for n in later if n["state"] in ("reminder", "escalated")]
+
+
+def test_an_owner_without_the_links_token_may_not_acknowledge(chengdu, rules) -> None:
+    engine = Engine(chengdu, rules)
+    owner = by_tier(ingest(engine, {"sensor_id": CAMERA, "ts": T0, "event": "no_helmet"}))["owner"]
+    out = engine.ack([{"alert_id": owner["alert_id"], "by": SITE, "tier": "owner",
+                       "ts": T0 + MIN}], may_ack=AckUsers(chengdu).may_ack)
+    [dead] = out.dead_letters
+    assert dead.reason == "forbidden" and "may not acknowledge" in dead.detail
+    assert not out.notices
 
 
 def test_a_snapshot_keeps_the_owner_among_those_told(chengdu, rules) -> None:
@@ -187,3 +201,11 @@ def test_owner_mistakes_name_file_and_line(tmp_path: Path, rules, edit, line_of,
     with pytest.raises(ConfigError) as info:
         registry.load(folder, rules.kinds)
     assert info.value.line == want and message in info.value.message, info.value
+
+
+def test_tail_shows_an_owners_reply_as_the_owners() -> None:
+    token = AckTokens(b"k" * 40, 3_600_000).issue("a1", "owner", SITE, 1, T0)
+    line = line_for(f"cityops/push/{SITE}/ack", token.encode(), "cityops", Filter([], [], []))
+    assert line is not None and line.split()[1:3] == ["site-510108-w…", "owner"]
+    garbage = line_for("cityops/push/w-1/ack", b"not a token", "cityops", Filter([], [], []))
+    assert garbage is not None and garbage.split()[1:3] == ["w-1", "grid"]
