@@ -117,7 +117,7 @@ def unreachable_owners(rules: Any, registry: Registry, selected: dict[str, Any] 
         notifying.add("root")
     if not notifying:
         return []
-    missing: dict[tuple[str, str, str], list[str]] = {}
+    missing: dict[tuple[str, str], list[str]] = {}
     for rule in rules.rules:
         spec = rule.spec
         kinds = set(spec.sensors)
@@ -131,27 +131,29 @@ def unreachable_owners(rules: Any, registry: Registry, selected: dict[str, Any] 
         severities = _severities(spec)
         mask = (selected or {}).get(spec.id)
         for idx in registry.sensors_of_kinds(kinds):
-            if mask is not None and not mask[idx]:
+            gap = _owner_gap(registry, idx)        # first: most sensors' owners can be reached
+            if gap is None or (mask is not None and not mask[idx]):
                 continue
             category = spec.category or rules.kinds[registry.kinds[registry.kind_of[idx]]].category
             labels = {"rule_id": spec.id, "category": category.value, **sensor_labels(registry, idx)}
             names = {router.route({**labels, "severity": sev.value}).name for sev in severities}
+            sid = registry.sensor_ids[idx]
             for name in names & notifying:
-                gap = _owner_gap(registry, idx)
-                if gap:
-                    missing.setdefault((name, *gap), []).append(registry.sensor_ids[idx])
+                missing.setdefault((name, gap[0]), []).append(f"{sid} ({gap[1]})" if gap[1] else sid)
     out = []
     doc = rules.routing_doc
-    for (name, why, fix), sensors in sorted(missing.items()):
+    for (name, gap), sensors in sorted(missing.items()):
         sensors = sorted(set(sensors))
+        why, fix = _GAPS[gap]
         where = ""
         if doc is not None:
             i = next((i for i, r in enumerate(rules.routing.routes) if r.name == name), None)
             line = doc.line(("routes", i, "notify") if i is not None else ("notify",))
             where = f"{doc.path}:{line}: " if line else f"{doc.path}: "
-        more = f" and {len(sensors) - shown} more" if len(sensors) > shown else ""
-        out.append(f"{where}route {name} notifies owners, but {len(sensors)} sensor(s) {why}: "
-                   f"{', '.join(sensors[:shown])}{more}; their owners will not be told ({fix})")
+        more = f" and {len(sensors) - shown:,} more" if len(sensors) > shown else ""
+        out.append(f"{where}route {name} notifies owners, but {len(sensors):,} sensor(s) {why}: "
+                   f"{', '.join(sensors[:shown])}{more}; their owners will not be told "
+                   f"({fix} {registry.source})")
     return out
 
 
@@ -167,18 +169,27 @@ def _severities(spec: Any) -> set[Severity]:
     return found or set(Severity)
 
 
+# why an owner cannot be reached (the sensors follow), and what to do about it (in which file)
+_GAPS = {
+    "none": ("have no `owner`", "fill their `owner` cell in the sensors file of"),
+    "unlisted": ("name an owner that has no `owners:` entry (no contact)",
+                 "add the owners to `owners:` in"),
+    "silent": ("belong to an owner with neither `phone` nor `channels`",
+               "give the owners one in"),
+}
+
+
 def _owner_gap(registry: Registry, idx: int) -> tuple[str, str] | None:
-    """Why sensor ``idx``'s owner cannot be reached, and what to do; None when it can."""
+    """Why sensor ``idx``'s owner cannot be reached (a key of _GAPS) and whose it is; None
+    when it can."""
     cell = registry.owner[idx]
     if not cell:
-        return "have no `owner`", "fill their `owner` cell in sensors.csv"
+        return "none", ""
     owner = registry.owner_named.get(cell)
     if owner is None:
-        return (f"name owner {cell!r}, which has no `owners:` entry (no contact)",
-                f"add it to `owners:` in {registry.source}")
+        return "unlisted", cell
     if not owner.phone and not owner.channels:
-        return (f"belong to owner {owner.id}, which has neither `phone` nor `channels`",
-                f"give it one in {registry.source}")
+        return "silent", owner.id
     return None
 
 

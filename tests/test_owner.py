@@ -171,15 +171,17 @@ def test_rules_check_warns_when_a_route_notifies_owners_it_cannot_reach(tmp_path
                 if text.strip() == "notify: [owner]")
     assert warnings == [
         f"warning: {routing}:{line}: route construction-site-owner notifies owners, but 5 "
-        "sensor(s) belong to owner site-510107-yulin, which has neither `phone` nor `channels`: "
-        "cam-510107-000001, cam-510107-000002, cam-510107-000003, crane-510107-000001, "
-        f"dust-510107-000001; their owners will not be told (give it one in "
-        f"{folder / 'registry.yaml'})",
+        "sensor(s) belong to an owner with neither `phone` nor `channels`: "
+        "cam-510107-000001 (site-510107-yulin), cam-510107-000002 (site-510107-yulin), "
+        "cam-510107-000003 (site-510107-yulin), crane-510107-000001 (site-510107-yulin), "
+        "dust-510107-000001 (site-510107-yulin); their owners will not be told (give the "
+        f"owners one in {folder / 'registry.yaml'})",
         f"warning: {routing}:{line}: route construction-site-owner notifies owners, but 7 "
-        "sensor(s) name owner '成华区万年场安置房项目', which has no `owners:` entry (no contact): "
-        "cam-510108-000001, cam-510108-000002, cam-510108-000003, cam-510108-000004, "
-        f"cam-510108-000005 and 2 more; their owners will not be told (add it to `owners:` in "
-        f"{folder / 'registry.yaml'})"]
+        "sensor(s) name an owner that has no `owners:` entry (no contact): "
+        "cam-510108-000001 (成华区万年场安置房项目), cam-510108-000002 (成华区万年场安置房项目), "
+        "cam-510108-000003 (成华区万年场安置房项目), cam-510108-000004 (成华区万年场安置房项目), "
+        "cam-510108-000005 (成华区万年场安置房项目) and 2 more; their owners will not be told "
+        f"(add the owners to `owners:` in {folder / 'registry.yaml'})"]
     clean = subprocess.run([sys.executable, "-m", "pipeline.cli", "rules", "check"], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert clean.returncode == 0 and "warning" not in clean.stderr, clean.stderr
@@ -209,3 +211,13 @@ def test_tail_shows_an_owners_reply_as_the_owners() -> None:
     assert line is not None and line.split()[1:3] == ["site-510108-w…", "owner"]
     garbage = line_for("cityops/push/w-1/ack", b"not a token", "cityops", Filter([], [], []))
     assert garbage is not None and garbage.split()[1:3] == ["w-1", "grid"]
+
+
+def test_the_synthetic_city_names_every_sites_owner(tmp_path: Path, rules) -> None:
+    from pipeline.registry_gen import generate
+    from pipeline.routing import unreachable_owners
+    reg = registry.load(generate(tmp_path, 3000), rules.kinds)
+    sites = reg.sensors_of_kinds(["site_camera", "tower_crane", "dust_monitor"])
+    assert sites and all(reg.owner_of(i) is not None for i in sites)
+    assert all(o.id.startswith("site-") and o.phone for o in reg.owners.values())
+    assert unreachable_owners(rules, reg) == []
