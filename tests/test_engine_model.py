@@ -192,8 +192,8 @@ def timelines(draw, city: dict) -> list:
                 json.dumps([{"sensor_id": lv[0], "ts": clock, "value": 30}, {"bad": 1}]).encode(),
             ]))))
         elif what == "ack":
-            ops.append(("ack", draw(st.integers(0, 5)), draw(st.sampled_from(["street", "grid"])),
-                        clock))
+            ops.append(("ack", draw(st.integers(0, 5)),
+                        draw(st.sampled_from(["street", "grid", "owner"])), clock))
         elif what == "advance":
             ops.append(("advance", clock))
         else:
