@@ -29,8 +29,9 @@ test: $(STAMP) test-deps
 # port of 127.0.0.1 with their own config; never the system service, never port 1883;
 # tests/tsdb.py: VictoriaMetrics, which takes InfluxDB line protocol, for the history sink).
 # Debian puts the broker in /usr/sbin, which is not on a normal user's PATH: look there too.
-TEST_TOOLS   := mosquitto mosquitto_sub mosquitto_pub mosquitto_passwd victoria-metrics
-APT_PACKAGES := mosquitto mosquitto-clients victoria-metrics
+# Debian's Chromium: the console's browser tests drive it with Playwright (no browser download).
+TEST_TOOLS   := mosquitto mosquitto_sub mosquitto_pub mosquitto_passwd victoria-metrics chromium
+APT_PACKAGES := mosquitto mosquitto-clients victoria-metrics chromium
 
 ## test-deps: install the Debian packages the integration tests need, if missing
 test-deps:
@@ -39,7 +40,7 @@ test-deps:
 	[ -z "$$missing" ] && exit 0; \
 	echo "make test: missing$$missing; installing $(APT_PACKAGES)"; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
-	    echo "make test: no apt-get here. Install Mosquitto 2.x, its clients and VictoriaMetrics ($(TEST_TOOLS)) with this system's package manager, then run make test again." >&2; exit 1; \
+	    echo "make test: no apt-get here. Install Mosquitto 2.x, its clients, VictoriaMetrics and Chromium ($(TEST_TOOLS)) with this system's package manager, then run make test again." >&2; exit 1; \
 	fi; \
 	if [ "$$(id -u)" = 0 ]; then sudo=; \
 	elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \

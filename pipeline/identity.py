@@ -27,6 +27,7 @@ The users file, checked once at start (file:line on every mistake):
       gas-centre: {scope: dept, code: gas}
       city-duty: {scope: city, token_sha256: …}
       w-510104020001-01: {token_sha256: …}      # a registry worker: its roster scope, a token
+      li-wei: {scope: street, code: "510104020", password: "$argon2id$v=19$…"}   # web console
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class _UserSpec(BaseModel):
     code: str | list[str] | None = None
     token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                      description="SHA-256 (hex) of the user's HTTP bearer token")
+    password: str | None = Field(default=None, pattern=r"^\$argon2id\$",
+                                 description="the web console's login: an argon2id hash "
+                                 "(`cityops console passwd`), never the password itself")
 
 
 class _UsersFile(BaseModel):
@@ -116,6 +120,7 @@ class AckUsers:
         self.registry = registry
         self.scopes = _roster_scopes(registry)
         self._tokens: list[tuple[bytes, str]] = []      # (SHA-256 of the token, user)
+        self.passwords: dict[str, str] = {}             # user -> argon2id hash (web console)
         if path is not None:
             self._load(path)
 
@@ -138,6 +143,8 @@ class AckUsers:
                 self.scopes[user] = self._scope(doc, where, user, u)
             if u.token_sha256 is not None:
                 self._tokens.append((bytes.fromhex(u.token_sha256), user))
+            if u.password is not None:
+                self.passwords[user] = u.password
 
     def _scope(self, doc, where: tuple, user: str, u: _UserSpec) -> Scope:
         tier = Tier(u.scope)
