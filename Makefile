@@ -12,9 +12,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-## run: the live pipeline on an embedded MQTT broker, fed by simulated Chengdu gateways
+## run: the live pipeline on an embedded MQTT broker, fed by simulated Chengdu gateways, and
+## the operations-centre console beside it (http://127.0.0.1:8080, demo logins printed)
+# The console is a second process: stopped with the pipeline (Ctrl-C), whatever way it ends.
+# Both take the demo users, so an acknowledgement made in the console is accepted.
+DEMO_USERS := pipeline/opscentre/demo_users.yaml
 run: $(STAMP)
-	$(VENV)/bin/cityops run --simulate
+	@CITYOPS_ACKS__USERS=$(DEMO_USERS) $(VENV)/bin/cityops console --demo --db .run/console.sqlite & \
+	console=$$!; trap 'kill $$console 2>/dev/null; wait $$console' EXIT INT TERM; \
+	CITYOPS_ACKS__USERS=$(DEMO_USERS) $(VENV)/bin/cityops run --simulate
 
 ## demo: replay 2010-2015 Chengdu rain and PM2.5 through the built-in packs, notices per tier
 demo: $(STAMP)
@@ -29,14 +35,17 @@ test: $(STAMP) test-deps
 # port of 127.0.0.1 with their own config; never the system service, never port 1883;
 # tests/tsdb.py: VictoriaMetrics, which takes InfluxDB line protocol, for the history sink).
 # Debian puts the broker in /usr/sbin, which is not on a normal user's PATH: look there too.
-# Debian's Chromium: the console's browser tests drive it with Playwright (no browser download).
+# Debian's Chromium: the console's browser tests drive it with Playwright (no browser download),
+# and a Chinese font, without which its screenshots show boxes for every character.
 TEST_TOOLS   := mosquitto mosquitto_sub mosquitto_pub mosquitto_passwd victoria-metrics chromium
-APT_PACKAGES := mosquitto mosquitto-clients victoria-metrics chromium
+APT_PACKAGES := mosquitto mosquitto-clients victoria-metrics chromium fonts-wqy-microhei
+CJK_FONT     := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 
 ## test-deps: install the Debian packages the integration tests need, if missing
 test-deps:
 	@PATH="$$PATH:/usr/sbin:/usr/local/sbin:/sbin"; missing=; \
 	for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	[ -f $(CJK_FONT) ] || missing="$$missing $(CJK_FONT)"; \
 	[ -z "$$missing" ] && exit 0; \
 	echo "make test: missing$$missing; installing $(APT_PACKAGES)"; \
 	if ! command -v apt-get >/dev/null 2>&1; then \

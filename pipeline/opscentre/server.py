@@ -41,8 +41,22 @@ def serve(s: Settings, *, kafka: bool, demo: bool) -> int:
     from pipeline.registry import load as load_registry
     from rules.compiler import load_rules
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if demo:
+        # beside `cityops run --simulate` in one terminal: its story is what people read there;
+        # the console's log goes to a file, warnings also to the terminal. And like the
+        # simulated city, the console starts afresh (the last run's incidents never resolve).
+        for old in (s.opscentre.db, *(s.opscentre.db.with_name(s.opscentre.db.name + x)
+                                      for x in ("-wal", "-shm"))):
+            old.unlink(missing_ok=True)
+        s.opscentre.db.parent.mkdir(parents=True, exist_ok=True)
+        logging.basicConfig(level=logging.INFO, filename=s.opscentre.db.with_suffix(".log"),
+                            format=fmt)
+        warnings = logging.StreamHandler(sys.stderr)
+        warnings.setLevel(logging.WARNING)
+        logging.getLogger().addHandler(warnings)
+    else:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=fmt)
     rules = load_rules(s.packs, s.routing, params=s.params)
     registry = load_registry(s.registry, rules.kinds)
     check_districts(rules.packs, rules.sources, registry, s.params)
