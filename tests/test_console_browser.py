@@ -23,6 +23,7 @@ import yaml
 from playwright.sync_api import sync_playwright
 
 from tests.brokers import Mosquitto, Subscriber, mosquitto_pub, publish
+from tests.kafka_broker import CityopsProcess, TopicReader, produce
 from tests.console_browser import (CHROMIUM, CHROMIUM_ARGS, PHONE, Console, api, login, shot,
                                    users_file, wait_until)
 from tests.test_runtime_mqtt import (FIXTURE, ROOT, dumps, iso_ms, notices, now_ms, on_shift,
@@ -38,9 +39,9 @@ ESCALATE_S = 12                      # street -> district, district -> city (the
 LATENESS_S = 1
 
 
-@pytest.fixture
-def city(tmp_path: Path, mosquitto: Mosquitto, runtime):
-    """The fixture registry with HTML in GAS's address; users; a pipeline with short deadlines."""
+def city_files(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """The fixture registry with HTML in GAS's address, the users, a routing with short
+    deadlines, and a config: (registry, users, routing, config)."""
     registry = tmp_path / "registry"
     shutil.copytree(FIXTURE, registry)
     rows = list(csv.DictReader((registry / "sensors.csv").open(encoding="utf-8")))
@@ -65,8 +66,14 @@ def city(tmp_path: Path, mosquitto: Mosquitto, runtime):
     config = tmp_path / "cityops.yaml"
     config.write_text(f"engine:\n  allowed_lateness: {LATENESS_S * 1000}ms\n"
                       f"acks:\n  users: {users}\n")
-    common = ["--config", str(config), "--registry", str(registry),
-              "--routing", str(tmp_path / "routing.yaml")]
+    return registry, users, tmp_path / "routing.yaml", config
+
+
+@pytest.fixture
+def city(tmp_path: Path, mosquitto: Mosquitto, runtime):
+    """`cityops run` and `cityops console` on the module's Mosquitto."""
+    registry, users, routing, config = city_files(tmp_path)
+    common = ["--config", str(config), "--registry", str(registry), "--routing", str(routing)]
     rt = runtime(mosquitto.url, "console-city", args=common, env={"CITYOPS_TICK": "200ms"})
     console = Console(tmp_path, ["--broker", mosquitto.url, *common], {}).start()
     yield rt, console
@@ -237,3 +244,74 @@ def test_security_headers_csrf_and_login(city, browser) -> None:
     cross = page.request.post(f"{console.url}/api/incidents/0123/ack", data="{}",
                               headers={"Origin": "http://evil.example"})
     assert cross.status == 403
+
+
+def test_the_same_flow_on_the_kafka_runtime(kafka, tmp_path: Path, browser) -> None:
+    """`cityops worker` on the Kafka-protocol broker; the console reads the Kafka tier topics
+    and sends its acknowledgements to cityops.acks."""
+    registry, users, routing, config = city_files(tmp_path)
+    env = {"CITYOPS_KAFKA__BOOTSTRAP": kafka.bootstrap, "CITYOPS_KAFKA__PARTITIONS": "2",
+           "CITYOPS_KAFKA__REPLICATION": "1", "CITYOPS_ACKS__USERS": str(users),
+           "CITYOPS_REGISTRY": str(registry), "CITYOPS_ROUTING": str(routing),
+           "CITYOPS_ENGINE__ALLOWED_LATENESS": f"{LATENESS_S}s"}
+    w = CityopsProcess("worker", tmp_path, env, "worker").start()
+    console = None
+    try:
+        w.wait_partitions(2)
+        console = Console(tmp_path, ["--kafka", kafka.bootstrap], env, name="kconsole").start()
+        street = login(browser, console, "chunxi")
+        big = login(browser, console, "city-duty")
+        neighbour = login(browser, console, "neighbour")
+        for page in (street, big):
+            wait_until(lambda: page.evaluate("document.getElementById('live').dataset.connected"),
+                       10, "the page's event stream")
+        t0 = now_ms()
+        produce(kafka.bootstrap, "cityops.readings", [
+            (GAS.encode(), dumps(reading(GAS, 28.0, ts=t0))),
+            (OTHER_GAS.encode(), dumps(reading(OTHER_GAS, 28.0, ts=t0)))])
+        row = street.locator("tr.row", has_text="燃气")
+        row.first.wait_for(timeout=5000)
+        big.locator("#open-count", has_text="2").wait_for(timeout=5000)
+        print(f"on the street page and the big screen {(now_ms() - t0) / 1000:.2f} s after "
+              "the records were produced")
+        assert row.count() == 1
+        aid = row.first.get_attribute("data-alert")
+        shot(big, "kafka-city")
+
+        assert api(neighbour, f"/api/incidents/{aid}")[0] == 404
+        neighbour.reload()
+        assert neighbour.locator(f"tr[data-alert='{aid}']").count() == 0
+
+        street.goto(f"{console.url}/incidents/{aid}")
+        assert HOSTILE in street.locator(".place").inner_text()
+        assert street.evaluate("window.pwned") is None
+        street.click("button.ack-button")
+        street.locator("#state[data-state=acknowledged]").wait_for(timeout=10000)
+        acked_at = now_ms()
+        district = login(browser, console, "jinjiang")
+        assert district.locator(f"tr[data-alert='{aid}'] .state").get_attribute(
+            "data-state") == "acknowledged"
+        shot(district, "kafka-district")
+
+        # the unacknowledged one escalates (the big screen lists it); ours never does
+        big.locator(".waiting", has_text="燃气").wait_for(timeout=(ESCALATE_S + 15) * 1000)
+        wait_until(lambda: now_ms() > max(acked_at, t0 + 2 * ESCALATE_S * 1000)
+                   + (LATENESS_S + 2) * 1000, 2 * ESCALATE_S + 10, "past both deadlines")
+        states = [e["state"] for e in api(district, f"/api/incidents/{aid}")[1]["timeline"]
+                  if e["what"] == "notice"]
+        assert "escalated" not in states and "acknowledged" in states, states
+        out = TopicReader(kafka.bootstrap, ["cityops.alerts.street", "cityops.push"])
+        mine = out.until(lambda recs: any(json.loads(r.value)["alert_id"] == aid
+                                          and json.loads(r.value)["state"] == "acknowledged"
+                                          for r in recs), timeout=10)
+        assert not [r for r in mine if json.loads(r.value)["alert_id"] == aid
+                    and json.loads(r.value)["state"] == "escalated"]
+        worker_id = next(json.loads(r.value)["target"] for r in mine
+                         if json.loads(r.value)["alert_id"] == aid and r.topic == "cityops.push")
+        phone = login(browser, console, worker_id, viewport=PHONE)
+        assert "已确认" in phone.locator(f"li.push[data-alert='{aid}']").first.inner_text()
+        shot(phone, "kafka-grid-worker")
+    finally:
+        if console is not None:
+            assert console.stop() == 0, console.log()
+        w.stop()

@@ -106,6 +106,13 @@ class Hub:
         if self.loop is not None and self.watchers:
             self.loop.call_soon_threadsafe(self._fan_out, changes)
 
+    def close(self) -> None:
+        """Ends every event stream (the server is stopping)."""
+        self.closing = True
+        if self.loop is not None:
+            for q in list(self.watchers):
+                self.loop.call_soon_threadsafe(lambda q=q: q.full() or q.put_nowait(0))
+
     def sees(self, user: str, scope: Scope, c: Change) -> bool:
         return (user in c.pushed_to or scope.covers(
             _Where(c.district, c.street, c.grid),
@@ -305,6 +312,8 @@ def console_app(store: Store, users: AckUsers, feed: Any, *, secret: str, secure
                 while not hub.closing:
                     try:
                         await asyncio.wait_for(q.get(), 15)
+                        if hub.closing:
+                            break
                         yield "event: change\ndata: {}\n\n"
                     except TimeoutError:
                         yield ": still here\n\n"       # proxies close silent streams

@@ -6,8 +6,8 @@ the broker only after the store committed it, so a console stopped or killed cat
 its session when it is back. An acknowledgement is published on `{prefix}/acks/{user}`, the
 user who pressed the button: the pipeline checks that user's scope again.
 
-Kafka: the tier topics `{prefix}.alerts.*` and `{prefix}.push` in a consumer group of the
-console's own, offsets committed after the store committed. An acknowledgement is the Ack the
+Kafka: the tier topics `{prefix}.alerts.*` and `{prefix}.push`, every partition, each one's
+position kept in the store in the same transaction as what it applied. An acknowledgement is the Ack the
 pipeline applies (`by`, `tier` of the user) on `{prefix}.acks`, keyed by alert id.
 """
 
@@ -119,12 +119,15 @@ class KafkaFeed:
         self.store, self.on_change = store, on_change
         names = kt.topic_names(kafka.prefix)
         self.acks_topic = names["acks"]
-        topics = [names[f"alerts.{t}"] for t in kt.TIER_TOPICS] + [names["push"]]
-        kt.ensure_topics(kafka, topics + [self.acks_topic])
+        self.topics = [names[f"alerts.{t}"] for t in kt.TIER_TOPICS] + [names["push"]]
+        kt.ensure_topics(kafka, self.topics + [self.acks_topic])
         opts = kt.client_options(kafka)
+        # No consumer group: the console reads every partition, and where it is in each is
+        # kept in its own database, in the transaction that applied the records (a restart
+        # goes on exactly after the last record it applied)
         self.consumer = KafkaConsumer(
-            *topics, bootstrap_servers=kt.bootstrap_list(kafka.bootstrap), group_id=group,
-            client_id=group, enable_auto_commit=False, auto_offset_reset="earliest", **opts)
+            bootstrap_servers=kt.bootstrap_list(kafka.bootstrap), group_id=None, client_id=group,
+            enable_auto_commit=False, auto_offset_reset="earliest", **opts)
         self.producer = KafkaProducer(bootstrap_servers=kt.bootstrap_list(kafka.bootstrap),
                                       client_id=group, acks="all", **opts)
         self.connected = True
@@ -132,6 +135,23 @@ class KafkaFeed:
         self._thread = threading.Thread(target=self._run, name="console-feed", daemon=True)
 
     def start(self, wait_s: float = 0.0) -> None:
+        from kafka import TopicPartition
+
+        deadline = time.monotonic() + max(wait_s, 15.0)
+        tps = []
+        for topic in self.topics:
+            while not (parts := self.consumer.partitions_for_topic(topic)):
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"kafka: topic {topic} has no partitions")
+                time.sleep(0.2)
+            tps += [TopicPartition(topic, p) for p in sorted(parts)]
+        self.consumer.assign(tps)
+        done = self.store.offsets()
+        for tp in tps:
+            if (tp.topic, tp.partition) in done:
+                self.consumer.seek(tp, done[tp.topic, tp.partition])
+            else:
+                self.consumer.seek_to_beginning(tp)
         self._thread.start()
 
     def _run(self) -> None:
@@ -144,12 +164,13 @@ class KafkaFeed:
                 time.sleep(1)
                 continue
             self.connected = True
-            docs = [d for tp, records in got.items() for r in records
-                    if (d := _decoded("notice", tp.topic, r.value))]
             if not got:
                 continue
-            changes = self.store.apply(docs)
-            self.consumer.commit()             # only now: a crash before this redelivers them
+            docs = [d for tp, records in got.items() for r in records
+                    if (d := _decoded("notice", tp.topic, r.value))]
+            positions = {(tp.topic, tp.partition): records[-1].offset + 1
+                         for tp, records in got.items() if records}
+            changes = self.store.apply(docs, positions)
             if changes:
                 self.on_change(changes)
 

@@ -124,7 +124,7 @@ def serve(s: Settings, *, kafka: bool, demo: bool) -> int:
         while not stop.wait(0.5) and web.is_alive():
             pass
     finally:
-        hub.closing = True
+        hub.close()
         server.should_exit = True
         web.join(10)
         feed.stop()

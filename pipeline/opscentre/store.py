@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS events (
     by TEXT);
 CREATE INDEX IF NOT EXISTS events_alert ON events(alert_id, at);
 CREATE INDEX IF NOT EXISTS events_push ON events(target, what, at) WHERE tier = 'grid';
+CREATE TABLE IF NOT EXISTS offsets (topic TEXT, partition INTEGER, next INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition));
 """
 
 SEVERITIES = ("blue", "yellow", "orange", "red")
@@ -117,9 +119,10 @@ class Store:
         return db
 
     # ---- writing -------------------------------------------------------------------------------
-    def apply(self, messages: Iterable[tuple[str, dict[str, Any]]]) -> list[Change]:
-        """Apply (kind, document) pairs — kind "notice" or "receipt" — in one transaction;
-        returns the incidents they touched."""
+    def apply(self, messages: Iterable[tuple[str, dict[str, Any]]],
+              positions: dict[tuple[str, int], int] | None = None) -> list[Change]:
+        """Apply (kind, document) pairs — kind "notice" or "receipt" — in one transaction,
+        with where a Kafka feed is now in each partition; returns the incidents touched."""
         touched: dict[str, set[str]] = {}
         with self._write_lock:
             db = self._db()
@@ -130,6 +133,8 @@ class Store:
                         self._notice(db, doc, touched)
                     elif kind == "receipt":
                         self._receipt(db, doc, touched)
+                db.executemany("INSERT OR REPLACE INTO offsets(topic, partition, next) "
+                               "VALUES (?, ?, ?)", [(t, p, n) for (t, p), n in (positions or {}).items()])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -216,6 +221,11 @@ class Store:
                 "VALUES (?,?,?,?,?,?,?,?)",
                 (f"a|{alert_id}|{user}|{at}", alert_id, at, "ack", None, page,
                  orjson.dumps({"note": note, "page": page}).decode(), user))
+
+    def offsets(self) -> dict[tuple[str, int], int]:
+        """A Kafka feed's next offset per (topic, partition), as last committed."""
+        return {(t, p): n for t, p, n in self._db().execute("SELECT topic, partition, next "
+                                                             "FROM offsets")}
 
     # ---- reading -------------------------------------------------------------------------------
     def scope_sql(self, scope: Scope) -> tuple[str, list[Any]]:
