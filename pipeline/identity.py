@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.models import Ack, AckRequest, DeadLetter, Tier
 from pipeline.registry import Place, Registry
@@ -60,9 +60,16 @@ class _UserSpec(BaseModel):
     code: str | list[str] | None = None
     token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                      description="SHA-256 (hex) of the user's HTTP bearer token")
-    password: str | None = Field(default=None, pattern=r"^\$argon2id\$",
-                                 description="the web console's login: an argon2id hash "
-                                 "(`cityops console passwd`), never the password itself")
+    password: str | None = Field(default=None, description="the web console's login: an "
+                                 "argon2id hash, never the password itself")
+
+    @field_validator("password")
+    @classmethod
+    def _hashed(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("$argon2id$"):
+            raise ValueError("write the password's argon2id hash ($argon2id$…, made by "
+                             "`cityops console --hash-password`), never the password itself")
+        return v
 
 
 class _UsersFile(BaseModel):
