@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo test test-deps check fuzz bench bench-quick bench-runtime bench-kafka bench-sink bench-history soak attack clean
+.PHONY: run demo test test-deps check fuzz bench bench-quick bench-runtime bench-kafka bench-sink bench-history bench-console soak attack clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -90,6 +90,10 @@ bench-runtime: $(STAMP) test-deps
 ## bench-kafka: cityops worker on tansu vs a raw kafka-python loop and a naive Faust agent
 bench-kafka: $(STAMP)
 	$(PY) bench/kafka_bench.py
+
+## bench-console: the web console with 10,000 open incidents and 200 notices/s, in Chromium
+bench-console: $(STAMP) test-deps
+	$(PY) bench/console_bench.py
 
 ## attack: hostile input, kill -9 in an outage, broker kill, forged acks, idle HTTP: a table
 attack: $(STAMP) test-deps

@@ -487,7 +487,11 @@ def _console(args: argparse.Namespace) -> int:
 
         from pipeline.opscentre.auth import hash_password
         password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline()
-        print(hash_password(password.rstrip("\n")))
+        password = password.rstrip("\n")
+        if len(password) < 8:
+            raise ConfigError("--hash-password", None, "give a password of 8 characters or more "
+                              "(typed, or one line on standard input)")
+        print(hash_password(password))
         return 0
     from pipeline.config import KafkaSettings
     from pipeline.opscentre.server import serve

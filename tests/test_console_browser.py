@@ -211,6 +211,16 @@ def test_the_console_end_to_end_in_a_browser(city, mosquitto: Mosquitto, browser
         "incidents"]} - before and {i["alert_id"] for i in api(big, "/api/incidents?state=open")[1][
             "incidents"]}, 10, "the leak that came while the console was down")
     assert before < after and len(after - before) == 1
+    # the grid worker acknowledges the new one with one tap on the phone
+    (new,) = after - before
+    phone = login(browser, console, worker, viewport=PHONE)
+    push = phone.locator(f"li.push[data-alert='{new}']").first
+    push.locator("button.ack-button").click()
+    phone.locator(f"li.push[data-alert='{new}'] .state[data-state=acknowledged]").first.wait_for(
+        timeout=5000)
+    timeline = api(big, f"/api/incidents/{new}")[1]["timeline"]
+    assert [(e["by"], e["detail"]["page"]) for e in timeline if e["what"] == "ack"] == [(worker, "me")]
+    shot(phone, "grid-worker-one-tap")
     street = login(browser, console, "chunxi")           # (a new login: new cookies)
     street.goto(f"{console.url}/incidents?state=open")
     again = set(street.locator("tr.row").evaluate_all("rs => rs.map(r => r.dataset.alert)"))

@@ -46,7 +46,7 @@ from pipeline.identity import AckUsers, Forbidden, Scope
 from pipeline.models import AckRequest, Tier
 from pipeline.opscentre.auth import check_password, csrf_ok, new_csrf
 from pipeline.opscentre.geo import CityMap
-from pipeline.opscentre.store import SEVERITIES, STATES, Change, Filters, Store
+from pipeline.opscentre.store import PAGE_ROWS, SEVERITIES, STATES, Change, Filters, Store
 
 HERE = Path(__file__).parent
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -237,9 +237,9 @@ def console_app(store: Store, users: AckUsers, feed: Any, *, secret: str, secure
         if values["state"] not in (None, "open", *STATES):
             values["state"] = None
         try:
-            limit = min(1000, max(1, int(q.get("limit", 200))))
+            limit = min(1000, max(1, int(q.get("limit", PAGE_ROWS))))
         except ValueError:
-            limit = 200
+            limit = PAGE_ROWS
         return Filters(**values, sort=q.get("sort", "started"), desc=q.get("order") != "asc",
                        limit=limit)
 

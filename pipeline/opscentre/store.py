@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS offsets (topic TEXT, partition INTEGER, next INTEGER 
     PRIMARY KEY (topic, partition));
 """
 
+PAGE_ROWS = 100               # a list page's rows (the API may ask up to 1,000)
 SEVERITIES = ("blue", "yellow", "orange", "red")
 STATES = ("firing", "escalated", "acknowledged", "resolved")
 # What a notice's place fields are called, in the incident row too.
@@ -93,7 +94,7 @@ class Filters:
     grid: str | None = None
     sort: str = "started"
     desc: bool = True
-    limit: int = 200
+    limit: int = PAGE_ROWS
 
 
 class Store:
@@ -267,12 +268,16 @@ class Store:
             f"ELSE 1 END AS sev_rank FROM incidents WHERE {sql_where} "
             f"ORDER BY {order} {'DESC' if f.desc else 'ASC'}, alert_id LIMIT ?",
             (*args, f.limit)).fetchall()
-        total = db.execute(f"SELECT COUNT(*) FROM incidents WHERE {sql_where}", args).fetchone()[0]
-        counts = {}
-        for column in ("severity", "category", "state", "street_name"):
-            counts[column] = dict(db.execute(
-                f"SELECT {column}, COUNT(*) FROM incidents WHERE {sql_where} GROUP BY {column} "
-                f"ORDER BY COUNT(*) DESC", args).fetchall())
+        # the counts in one pass over what matches (this runs at every live refresh of a page)
+        columns = ("severity", "category", "state", "street_name")
+        counts: dict[str, dict] = {c: {} for c in columns}
+        total = 0
+        for *keys, n in db.execute(f"SELECT {', '.join(columns)}, COUNT(*) FROM incidents "
+                                   f"WHERE {sql_where} GROUP BY 1, 2, 3, 4", args):
+            total += n
+            for column, key in zip(columns, keys):
+                counts[column][key] = counts[column].get(key, 0) + n
+        counts = {c: dict(sorted(v.items(), key=lambda kv: -kv[1])) for c, v in counts.items()}
         return [_row(r) for r in rows], total, counts
 
     def incident(self, scope: Scope, alert_id: str) -> dict | None:

@@ -5,7 +5,7 @@
   "use strict";
   const live = document.getElementById("live");
   if (!live || !live.dataset.live) return;
-  let busy = false, again = false;
+  let busy = false, again = false, typing = false;
   async function refresh() {
     if (busy) { again = true; return; }
     busy = true;
@@ -15,7 +15,8 @@
       if (r.redirected || r.status === 401) { location.reload(); return; }
       if (r.ok) {
         const active = document.activeElement;
-        if (active && active.form && live.contains(active) && active.value) {
+        typing = Boolean(active && active.form && live.contains(active) && active.value);
+        if (typing) {
           again = true;        // someone is typing a note: wait until they are done
         } else {
           live.innerHTML = await r.text();
@@ -24,10 +25,12 @@
       }
     } finally {
       busy = false;
-      if (again) { again = false; setTimeout(refresh, 500); }
+      if (again) { again = false; setTimeout(refresh, typing ? 500 : 0); }
     }
   }
   const events = new EventSource("/events");
   events.addEventListener("change", refresh);
   events.addEventListener("open", () => { live.dataset.connected = "1"; refresh(); });
+  // the big screen's "waited" times move on when nothing changes too
+  if (live.dataset.tick) setInterval(refresh, Number(live.dataset.tick) * 1000);
 })();
