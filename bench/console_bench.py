@@ -17,7 +17,8 @@ subprocess, Debian's Chromium driven by Playwright. Inputs: notices as the pipel
       incident of that street; a MutationObserver in the page stamps when each new row shows,
       compared with the time it was published (one clock: the same machine).
   (4) the console's CPU over (3), from /proc/<pid>/stat: CPU seconds per second, and per
-      1,000 notices/s.
+      1,000 notices/s; then the same load for half as long with no page open (what taking
+      the notices in costs, without serving a live page).
 
 Writes bench/out/console.json (--quick: console-quick.json) and prints the figures.
 """
@@ -39,11 +40,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import paho.mqtt.client as paho  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 from pipeline.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
-from tests.brokers import Mosquitto, publish_many  # noqa: E402
+from tests.brokers import Mosquitto, host_port, publish_many  # noqa: E402
 from tests.console_browser import CHROMIUM, CHROMIUM_ARGS, Console, login, users_file  # noqa: E402
 
 SEVERITIES = ("blue", "yellow", "orange", "red")
@@ -150,7 +153,7 @@ def main() -> int:
             for _ in range(a.renders):
                 sp = login(browser, console, "street")
                 got = sp.goto(f"{console.url}/incidents")
-                assert got.status == 200 and sp.locator("tr.row").count() == 100, got.status
+                assert got.status == 200 and sp.locator("tr.row").count() == min(100, in_street)
                 timing = sp.evaluate("() => { const n = performance.getEntriesByType("
                                      "'navigation')[0]; return [n.loadEventEnd - n.startTime, "
                                      "n.responseEnd - n.startTime]; }")
@@ -174,53 +177,67 @@ def main() -> int:
               .observe(document.getElementById('live'), {childList: true, subtree: true}); }""")
             street_places = [pl for pl in places if pl.street == busiest]
             published: dict[str, float] = {}
-            cpu0, wall0 = cpu_seconds(console.proc.pid), time.monotonic()
-            stop = threading.Event()
-            sent = [0]
+            # one connection for the whole run, as a pipeline publishes (QoS 1)
+            pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="console-bench-publisher")
+            pub.max_inflight_messages_set(1000)
+            pub.connect(*host_port(broker.url))
+            pub.loop_start()
 
-            def pace() -> None:
-                tick = 0.1
-                per_tick = a.rate * tick
-                nxt = time.monotonic()
-                while not stop.is_set():
-                    msgs = []
-                    for _ in range(int(per_tick)):
-                        if gen.rng.random() < 0.1:
-                            n = gen.make(gen.rng.choice(street_places), severity="red")
-                            published[n["alert_id"]] = time.time() * 1000
-                        elif gen.rng.random() < 0.5:
-                            old = gen.rng.choice(batch)
-                            n = dict(old, seq=old["seq"] + 1, state="escalated", escalation=1)
-                            old["seq"] += 1
-                        else:
-                            n = gen.make(gen.rng.choice(places))
-                        msgs.append((topic(n), json.dumps(n, ensure_ascii=False)))
-                    publish_many(broker.url, msgs, timeout=30)
-                    sent[0] += len(msgs)
-                    nxt += tick
-                    time.sleep(max(0.0, nxt - time.monotonic()))
+            def load(seconds: float) -> tuple[float, float]:
+                """--rate notices/s for ``seconds``: (notices/s sent, console CPU s/s)."""
+                stop = threading.Event()
+                sent = [0]
 
-            pacer = threading.Thread(target=pace, daemon=True)
-            pacer.start()
-            time.sleep(a.seconds)
-            stop.set()
-            pacer.join()
-            wall = time.monotonic() - wall0
-            cpu = cpu_seconds(console.proc.pid) - cpu0
+                def pace() -> None:
+                    tick = 0.05
+                    nxt = time.monotonic()
+                    while not stop.is_set():
+                        for _ in range(int(a.rate * tick)):
+                            if gen.rng.random() < 0.1:
+                                n = gen.make(gen.rng.choice(street_places), severity="red")
+                                published[n["alert_id"]] = time.time() * 1000
+                            elif gen.rng.random() < 0.5:
+                                old = gen.rng.choice(batch)
+                                n = dict(old, seq=old["seq"] + 1, state="escalated", escalation=1)
+                                old["seq"] += 1
+                            else:
+                                n = gen.make(gen.rng.choice(places))
+                            pub.publish(topic(n), json.dumps(n, ensure_ascii=False), qos=1)
+                            sent[0] += 1
+                        nxt += tick
+                        time.sleep(max(0.0, nxt - time.monotonic()))
+
+                cpu0, wall0 = cpu_seconds(console.proc.pid), time.monotonic()
+                pacer = threading.Thread(target=pace, daemon=True)
+                pacer.start()
+                time.sleep(seconds)
+                stop.set()
+                pacer.join()
+                wall = time.monotonic() - wall0
+                return sent[0] / wall, (cpu_seconds(console.proc.pid) - cpu0) / wall
+
+            rate, cpu = load(a.seconds)
             time.sleep(2)                  # the last rows reach the page
             seen = sp.evaluate("window.seen")
             lat = [seen[k] - v for k, v in published.items() if k in seen]
-            rate = sent[0] / wall
             out["notice_to_screen_ms"] = {"samples": len(lat), "of": len(published),
                                           "median": round(pct(lat, 50)), "p99": round(pct(lat, 99)),
                                           "max": round(max(lat))}
-            out["cpu"] = {"notices_per_s": round(rate), "cpu_s_per_s": round(cpu / wall, 3),
-                          "cpu_s_per_s_per_1000_notices_s": round(cpu / wall / rate * 1000, 3)}
             print(f"(3) notice -> street page: median {out['notice_to_screen_ms']['median']} ms, "
                   f"p99 {out['notice_to_screen_ms']['p99']} ms ({len(lat)} of {len(published)} "
                   f"new rows seen) at {rate:.0f} notices/s")
-            print(f"(4) console CPU: {cpu / wall:.3f} s/s at {rate:.0f} notices/s = "
-                  f"{out['cpu']['cpu_s_per_s_per_1000_notices_s']} CPU s/s per 1,000 notices/s")
+            sp.context.close()                 # (4b) the same load with nobody watching
+            quiet_rate, quiet_cpu = load(a.seconds / 2)
+            pub.loop_stop()
+            pub.disconnect()
+            out["cpu"] = {"notices_per_s": round(rate), "cpu_s_per_s": round(cpu, 3),
+                          "per_1000_notices_s": round(cpu / rate * 1000, 3),
+                          "unwatched_cpu_s_per_s": round(quiet_cpu, 3),
+                          "unwatched_per_1000_notices_s": round(quiet_cpu / quiet_rate * 1000, 3)}
+            print(f"(4) console CPU: {cpu:.3f} s/s at {rate:.0f} notices/s with the street page "
+                  f"open = {out['cpu']['per_1000_notices_s']} CPU s/s per 1,000 notices/s; "
+                  f"nobody watching: {quiet_cpu:.3f} s/s = "
+                  f"{out['cpu']['unwatched_per_1000_notices_s']} per 1,000 notices/s")
             browser.close()
         (ROOT / "bench" / "out").mkdir(exist_ok=True)
         name = "console-quick.json" if a.quick else "console.json"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from tests.brokers import Mosquitto, Subscriber, mosquitto_pub, publish
 from tests.kafka_broker import CityopsProcess, TopicReader, produce
 from tests.console_browser import (CHROMIUM, CHROMIUM_ARGS, PHONE, Console, api, login, shot,
                                    users_file, wait_until)
-from tests.test_runtime_mqtt import (FIXTURE, ROOT, dumps, iso_ms, notices, now_ms, on_shift,
+from tests.test_runtime_mqtt import (FIXTURE, ROOT, dumps, notices, now_ms, on_shift,
                                      reading, runtime)  # noqa: F401  (runtime: a fixture)
 
 pytestmark = pytest.mark.broker

@@ -4,7 +4,6 @@ what a scope sees in SQL is what Scope.covers says, and Kafka positions commit w
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import orjson
