@@ -324,3 +324,29 @@ def test_the_same_flow_on_the_kafka_runtime(kafka, tmp_path: Path, browser) -> N
         if console is not None:
             assert console.stop() == 0, console.log()
         w.stop()
+
+
+def test_a_bad_message_on_the_alerts_topics_is_skipped_and_the_console_goes_on(
+        city, mosquitto: Mosquitto, browser) -> None:
+    """Only the pipeline may write there (deploy ACL); should anything else arrive, it is
+    skipped with a warning, acknowledged like the rest, and what follows still shows."""
+    rt, console = city
+    good = {"alert_id": "0" * 16, "seq": 1, "rule_id": "gas.leak", "sensor_id": GAS,
+            "kind": "gas_household", "category": "gas", "severity": "yellow", "level": "III",
+            "fiware_severity": "medium", "state": "firing", "tier": "street",
+            "target": "510104020", "district": "510104", "district_name": "锦江区",
+            "street": "510104020", "street_name": "春熙路街道", "title": "【黄色预警】测试",
+            "summary": "测试", "started_at": "2026-07-01T14:03:00+08:00",
+            "ts": "2026-07-01T14:03:00+08:00"}
+    for bad in (b"not json", b"[1, 2]", dumps({"alert_id": "1" * 16}),
+                dumps(dict(good, alert_id="2" * 16, ts="yesterday")),
+                dumps(dict(good, alert_id="3" * 16, severity="purple"))):
+        assert publish(mosquitto.url, "cityops/alerts/street/510104020", bad) == 0
+    assert publish(mosquitto.url, "cityops/receipts", dumps({"alert_id": "4" * 16})) == 0
+    assert publish(mosquitto.url, "cityops/alerts/street/510104020", dumps(good)) == 0
+    page = login(browser, console, "chunxi")
+    wait_until(lambda: api(page, f"/api/incidents/{'0' * 16}")[0] == 200, 10,
+               "the good notice after the bad ones")
+    assert {i["alert_id"] for i in api(page, "/api/incidents")[1]["incidents"]} == {"0" * 16}
+    assert console.proc.poll() is None
+    assert console.log().count("skipped") == 6, console.log()

@@ -16,14 +16,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
 from connectors import kafka as kt
 from connectors.mqtt import MqttLink
-from pipeline.models import Ack, AckRequest
+from pipeline.models import Ack, AckRequest, AlertNotice
 from pipeline.opscentre.store import Change, Store
 
 log = logging.getLogger("cityops.console")
@@ -32,15 +35,34 @@ OnChange = Callable[[list[Change]], None]
 
 
 def _decoded(kind: str, where: str, payload: bytes) -> tuple[str, dict] | None:
+    """A notice (the public contract, AlertNotice) or a push receipt as a dict; None, with a
+    warning, for anything else: the pipeline never writes such a message, so someone else
+    published there, and one bad message must not stop the console (nor come back at every
+    restart: it is acknowledged like the rest)."""
     try:
         doc = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        doc = None
-    if not isinstance(doc, dict) or "alert_id" not in doc:
-        # the pipeline never writes such a message: someone else published there
-        log.warning("not a %s on %s, skipped: %r", kind, where, payload[:200])
+        if kind == "notice":
+            AlertNotice.model_validate(doc)
+        elif not (isinstance(doc, dict) and isinstance(doc.get("alert_id"), str)
+                  and isinstance(doc.get("at"), str) and datetime.fromisoformat(doc["at"])):
+            raise ValueError("a receipt names its alert_id and says when (at, RFC 3339)")
+    except (orjson.JSONDecodeError, ValidationError, ValueError) as exc:
+        log.warning("not a %s on %s, skipped (%s): %r", kind, where,
+                    str(exc).splitlines()[0][:200], payload[:200])
         return None
     return kind, doc
+
+
+@contextmanager
+def _failing_loudly(feed: Any) -> Iterator[None]:
+    """A feed that cannot apply what it took (its database unwritable, or a bug) stops taking
+    more — nothing is acknowledged that was not applied — says so in the log, and /healthz
+    answers 503 from then on."""
+    try:
+        yield
+    except Exception:
+        feed.failed = True
+        log.exception("the console stopped taking notices; restart it once the cause is fixed")
 
 
 class MqttFeed:
@@ -59,6 +81,7 @@ class MqttFeed:
 
         self._link = link
         self.link = link()
+        self.failed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="console-feed", daemon=True)
 
@@ -86,6 +109,10 @@ class MqttFeed:
         return None
 
     def _run(self) -> None:
+        with _failing_loudly(self):
+            self._apply_until_stopped()
+
+    def _apply_until_stopped(self) -> None:
         while not self._stop.is_set():
             batch = self.link.take(1000, 0.2)
             if not batch:
@@ -102,7 +129,7 @@ class MqttFeed:
                           request.model_dump_json(exclude_none=True).encode())
 
     def healthy(self) -> bool:
-        return self.link.connected.is_set()
+        return self.link.connected.is_set() and not self.failed
 
     def stop(self) -> None:
         self._stop.set()
@@ -131,6 +158,7 @@ class KafkaFeed:
         self.producer = KafkaProducer(bootstrap_servers=kt.bootstrap_list(kafka.bootstrap),
                                       client_id=group, acks="all", **opts)
         self.connected = True
+        self.failed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="console-feed", daemon=True)
 
@@ -155,6 +183,10 @@ class KafkaFeed:
         self._thread.start()
 
     def _run(self) -> None:
+        with _failing_loudly(self):
+            self._apply_until_stopped()
+
+    def _apply_until_stopped(self) -> None:
         while not self._stop.is_set():
             try:
                 got = self.consumer.poll(timeout_ms=200, max_records=1000)
@@ -180,7 +212,7 @@ class KafkaFeed:
         self.producer.flush(10)
 
     def healthy(self) -> bool:
-        return self.connected
+        return self.connected and not self.failed
 
     def stop(self) -> None:
         self._stop.set()
