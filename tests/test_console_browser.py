@@ -23,8 +23,8 @@ from playwright.sync_api import sync_playwright
 
 from tests.brokers import Mosquitto, Subscriber, mosquitto_pub, publish
 from tests.kafka_broker import CityopsProcess, TopicReader, produce
-from tests.console_browser import (CHROMIUM, CHROMIUM_ARGS, PHONE, Console, api, login, shot,
-                                   users_file, wait_until)
+from tests.console_browser import (CHROMIUM, CHROMIUM_ARGS, PASSWORD, PHONE, Console, api, login,
+                                   shot, users_file, wait_until)
 from tests.test_runtime_mqtt import (FIXTURE, ROOT, dumps, notices, now_ms, on_shift,
                                      reading, runtime)  # noqa: F401  (runtime: a fixture)
 
@@ -253,6 +253,15 @@ def test_security_headers_csrf_and_login(city, browser) -> None:
     cross = page.request.post(f"{console.url}/api/incidents/0123/ack", data="{}",
                               headers={"Origin": "http://evil.example"})
     assert cross.status == 403
+    # guessing is slowed: after 10 wrong passwords, even the right one waits (this client)
+    guess = browser.new_context().new_page()
+    for n in range(11):
+        guess.goto(f"{console.url}/login")
+        guess.fill("input[name=user]", "neighbour")
+        guess.fill("input[name=password]", "wrong" if n < 10 else PASSWORD)
+        guess.click("button[type=submit]")
+        guess.wait_for_load_state()
+    assert "尝试次数过多" in guess.content() and guess.url.endswith("/login")
 
 
 def test_the_same_flow_on_the_kafka_runtime(kafka, tmp_path: Path, browser) -> None:

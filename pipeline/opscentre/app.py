@@ -66,6 +66,7 @@ PAGES = {"incident": "事件详情页", "list": "事件列表页", "me": "网格
          "api": "API"}
 MAX_NOTE = 500
 MAX_FORM = 16 * 1024
+LOGIN_TRIES, LOGIN_WINDOW_S = 10, 600       # failed logins of one user from one client
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,16 +200,28 @@ def console_app(store: Store, users: AckUsers, feed: Any, *, secret: str, secure
         return page(request, "login", {"next": safe_next(request.query_params.get("next")),
                                        "error": None})
 
+    failures: dict[tuple[str, str], list[float]] = {}     # (user, client) -> when it failed
+
     async def login(request: Request) -> Response:
         form = await form_of(request)
         nxt = safe_next(str(form.get("next") or "/"))
         if not csrf_ok(request.session, str(form.get("csrf") or "")):
             request.session["csrf"] = new_csrf()
             return page(request, "login", {"next": nxt, "error": "页面已过期，请重新登录。"}, 403)
-        user, password = str(form.get("user") or ""), str(form.get("password") or "")
+        user, password = str(form.get("user") or "")[:64], str(form.get("password") or "")
+        # guessing from one client is slowed to LOGIN_TRIES a window, per user (keyed by the
+        # client too, so nobody can lock a user out from elsewhere)
+        key = (user, request.client.host if request.client else "")
+        now = clock()
+        recent = [t for t in failures.get(key, []) if t > now - LOGIN_WINDOW_S]
+        if len(recent) >= LOGIN_TRIES:
+            wait = int(recent[0] + LOGIN_WINDOW_S - now) // 60 + 1
+            return page(request, "login", {"next": nxt, "error": f"尝试次数过多，请{wait}分钟后再试。"}, 429)
         ok = await asyncio.to_thread(check_password, users, user, password)
         if not ok:
+            failures[key] = [*recent, now]
             return page(request, "login", {"next": nxt, "error": "用户名或密码错误。"}, 401)
+        failures.pop(key, None)
         request.session.clear()            # a fresh session (and CSRF token) at every login
         request.session.update(user=user, csrf=new_csrf(), until=clock() + session_hours * 3600)
         return RedirectResponse(nxt if nxt != "/" else home(user, users.scopes[user]), 303)
