@@ -644,10 +644,14 @@ class Absence(Evaluator):
                                heard=last))
 
     def recover(self, s: int, ts: int) -> None:
-        subject = self.silent.pop(s, None)
+        subject = self.silent.get(s)
         if subject is None:
             return
         key: int | str = s if subject == "" else subject
+        tr = self.tracks.get(key)
+        if tr is not None and ts < tr.started - int(self.absent_ms[s]):
+            return      # older than the silence the incident stands for: it goes on (README)
+        del self.silent[s]
         tr = self.tracks.pop(key, None)
         if tr is None:
             return
