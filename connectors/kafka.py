@@ -76,9 +76,10 @@ def bootstrap_list(bootstrap: str) -> list[str]:
 def ensure_topics(kafka, names: Iterable[str] | None = None, *, partitions: int | None = None,
                   timeout_s: float = 30.0) -> list[str]:
     """Create the topics that do not exist yet (partitions and replication from the settings);
-    returns the ones created. Existing topics are left as they are."""
+    returns the ones this call created. Existing topics are left as they are, also those
+    another process creates meanwhile."""
     from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import KafkaError
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
 
     names = list(names) if names is not None else list(topic_names(kafka.prefix).values())
     try:
@@ -91,9 +92,13 @@ def ensure_topics(kafka, names: Iterable[str] | None = None, *, partitions: int 
     try:
         have = set(admin.list_topics())
         missing = [n for n in names if n not in have]
-        if missing:
-            admin.create_topics([NewTopic(n, partitions or kafka.partitions, kafka.replication)
-                                 for n in missing])
-        return missing
+        created = []
+        for n in missing:       # one at a time: workers started together race to create them
+            try:
+                admin.create_topics([NewTopic(n, partitions or kafka.partitions, kafka.replication)])
+                created.append(n)
+            except TopicAlreadyExistsError:
+                pass            # another process made it first: as good as ours
+        return created
     finally:
         admin.close()

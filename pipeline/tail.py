@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -106,8 +107,17 @@ def tail(host: str, port: int, prefix: str, keep: Filter, *, username: str | Non
     shown = 0
     announced = False
     deadline = time.monotonic() + answer_within
+    # Ctrl-C sets a flag the loop looks at, not a KeyboardInterrupt raised wherever the main
+    # thread happens to be: raised inside the queue's lock (between acquiring it and the `with`
+    # body) it would leave the lock held, and paho's thread, putting the next message, would
+    # wait for it forever, and loop_stop() for paho's thread
+    stop = threading.Event()
     try:
-        while count is None or shown < count:
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    except ValueError:                  # not the main thread (a test calling this): no handler
+        previous = None
+    try:
+        while (count is None or shown < count) and not stop.is_set():
             if answered.is_set() and not announced:     # said once the broker has answered
                 announced = True
                 print(f"cityops tail: mqtt://{host}:{port} {', '.join(topics)} (Ctrl-C stops)",
@@ -128,6 +138,8 @@ def tail(host: str, port: int, prefix: str, keep: Filter, *, username: str | Non
     except KeyboardInterrupt:       # Ctrl-C is how a person stops watching: not an error
         return 0
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         client.disconnect()
         client.loop_stop()
     return 0

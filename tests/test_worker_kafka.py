@@ -475,3 +475,30 @@ def test_an_alarm_resent_behind_a_newer_reading_fires_on_the_worker(kafka, tmp_p
         assert [d["reason"] for d in dead.values()] == ["stale"]
     finally:
         w.stop()
+
+
+def test_workers_started_together_make_each_topic_once_and_none_fails(kafka) -> None:
+    """Found by the two-worker test under load: both workers saw the topics missing, both asked
+    to create them, and the second died of TopicAlreadyExistsError."""
+    from connectors.kafka import ensure_topics
+    from pipeline.config import KafkaSettings
+    settings = KafkaSettings(bootstrap=kafka.bootstrap, prefix="race", partitions=2, replication=1)
+    go = threading.Barrier(4)
+    made: list[list[str]] = []
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        go.wait()
+        try:
+            made.append(ensure_topics(settings))
+        except BaseException as exc:       # noqa: BLE001  (any failure is what we look for)
+            failed.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failed, failed
+    created = [n for m in made for n in m]
+    assert sorted(created) == sorted(topic_names("race").values())     # each once, by someone
