@@ -144,6 +144,8 @@ class Engine:
                 for rid in e.spec.of:
                     self._listeners.setdefault(rid, []).append(e)
         self.silent: set[int] = set()       # sensors in an absence incident (any absence rule)
+        self._silent_np = np.zeros(max(n, 1), dtype=bool)     # the same, as a mask
+        self._gateway_members = [self._members_by_gateway(a) for a in self.absence]
         # the batch being taken (see _screen_and_evaluate): its accepted readings in rank order,
         # the stamps applied so far, payload horizons, the loop's place, readings to act still
         self._seen_idx = self._seen_ts = self._seen_pay = _EMPTY
@@ -167,6 +169,18 @@ class Engine:
         self.max_ts = 0
         self.watch_start = 0                # when absence watching began (event time)
         self.counters: Counter[str] = Counter()
+
+    def _members_by_gateway(self, a: ev.Absence) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Per gateway, the sensors the rule watches behind it, computed once: (how many,
+        where each gateway's run starts in the third array, the sensors in gateway order)."""
+        gw = a.gateway_of
+        if gw is None:
+            return None
+        watched = np.flatnonzero((a.absent_ms > 0) & (gw >= 0))
+        total = np.bincount(gw[watched], minlength=len(self.registry.gateways))
+        starts = np.zeros(len(total) + 1, dtype=np.int64)
+        np.cumsum(total, out=starts[1:])
+        return total, starts, watched[np.argsort(gw[watched], kind="stable")]
 
     @staticmethod
     def _quiet_path(handlers: tuple) -> tuple[float, dict] | None:
@@ -444,7 +458,7 @@ class Engine:
         if len(busy):
             matter |= ok & ~no_value & np.isin(idx, busy)
         if self.silent:                     # any reading of a silent sensor ends its silence
-            matter |= ok & np.isin(idx, np.fromiter(self.silent, np.int64, len(self.silent)))
+            matter |= ok & self._silent_np[idx]
         if self._battery_kinds_any:
             bat = np.array([r.battery for r in readings], dtype=np.float64)   # None -> nan
             low = ok & (bat <= self._battery_ceiling_np[kind])                # nan: False
@@ -713,26 +727,23 @@ class Engine:
         seen = np.maximum(self._last_seen_np, self.watch_start)
         upcoming = NEVER
         found: list[int] = []
-        for a in self.absence:
+        for a, members in zip(self.absence, self._gateway_members, strict=True):
             due = seen + a.absent_ms
             watched = a.absent_ms > 0
             mask = watched & (due <= at)
             later = due[watched & ~mask]
             if len(later):
                 upcoming = min(upcoming, int(later.min()))
-            idxs = np.flatnonzero(mask)
-            if not len(idxs):
+            new_mask = mask & ~a.silent_mask
+            if not new_mask.any():
                 continue
-            new = [i for i in idxs.tolist() if i not in a.silent]
-            if not new:
-                continue
+            new = np.flatnonzero(new_mask).tolist()
             found += new
             whole: set[int] = set()
             gw = a.gateway_of
-            if gw is not None:
-                has_gw = gw >= 0
-                total = np.bincount(gw[watched & has_gw], minlength=len(self.registry.gateways))
-                quiet = np.bincount(gw[mask & has_gw], minlength=len(self.registry.gateways))
+            if members is not None:
+                total, starts, by_gw = members
+                quiet = np.bincount(gw[mask & (gw >= 0)], minlength=len(total))
                 whole = set(np.flatnonzero((total >= 2) & (quiet == total)).tolist())
             by_gateway: dict[int, list[int]] = {}
             for i in new:
@@ -740,18 +751,19 @@ class Engine:
                 if g in whole:
                     by_gateway.setdefault(g, []).append(i)
                 else:
-                    a.silent[i] = ""
-                    self.silent.add(i)
+                    a.mark(i, "")
+                    self._silence(i)
                     a.fire(i, int(due[i]), int(self.last_seen[i]), None)
-            for g, members in by_gateway.items():
+            for g, new_members in by_gateway.items():
                 subject = "gw:" + self.registry.gateways[g]
                 if subject not in a.tracks:
-                    all_members = np.flatnonzero((gw == g) & watched).tolist()
+                    all_members = by_gw[starts[g]:starts[g + 1]]
                     when = int(due[all_members].max())
-                    a.fire(subject, when, int(self._last_seen_np[all_members].max()), all_members)
-                for i in members:
-                    a.silent[i] = subject
-                    self.silent.add(i)
+                    a.fire(subject, when, int(self._last_seen_np[all_members].max()),
+                           all_members.tolist())
+                for i in new_members:
+                    a.mark(i, subject)
+                    self._silence(i)
         if found and self._horizons is not None:
             self._drain(out)
             self._readings_after_scan(found)
@@ -791,14 +803,20 @@ class Engine:
                 self._recover(s, ts)
                 self._drain(out)
 
+    def _silence(self, idx: int) -> None:
+        self.silent.add(idx)
+        self._silent_np[idx] = True
+
     def _recover(self, idx: int, ts: int) -> None:
+        freed: list[int] = []
         for a in self.absence:
-            a.recover(idx, ts)
-        # a gateway that is back frees its other sensors too; rare, so recount (in place: the
-        # hot loop holds a reference to this set)
-        self.silent.clear()
-        for a in self.absence:
-            self.silent.update(a.silent)
+            freed += a.recover(idx, ts)
+        # a gateway that is back frees its other sensors too (in place: the hot loop holds a
+        # reference to this set); one still silent under another absence rule stays
+        for i in freed:
+            if i in self.silent and not any(a.silent_mask[i] for a in self.absence):
+                self.silent.discard(i)
+                self._silent_np[i] = False
         # it, or its gateway's others (silent still, and now one by one), can fall silent: check
         # at the first scan time the scans have not covered yet (every scan time up to the
         # timers' frontier counts as done, found something or not, so a late reading does not
@@ -872,8 +890,10 @@ class Engine:
                 lost["tracks"] += e.load(state["rules"][e.id], sidx)
         lost["incidents"] += self.book.load(state["book"], sidx)
         self.silent.clear()
+        self._silent_np[:] = False
         for a in self.absence:
             self.silent.update(a.silent)
+            self._silent_np |= a.silent_mask
         heap = []
         for due, n, owner, key in state["timers"]:
             if isinstance(owner, str):
