@@ -26,7 +26,6 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Any
 
 import msgspec
@@ -363,8 +362,8 @@ class Engine:
                              spans: list | None, claims: tuple | None, ends: list[int]) -> None:
         n = len(readings)
         s = self.settings
-        idx_list = list(map(self.registry.index.get, [r.sensor_id for r in readings], repeat(-1, n)))
-        idx = np.array(idx_list, dtype=np.int64)
+        idx = self.registry.index.lookup([r.sensor_id for r in readings])
+        idx_list = idx.tolist()
         try:
             ts = np.array([r.ts for r in readings], dtype=np.int64)
         except TypeError:                   # RFC 3339 times from a fast batch decode: to ms
