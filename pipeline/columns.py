@@ -73,7 +73,24 @@ class Strings(Sequence[str]):
         rows = np.asarray(rows, dtype=np.int64)
         if self.codes is not None:
             return Strings(self.blob, self.offsets, self.codes[rows])
-        return Strings.of([self._entry(int(j)) for j in rows])
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # the bytes of the rows, gathered in one numpy pass: no Python string per row
+        pos = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return Strings(self.blob[pos] if len(pos) else np.zeros(1, np.uint8), offsets)
+
+    def fixed_width(self) -> np.ndarray:
+        """The rows as one fixed-width byte-string array (not interned columns)."""
+        n = len(self.offsets) - 1
+        lengths = np.diff(self.offsets)
+        width = max(int(lengths.max()) if n else 1, 1)
+        out = np.zeros((n, width), dtype=np.uint8)
+        total = int(self.offsets[-1])
+        row = np.repeat(np.arange(n), lengths)
+        out[row, np.arange(total) - self.offsets[:-1][row]] = self.blob[:total]
+        return out.view(f"S{width}").ravel()
 
 
 class SensorIndex:
@@ -84,8 +101,10 @@ class SensorIndex:
         self.keys, self.rows = keys, rows          # keys sorted ascending; rows[k]: its number
 
     @classmethod
-    def of(cls, ids: Sequence[str]) -> SensorIndex:
-        keys = np.array([s.encode() for s in ids] or [b""], dtype=bytes)[:len(ids)]
+    def of(cls, ids: Sequence[str] | Strings) -> SensorIndex:
+        if not isinstance(ids, Strings):
+            ids = Strings.of(ids)
+        keys = ids.fixed_width()
         order = np.argsort(keys, kind="stable")
         return cls(keys[order], order.astype(np.int64))
 

@@ -135,7 +135,7 @@ class Engine:
         self._wants_value_np = np.array(wants_value or [True], dtype=bool)
         self._kind_np = np.frombuffer(registry.kind_of, dtype=np.uint8) if n else np.zeros(1, np.uint8)
         self._gateway_np = np.frombuffer(registry.gateway_of, dtype=np.int32) if n else np.zeros(1, np.int32)
-        self._gateway_numbers = {g: i for i, g in enumerate(registry.gateways)}
+        self._gateway_numbers = registry.gateway_index
         self.absence = [e for e in self.evaluators if isinstance(e, ev.Absence)]
         self._listeners: dict[str, list[ev.Correlation]] = {}
         for e in self.evaluators:

@@ -169,7 +169,8 @@ class Registry:
     kind_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     grid_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     gateway_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    gateways: list[str] = field(default_factory=list)
+    gateways: Strings = field(default_factory=lambda: Strings.of([]))
+    gateway_index: SensorIndex = field(default_factory=lambda: SensorIndex.of([]))   # id -> number
     lat: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     lon: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     address: Strings = field(default_factory=lambda: Strings.of([]))
@@ -225,7 +226,7 @@ class Registry:
                         self.duty_officer, sensor_ids=ids, index=SensorIndex.of(ids),
                         kinds=list(self.kinds), kind_of=self.kind_of[keep],
                         grid_of=self.grid_of[keep], gateway_of=self.gateway_of[keep],
-                        gateways=list(self.gateways), lat=self.lat[keep], lon=self.lon[keep],
+                        gateways=self.gateways, gateway_index=self.gateway_index, lat=self.lat[keep], lon=self.lon[keep],
                         address=self.address.take(keep), building=self.building.take(keep),
                         owner=self.owner.take(keep), owner_contact=self.owner_contact.take(keep),
                         attrs=self.attrs.take(keep), source=self.source)
@@ -392,6 +393,7 @@ def _load_sensors(reg: Registry, path: Path, known_kinds: set[str] | None) -> No
         raise ConfigError(path, None, f"cannot read the sensors file: {exc.strerror}") from None
     kind_number: dict[str, int] = {}
     gateway_number: dict[str, int] = {}
+    gateways: list[str] = []
     with f:
         rows = csv.reader(f)
         header = next(rows, None)
@@ -439,8 +441,8 @@ def _load_sensors(reg: Registry, path: Path, known_kinds: set[str] | None) -> No
             if gw:
                 gn = gateway_number.get(gw)
                 if gn is None:
-                    gn = gateway_number[gw] = len(reg.gateways)
-                    reg.gateways.append(gw)
+                    gn = gateway_number[gw] = len(gateways)
+                    gateways.append(gw)
             else:
                 gn = -1
             n = len(ids)
@@ -465,8 +467,10 @@ def _load_sensors(reg: Registry, path: Path, known_kinds: set[str] | None) -> No
         if len(reg.kinds) > 255:
             raise ConfigError(path, None, "more than 255 sensor kinds")
     del index
+    reg.gateways = Strings.of(gateways)
+    reg.gateway_index = SensorIndex.of(reg.gateways)
     reg.sensor_ids = Strings.of(ids)
-    reg.index = SensorIndex.of(ids)
+    reg.index = SensorIndex.of(reg.sensor_ids)
     del ids
     reg.kind_of = np.frombuffer(kind_of, dtype=np.uint8)
     reg.grid_of = np.frombuffer(grid_of, dtype=np.uint32)

@@ -28,8 +28,8 @@ from zoneinfo import ZoneInfo
 import msgspec
 import numpy as np
 
-FORMAT = 1          # bump when the layout below changes: old folders are then never read
-_STRINGS = ("sensor_ids", "address", "building", "owner", "owner_contact")
+FORMAT = 2          # bump when the layout below changes: old folders are then never read
+_STRINGS = ("sensor_ids", "address", "building", "owner", "owner_contact", "gateways")
 _NUMBERS = ("kind_of", "grid_of", "gateway_of", "lat", "lon")
 
 
@@ -111,7 +111,8 @@ def open_compiled(folder: Path, registry_type: Callable[..., Any],
         {pl.grid: i for i, pl in enumerate(places)}, p["departments"], p["dept_of_category"],
         workers, p["workers_of_grid"], p["duty_officer"],
         sensor_ids=strings("sensor_ids"), index=SensorIndex(arr("index.keys"), arr("index.rows")),
-        kinds=p["kinds"], gateways=p["gateways"],
+        kinds=p["kinds"],
+        gateway_index=SensorIndex(arr("gateway_index.keys"), arr("gateway_index.rows")),
         attrs=SparseAttrs(arr("attrs.rows"), strings("attrs"), parse_attrs),
         **{name: strings(name) for name in _STRINGS[1:]}, **{name: arr(name) for name in _NUMBERS})
     return reg
@@ -139,8 +140,9 @@ def write_compiled(folder: Path, reg: Any, sensors_path: Path, sensors_seen: tup
             save_strings(name, getattr(reg, name))
         for name in _NUMBERS:
             save(name, getattr(reg, name))
-        save("index.keys", reg.index.keys)
-        save("index.rows", reg.index.rows)
+        for name in ("index", "gateway_index"):
+            save(f"{name}.keys", getattr(reg, name).keys)
+            save(f"{name}.rows", getattr(reg, name).rows)
         save("attrs.rows", reg.attrs.rows)
         save_strings("attrs", reg.attrs.text)
         places = {
@@ -150,7 +152,7 @@ def write_compiled(folder: Path, reg: Any, sensors_path: Path, sensors_seen: tup
             "departments": reg.departments, "dept_of_category": reg.dept_of_category,
             "workers": [[getattr(w, f) for f in w.__slots__] for w in reg.workers.values()],
             "workers_of_grid": reg.workers_of_grid, "duty_officer": reg.duty_officer,
-            "kinds": reg.kinds, "gateways": reg.gateways,
+            "kinds": reg.kinds,
         }
         stat, digest, hashed_at = sensors_seen
         meta = {"format": FORMAT, "sensors_path": str(sensors_path), "sensors_stat": stat,
