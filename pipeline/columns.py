@@ -46,15 +46,14 @@ class Strings(Sequence[str]):
         return self.blob[self.offsets[j]:self.offsets[j + 1]].tobytes().decode()
 
     def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
+        if i.__class__ is slice:
             return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-            if i < 0:
-                raise IndexError("column index out of range")
-        elif i >= len(self):
+        if self.codes is not None:
+            return self._entry(int(self.codes[i]))          # numpy checks the bounds
+        n = len(self.offsets) - 1
+        if not -n <= i < n:
             raise IndexError("column index out of range")
-        return self._entry(int(self.codes[i]) if self.codes is not None else int(i))
+        return self._entry(int(i) % n)
 
     def __iter__(self) -> Iterator[str]:
         table = [self._entry(j) for j in range(len(self.offsets) - 1)]
