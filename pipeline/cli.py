@@ -106,6 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ack-after", metavar="DURATION", help="acknowledge every incident this long "
                    "after it fires (e.g. 5m), as an operations centre would: no reminders or "
                    "escalations past it (docs/replay.md)")
+    r.add_argument("--time-quorum", type=int, metavar="N",
+                   help="event time moves only as far as N of the sources (gateways; a sensor "
+                   "without one is its own) heard in the last --quorum-window payloads have "
+                   "reached, so one gateway's wrong clock moves no one else's timers (default: "
+                   "2 for JSONL; 1 for a CSV, whose rows share one time column; docs/replay.md)")
+    r.add_argument("--quorum-window", type=int, default=100, metavar="P",
+                   help="with --time-quorum: the sources heard in this many last payloads count "
+                   "(default 100)")
     _common(r)
 
     rules = sub.add_parser("rules", help="check rule packs, run rule tests")
@@ -255,7 +263,7 @@ def _load(args: argparse.Namespace, select: list[str] | None = None):
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from pipeline.engine import Engine
+    from pipeline.engine import Engine, EngineSettings
     from pipeline.replay import DEMO_CSV, DEMO_MAP, load_mapping, replay
     if args.demo:
         args.file = args.file or DEMO_CSV
@@ -277,8 +285,13 @@ def _replay(args: argparse.Namespace) -> int:
             ack_after = parse_duration(args.ack_after)
         except ValueError as exc:
             raise ConfigError("--ack-after", None, str(exc)) from None
+    quorum = args.time_quorum if args.time_quorum is not None else 1 if mapping else 2
+    if not 1 <= quorum <= 100:
+        raise ConfigError("--time-quorum", None, f"{quorum} is not a number of sources from 1 to 100")
+    if args.quorum_window < 1:
+        raise ConfigError("--quorum-window", None, f"{args.quorum_window} is not a number of payloads")
     rs, reg = _load(args, args.rules)
-    engine = Engine(reg, rs)
+    engine = Engine(reg, rs, EngineSettings(time_quorum=quorum, quorum_window=args.quorum_window))
     started = time.perf_counter()
     tty = sys.stderr.isatty()
 

@@ -12,9 +12,10 @@ dead letters (bad input with its reason and original bytes). No I/O happens here
 
 Time: the watermark is the newest event time seen minus ``allowed_lateness`` (a live runtime
 also advances it from the wall clock). Readings act at once, in event-time order within a
-batch; a sensor's reading older than its newest one is stale (dead-lettered) and an exact
-repeat is a duplicate (counted, dropped: at-least-once delivery redelivers). Timers fire when
-the watermark passes them.
+batch; a sensor's reading older than its newest one by at most ``allowed_lateness`` is late
+(it may open or raise an incident, never lower or end one), older still is stale
+(dead-lettered), and an exact repeat is a duplicate (counted, dropped: at-least-once delivery
+redelivers). Timers fire when the watermark passes them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import bisect
 import hashlib
 import heapq
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,24 @@ class EngineSettings(BaseModel):
     max_age: Duration = Field(default=7 * 86_400_000, description="readings older than this "
                               "behind the watermark are refused")
     absence_scan_every: Duration = Field(default=60_000, description="how often silence is checked")
+    time_quorum: int = Field(default=1, ge=1, le=100, description="how many sources (gateways; a "
+                             "sensor without one is its own) must have reached an event time "
+                             "before it moves the watermark: 1 = the newest reading; replay of "
+                             "gateway payloads uses 2, so one gateway's wrong clock moves no one "
+                             "else's timers")
+    quorum_window: int = Field(default=100, ge=1, description="with time_quorum: the sources that "
+                               "count are those heard in this many last payloads")
+
+
+@dataclass
+class _Quorum:
+    """time_quorum's state: each source's newest reading, the sources of the last payloads
+    (how many of those each was in: the counted ones), and the counted sources ranked by their
+    newest reading (a sorted list: at most quorum_window of them)."""
+    newest: dict[int, int] = field(default_factory=dict)
+    count: dict[int, int] = field(default_factory=dict)
+    ranked: list[tuple[int, int]] = field(default_factory=list)
+    recent: deque = field(default_factory=deque)
 
 
 @dataclass
@@ -112,6 +131,11 @@ class Engine:
                                if e.reads == "battery" and k in e.spec.sensors) for k in kinds]
         self._event = [tuple(e.observe for e in self.evaluators
                              if e.reads == "event" and k in e.spec.sensors) for k in kinds]
+        # what a late reading can act on, per kind (README "Late readings")
+        self._late_value = [tuple(e.late for e in self.evaluators if e.reads == "value"
+                                  and e.takes_late and k in e.spec.sensors) for k in kinds]
+        self._late_event = [tuple(e.late for e in self.evaluators if e.reads == "event"
+                                  and e.takes_late and k in e.spec.sensors) for k in kinds]
         # Quiet readings of a kind whose only value rule is a plain rising threshold (gas: the
         # bulk of a city's sensors) need no call at all: under the lowest threshold and with no
         # incident open, nothing can happen. (floor, that rule's tracks) per kind, else None.
@@ -136,6 +160,11 @@ class Engine:
         self._kind_np = np.frombuffer(registry.kind_of, dtype=np.uint8) if n else np.zeros(1, np.uint8)
         self._gateway_np = np.frombuffer(registry.gateway_of, dtype=np.int32) if n else np.zeros(1, np.int32)
         self._gateway_numbers = registry.gateway_index
+        # time_quorum: the source of each sensor (its gateway, else itself after the gateways),
+        # and the newest time of the sources in the lead, at most time_quorum of them
+        self._source_np = np.where(self._gateway_np >= 0, self._gateway_np,
+                                   len(registry.gateways) + np.arange(max(n, 1))) if n else self._gateway_np
+        self._quorum = _Quorum()
         self.absence = [e for e in self.evaluators if isinstance(e, ev.Absence)]
         self._listeners: dict[str, list[ev.Correlation]] = {}
         for e in self.evaluators:
@@ -157,6 +186,10 @@ class Engine:
         self._passed = 0
         self._current = -1
         self._recoveries: list[tuple[int, int, int]] = []
+        self._late: list[tuple[int, int]] = []      # (payload, reading) of the late readings
+        self._late_at = 0
+        self._readings: list = []
+        self._idx_list: list[int] = []
         self._watch_from: tuple[int, int] | None = None
         self._scan_due = NEVER               # the planned absence scan, and its plan number
         self._scan_gen = 0
@@ -309,6 +342,7 @@ class Engine:
         self._horizons = None
         self._frontier = -NEVER
         self._recoveries.clear()
+        self._late, self._late_at, self._readings, self._idx_list = [], 0, [], []
 
     def _apply_seen(self, upto: int) -> None:
         """Stamps an absence scan at ``upto`` may see: earlier payloads, and the current
@@ -339,6 +373,8 @@ class Engine:
             watch = self._watch_from
             if watch is not None and watch[0] < nxt:
                 nxt = watch[0]
+            if self._late_at < len(self._late) and self._late[self._late_at][0] <= nxt:
+                nxt = self._late[self._late_at][0] - 1      # its late readings act as it arrives
             if self._recoveries:
                 nxt = self._cur              # readings of this payload still to act
             if nxt >= upto:
@@ -349,9 +385,12 @@ class Engine:
             if watch is not None and watch[0] == nxt:
                 self._watch_from = None
                 self._start_watching(watch[1])
+                # watching starts once this payload is taken: its first scans see all of it
+                self._apply_seen(NEVER)
             self._run_timers(h[nxt], out)
             self._recover_pending(1 << 62, out)
             self._cur = nxt + 1
+            self._take_late(out)
             if self._next_visit < len(self._visit):
                 upto = min(upto, int(self._seen_pay[self._visit[self._next_visit]]))
         self._cur = max(self._cur, upto)
@@ -400,9 +439,12 @@ class Engine:
         finite = no_value | (np.abs(val) < 1e15)
         unset = ts < EARLIEST
         could = known & ~future & ~unset & (no_value != wants) & finite
-        newest = np.full(npay, -(1 << 62), dtype=np.int64)
-        np.maximum.at(newest, pay[could], ts[could])
-        newest = np.maximum.accumulate(newest)
+        if s.time_quorum > 1:
+            reached = self._quorum_time(pay, idx, ts, could, npay)
+        else:
+            reached = np.full(npay, -(1 << 62), dtype=np.int64)
+            np.maximum.at(reached, pay[could], ts[could])
+        newest = np.maximum.accumulate(reached)
         arrived = np.empty(npay, dtype=np.int64)       # the watermark as each payload arrives
         arrived[0] = self.watermark
         arrived[1:] = np.maximum(newest[:-1] - s.allowed_lateness, self.watermark)
@@ -427,8 +469,17 @@ class Engine:
         accepted = g_ts > newest_seen
         duplicate = g_ts == newest_seen
         older = g_ts < newest_seen
+        # late: older than the sensor's newest by at most allowed_lateness. Taken, acting only
+        # where it can raise (README "Late readings"); older still is stale.
+        late = older & (g_ts >= newest_seen - s.allowed_lateness)
+        older &= ~late
         stale_pos = np.sort(order[older])
         self._stale_newest = dict(zip(order[older].tolist(), newest_seen[older].tolist()))
+        late_pos = np.sort(order[late])
+        if len(late_pos):                   # by payload, then event time, ties by arrival
+            late_pos = late_pos[np.lexsort((ts[late_pos], pay[late_pos]))]
+            self._late = list(zip(pay[late_pos].tolist(), late_pos.tolist()))
+            self.counters["late"] += len(late_pos)
         ok = np.zeros(n, dtype=bool)
         ok[order[accepted]] = True
         good = np.flatnonzero(ok)
@@ -437,12 +488,18 @@ class Engine:
         self._seen_at = 0
         self._cur = 0
         before = self.max_ts
+        if s.time_quorum > 1 and newest[-1] > self.max_ts:
+            self.max_ts = int(newest[-1])
         if len(good):
-            self.max_ts = max(self.max_ts, int(ts[good].max()))
+            if s.time_quorum == 1:
+                self.max_ts = max(self.max_ts, int(ts[good].max()))
             if not self.watch_start:
                 self._watch_from = (int(pay[good[0]]), int(ts[good[0]]))
-        top = np.full(npay, -(1 << 62), dtype=np.int64)
-        np.maximum.at(top, self._seen_pay, self._seen_ts)
+        if s.time_quorum > 1:
+            top = reached
+        else:
+            top = np.full(npay, -(1 << 62), dtype=np.int64)
+            np.maximum.at(top, self._seen_pay, self._seen_ts)
         if self._clock is not None:         # clock_bound: no payload moves time past the clock
             top = np.minimum(top, max(self._clock, before))
         self._horizons = np.maximum(np.maximum.accumulate(top) - s.allowed_lateness,
@@ -466,12 +523,15 @@ class Engine:
             if battery_hot and charged.any():   # a flat battery that was changed clears
                 low |= charged & np.isin(idx, np.array(battery_hot, dtype=np.int64))
             matter |= low
-        if self.keep_accepted and ok.any():
-            out.accepted.append((idx[ok], ts[ok], val[ok]))
+        if self.keep_accepted and (ok.any() or len(late_pos)):
+            kept = ok.copy()
+            kept[late_pos] = True           # a late reading is a real measurement: history
+            out.accepted.append((idx[kept], ts[kept], val[kept]))
         rank = np.empty(n, dtype=np.int64)
         rank[good] = np.arange(len(good))
         self._visit = np.sort(rank[matter]).tolist()
         self._positions = good.tolist()
+        self._readings, self._idx_list = readings, idx_list
         self._evaluate(readings, idx_list, out)
         c = self.counters
         c["readings"] += n
@@ -479,6 +539,75 @@ class Engine:
         if not fit.all() or len(stale_pos):
             self._reject_batch(readings, spans, out, idx_list, invalid, wrong_sender, known,
                                future, too_old, suspect, bad_value, stale_pos)
+
+    def _quorum_time(self, pay: np.ndarray, idx: np.ndarray, ts: np.ndarray, could: np.ndarray,
+                     npay: int) -> np.ndarray:
+        """Per payload, the time ``time_quorum`` sources have reached once it is taken (-inf:
+        the payload took nothing): the q-th newest of the newest readings of the sources heard
+        in the last ``quorum_window`` payloads (all of them, while fewer). Arrival order is the
+        one clock a wrong gateway clock cannot fake: a gateway running ahead is outvoted by the
+        others still sending, and a source gone quiet leaves the window instead of holding
+        time back. A too_old reading (judged, like the reference model's, against the
+        watermark as its payload arrives) is not heard; a stale, late or duplicate one is, and
+        is older than its own source's newest."""
+        s = self.settings
+        q, window = s.time_quorum, s.quorum_window
+        qs = self._quorum
+        newest, count, ranked, recent = qs.newest, qs.count, qs.ranked, qs.recent
+        out = np.full(npay, -(1 << 62), dtype=np.int64)
+        cand = np.flatnonzero(could)
+        if not len(cand):
+            return out
+        src = self._source_np[idx[cand]]
+        c_pay, c_ts = pay[cand], ts[cand]
+        order = np.lexsort((c_ts, src, c_pay))            # each (payload, source): its newest last
+        last = np.ones(len(order), dtype=bool)
+        last[:-1] = (c_pay[order][1:] != c_pay[order][:-1]) | (src[order][1:] != src[order][:-1])
+        pick = order[last]
+        n_pick = len(pick)
+        g_pay, g_src, g_ts = c_pay[pick].tolist(), src[pick].tolist(), c_ts[pick].tolist()
+        floor = self.watermark - s.max_age
+        reached = -(1 << 62)
+        lateness, max_age = s.allowed_lateness, s.max_age
+        insort, bisect_left = bisect.insort, bisect.bisect_left
+        i = 0
+        while i < n_pick:                   # a payload at a time
+            p = g_pay[i]
+            heard = []
+            while i < n_pick and g_pay[i] == p:
+                x, t = g_src[i], g_ts[i]
+                i += 1
+                if t < floor:               # too_old: not heard
+                    continue
+                heard.append(x)
+                old = newest.get(x)
+                if old is None or t > old:
+                    if x in count:          # counted: move it to its new place
+                        del ranked[bisect_left(ranked, (old, x))]
+                        insort(ranked, (t, x))
+                    newest[x] = t
+            if not heard:
+                continue
+            recent.append(heard)
+            for x in heard:
+                c = count.get(x, 0)
+                count[x] = c + 1
+                if not c:                   # back in the window: counted again
+                    insort(ranked, (newest[x], x))
+            if len(recent) > window:
+                for x in recent.popleft():
+                    c = count[x] - 1
+                    if c:
+                        count[x] = c
+                    else:
+                        del count[x]
+                        del ranked[bisect_left(ranked, (newest[x], x))]
+            now = ranked[-q][0] if len(ranked) >= q else ranked[0][0]
+            out[p] = now
+            if now > reached:               # the watermark the next payload arrives to
+                reached = now
+                floor = max(self.watermark, reached - lateness) - max_age
+        return out
 
     def _evaluate(self, readings: list, idx_list: list[int], out: Output) -> None:
         """The rules, reading by reading, for the readings that can change something, in rank
@@ -495,6 +624,7 @@ class Engine:
         positions = self._positions
         pay = self._seen_pay
         j = 0
+        self._take_late(out)                # the first payload's, as it arrives
         while True:
             if j == len(visit):
                 if self._cur == npay:
@@ -537,6 +667,25 @@ class Engine:
                 for h in bh[k]:
                     h(s, ts, b)
             if changes:
+                self._drain(out)
+
+    def _take_late(self, out: Output) -> None:
+        """The late readings of the payload now arriving (``_cur``), before any of its own
+        readings or timers, in event-time order."""
+        late = self._late
+        while self._late_at < len(late) and late[self._late_at][0] == self._cur:
+            i = late[self._late_at][1]
+            self._late_at += 1
+            r = self._readings[i]
+            k = self.registry.kind_of[self._idx_list[i]]
+            s, ts = self._idx_list[i], r.ts
+            if r.value is not None:
+                for h in self._late_value[k]:
+                    h(s, ts, r.value)
+            else:
+                for h in self._late_event[k]:
+                    h(s, ts, r.event)
+            if self.changes:
                 self._drain(out)
 
     def _reject_batch(self, readings: list, spans: list | None, out: Output, idx_list: list[int],
@@ -837,6 +986,11 @@ class Engine:
         def sid(s: Any) -> Any:
             return ["s", reg.sensor_ids[s]] if isinstance(s, int) else ["g", s]
 
+        lateness = self.settings.allowed_lateness
+        for e in self.evaluators:       # an end before (newest - lateness) stops no late reading
+            if e.ended:
+                e.ended = {k: t for k, t in e.ended.items()
+                           if not isinstance(k, int) or t >= self.last_seen[k] - lateness}
         timers = []
         for due, n, owner, key in self.timers.heap:
             if owner >= 0:
@@ -853,6 +1007,14 @@ class Engine:
             "book": self.book.dump(sid),
             "counters": dict(self.counters),
         }
+        if self._quorum.newest:             # time_quorum: sources by name
+            ngw = len(reg.gateways)
+
+            def source(src: int) -> Any:
+                return ["g", reg.gateways[src]] if src < ngw else sid(src - ngw)
+            state["quorum"] = {"newest": [[source(x), t] for x, t in self._quorum.newest.items()],
+                               "recent": [[source(x) for x in heard]
+                                          for heard in self._quorum.recent]}
         return msgspec.msgpack.encode(state)
 
     def restore(self, blob: bytes) -> dict[str, int]:
@@ -910,4 +1072,20 @@ class Engine:
         scans = [(due, key) for due, _, owner, key in heap if owner == SCAN]
         self._scan_due, self._scan_gen = state.get("scan") or (min(scans) if scans else (NEVER, 0))
         self.counters = Counter(state["counters"])
+        if "quorum" in state:
+            def source(key: list) -> int | None:
+                tag, name = key
+                x = self._gateway_numbers.get(name) if tag == "g" else reg.index.get(name)
+                return x if x is None or tag == "g" else int(self._source_np[x])
+            qs = self._quorum
+            for key, t in state["quorum"]["newest"]:
+                x = source(key)
+                if x is not None:
+                    qs.newest[x] = max(qs.newest.get(x, t), t)
+            for heard in state["quorum"]["recent"]:
+                known = [x for x in map(source, heard) if x is not None]
+                qs.recent.append(known)
+                for x in known:
+                    qs.count[x] = qs.count.get(x, 0) + 1
+            qs.ranked[:] = sorted((qs.newest[x], x) for x in qs.count)
         return {k: v for k, v in lost.items() if v}

@@ -18,7 +18,10 @@ reminders, acknowledgement, silence — is made here again.
 Time, as the engine defines it (README, "Time and order"):
 - A batch is its payloads one after another. A payload's readings are checked against the
   state as it stands when the payload arrives, and taken in event-time order (ties: arrival).
-- The watermark after a payload is max(watermark, newest accepted reading - allowed_lateness).
+  Its late readings (older than the sensor's newest by at most allowed_lateness) act first, as
+  it arrives, and only where they can raise (``_late``).
+- The watermark after a payload is max(watermark, newest accepted reading - allowed_lateness);
+  with time_quorum q > 1, "newest" is the q-th newest of the sources' newest readings.
   Before each reading, the deadlines due before the reading's time that the payload's watermark
   reaches act; after the payload, every deadline its watermark reaches.
 - Silence is checked at watch start + k * absence_scan_every, from the end of the first payload
@@ -87,6 +90,7 @@ class Rule:
         self.reg = reg
         self.kinds = set(self.spec.sensors)
         self.tracks: dict[Any, dict] = {}
+        self.ended: dict[Any, int] = {}         # subject -> when its last incident ended
         self._facts: dict[int, Any] = {}
 
     def lookup(self, idx: int | None):
@@ -150,6 +154,8 @@ class ReferenceEngine:
         self.watermark = -(1 << 62)
         self.max_ts = 0
         self.watch_start = 0
+        self.sources: dict[Any, int] = {}       # time_quorum: each source's newest reading
+        self.heard: list[set] = []              # ... and the sources of every payload so far
         self.silent: dict[str, dict[int, Any]] = {r.id: {} for r in self.rules}
         self.members: dict[str, dict[str, dict[int, int]]] = {r.id: {} for r in self.rules}
         self.incidents: dict[str, dict] = {}        # open
@@ -189,11 +195,15 @@ class ReferenceEngine:
                 checked.append((r, where))
         # stale or duplicate: in event-time order within the payload, ties by arrival
         accepted = []
+        late = []
         for r, where in sorted(checked, key=lambda x: x[0].ts):
             idx = self.reg.index[r.sensor_id]
             newest = max(self.last_seen.get(idx, 0), max((t for i, t, _ in accepted if i == idx),
                                                           default=0))
-            if r.ts < newest:
+            if newest - s.allowed_lateness <= r.ts < newest:
+                self.counters["late"] += 1
+                late.append((idx, r.ts, r))
+            elif r.ts < newest:
                 refuse("stale", f"older than sensor {r.sensor_id}'s newest reading ({newest})",
                        where)
             elif r.ts == newest:
@@ -201,9 +211,26 @@ class ReferenceEngine:
             else:
                 accepted.append((idx, r.ts, r))
         self.counters["readings"] += len(readings)
-        if accepted:
+        if checked and s.time_quorum > 1:
+            # the time `time_quorum` sources have reached: the q-th newest of the newest readings
+            # of the sources heard in the last `quorum_window` payloads that took a reading
+            # (all of them, while fewer); a gateway is a source, a sensor without one is its own
+            heard = set()
+            for r, _ in checked:
+                idx = self.reg.index[r.sensor_id]
+                g = self.reg.gateway_of[idx]
+                src = ("g", g) if g >= 0 else ("s", idx)
+                heard.add(src)
+                self.sources[src] = max(self.sources.get(src, r.ts), r.ts)
+            self.heard.append(heard)
+            counted = set().union(*self.heard[-s.quorum_window:])
+            newest = sorted((self.sources[x] for x in counted), reverse=True)
+            self.max_ts = max(self.max_ts, newest[min(s.time_quorum, len(newest)) - 1])
+        elif accepted and s.time_quorum == 1:
             self.max_ts = max(self.max_ts, max(t for _, t, _ in accepted))
         horizon = max(self.watermark, self.max_ts - s.allowed_lateness)
+        for idx, ts, r in late:             # as the payload arrives, before its own readings
+            self._late(idx, ts, r)
         for idx, ts, r in accepted:
             self._run(min(ts - 1, horizon))
             self._reading(idx, ts, r)
@@ -270,6 +297,22 @@ class ReferenceEngine:
                 self._rate(rule, idx, ts, r.value)
             elif isinstance(spec, WindowRule) and r.value is not None:
                 self._window(rule, idx, ts, r.value)
+            self._drain()
+
+    def _late(self, idx: int, ts: int, r: Any) -> None:
+        """A reading older than its sensor's newest, within allowed_lateness: it may open or
+        raise an incident of a threshold rule without ``for:`` or of an event rule, and
+        nothing else (README "Late readings")."""
+        kind = self.reg.kinds[self.reg.kind_of[idx]]
+        for rule in self.rules:
+            spec = rule.spec
+            if kind not in rule.kinds or (spec.where is not None and not rule.holds(idx, spec.where)):
+                continue
+            if isinstance(spec, EventRule) and r.event is not None:
+                self._late_event(rule, idx, ts, r.event)
+            elif (isinstance(spec, ThresholdRule) and spec.for_ == 0 and r.value is not None
+                  and self._threshold_quantity(rule, idx) == "value"):
+                self._late_threshold(rule, idx, ts, r.value)
             self._drain()
 
     def ack(self, raw: bytes | dict) -> None:
@@ -375,6 +418,7 @@ class ReferenceEngine:
 
     def _resolve(self, rule: Rule, s: Any, tr: dict, ts: int) -> None:
         self._emit(RESOLVE, rule, s, tr, ts, cleared=self._clear_threshold(rule, s))
+        rule.ended[s] = ts
         if rule.spec.flapping:
             tr["phase"], tr["due"] = "resolved", ts + rule.spec.flapping.window
             self.deadlines.set(tr["due"], ("rule", rule, s))
@@ -449,7 +493,7 @@ class ReferenceEngine:
                 if wait == 0:
                     self._resolve(rule, s, tr, ts)
                 else:
-                    tr.update(phase="clearing", due=ts + wait)
+                    tr.update(phase="clearing", since=ts, due=ts + wait)
                     self.deadlines.set(tr["due"], ("rule", rule, s))
             return
         tr["phase"] = "firing"
@@ -459,6 +503,39 @@ class ReferenceEngine:
             self._emit(DOWNGRADE, rule, s, tr, ts, cleared=held)
         elif rank >= 0 or per_level:
             tr["value"] = value
+
+    def _late_threshold(self, rule: Rule, s: int, ts: int, v: float) -> None:
+        spec = rule.spec
+        rank, at, value = self._levels(rule, s, {"value": v})
+        if rank < 0:
+            return
+        tr = rule.tracks.get(s)
+        if tr is not None and tr["phase"] == "clearing" and ts >= tr["due"]:
+            self._resolve(rule, s, tr, tr["due"])
+            tr = rule.tracks.get(s)
+        if tr is not None and tr["phase"] == "resolved" and ts >= tr["due"]:
+            del rule.tracks[s]
+            tr = None
+        if tr is None:
+            if ts >= rule.ended.get(s, -(1 << 62)):
+                tr = rule.tracks[s] = {"phase": "pending", "started": ts, "rank": rank,
+                                       "value": value, "threshold": at, "due": 0, "aid": "",
+                                       "flapping": False}
+                self._fire(rule, s, tr, ts)
+            return
+        if tr["phase"] == "resolved":
+            if ts >= tr["due"] - spec.flapping.window:
+                tr.update(phase="firing", flapping=True, value=value, threshold=at,
+                          rank=max(rank, tr["rank"]))
+                self._emit(REOPEN, rule, s, tr, ts)
+            return
+        if any(lv.clear for lv in spec.levels):
+            return
+        if tr["phase"] == "clearing" and ts > tr["since"]:
+            tr["phase"] = "firing"
+        if rank > tr["rank"]:
+            tr.update(rank=rank, value=value, threshold=at)
+            self._emit(UPGRADE, rule, s, tr, ts)
 
     def _rate(self, rule: Rule, s: int, ts: int, v: float) -> None:
         seen = rule.tracks.setdefault(("readings", s), [])
@@ -520,8 +597,7 @@ class ReferenceEngine:
         if tr is None or tr["due"] != due:
             return
         if isinstance(rule.spec, EventRule):
-            self._emit(RESOLVE, rule, s, tr, due)
-            del rule.tracks[s]
+            self._event_end(rule, s, tr, due)
         elif tr["phase"] == "pending":
             self._fire(rule, s, tr, due)
         elif tr["phase"] == "clearing":
@@ -535,21 +611,46 @@ class ReferenceEngine:
         tr = rule.tracks.get(s)
         if event not in spec.events:
             if tr is not None and event in spec.clear_events:
-                self._emit(RESOLVE, rule, s, tr, ts)
-                del rule.tracks[s]
+                self._event_end(rule, s, tr, ts)
             return
-        rank = spec.events[event].rank
         if tr is not None and ts >= tr["due"]:
-            self._emit(RESOLVE, rule, s, tr, tr["due"])
-            del rule.tracks[s]
+            self._event_end(rule, s, tr, tr["due"])
             tr = None
         if tr is None:
-            tr = rule.tracks[s] = {"phase": "firing", "started": ts, "rank": rank, "value": None,
-                                   "threshold": None, "due": ts + spec.resolve_after, "aid": "",
-                                   "flapping": False, "event": event}
-            self._fire(rule, s, tr, ts)
-            self.deadlines.set(tr["due"], ("rule", rule, s))
+            self._event_open(rule, s, ts, event)
+        else:
+            self._event_repeat(rule, s, tr, ts, event)
+
+    def _late_event(self, rule: Rule, s: int, ts: int, event: str) -> None:
+        """A late named event acts as in order; a late clear event ends nothing."""
+        if event not in rule.spec.events:
             return
+        tr = rule.tracks.get(s)
+        if tr is not None and ts >= tr["due"]:
+            self._event_end(rule, s, tr, tr["due"])
+            tr = None
+        if tr is None:
+            if ts >= rule.ended.get(s, -(1 << 62)):
+                self._event_open(rule, s, ts, event)
+        else:
+            self._event_repeat(rule, s, tr, ts, event)
+
+    def _event_end(self, rule: Rule, s: Any, tr: dict, ts: int) -> None:
+        self._emit(RESOLVE, rule, s, tr, ts)
+        del rule.tracks[s]
+        rule.ended[s] = ts
+
+    def _event_open(self, rule: Rule, s: int, ts: int, event: str) -> None:
+        spec = rule.spec
+        tr = rule.tracks[s] = {"phase": "firing", "started": ts, "rank": spec.events[event].rank,
+                               "value": None, "threshold": None, "due": ts + spec.resolve_after,
+                               "aid": "", "flapping": False, "event": event}
+        self._fire(rule, s, tr, ts)
+        self.deadlines.set(tr["due"], ("rule", rule, s))
+
+    def _event_repeat(self, rule: Rule, s: int, tr: dict, ts: int, event: str) -> None:
+        spec = rule.spec
+        rank = spec.events[event].rank
         if ts + spec.resolve_after > tr["due"]:      # a repeat keeps it open longer
             tr["due"] = ts + spec.resolve_after
             self.deadlines.set(tr["due"], ("rule", rule, s))

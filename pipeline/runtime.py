@@ -454,6 +454,10 @@ class LiveRuntime:
             "# HELP cityops_duplicates_total Redelivered readings dropped (same sensor, same ts).",
             "# TYPE cityops_duplicates_total counter",
             f"cityops_duplicates_total {c['duplicates']}",
+            "# HELP cityops_late_readings_total Readings older than their sensor's newest, within "
+            "allowed_lateness: taken, acting only where they can raise an incident.",
+            "# TYPE cityops_late_readings_total counter",
+            f"cityops_late_readings_total {c['late']}",
             *notices_by_tier(self.metrics),
             *dead_letters(self.metrics),        # every one published, the engine's and the loop's
         ]

@@ -108,6 +108,7 @@ class Evaluator:
 
     type = ""
     reads = "value"          # which part of a reading it observes: value, battery, event, none
+    takes_late = False       # whether a late reading can act on it (``late``; README "Late readings")
 
     def __init__(self, spec: Any, number: int, sink: list, timers: Timers,
                  subject_name: Callable[[int | str], str]) -> None:
@@ -122,6 +123,9 @@ class Evaluator:
         self.bump_all = 0
         self.selected: bytearray | None = None   # `where:` mask by sensor number, None = all
         self.loaded: Any = None                  # the LoadedRule (pack, file) it came from
+        # sensor -> when its last incident of this rule ended: a late reading older than that
+        # fell inside that incident (or is its redelivery) and must not open another one
+        self.ended: dict[int | str, int] = {}
 
     # -- helpers shared by the types ------------------------------------------------------
     def _emit(self, what: str, s: int | str, tr: Track, ts: int, **kw: Any) -> None:
@@ -137,8 +141,19 @@ class Evaluator:
     def on_timer(self, due: int, key: Any) -> None:  # pragma: no cover - every type overrides
         raise AssertionError(f"{self.id}: unexpected timer")
 
+    def late(self, s: int, ts: int, x: Any) -> None:
+        """A reading older than the sensor's newest, within ``allowed_lateness``. Only the
+        types with ``takes_late`` act on it; the base acts on nothing."""
+
+    def _ended(self, s: int | str, ts: int) -> None:
+        if self.takes_late:
+            self.ended[s] = ts
+
     def dump(self, sid: Callable[[int | str], Any]) -> dict:
-        return {"tracks": [[sid(s), t.dump()] for s, t in self.tracks.items()]}
+        d: dict = {"tracks": [[sid(s), t.dump()] for s, t in self.tracks.items()]}
+        if self.ended:
+            d["ended"] = [[sid(s), ts] for s, ts in self.ended.items()]
+        return d
 
     def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
         lost = 0
@@ -148,6 +163,10 @@ class Evaluator:
                 lost += 1
             else:
                 self.tracks[s] = Track.load(row)
+        for key, ts in state.get("ended", []):
+            s = sidx(key)
+            if s is not None:
+                self.ended[s] = ts
         return lost
 
 
@@ -310,6 +329,7 @@ class Stateful(Evaluator):
 
     def _resolve(self, s: int | str, tr: Track, ts: int) -> None:
         self._emit(RESOLVE, s, tr, ts, cleared=self.clear_threshold(s))
+        self._ended(s, ts)
         if self.flap_ms:
             tr.phase, tr.due = RESOLVED, ts + self.flap_ms
             self.timers.push(tr.due, self.number, s)
@@ -331,6 +351,10 @@ class Stateful(Evaluator):
 class Threshold(Stateful):
     type = "threshold"
 
+    @property
+    def takes_late(self) -> bool:          # type: ignore[override]
+        return self.for_ms == 0 and self.reads == "value"
+
     def observe(self, s: int, ts: int, v: float) -> None:
         if self.selected is not None and not self.selected[s]:
             return
@@ -339,6 +363,40 @@ class Threshold(Stateful):
             if v < floor:
                 return
         self.update(s, ts, (v,))
+
+    def late(self, s: int, ts: int, v: float) -> None:
+        """A late value can open an incident, reopen it in its flapping window, step it up or
+        stop its clearing, never lower or end one: the readings after it were judged already."""
+        if self.selected is not None and not self.selected[s]:
+            return
+        rank, at, value = self.rank_of(s, (v,))
+        if rank < 0:
+            return
+        tr = self.tracks.get(s)
+        if tr is not None and tr.phase == CLEARING and ts >= tr.due:
+            self._resolve(s, tr, tr.due)             # it was over before this reading
+            tr = self.tracks.get(s)
+        if tr is not None and tr.phase == RESOLVED and ts >= tr.due:
+            del self.tracks[s]                       # the flapping window is over
+            tr = None
+        if tr is None:
+            if ts >= self.ended.get(s, -(1 << 62)):
+                tr = self.tracks[s] = Track(PENDING, ts, rank, value, at)
+                self._new_incident(s, tr, ts)
+            return
+        if tr.phase == RESOLVED:
+            if ts >= tr.due - self.flap_ms:          # after the resolve, within the window
+                tr.phase, tr.flapping, tr.value, tr.threshold = FIRING, True, value, at
+                tr.rank = max(rank, tr.rank)
+                self._emit(REOPEN, s, tr, ts)
+            return
+        if self.per_level:                           # its steps down were judged in order
+            return
+        if tr.phase == CLEARING and ts > tr.since:
+            tr.phase = FIRING                        # clear_for starts again at the next clear
+        if rank > tr.rank:
+            tr.rank, tr.value, tr.threshold = rank, value, at
+            self._emit(UPGRADE, s, tr, ts)
 
 
 class Windowed(Stateful):
@@ -492,6 +550,7 @@ class Events(Evaluator):
 
     type = "event"
     reads = "event"
+    takes_late = True
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -506,25 +565,52 @@ class Events(Evaluator):
         tr = self.tracks.get(s)
         if rank is None:
             if tr is not None and event in self.clear_events:
-                self._emit(RESOLVE, s, tr, ts)
-                del self.tracks[s]
+                self._end(s, tr, ts)
             return
         if tr is not None and ts >= tr.due:          # the old incident went quiet before this
-            self._emit(RESOLVE, s, tr, tr.due)
-            del self.tracks[s]
+            self._end(s, tr, tr.due)
             tr = None
         if tr is None:
-            tr = self.tracks[s] = Track(FIRING, ts, rank, None, None)
-            tr.event, tr.extra = event, 1
-            tr.due = ts + self.quiet
-            self._new_incident(s, tr, ts)
-            self.timers.push(tr.due, self.number, s)
+            self._open(s, ts, event, rank)
             return
         tr.extra += 1                                # repeats are one incident, counted
+        self._repeat(s, tr, ts, event, rank)
+
+    def late(self, s: int, ts: int, event: str) -> None:
+        """A late named event acts as it would have in order, but a clear event ends nothing
+        (a newer event may have raised it again) and a late repeat is not counted."""
+        if self.selected is not None and not self.selected[s]:
+            return
+        rank = self.severity_of.get(event)
+        if rank is None:
+            return
+        tr = self.tracks.get(s)
+        if tr is not None and ts >= tr.due:
+            self._end(s, tr, tr.due)
+            tr = None
+        if tr is None:
+            if ts >= self.ended.get(s, -(1 << 62)):
+                self._open(s, ts, event, rank)
+            return
+        self._repeat(s, tr, ts, event, rank)
+
+    def _open(self, s: int, ts: int, event: str, rank: int) -> None:
+        tr = self.tracks[s] = Track(FIRING, ts, rank, None, None)
+        tr.event, tr.extra = event, 1
+        tr.due = ts + self.quiet
+        self._new_incident(s, tr, ts)
+        self.timers.push(tr.due, self.number, s)
+
+    def _repeat(self, s: int, tr: Track, ts: int, event: str, rank: int) -> None:
         tr.due = max(tr.due, ts + self.quiet)
         if rank > tr.rank:
             tr.rank, tr.event = rank, event
             self._emit(UPGRADE, s, tr, ts)
+
+    def _end(self, s: int | str, tr: Track, ts: int) -> None:
+        self._emit(RESOLVE, s, tr, ts)
+        del self.tracks[s]
+        self._ended(s, ts)
 
     def on_timer(self, due: int, s: Any) -> None:
         tr = self.tracks.get(s)
@@ -533,8 +619,7 @@ class Events(Evaluator):
         if tr.due > due:
             self.timers.push(tr.due, self.number, s)   # extended by a repeat: look again then
             return
-        self._emit(RESOLVE, s, tr, tr.due)
-        del self.tracks[s]
+        self._end(s, tr, tr.due)
 
 
 class Absence(Evaluator):

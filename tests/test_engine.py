@@ -199,12 +199,13 @@ def test_too_old_hints_at_epoch_seconds(engine):
 
 
 def test_stale_reading_is_dead_lettered(engine):
-    engine.ingest([payload(reading(GAS, T0 + 10_000, value=1.0))])
+    """Older than the sensor's newest by more than allowed_lateness (60 s): stale."""
+    engine.ingest([payload(reading(GAS, T0 + 70_000, value=1.0))])
     p = payload(reading(GAS, T0 + 5_000, value=1.0))
     out = engine.ingest([p])
     [d] = out.dead_letters
     assert (d.reason, raw(d)) == ("stale", p)
-    assert str(T0 + 10_000) in d.detail
+    assert str(T0 + 70_000) in d.detail
     assert engine.counters["dead.stale"] == 1
 
 
@@ -218,10 +219,114 @@ def test_out_of_order_within_one_gateway_array_is_not_stale(engine):
 def test_out_of_order_across_payloads_of_one_batch_is_stale_as_one_by_one(engine):
     """A batch is its payloads one after another: the answer is the one of a call each."""
     late = payload(reading(GAS, T0 + 5_000, value=1.0))
-    out = engine.ingest([payload(reading(GAS, T0 + 10_000, value=1.0)), late])
+    out = engine.ingest([payload(reading(GAS, T0 + 70_000, value=1.0)), late])
     [d] = out.dead_letters
     assert (d.reason, raw(d)) == ("stale", late)
-    assert str(T0 + 10_000) in d.detail
+    assert str(T0 + 70_000) in d.detail
+
+
+# ---- late readings: older than the sensor's newest, within allowed_lateness (60 s) -------------
+
+def street(out: Output) -> list[tuple]:
+    return [(n["state"], n.get("previous_state"), n["severity"], n["value"]) for n in out.notices
+            if n["tier"] == "street"]
+
+
+def test_a_late_alarm_behind_a_newer_normal_reading_fires_at_its_own_time(engine):
+    """A broker restart: the normal reading of t+20 s got through, the alarm of t is resent."""
+    engine.ingest([payload(reading(GAS, T0 + 20_000, value=1.0))])
+    out = engine.ingest([payload(reading(GAS, T0, value=30.0))])
+    assert out.dead_letters == []
+    assert street(out) == [("firing", None, "yellow", 30.0)]
+    [n] = [n for n in out.notices if n["tier"] == "street"]
+    assert n["started_at"] == n["ts"] and engine.counters["late"] == 1
+    assert engine.last_seen[engine.registry.index[GAS]] == T0 + 20_000   # not a last-seen time
+    # it stays open until the sensor's next readings clear it (2 min under 10 %LEL)
+    assert street(engine.ingest([payload(reading(GAS, T0 + 30_000, value=1.0))])) == []
+    assert street(engine.advance(T0 + 30_000 + 2 * MIN)) == [("resolved", "firing", "yellow", 1.0)]
+
+
+def test_a_late_redelivery_of_an_alarm_whose_incident_ended_opens_none(engine):
+    """gas.leak resolves 2 min after the dip; a resent copy of the alarm (now behind the
+    sensor's newest reading, within 60 s of it) fell inside that incident: no second one."""
+    alarm = payload(reading(GAS, T0 + 2 * MIN, value=30.0))
+    engine.ingest([payload(reading(GAS, T0, value=30.0)), alarm,
+                   payload(reading(GAS, T0 + 2 * MIN + 1000, value=1.0))])
+    assert street(engine.advance(T0 + 4 * MIN + 1000))[0][0] == "resolved"
+    engine.ingest([payload(reading(GAS, T0 + 2 * MIN + 30_000, value=1.0))])
+    again = engine.ingest([alarm])
+    assert again.notices == [] and again.dead_letters == []
+    assert engine.counters["late"] == 1
+
+
+def test_a_late_alarm_steps_an_open_incident_up_and_stops_its_clearing(engine):
+    engine.ingest([payload(reading(GAS, T0, value=30.0))])                  # yellow
+    engine.ingest([payload(reading(GAS, T0 + 20_000, value=1.0))])          # clearing from +20 s
+    engine.ingest([payload(reading(GAS, T0 + 40_000, value=1.0))])
+    out = engine.ingest([payload(reading(GAS, T0 + 30_000, value=55.0))])   # late, red
+    assert street(out) == [("firing", "firing", "red", 55.0)]
+    # clearing starts again at the next clear reading: not resolved at +20 s + 2 min
+    assert street(engine.advance(T0 + 20_000 + 2 * MIN)) == []
+    engine.ingest([payload(reading(GAS, T0 + 3 * MIN, value=1.0))])
+    assert street(engine.advance(T0 + 5 * MIN - 1)) == []
+    assert street(engine.advance(T0 + 5 * MIN))[0][0] == "resolved"
+
+
+def test_a_late_alarm_from_before_the_clearing_began_changes_only_the_severity(engine):
+    """In order it came before the dip: the clearing that began after it goes on."""
+    engine.ingest([payload(reading(GAS, T0, value=30.0))])
+    engine.ingest([payload(reading(GAS, T0 + 20_000, value=1.0))])          # clearing from +20 s
+    assert street(engine.ingest([payload(reading(GAS, T0 + 10_000, value=55.0))])) == [
+        ("firing", "firing", "red", 55.0)]
+    assert street(engine.advance(T0 + 20_000 + 2 * MIN))[0][0] == "resolved"
+
+
+def test_a_late_reading_lowers_nothing_and_a_late_clear_event_ends_nothing(engine):
+    engine.ingest([payload(reading(GAS, T0, value=55.0))])                  # red
+    engine.ingest([payload(reading(GAS, T0 + 20_000, value=56.0))])
+    out = engine.ingest([payload(reading(GAS, T0 + 10_000, value=1.0))])    # late, clear
+    assert out.notices == []
+    assert street(engine.advance(T0 + 10_000 + 2 * MIN)) == []              # still firing
+    engine.ingest([payload(reading(CAMERA, T0 + 20_000, event="no_helmet"))])
+    late = engine.ingest([payload(reading(CAMERA, T0 + 10_000, event="cleared"))])
+    assert late.notices == [] and late.dead_letters == []
+    assert {(i.subject, i.state.value) for i in engine.book.open.values()} == {
+        (engine.registry.index[GAS], "firing"), (engine.registry.index[CAMERA], "firing")}
+
+
+def test_a_late_camera_event_opens_an_incident_when_none_is_open(engine):
+    engine.ingest([payload(reading(CAMERA, T0 + 30_000, event="heartbeat"))])
+    out = engine.ingest([payload(reading(CAMERA, T0, event="no_helmet"))])
+    assert [(n["state"], n["event"]) for n in out.notices if n["tier"] == "street"] == [
+        ("firing", "no_helmet")]
+
+
+def test_older_than_allowed_lateness_is_stale_and_changes_nothing(engine):
+    engine.ingest([payload(reading(GAS, T0 + 61_000, value=1.0))])
+    out = engine.ingest([payload(reading(GAS, T0, value=55.0))])
+    assert out.notices == [] and [d.reason for d in out.dead_letters] == ["stale"]
+
+
+def test_a_snapshot_keeps_when_incidents_ended_so_a_restart_opens_no_second(chengdu, rules):
+    """After gas.leak's 30 min flapping window nothing of the incident is left in its rule but
+    when it ended: a redelivered alarm from inside it (the sensor sent nothing since, so the
+    alarm is within 60 s of its newest reading) must not open another, before or after a
+    restart."""
+    alarm = payload(reading(GAS, T0 + 2 * MIN, value=30.0))
+    before = Engine(chengdu, rules)
+    before.ingest([payload(reading(GAS, T0, value=30.0)), alarm,
+                   payload(reading(GAS, T0 + 2 * MIN + 1000, value=1.0))])
+    assert street(before.advance(T0 + 4 * MIN + 1000))[0][0] == "resolved"
+    before.advance(T0 + 40 * MIN)                      # the flapping window is over
+    assert before.by_id["gas.leak"].tracks == {}
+    after = Engine(chengdu, rules)
+    after.restore(before.snapshot())
+    assert after.ingest([alarm]).notices == [] and after.counters["late"] == 1
+    assert before.ingest([alarm]).notices == []
+    fresh = Engine(chengdu, rules)       # without the end kept, the same input would fire again
+    fresh.restore(before.snapshot())
+    fresh.by_id["gas.leak"].ended.clear()
+    assert street(fresh.ingest([alarm]))[0] == ("firing", None, "yellow", 30.0)
 
 
 def test_duplicates_are_counted_not_dead_lettered(engine):

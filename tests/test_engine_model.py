@@ -50,7 +50,9 @@ def packs(draw) -> dict:
               {"severity": "red", "when": "value >= params.l3"}][:draw(st.integers(1, 3))]
     clears = draw(st.sampled_from(["none", "rule", "levels"]))
     threshold: dict = {"id": "fz.level", "name": "液位", "type": "threshold", "sensors": ["lv"],
-                       "levels": levels, "for": draw(st.sampled_from(DURATIONS)),
+                       "levels": levels,
+                       # `for: 0` twice as often: late readings act only there (README)
+                       "for": draw(st.sampled_from(["0s", *DURATIONS])),
                        "clear_for": draw(st.sampled_from(DURATIONS))}
     if clears == "rule":
         threshold["clear"] = "value < params.l1 - 2"
@@ -155,7 +157,9 @@ def timelines(draw, city: dict) -> list:
 
     def reading() -> dict:
         sid = draw(st.sampled_from(lv + cam))
-        at = clock - draw(st.sampled_from([0, 0, 0, SEC, 20 * SEC, 2 * MIN]))
+        # ... and now and then a sensor whose gateway's clock runs ahead (time_quorum)
+        at = clock - draw(st.sampled_from([0, 0, 0, SEC, 20 * SEC, 45 * SEC, 2 * MIN,
+                                           -4 * MIN, -30 * MIN]))
         if sid.startswith("lv"):
             r = {"sensor_id": sid, "ts": at, "value": draw(st.sampled_from(VALUES))}
             if draw(st.integers(0, 5)) == 0:
@@ -166,7 +170,7 @@ def timelines(draw, city: dict) -> list:
 
     for _ in range(draw(st.integers(1, 40))):
         clock += draw(st.sampled_from(STEPS))
-        what = draw(st.sampled_from(["one"] * 8 + ["array"] * 2 + ["again", "bad", "ack",
+        what = draw(st.sampled_from(["one"] * 8 + ["array"] * 2 + ["again", "late", "bad", "ack",
                                                                    "advance", "snapshot"]))
         if what == "one":
             r = reading()
@@ -178,6 +182,16 @@ def timelines(draw, city: dict) -> list:
             ops.append(("payload", json.dumps(rs).encode()))
         elif what == "again" and sent:           # redelivered, or a stale older one
             ops.append(("payload", json.dumps(draw(st.sampled_from(sent))).encode()))
+        elif what == "late" and sent:            # a resent reading behind its sensor's newest
+            newest = draw(st.sampled_from(sent))
+            r = {k: v for k, v in reading().items() if k not in ("sensor_id", "ts")}
+            if ("value" in r) != ("value" in newest):
+                continue
+            r = {"sensor_id": newest["sensor_id"], **r,
+                 "ts": max(r_["ts"] for r_ in sent if r_["sensor_id"] == newest["sensor_id"])
+                 - draw(st.sampled_from([1, 500, 20 * SEC, 45 * SEC, 70 * SEC]))}
+            sent.append(r)
+            ops.append(("payload", json.dumps(r).encode()))
         elif what == "bad":
             ops.append(("payload", draw(st.sampled_from([
                 b"not json", b'{"sensor_id": "lv-510104-000001"}',
@@ -282,8 +296,10 @@ def compare(rs, reg, eng_settings: EngineSettings, ops: list, splits: list[int])
 def scenarios(draw):
     city = draw(cities())
     return (city, draw(packs()), draw(routings()),
-            EngineSettings(allowed_lateness=draw(st.sampled_from(["0s", "1s", "1m"])),
-                           absence_scan_every=draw(st.sampled_from(["30s", "1m"]))),
+            EngineSettings(allowed_lateness=draw(st.sampled_from(["0s", "1s", "1m", "1m"])),
+                           absence_scan_every=draw(st.sampled_from(["30s", "1m"])),
+                           time_quorum=draw(st.sampled_from([1, 1, 2, 3])),
+                           quorum_window=draw(st.sampled_from([1, 2, 3, 100]))),
             draw(timelines(city)),
             draw(st.lists(st.sampled_from([1, 2, 3, 5, 1000]), min_size=1, max_size=20)))
 

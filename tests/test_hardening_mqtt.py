@@ -192,6 +192,38 @@ def test_one_reading_4_minutes_ahead_resolves_nothing_and_sends_no_reminder_earl
     assert states == {"firing"}, f"time moved on one sensor's word: {states}"
 
 
+# ---- item 10: a resent alarm is not lost to ordering --------------------------------------------
+
+def test_an_alarm_resent_after_a_broker_restart_behind_a_newer_reading_fires(
+        mosquitto: Mosquitto, runtime) -> None:
+    """The gateway's normal reading of t0+2 s got through; its alarm of t0 was in flight when the
+    broker died and is resent when it is back, after the newer one. Before: dead letter `stale`,
+    no notice. Now it is late (within allowed_lateness, 10 s live) and fires at its own time; an
+    alarm older than that is still refused as `stale`, with the newest reading named."""
+    url = mosquitto.url
+    rt = runtime(url, "late")
+    topic = f"cityops/readings/{GAS_ALONE}"
+    t0 = now_ms()
+    publish(url, topic, dumps(reading(GAS_ALONE, 1.0, ts=t0 + 2000)))
+    wait_until(lambda: metric(rt, "cityops_payloads_total") == 1, 5, "the normal reading", rt)
+    mosquitto.restart(hard=True)
+    wait_until(lambda: rt.health()[1].get("broker_connected") is True, 30, "reconnected", rt)
+    with Subscriber(url, *NOTICE_FILTERS, DEAD_TOPIC) as sub:
+        publish(url, topic, dumps(reading(GAS_ALONE, 27.5, ts=t0)))              # resent, late
+        publish(url, topic, dumps(reading(GAS_ALONE, 60.0, ts=t0 + 2000 - 11_000)))   # stale
+        sub.wait_for(lambda m: any(n["tier"] == "street" for n in notices(m)) and dead_letters(m),
+                     15)
+        wait_until(lambda: metric(rt, "cityops_payloads_total") == 3, 5, "all three taken", rt)
+        msgs = settle(sub)
+    street = [n for n in notices(msgs) if n["tier"] == "street"]
+    assert [(n["state"], n["seq"], n["value"], n["severity"]) for n in street] == [
+        ("firing", 1, 27.5, "orange")]               # yellow, raised one level: lives alone
+    assert street[0]["started_at"] == street[0]["ts"]          # at its own time, t0
+    [dead] = dead_letters(msgs)
+    assert dead.reason == "stale" and str(t0 + 2000) in dead.detail
+    assert metric(rt, "cityops_late_readings_total") == 1
+
+
 # ---- item 11: the smaller ones -------------------------------------------------------------------
 
 def test_wrong_topic_levels_oversize_and_refused_readings_are_accounted_for(

@@ -434,3 +434,31 @@ def test_an_ack_no_partition_holds_is_a_bad_ack_counted_and_the_log_has_no_escap
     finally:
         w.stop()
     assert "\x1b" not in w.log_path.read_text(errors="replace")
+
+
+def test_an_alarm_resent_behind_a_newer_reading_fires_on_the_worker(kafka, tmp_path) -> None:
+    """Issue 12, item 10, on Kafka: a gateway's alarm resent after its newer normal reading (a
+    bridge or broker restart) is late, not stale: it fires at its own time. One older than
+    allowed_lateness (10 s, the live default) is still a dead letter `stale`."""
+    w = worker(kafka, tmp_path, CITYOPS_ENGINE__ALLOWED_LATENESS="10s")
+    try:
+        w.wait_partitions(PARTITIONS)
+        now = int(time.time() * 1000)
+        sid = "gas-510104-000001"          # a resident living alone
+
+        def gas(v: float, at: int) -> tuple[bytes, bytes]:
+            return sid.encode(), json.dumps({"sensor_id": sid, "ts": at, "value": v}).encode()
+
+        produce(kafka.bootstrap, T["readings"], [gas(1.0, now + 2000), gas(27.5, now),
+                                                 gas(60.0, now + 2000 - 11_000)])
+        alerts = TopicReader(kafka.bootstrap, [T["alerts.street"]])
+        alerts.until(lambda recs: any(json.loads(r.value)["sensor_id"] == sid for r in recs),
+                     timeout=60, quiet=2.0)
+        street = [n for n in alerts.values() if n["sensor_id"] == sid]
+        assert [(n["state"], n["value"], n["severity"]) for n in street] == [
+            ("firing", 27.5, "orange")]
+        dead = TopicReader(kafka.bootstrap, [T["deadletter"]])
+        dead.until(lambda recs: len(recs) >= 1, timeout=30)
+        assert [d["reason"] for d in dead.values()] == ["stale"]
+    finally:
+        w.stop()
