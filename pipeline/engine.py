@@ -507,21 +507,21 @@ class Engine:
         # Which accepted readings can change anything?
         matter = ok & (val >= self._floor_np[kind])        # over the quiet floor (events: nan)
         matter |= ok & (event == 2) & self._has_event_rules_np[kind]
-        hot = [t for e in self._quiet_rules for t in e.tracks]
+        # a sensor with an incident open, or with another reading here that matters: asked
+        # per reading of the batch, so the cost follows the batch, not the open incidents
+        measured = ok & ~no_value
         busy = np.unique(idx[matter & ~no_value])
-        if hot:
-            busy = np.union1d(busy, np.array(hot, dtype=np.int64))
         if len(busy):
-            matter |= ok & ~no_value & np.isin(idx, busy)
+            matter |= measured & np.isin(idx, busy)
+        matter |= self._tracked(idx, measured & ~matter, [e.tracks for e in self._quiet_rules])
         if self.silent:                     # any reading of a silent sensor ends its silence
             matter |= ok & self._silent_np[idx]
         if self._battery_kinds_any:
             bat = np.array([r.battery for r in readings], dtype=np.float64)   # None -> nan
             low = ok & (bat <= self._battery_ceiling_np[kind])                # nan: False
             charged = ok & (bat > self._battery_ceiling_np[kind])
-            battery_hot = [t for e in self._battery_rules for t in e.tracks]
-            if battery_hot and charged.any():   # a flat battery that was changed clears
-                low |= charged & np.isin(idx, np.array(battery_hot, dtype=np.int64))
+            # a flat battery that was changed clears
+            low |= self._tracked(idx, charged & ~low, [e.tracks for e in self._battery_rules])
             matter |= low
         if self.keep_accepted and (ok.any() or len(late_pos)):
             kept = ok.copy()
@@ -608,6 +608,17 @@ class Engine:
                 reached = now
                 floor = max(self.watermark, reached - lateness) - max_age
         return out
+
+    @staticmethod
+    def _tracked(idx: np.ndarray, among: np.ndarray, tracks: list[dict]) -> np.ndarray:
+        """``among`` & the reading's sensor has a track (an incident) in one of ``tracks``."""
+        found = np.zeros(len(idx), dtype=bool)
+        tracks = [t for t in tracks if t]
+        if tracks:
+            pos = np.flatnonzero(among)
+            hit = [p for p, s in zip(pos.tolist(), idx[pos].tolist()) if any(s in t for t in tracks)]
+            found[hit] = True
+        return found
 
     def _evaluate(self, readings: list, idx_list: list[int], out: Output) -> None:
         """The rules, reading by reading, for the readings that can change something, in rank
