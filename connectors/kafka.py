@@ -53,7 +53,7 @@ def notice_key(n: dict) -> str:
 
 
 def notice_topic(prefix: str, n: dict) -> str:
-    return f"{prefix}.push" if n["tier"] == "grid" else f"{prefix}.alerts.{n['tier']}"
+    return f"{prefix}.push" if n["tier"] in ("grid", "owner") else f"{prefix}.alerts.{n['tier']}"
 
 
 def client_options(kafka, client: str = "kafka-python") -> dict:

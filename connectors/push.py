@@ -96,6 +96,7 @@ def fields(d: Delivery) -> dict[str, Any]:
             "threshold": _num(n.get("threshold")), "unit": unit, "event": n.get("event") or "",
             "severity": n["severity"], "state_cn": _STATE_CN.get(n["state"], n["state"]),
             "ts": n["ts"], "worker_name": d.recipient.name, "ack_url": n.get("ack_url") or "",
+            "ack_link": f"{ack_label(n)}：{n['ack_url']}" if n.get("ack_url") else "",
             "alert_id": n["alert_id"]}
 
 
@@ -121,8 +122,13 @@ def markdown(d: Delivery, colour: str) -> str:
         f"接收人：{d.recipient.name}",
     ]
     if f["ack_url"]:
-        lines += ["", f"[确认接单]({f['ack_url']})"]
+        lines += ["", f"[{ack_label(n)}]({f['ack_url']})"]
     return "\n".join(lines)
+
+
+def ack_label(n: dict) -> str:
+    """The link's words: a worker takes the alert in hand, an owner confirms it corrected."""
+    return "确认整改" if n.get("tier") == "owner" else "确认接单"
 
 
 # ---- HTTP ----------------------------------------------------------------------------------
@@ -233,7 +239,7 @@ class WeCom:
     def send(self, d: Delivery) -> None:
         text = markdown(d, WECOM_COLOUR.get(d.notice["severity"], "warning"))
         if len(text.encode()) > self.MAX_BYTES:
-            text = d.notice["title"] + "\n" + (f"[确认接单]({d.notice['ack_url']})"
+            text = d.notice["title"] + "\n" + (f"[{ack_label(d.notice)}]({d.notice['ack_url']})"
                                                if d.notice.get("ack_url") else "")
         body = orjson.dumps({"msgtype": "markdown", "markdown": {"content": text}})
         _robot_answer(post(self.robots.address(d.recipient), body, {"Idempotency-Key": d.key},
@@ -268,17 +274,21 @@ class DingTalk:
 
 class Sms:
     """An SMS gateway over HTTP: POST `{"phone", "text", "idempotency_key"}` with a bearer
-    token; the text is `template` filled from `fields()`."""
+    token; the text is `template` (to a sensor's owner: `owner_template`) filled from
+    `fields()`."""
 
     name = "sms"
 
-    def __init__(self, url: str, token: str | None, template: str, timeout_s: float) -> None:
+    def __init__(self, url: str, token: str | None, template: str, timeout_s: float,
+                 owner_template: str | None = None) -> None:
         self.url, self.token, self.template, self.timeout_s = url, token, template, timeout_s
+        self.owner_template = owner_template or template
 
     def send(self, d: Delivery) -> None:
         if not d.recipient.phone:
             raise PermanentError(f"{d.recipient.id} has no phone number in the registry")
-        text = render(self.template, fields(d))
+        owner = d.notice.get("tier") == "owner"
+        text = render(self.owner_template if owner else self.template, fields(d))
         headers = {"Idempotency-Key": d.key}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"

@@ -61,6 +61,15 @@ def reply_worker(topic: str, prefix: str) -> str:
     return topic[len(f"{prefix}/push/"):].removesuffix("/ack")
 
 
+def claimed_tier(token: str) -> str | None:
+    """The tier a token says it is for, unchecked: for display only (`cityops tail`)."""
+    try:
+        parts = _unb64(token.strip().split(".")[0]).decode("utf-8").split("\n")
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
+    return parts[1] if len(parts) == 5 and parts[1] in _TIERS else None
+
+
 def refused(exc: BadToken, payload: bytes, source: str) -> DeadLetter:
     """A reply whose token acknowledges nothing, as the dead letter that says why."""
     return dead_letter("bad_ack", f"acknowledge token refused ({exc.reason}): {exc}", payload,

@@ -133,14 +133,14 @@ def _parser() -> argparse.ArgumentParser:
 
     tl = sub.add_parser("tail", help="watch notices, pushes, dead letters and acks as they go out",
                         description="Print what a running pipeline tells people, one line each: "
-                        "tier notices, grid workers' pushes, dead letters and acks. MQTT 3.1.1, "
-                        "so it works with the embedded broker and with Mosquitto.")
+                        "tier notices, grid workers' and owners' pushes, dead letters and acks. "
+                        "MQTT 3.1.1, so it works with the embedded broker and with Mosquitto.")
     tl.add_argument("--broker", metavar="URL", help="mqtt://host:port (default: mqtt.url of "
                     "--config or CITYOPS_MQTT__URL, else the embedded broker's address)")
     tl.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file (its "
                     "mqtt: section: url, username, password, prefix)")
     tl.add_argument("--tier", action="append", default=[], choices=SHOWN,
-                    help="only these (repeatable): city, district, street, dept, grid, dead "
+                    help="only these (repeatable): city, district, street, dept, grid, owner, dead "
                     "(dead letters), acks")
     tl.add_argument("--district", action="append", default=[], metavar="CODE|NAME",
                     help="only notices of this district, e.g. 510104 or 锦江区 (repeatable)")
@@ -330,10 +330,10 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _print_per_tier(notices: list[dict]) -> None:
     """Per tier: how many notices of each state, then the incidents (fired, resolved)."""
-    order = ["city", "district", "street", "dept", "grid"]
+    order = ["city", "district", "street", "dept", "grid", "owner"]
     names = {"city": "市城运中心 (city)", "district": "区级运行中心 (district)",
              "street": "街镇运行中心 (street)", "dept": "部门分中心 (department)",
-             "grid": "网格员推送 (grid worker push)"}
+             "grid": "网格员推送 (grid worker push)", "owner": "责任方推送 (owner push)"}
     states = ["firing", "escalated", "reminder", "acknowledged", "resolved"]
     for tier in order:
         mine = [n for n in notices if n["tier"] == tier]
@@ -354,13 +354,16 @@ def _print_per_tier(notices: list[dict]) -> None:
 def _check(args: argparse.Namespace) -> int:
     from pipeline.engine import Engine
     rs, reg = _load(args)
-    Engine(reg, rs)   # compiling binds every rule to the registry: per-sensor thresholds etc.
+    engine = Engine(reg, rs)   # compiling binds every rule to the registry: per-sensor thresholds etc.
     print(f"ok: {len(rs.rules)} rules in {len(rs.packs)} packs, {len(rs.kinds)} sensor kinds, "
           f"{len(rs.routing.routes)} routes; registry {reg.source}: {len(reg.districts)} districts, "
           f"{len(reg.streets)} streets, {len(reg.grid_places)} grids, {len(reg):,} sensors, "
           f"{len(reg.workers)} workers")
     for r in rs.rules:
         print(f"  {r.spec.id:34} {r.spec.type:12} {r.spec.name}")
+    from pipeline.routing import unreachable_owners
+    for line in unreachable_owners(rs, reg, {e.id: e.selected for e in engine.evaluators}):
+        print(f"warning: {line}", file=sys.stderr)
     return 0
 
 
@@ -412,8 +415,12 @@ def _route(args: argparse.Namespace) -> int:
     print(f"{args.rule} at {args.sensor} ({place.district_name}{place.street_name}"
           f"{place.community_name} {place.grid_name}), {sev.value} {sev.chinese}, {at:%Y-%m-%d %H:%M}")
     print(f"route: {opts.name}")
-    for t in router.targets(opts, sev, place, category, at_ms):
-        if t.worker:
+    for t in router.targets(opts, sev, place, category, at_ms, idx):
+        if t.tier.value == "owner":
+            o = reg.owners[t.target]
+            print(f"  {pad(tier_cn(t.tier.value), 6)} push {o.id} {o.name} "
+                  f"{o.contact or ''} {o.phone or ''}".rstrip())
+        elif t.worker:
             print(f"  {pad(tier_cn(t.tier.value), 6)} push {t.worker.id} {t.worker.name} (shift "
                   f"{t.worker.start_min // 60:02}:{t.worker.start_min % 60:02}-"
                   f"{t.worker.end_min // 60:02}:{t.worker.end_min % 60:02})")

@@ -133,7 +133,8 @@ class InfluxSettings(_Part):
 
 
 PushChannel = Literal["mqtt", "webhook", "wecom", "dingtalk", "sms"]
-PushTier = Literal["city", "district", "street", "dept", "grid"]
+PushTier = Literal["city", "district", "street", "dept", "grid", "owner"]
+PERSONAL_TIERS = ("grid", "owner")      # pushed to a person (a phone, an app), not a group
 
 
 def _http_url(v: SecretStr | None) -> SecretStr | None:
@@ -170,6 +171,10 @@ class SmsPushSettings(_Part):
     template: str = Field(default="{title}：读数{value}{unit}，阈值{threshold}{unit}。"
                           "{worker_name}请处置，确认：{ack_url}", max_length=500,
                           description="the text; {names} from connectors.push.fields")
+    owner_template: str = Field(default="{title}。{summary}{ack_link}", max_length=500,
+                                description="the text to a sensor's owner (tier owner), whose "
+                                "summary says what to do; {ack_link}: 确认整改：<link>, when "
+                                "there is one")
 
 
 class AckSettings(_Part):
@@ -179,7 +184,8 @@ class AckSettings(_Part):
 
 
 class PushSettings(_Part):
-    """Pushes to on-call grid workers (pipeline/delivery.py) and acknowledge links."""
+    """Pushes to on-call grid workers and sensors' owners (pipeline/delivery.py) and
+    acknowledge links."""
 
     enabled: bool = Field(default=False, description="off: grid notices go out on "
                           "{prefix}/push/{worker_id} as every tier's do, without ack links")
@@ -189,8 +195,8 @@ class PushSettings(_Part):
                                    "for the acknowledge link {public_url}/ack?t=...; default "
                                    "http://{http.host}:{http.port}")
     tiers: dict[PushTier, list[PushChannel]] = Field(
-        default={"grid": ["mqtt"]}, description="channels per notice tier; a worker's own "
-        "`channels:` in the registry win")
+        default={"grid": ["mqtt"], "owner": ["mqtt"]}, description="channels per notice tier; "
+        "a worker's or owner's own `channels:` in the registry win")
     attempts: int = Field(default=6, ge=1, le=50, description="tries per delivery before its "
                           "dead letter")
     backoff: Duration = Field(default="2s", description="first retry within this (full jitter), "
@@ -224,9 +230,10 @@ class PushSettings(_Part):
                              "one: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
         for tier, channels in self.tiers.items():
             for ch in channels:
-                if ch in ("mqtt", "sms") and tier != "grid":
-                    raise ValueError(f"push.tiers.{tier}: {ch} reaches a worker; the {tier} tier "
-                                     "has its own MQTT topic and no phone number")
+                if ch in ("mqtt", "sms") and tier not in PERSONAL_TIERS:
+                    raise ValueError(f"push.tiers.{tier}: {ch} reaches a person (a worker, an "
+                                     f"owner); the {tier} tier has its own MQTT topic and no "
+                                     "phone number")
         for ch in {c for cs in self.tiers.values() for c in cs}:
             self.check_channel(ch)
         return self

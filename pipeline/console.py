@@ -14,8 +14,8 @@ from typing import Any
 
 from pipeline.notices import tier_cn
 
-# what `cityops tail` shows: the five tiers' notices, dead letters, acknowledgements
-TIERS = ("city", "district", "street", "dept", "grid")
+# what `cityops tail` shows: the six tiers' notices, dead letters, acknowledgements
+TIERS = ("city", "district", "street", "dept", "grid", "owner")
 SHOWN = (*TIERS, "dead", "acks")
 SEVERITY_CN = {"blue": "蓝", "yellow": "黄", "orange": "橙", "red": "红"}
 

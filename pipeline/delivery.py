@@ -9,9 +9,10 @@ once, in time, and without holding anything else up.
     dispatcher.close()
 
 Recipient: the grid tier's notice names the on-call worker (chosen by the router at the notice's
-time: on-shift grid worker, on-shift backup, the street's duty officer); other tiers, when
-`push.tiers` lists them, go to their target (a street's or a department's group robot).
-Channels: the worker's own `channels:` from the registry, else the tier's from `push.tiers`.
+time: on-shift grid worker, on-shift backup, the street's duty officer); the owner tier's, the
+sensor's responsible party (registry `owners:`); other tiers, when `push.tiers` lists them, go
+to their target (a street's or a department's group robot). Channels: the worker's or owner's
+own `channels:` from the registry, else the tier's from `push.tiers`.
 
 Each delivery is written to the outbox (pipeline/push_store.py) under its idempotency key
 (alert_id:state:seq:recipient:channel) before it is sent, then queued on its channel's lane: a
@@ -50,7 +51,7 @@ from connectors.push import (
     WeCom,
 )
 from pipeline.ack_tokens import REASONS, REPLY_NOTE, AckClaim, AckTokens, BadToken
-from pipeline.config import Settings
+from pipeline.config import PERSONAL_TIERS, Settings
 from pipeline.models import Ack, DeadLetter
 from pipeline.notices import fmt_time
 from pipeline.push_store import DELIVERED, FAILED, PushStore
@@ -141,7 +142,9 @@ class PushDispatcher:
             f"http://{settings.http.host}:{settings.http.port}" if settings.http.port else None)
         used = {c for chs in self.tiers.values() for c in chs}
         if "grid" in self.tiers:
-            used |= self._check_workers(registry)
+            used |= self._check_people("worker", registry.workers.values(), registry)
+        if "owner" in self.tiers:
+            used |= self._check_people("owner", registry.owners.values(), registry)
         self.metrics: Counter[tuple[str, str]] = Counter()
         self._metrics_lock = threading.Lock()
         self._rng = random.Random()
@@ -156,16 +159,18 @@ class PushDispatcher:
         self.lanes = {name: _Lane(name, self._channel(name), cfg.concurrency, self._attempt)
                       for name in sorted(used)}
 
-    def _check_workers(self, registry: Registry) -> set[str]:
+    def _check_people(self, what: str, people, registry: Registry) -> set[str]:
+        """The channels the registry's workers (or owners) name, each checked against the
+        configuration: one that cannot send stops the start, naming whose it is."""
         used: set[str] = set()
-        for w in registry.workers.values():
-            for ch in w.channels:
+        for p in people:
+            for ch in p.channels:
                 try:
                     self.cfg.check_channel(ch)
                 except ValueError as exc:
-                    raise ConfigError(registry.source, None, f"worker {w.id}, channels: {exc}") from None
-                if ch == "sms" and not w.phone:
-                    raise ConfigError(registry.source, None, f"worker {w.id} has the sms channel "
+                    raise ConfigError(registry.source, None, f"{what} {p.id}, channels: {exc}") from None
+                if ch == "sms" and not p.phone:
+                    raise ConfigError(registry.source, None, f"{what} {p.id} has the sms channel "
                                       "but no phone")
                 used.add(ch)
         return used
@@ -190,7 +195,8 @@ class PushDispatcher:
         if name == "dingtalk":
             return DingTalk(robots(cfg.dingtalk), secret(cfg.dingtalk.secret), timeout,
                             self.clock).send
-        return Sms(secret(cfg.sms.url), secret(cfg.sms.token), cfg.sms.template, timeout).send
+        return Sms(secret(cfg.sms.url), secret(cfg.sms.token), cfg.sms.template, timeout,
+                   cfg.sms.owner_template).send
 
     # ---- life cycle -------------------------------------------------------------------
     def start(self, broker: tuple[str, int, int] | None = None) -> None:
@@ -235,8 +241,9 @@ class PushDispatcher:
     # ---- in ------------------------------------------------------------------------------
     def owns(self, notice: dict) -> bool:
         """True when this dispatcher, not the runtime, publishes the notice on MQTT: a worker's
-        push topic is one of the push channels, with a receipt and at most one copy."""
-        return notice["tier"] == "grid" and "grid" in self.tiers
+        (or an owner's) push topic is one of the push channels, with a receipt and at most one
+        copy."""
+        return notice["tier"] in PERSONAL_TIERS and notice["tier"] in self.tiers
 
     def submit(self, notices: list[dict]) -> None:
         """Record the notices on their timelines and queue their deliveries; a notice seen
@@ -268,6 +275,11 @@ class PushDispatcher:
             if w is not None:
                 return Recipient(w.id, w.name, w.phone), w.channels or channels
             return Recipient(n["target"], n.get("worker_name") or n["target"]), channels
+        if n["tier"] == "owner":
+            o = self.registry.owners.get(n["target"])
+            if o is not None:
+                return Recipient(o.id, o.contact or o.name, o.phone), o.channels or channels
+            return Recipient(n["target"], n["target"]), channels
         name = {"street": n.get("street_name"), "district": n.get("district_name"),
                 "dept": self.registry.departments.get(n["target"]),
                 "city": self.registry.city_name}.get(n["tier"])

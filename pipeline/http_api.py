@@ -38,6 +38,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from connectors.push import ack_label
 from pipeline.ack_tokens import MAX_TOKEN, BadToken
 from pipeline.identity import Forbidden
 from pipeline.models import AckRequest
@@ -151,7 +152,8 @@ def ops_app(rt: Any) -> Starlette:
             f"<h1>确认预警</h1><p>{html.escape(title)}</p>"
             f'<form method="post" action="ack"><input type="hidden" name="t" '
             f'value="{html.escape(token)}"><button type="submit" '
-            f'style="font-size:1.2em;padding:.5em 2em">确认接单</button></form>'))
+            f'style="font-size:1.2em;padding:.5em 2em">{ack_label({"tier": claim.tier})}'
+            '</button></form>'))
 
     async def ack_by_token(request: Request) -> Response:
         try:

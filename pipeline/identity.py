@@ -7,7 +7,8 @@ pipeline can name, and only within that sender's scope:
                 own (deploy/mosquitto: `pattern write cityops/acks/%u`)
     over HTTP   POST /acks with `Authorization: Bearer <token>`, the user's token
     push link   the signed token of the push (pipeline/ack_tokens.py), bound to one recipient
-                and one firing of one alert
+                and one firing of one alert — the only way a sensor's owner (registry
+                `owners:`, tier owner) acknowledges: owners have no scope here
 
 A user's scope is a tier and the places (or departments) it answers for:
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from pipeline import notices as nt
 from pipeline.models import Ack, Category, Severity, State, Tier
 from pipeline.registry import Registry
-from pipeline.routing import Router, Target
+from pipeline.routing import Router, Target, sensor_labels
 from rules.compiler import modifier_notes
 from rules.evaluators import DOWNGRADE, FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers
 from rules.schema import AbsenceRule, CorrelationRule, format_duration
@@ -226,11 +226,7 @@ class AlertBook:
         labels: dict[str, Any] = {"rule_id": inc.rule, "category": self._category(inc).value,
                                   "severity": Severity.of_rank(inc.rank).value}
         if inc.idx is not None:
-            p = reg.place_of(inc.idx)
-            labels.update(kind=reg.kinds[reg.kind_of[inc.idx]], district=p.district,
-                          street=p.street, community=p.community, grid=p.grid)
-            for k, v in reg.sensor_facts(inc.idx).items():
-                labels["sensor." + k] = v
+            labels.update(sensor_labels(reg, inc.idx))
         return labels
 
     def _widen(self, inc: Incident, ts: int) -> list[Target]:
@@ -240,7 +236,8 @@ class AlertBook:
         place = self.registry.place_of(inc.idx)
         have = set(inc.sent)
         return [t for t in self.router.targets(inc.route, Severity.of_rank(inc.rank), place,
-                                               self._category(inc).value, ts) if t not in have]
+                                               self._category(inc).value, ts, inc.idx)
+                if t not in have]
 
     def _rebase(self, inc: Incident, ch: Change) -> None:
         reg = self.registry
@@ -273,7 +270,7 @@ class AlertBook:
             threshold=inc.threshold, event=inc.event,
             event_name=k.events.get(inc.event, inc.event) if k and inc.event else None,
             started_ms=inc.started, title_t=spec.title, summary_t=spec.summary, notes=notes,
-            group=group, members=members, extra=extra)
+            group=group, members=members, extra=extra, instruction_t=spec.instruction)
 
     @staticmethod
     def _absent_ms(spec: AbsenceRule, kind: str) -> int:

@@ -104,13 +104,16 @@ class State(str, Enum):
 
 
 class Tier(str, Enum):
-    """Who a notice is for. `grid` is the push to the on-call grid worker of the place."""
+    """Who a notice is for. `grid` is the push to the on-call grid worker of the place;
+    `owner` the push to the sensor's responsible party (registry `owners:`), where a route
+    names it (`notify: [owner]`)."""
 
     city = "city"
     district = "district"
     street = "street"
     dept = "dept"
     grid = "grid"
+    owner = "owner"
 
 
 class Reading(BaseModel):

@@ -18,7 +18,8 @@ from pipeline.registry import Place, Registry
 _FIELD = re.compile(r"\{([a-z_]+)\}")
 _STATE_MARK = {State.firing: "", State.escalated: "·升级", State.acknowledged: "·已确认",
                State.resolved: "·已解除", State.reminder: "·提醒"}
-_TIER_CN = {"street": "街镇", "district": "区级", "city": "市级", "dept": "部门", "grid": "网格员"}
+_TIER_CN = {"street": "街镇", "district": "区级", "city": "市级", "dept": "部门", "grid": "网格员",
+           "owner": "责任方"}
 
 DEFAULT_SUMMARY = {
     "threshold": "{address}：{kind_name}读数{value}{unit}，达到阈值{threshold}{unit}（{level}级）。{notes}",
@@ -28,6 +29,17 @@ DEFAULT_SUMMARY = {
     "absence": "{address}：{kind_name}已{absent_for}未上报数据（最后上报：{last_seen}）。{notes}",
     "correlation": "{place}：{members_count}个传感器在短时间内相继报警（{group}），预警级别上调。{notes}",
 }
+
+
+# The owner's push (tier `owner`) says what happened, where and when, and what to do; the rule's
+# `instruction` (a template) says the last, this the rest.
+OWNER_WHAT = {
+    "event": "{kind_name}报告“{event_name}”",
+    "absence": "{kind_name}已{absent_for}未上报数据",
+    "correlation": "{members_count}个传感器相继报警",
+}
+OWNER_WHAT_DEFAULT = "{rule_name}：{kind_name}读数{value}{unit}，达到{threshold}{unit}"
+DEFAULT_INSTRUCTION = "请立即核查处置，处置完毕后点击链接确认。"
 
 
 def fmt_time(ms: int, tz: ZoneInfo) -> str:
@@ -55,8 +67,10 @@ def base_notice(*, alert_id: str, rule_id: str, rule_name: str, rule_type: str, 
                 place: Place, registry: Registry, idx: int | None, value: float | None,
                 threshold: float | None, event: str | None, event_name: str | None,
                 started_ms: int, title_t: str | None, summary_t: str | None, notes: list[str],
-                group: str | None, members: list[str] | None, extra: dict[str, Any]) -> dict:
-    """The fields every copy of one state change shares, with title and summary rendered."""
+                group: str | None, members: list[str] | None, extra: dict[str, Any],
+                instruction_t: str | None = None) -> dict:
+    """The fields every copy of one state change shares, with title and summary rendered (and
+    the owner's summary, when the registry names the sensor's owner)."""
     tz = registry.tz
     # addresses in the registry are full (成都市锦江区…); a sensor without one is named by place
     address = (registry.address[idx] if idx is not None else "") or place_text(place)
@@ -76,7 +90,10 @@ def base_notice(*, alert_id: str, rule_id: str, rule_name: str, rule_type: str, 
     }
     title = render(title_t or "{place}{rule_name}", fields)
     summary = render(summary_t or DEFAULT_SUMMARY[rule_type], fields).replace("（）", "")
-    return {
+    o = registry.owner_of(idx) if idx is not None else None
+    private = {"_owner_summary": owner_summary(o, fields, started_ms, tz, rule_type,
+                                               instruction_t)} if o is not None else {}
+    return {**private,
         "alert_id": alert_id, "rule_id": rule_id, "sensor_id": sensor_id, "kind": kind,
         "category": category.value, "district": place.district, "district_name": place.district_name,
         "street": place.street, "street_name": place.street_name, "community": place.community,
@@ -88,6 +105,16 @@ def base_notice(*, alert_id: str, rule_id: str, rule_name: str, rule_type: str, 
         "started_at": fmt_time(started_ms, tz), "_title": title, "_summary": summary,
         "group": group, "members": members,
     }
+
+
+def owner_summary(owner: Any, fields: dict[str, Any], started_ms: int, tz: ZoneInfo,
+                  rule_type: str, instruction_t: str | None) -> str:
+    """To the responsible party: who it is for, when and where, what, and what to do."""
+    who = f"{owner.name}负责人{owner.contact}" if owner.contact else owner.name
+    when = datetime.fromtimestamp(started_ms / 1000, tz).strftime("%m月%d日%H:%M")
+    what = render(OWNER_WHAT.get(rule_type, OWNER_WHAT_DEFAULT), fields)
+    return (f"{who}：{when}，{fields['address']}，{what}。"
+            + render(instruction_t or DEFAULT_INSTRUCTION, fields))
 
 
 def finish(base: dict, *, seq: int, severity: Severity, state: State, previous: State | None,
@@ -106,7 +133,7 @@ def finish(base: dict, *, seq: int, severity: Severity, state: State, previous: 
     elif state == State.firing and previous == State.firing:
         mark = "·级别下调" if lowered else "·级别上调"
     n["title"] = f"【{severity.chinese}{mark}】{base['_title']}"
-    n["summary"] = base["_summary"] + extra_summary
+    tail = extra_summary
     if cleared is not None:
         # a clear level held (a resolve, or a step-down): the notice says which, and the reading
         value, level = cleared
@@ -114,13 +141,19 @@ def finish(base: dict, *, seq: int, severity: Severity, state: State, previous: 
             n["value"] = value
         n["threshold"] = level
         unit = base["unit"] or ""
-        n["summary"] += (f"当前{fmt_number(value)}{unit}，已达解除值{fmt_number(level)}{unit}"
-                         + ("，降级。" if lowered else "。"))
+        tail += (f"当前{fmt_number(value)}{unit}，已达解除值{fmt_number(level)}{unit}"
+                 + ("，降级。" if lowered else "。"))
+    n["summary"] = base["_summary"] + tail
+    if "_owner_summary" in base:
+        n["_owner_summary"] = base["_owner_summary"] + tail     # for_target picks, then drops it
     return n
 
 
 def for_target(notice: dict, tier: str, target: str, worker: Any | None) -> dict:
     n = dict(notice)
+    owner_text = n.pop("_owner_summary", None)
+    if tier == "owner" and owner_text is not None:
+        n["summary"] = owner_text
     n["tier"] = tier
     n["target"] = target
     n["worker_id"] = worker.id if worker else None

@@ -16,7 +16,7 @@ def family(name: str, kind: str, help_: str, value: float | Mapping[str, float],
     return lines
 
 
-TIERS = ("city", "district", "street", "dept", "grid")
+TIERS = ("city", "district", "street", "dept", "grid", "owner")
 
 
 def notices_by_tier(counters: Mapping[str, int], what: str = "published") -> list[str]:

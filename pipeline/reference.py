@@ -832,7 +832,7 @@ class ReferenceEngine:
         place = self.reg.place_of(inc["idx"])
         category = self.present._category(_Inc(inc)).value
         return [t for t in self.router.targets(inc["route"], Severity.of_rank(inc["rank"]), place,
-                                               category, ts) if t not in inc["sent"]]
+                                               category, ts, inc["idx"]) if t not in inc["sent"]]
 
     def _send(self, inc: dict, state: State, prev: State | None, ts: int, new: list,
               extra: str = "", only: list | None = None, lowered: bool = False,

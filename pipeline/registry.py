@@ -15,11 +15,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline import registry_cache
 from pipeline.columns import SensorIndex, SparseAttrs, Strings
@@ -71,21 +71,24 @@ class DepartmentSpec(_Strict):
     categories: list[Category]
 
 
+def _recipient_id(v: str) -> str:
+    if not _WORKER_ID.match(v):
+        raise ValueError("worker id or owner id: lower-case letters, digits and '-', up to 64 "
+                         "(a push topic level)")
+    return v
+
+
+RecipientId = Annotated[str, AfterValidator(_recipient_id)]
+
+
 class WorkerSpec(_Strict):
-    id: str
+    id: RecipientId
     name: str
     phone: str | None = None
     grids: list[str] = []
     shift: str = "00:00-24:00"
     backup: str | None = None
     channels: list[str] = []
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        if not _WORKER_ID.match(v):
-            raise ValueError("worker id: lower-case letters, digits and '-', up to 64")
-        return v
 
     @field_validator("shift")
     @classmethod
@@ -94,6 +97,17 @@ class WorkerSpec(_Strict):
         if not m or int(m[1]) > 24 or int(m[3]) > 24 or int(m[2]) > 59 or int(m[4]) > 59:
             raise ValueError('shift must look like "08:00-20:00" (local time; may cross midnight)')
         return v
+
+
+class OwnerSpec(_Strict):
+    """A sensor's responsible party (项目负责人, a building's property manager): who a route with
+    `notify: [owner]` pushes to. Its sensors are the rows whose `owner` cell is its `name`."""
+
+    id: RecipientId
+    name: str
+    contact: str | None = None
+    phone: str | None = None
+    channels: list[str] = []
 
 
 class CitySpec(_Strict):
@@ -107,6 +121,7 @@ class RegistrySpec(_Strict):
     departments: list[DepartmentSpec] = []
     districts: list[DistrictSpec]
     workers: list[WorkerSpec] = []
+    owners: list[OwnerSpec] = []
     sensors: str = "sensors.csv"
 
 
@@ -146,6 +161,15 @@ class Worker:
         return minute_of_day >= s or minute_of_day < e
 
 
+@dataclass(frozen=True, slots=True)
+class Owner:
+    id: str                 # the owner notice's target, and `by` of the owner's acknowledgement
+    name: str               # the sensors.csv `owner` cell of its sensors
+    contact: str | None
+    phone: str | None
+    channels: tuple[str, ...]
+
+
 @dataclass
 class Registry:
     city_code: str
@@ -181,6 +205,8 @@ class Registry:
     attrs: SparseAttrs = field(default_factory=lambda: SparseAttrs(np.zeros(0, np.int64), Strings.of([]),
                                                                     _parse_attrs))
     source: str = ""
+    owners: dict[str, Owner] = field(default_factory=dict)           # owner id -> Owner
+    owner_named: dict[str, Owner] = field(default_factory=dict)      # `owner` cell -> Owner
 
     def __len__(self) -> int:
         return len(self.sensor_ids)
@@ -208,6 +234,10 @@ class Registry:
         facts.update(self.attrs.get(idx, {}))
         return facts
 
+    def owner_of(self, idx: int) -> Owner | None:
+        """The responsible party of sensor ``idx``: the `owners:` entry its `owner` cell names."""
+        return self.owner_named.get(self.owner[idx]) if self.owner[idx] else None
+
     def streets_of_sensors(self) -> np.ndarray:
         """Per sensor number, the number of its street in ``sorted(self.streets)``."""
         order = {code: i for i, code in enumerate(sorted(self.streets))}
@@ -226,10 +256,12 @@ class Registry:
                         self.duty_officer, sensor_ids=ids, index=SensorIndex.of(ids),
                         kinds=list(self.kinds), kind_of=self.kind_of[keep],
                         grid_of=self.grid_of[keep], gateway_of=self.gateway_of[keep],
-                        gateways=self.gateways, gateway_index=self.gateway_index, lat=self.lat[keep], lon=self.lon[keep],
+                        gateways=self.gateways, gateway_index=self.gateway_index,
+                        lat=self.lat[keep], lon=self.lon[keep],
                         address=self.address.take(keep), building=self.building.take(keep),
                         owner=self.owner.take(keep), owner_contact=self.owner_contact.take(keep),
-                        attrs=self.attrs.take(keep), source=self.source)
+                        attrs=self.attrs.take(keep), source=self.source, owners=self.owners,
+                        owner_named=self.owner_named)
 
     def on_call(self, grid: str, street: str, at_ms: int) -> Worker | None:
         """The worker to push to: on-shift grid worker, else an on-shift backup, else the
@@ -261,7 +293,7 @@ def load(path: str | Path | None = None, known_kinds: Iterable[str] | None = Non
     except OSError:
         folder = None                       # load_yaml says what is wrong with the file
     if folder is not None:
-        reg = registry_cache.open_compiled(folder, Registry, Place, Worker, _parse_attrs)
+        reg = registry_cache.open_compiled(folder, Registry, Place, Worker, _parse_attrs, Owner)
         if reg is not None:
             reg.source = str(path)
             return reg
@@ -358,6 +390,17 @@ def _places(doc: Located, spec: RegistrySpec) -> Registry:
     for i, w in enumerate(spec.workers):
         if w.backup and w.backup not in reg.workers:
             raise doc.error(("workers", i, "backup"), f"backup {w.backup} is not a listed worker")
+    for i, o in enumerate(spec.owners):
+        if o.id in reg.owners:
+            raise doc.error(("owners", i, "id"), f"owner {o.id} is listed twice")
+        if o.id in reg.workers:
+            raise doc.error(("owners", i, "id"), f"owner {o.id} is also a worker's id: both are "
+                            "push recipients (cityops/push/{id}); give the owner another")
+        if o.name in reg.owner_named:
+            raise doc.error(("owners", i, "name"), f"owner name {o.name} is used twice (by "
+                            f"{reg.owner_named[o.name].id}): sensors name their owner by it")
+        reg.owners[o.id] = reg.owner_named[o.name] = Owner(o.id, o.name, o.contact, o.phone,
+                                                           tuple(o.channels))
     for di, d in enumerate(spec.districts):
         for si, s in enumerate(d.streets):
             if s.duty_officer and s.duty_officer not in reg.workers:

@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 import numpy as np
 
-FORMAT = 2          # bump when the layout below changes: old folders are then never read
+FORMAT = 3          # bump when the layout below changes: old folders are then never read
 _STRINGS = ("sensor_ids", "address", "building", "owner", "owner_contact", "gateways")
 _NUMBERS = ("kind_of", "grid_of", "gateway_of", "lat", "lon")
 
@@ -78,7 +78,7 @@ def _unchanged(path: Path, meta: dict) -> bool:
 
 def open_compiled(folder: Path, registry_type: Callable[..., Any],
                   place: Callable[..., Any], worker: Callable[..., Any],
-                  parse_attrs: Callable[[str], dict]) -> Any | None:
+                  parse_attrs: Callable[[str], dict], owner: Callable[..., Any]) -> Any | None:
     """The registry compiled in ``folder``, or None when there is none or its sensors file
     (named in it: registry.yaml's path and bytes are in the folder's name) has changed since."""
     from pipeline.columns import SensorIndex, SparseAttrs, Strings
@@ -104,6 +104,7 @@ def open_compiled(folder: Path, registry_type: Callable[..., Any],
     places = [place(*row) for row in p["grid_places"]]
     workers = {w[0]: worker(w[0], w[1], w[2], tuple(w[3]), w[4], w[5], w[6], tuple(w[7]))
                for w in p["workers"]}
+    owners = {o[0]: owner(o[0], o[1], o[2], o[3], tuple(o[4])) for o in p["owners"]}
     reg = registry_type(
         p["city_code"], p["city_name"], ZoneInfo(p["tz"]), p["districts"],
         {k: tuple(v) for k, v in p["streets"].items()},
@@ -111,7 +112,7 @@ def open_compiled(folder: Path, registry_type: Callable[..., Any],
         {pl.grid: i for i, pl in enumerate(places)}, p["departments"], p["dept_of_category"],
         workers, p["workers_of_grid"], p["duty_officer"],
         sensor_ids=strings("sensor_ids"), index=SensorIndex(arr("index.keys"), arr("index.rows")),
-        kinds=p["kinds"],
+        kinds=p["kinds"], owners=owners, owner_named={o.name: o for o in owners.values()},
         gateway_index=SensorIndex(arr("gateway_index.keys"), arr("gateway_index.rows")),
         attrs=SparseAttrs(arr("attrs.rows"), strings("attrs"), parse_attrs),
         **{name: strings(name) for name in _STRINGS[1:]}, **{name: arr(name) for name in _NUMBERS})
@@ -153,6 +154,7 @@ def write_compiled(folder: Path, reg: Any, sensors_path: Path, sensors_seen: tup
             "workers": [[getattr(w, f) for f in w.__slots__] for w in reg.workers.values()],
             "workers_of_grid": reg.workers_of_grid, "duty_officer": reg.duty_officer,
             "kinds": reg.kinds,
+            "owners": [[getattr(o, f) for f in o.__slots__] for o in reg.owners.values()],
         }
         stat, digest, hashed_at = sensors_seen
         meta = {"format": FORMAT, "sensors_path": str(sensors_path), "sensors_stat": stat,

@@ -255,6 +255,7 @@ class _SensorRows:
         self.community: _Community | None = None
         self.counters: list[int] = []
         self.gateways = self.projects = self.buildings = 0
+        self.sites: list[tuple[str, str, str, str]] = []    # owners: id, name, contact, phone
 
     def enter(self, district: _District, street: _Street, community: _Community) -> None:
         if district is not self.district:
@@ -319,6 +320,8 @@ class _SensorRows:
                     self.projects += 1
                     owner = f"{s.name}{self.projects}号地块项目"
                     contact = f"{rng.choice(SURNAMES)}工 139{self._contact():08d}"
+                    self.sites.append((f"site-{s.code}-{self.projects:03d}", owner,
+                                       *contact.split(" ")))
                     base = f"成都市{owner}工地 "
                 else:
                     base = f"成都市{s.name}{c.name}{rand() * 300 + 1:.0f}号 "
@@ -340,7 +343,8 @@ class _SensorRows:
 
 
 def _write_sensors(path: Path, plan: list[_District], sensors: int, rng: random.Random,
-                   progress: Callable[[int], None] | None) -> None:
+                   progress: Callable[[int], None] | None) -> list[tuple[str, str, str, str]]:
+    """Write the rows; return the construction sites made (their owners)."""
     # One byte per sensor: exact kind totals for the seed, shuffled, then dealt out grid by grid.
     # Rows are never held beyond one grid.
     kinds = bytearray()
@@ -365,6 +369,7 @@ def _write_sensors(path: Path, plan: list[_District], sensors: int, rng: random.
                         while progress is not None and written >= next_mark:
                             progress(next_mark)
                             next_mark += PROGRESS_EVERY
+    return maker.sites
 
 
 def generate(out_dir: Path, sensors: int, seed: int = 1,
@@ -382,7 +387,12 @@ def generate(out_dir: Path, sensors: int, seed: int = 1,
     plan = _plan(sensors, rng)
     registry = out_dir / "registry.yaml"
     _write_yaml(registry, plan, rng)
-    _write_sensors(out_dir / "sensors.csv", plan, sensors, rng, progress)
+    sites = _write_sensors(out_dir / "sensors.csv", plan, sensors, rng, progress)
+    with registry.open("a", encoding="utf-8") as f:      # known once the sites are made
+        f.write("\n# construction sites' responsible parties: notify: [owner] reaches them\n"
+                "owners:" + ("" if sites else " []") + "\n")
+        for oid, name, contact, phone in sites:
+            f.write(f'  - {{id: {oid}, name: {name}, contact: {contact}, phone: "{phone}"}}\n')
     return registry
 
 

@@ -54,7 +54,7 @@ def notice_topic(prefix: str, n: dict) -> str:
     tier, target = n["tier"], n["target"]
     if tier == "city":
         return f"{prefix}/alerts/city"
-    if tier == "grid":
+    if tier in ("grid", "owner"):           # pushes to a person: the worker's, the owner's
         return f"{prefix}/push/{target}"
     return f"{prefix}/alerts/{tier}/{target}"
 

@@ -21,6 +21,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from connectors.mqtt import resolve
+from pipeline.ack_tokens import claimed_tier
 from pipeline.console import SHOWN, ack_line, dead_letter_line, notice_line
 
 
@@ -45,9 +46,10 @@ class Filter:
 
 def line_for(topic: str, payload: bytes, prefix: str, keep: Filter) -> str | None:
     """The line to print for one message, or None when the filter leaves it out."""
-    if topic.startswith(f"{prefix}/push/") and topic.endswith("/ack"):    # a worker's reply
-        worker = topic[len(f"{prefix}/push/"):-len("/ack")]
-        return ack_line({"by": worker, "tier": "grid", "alert_id": "(reply to a push)"}) \
+    if topic.startswith(f"{prefix}/push/") and topic.endswith("/ack"):    # a person's reply
+        who = topic[len(f"{prefix}/push/"):-len("/ack")]
+        tier = claimed_tier(payload.decode("ascii", "replace")) or "grid"
+        return ack_line({"by": who, "tier": tier, "alert_id": "(reply to a push)"}) \
             if keep.other("acks") else None
     try:
         doc = orjson.loads(payload)

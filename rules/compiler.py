@@ -246,7 +246,7 @@ def _check_rule(r: LoadedRule, kinds: dict[str, SensorKind], ids: dict[str, str]
         _check_names(r, ("where",), _expr(r, ("where",), spec.where), allow_sensor=True)
     for i, m in enumerate(spec.modifiers):
         _check_names(r, ("modifiers", i, "if"), _expr(r, ("modifiers", i, "if"), m.if_), True)
-    for fld in ("title", "summary"):
+    for fld in ("title", "summary", "instruction"):
         text = getattr(spec, fld)
         for name in _PLACEHOLDER.findall(text or ""):
             if name not in TEMPLATE_FIELDS:

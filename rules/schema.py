@@ -86,6 +86,8 @@ class _RuleBase(_Strict):
     category: Category | None = None
     title: str | None = None
     summary: str | None = None
+    instruction: str | None = Field(default=None, description="what the sensor's owner is asked "
+                                    "to do: ends the owner's push (a template)")
     modifiers: list[Modifier] = []
 
 
@@ -204,6 +206,7 @@ class Pack(_Strict):
 # ---- routing ------------------------------------------------------------------------------
 
 TierName = Literal["street", "grid", "district", "dept", "city"]
+NotifyName = Literal["owner"]
 
 
 class Escalation(_Strict):
@@ -224,6 +227,8 @@ class Route(_Strict):
     remind_every: Duration | None = None
     max_reminders: int | None = Field(default=None, ge=0)
     push: bool | None = None
+    notify: list[NotifyName] | None = Field(default=None, description="besides the tiers: "
+                                            "`owner`, the sensor's responsible party")
 
 
 class Routing(_Strict):
@@ -232,6 +237,7 @@ class Routing(_Strict):
     remind_every: Duration | None = None
     max_reminders: int = Field(default=3, ge=0, description="then stop: escalation has taken over")
     push: bool = True
+    notify: list[NotifyName] = []
     routes: list[Route] = []
 
     @field_validator("tiers")

@@ -1,6 +1,7 @@
 """Small registries written on the fly, for engine tests and the differential fuzzer: a district
-with two streets, a community and two micro-grids each, a worker per grid, every department, and
-sensors of the kinds asked for spread over grids, gateways and buildings."""
+with two streets, a community and two micro-grids each, a worker per grid, every department,
+sensors of the kinds asked for spread over grids, gateways and buildings, and owners for half
+of them."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def small_registry(folder: Path, rs, kinds: Mapping[str, int], gateways: int = 2
     for n, g in enumerate(grids):
         lines += [f'  - {{id: w-{g}, name: 网格员{n}, phone: "1380000000{n}", grids: ["{g}"], '
                   f'shift: "00:00-24:00"}}']
+    # every other owner cell has an `owners:` entry: `notify: [owner]` reaches some sensors only
+    lines += ["owners: []"] if not any(kinds.values()) else ["owners:"] + [
+        f'  - {{id: o-{n}, name: 户主{n}, contact: 联系人{n}, phone: "1370000{n:04d}"}}'
+        for n in range(0, max(kinds.values()), 2)]
     lines += ["sensors: sensors.csv"]
     (folder / "registry.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     rows = ["sensor_id,kind,grid,gateway_id,lat,lon,address,building,owner,owner_contact,attrs"]

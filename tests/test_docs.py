@@ -19,7 +19,7 @@ REPO_PATH = re.compile(r"(?<![\w./-])((?:docs|deploy|rules|pipeline|connectors|b
 CODE_SPAN = re.compile(r"`[^`\n]*`")
 # files the docs name that a command writes, not the repository
 MADE = {"bench/out/kafka_bench.json": "make bench-kafka writes it",
-        "bench/out": "the benchmarks write there (make clean removes it)",
+        "bench/out": "the benchmarks write their JSON there (git-ignored)",
         "deploy/.env": "the operator's copy of deploy/.env.example, never committed"}
 SOURCES = sorted(p for d in ("pipeline", "connectors", "rules") for p in (ROOT / d).glob("*.py"))
 

@@ -128,8 +128,11 @@ def routings(draw) -> dict:
         r["remind_every"] = draw(st.sampled_from(["1m", "2m", "10m"]))
         r["max_reminders"] = draw(st.integers(0, 3))
     if draw(st.booleans()):
+        r["notify"] = ["owner"]
+    if draw(st.booleans()):
         r["routes"] = [{"name": "cams", "match": {"rule_id": "fz.cam"},
-                        "tiers": {"yellow": ["street", "dept"]}, "remind_every": "1m"}]
+                        "tiers": {"yellow": ["street", "dept"]}, "remind_every": "1m",
+                        "notify": draw(st.sampled_from([[], ["owner"]]))}]
     return r
 
 
@@ -203,8 +206,8 @@ def timelines(draw, city: dict) -> list:
                 json.dumps([{"sensor_id": lv[0], "ts": clock, "value": 30}, {"bad": 1}]).encode(),
             ]))))
         elif what == "ack":
-            ops.append(("ack", draw(st.integers(0, 5)), draw(st.sampled_from(["street", "grid"])),
-                        clock))
+            ops.append(("ack", draw(st.integers(0, 5)),
+                        draw(st.sampled_from(["street", "grid", "owner"])), clock))
         elif what == "advance":
             ops.append(("advance", clock))
         else:

@@ -24,7 +24,9 @@ def test_soak_runs_and_reports_slopes(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert not result["crashed"] and len(result["samples"]) >= 4
-    assert set(result["slopes_per_hour"]) == {"rss_mb", "state_mb", "wal_mb", "broker_rss_mb"}
+    assert set(result["slopes_per_hour"]) == {"rss_mb", "state_mb", "wal_mb", "broker_rss_mb",
+                                              "open"}
+    assert result["lifetimes"] == "1m"          # the packs' quiet periods cut (bench/soak.py)
     assert re.search(r"^WAL MB +[\d.]+ +[\d.]+ +[\d.]+ +[+-][\d.]+$", run.stdout, re.MULTILINE)
 
 

@@ -85,14 +85,16 @@ def settle(sub: Subscriber, quiet: float = 0.6, timeout: float = 10.0) -> list:
 class Running:
     """LiveRuntime on its own thread, as `cityops run` runs it."""
 
-    def __init__(self, broker: Mosquitto, tmp: Path) -> None:
+    def __init__(self, broker: Mosquitto, tmp: Path, **push: object) -> None:
+        """``push``: more push settings (channels, tiers)."""
         self.broker = broker
         self.port = free_port()
         self.client_id = f"cityops-push-{uuid.uuid4().hex[:8]}"
         self.settings = Settings(
             mqtt=MqttSettings(url=broker.url, client_id=self.client_id),
             http=HttpSettings(port=self.port), state=StateSettings(path=tmp / "state.sqlite"),
-            push=PushSettings(enabled=True, secret=SECRET, backoff="20ms", backoff_cap="100ms"))
+            push=PushSettings(enabled=True, secret=SECRET, backoff="20ms", backoff_cap="100ms",
+                              **push))
         self.rt = LiveRuntime(self.settings)
         self.rt.start()
         self.thread = threading.Thread(target=self.rt.run, name="runtime", daemon=True)

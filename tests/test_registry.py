@@ -482,7 +482,7 @@ def same_registry(a: Registry, b: Registry) -> None:
     assert dict(a.attrs.items()) == dict(b.attrs.items())
     for name in ("city_code", "city_name", "tz", "districts", "streets", "communities",
                  "grid_places", "grid_index", "departments", "dept_of_category", "workers",
-                 "workers_of_grid", "duty_officer", "kinds", "gateways"):
+                 "workers_of_grid", "duty_officer", "kinds", "gateways", "owners", "owner_named"):
         assert getattr(a, name) == getattr(b, name), name
     for i, sid in enumerate(a.sensor_ids):
         assert b.index[sid] == i and b.sensor_facts(i) == a.sensor_facts(i)

@@ -50,7 +50,8 @@ def test_builtin_packs_load(builtin):
 
 def test_builtin_routing_gives_every_severity(builtin):
     assert set(builtin.routing.tiers) == set(Severity)
-    assert [r.name for r in builtin.routing.routes] == ["gas-at-vulnerable-residents", "device-health"]
+    assert [r.name for r in builtin.routing.routes] == ["gas-at-vulnerable-residents", "device-health",
+                                                         "construction-site-owner"]
 
 
 def test_builtin_packs_compile_against_the_chengdu_fixture(builtin):

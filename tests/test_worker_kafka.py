@@ -323,7 +323,8 @@ def test_bridge_carries_mosquitto_readings_to_the_workers_and_back(kafka, mosqui
 def test_worker_writes_history_and_pushes_to_the_on_call_worker(kafka, mosquitto, victoria_metrics,
                                                                  tmp_path) -> None:
     """The worker's other outputs, as in `cityops run`: readings and alerts into the
-    line-protocol database, the grid notice pushed (with its acknowledge link) over MQTT."""
+    line-protocol database, the grid notice pushed (with its acknowledge link) over MQTT, and a
+    site violation pushed to the site's owner."""
     push = {"CITYOPS_PUSH__ENABLED": "true", "CITYOPS_PUSH__SECRET": "s" * 40,
             "CITYOPS_MQTT__URL": mosquitto.url, "CITYOPS_KAFKA__BOOTSTRAP": kafka.bootstrap,
             "CITYOPS_KAFKA__PARTITIONS": str(PARTITIONS), "CITYOPS_KAFKA__REPLICATION": "1"}
@@ -364,6 +365,18 @@ def test_worker_writes_history_and_pushes_to_the_on_call_worker(kafka, mosquitto
         dead = TopicReader(kafka.bootstrap, [T["deadletter"]])
         dead.until(lambda recs: any(json.loads(r.value)["reason"] == "bad_ack" for r in recs),
                    timeout=30)
+        # a site camera's violation: the project's owner is pushed too (push.tiers.owner: mqtt)
+        cam = "cam-510108-000001"
+        produce(kafka.bootstrap, T["readings"], [(cam.encode(), json.dumps(
+            {"sensor_id": cam, "ts": int(time.time() * 1000), "event": "no_helmet"}).encode())])
+        owner = "cityops/push/site-510108-wannianchang"
+        [(_, body)] = [m for m in phone.wait_for(lambda msgs: any(t == owner for t, _ in msgs),
+                                                 timeout=60) if m[0] == owner]
+        told = json.loads(body)
+        assert (told["tier"], told["sensor_id"], told["state"]) == ("owner", cam, "firing")
+        assert told["ack_url"] and "整改完毕后点击链接确认整改" in told["summary"]
+        TopicReader(kafka.bootstrap, [T["push"]]).until(
+            lambda recs: any(r.key == b"site-510108-wannianchang" for r in recs), timeout=30)
     finally:
         phone.close()
         bridge.stop()
