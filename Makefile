@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo test test-deps check fuzz bench bench-quick bench-silent bench-registry bench-runtime bench-kafka bench-sink bench-history soak attack clean
+.PHONY: run demo test test-deps check fuzz bench bench-quick bench-silent bench-registry bench-runtime bench-kafka bench-sink bench-history bench-console soak attack clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,9 +12,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-## run: the live pipeline on an embedded MQTT broker, fed by simulated Chengdu gateways
+## run: the live pipeline on an embedded MQTT broker, fed by simulated Chengdu gateways, and
+## the operations-centre console beside it (http://127.0.0.1:8080, demo logins printed)
+# The console is a second process: stopped with the pipeline (Ctrl-C), whatever way it ends.
+# Both take the demo users, so an acknowledgement made in the console is accepted.
+DEMO_USERS := pipeline/opscentre/demo_users.yaml
 run: $(STAMP)
-	$(VENV)/bin/cityops run --simulate
+	@CITYOPS_ACKS__USERS=$(DEMO_USERS) $(VENV)/bin/cityops console --demo --db .run/console.sqlite & \
+	console=$$!; trap 'kill $$console 2>/dev/null; wait $$console' EXIT INT TERM; \
+	CITYOPS_ACKS__USERS=$(DEMO_USERS) $(VENV)/bin/cityops run --simulate
 
 ## demo: replay 2010-2015 Chengdu rain and PM2.5 through the built-in packs, notices per tier
 demo: $(STAMP)
@@ -29,17 +35,21 @@ test: $(STAMP) test-deps
 # port of 127.0.0.1 with their own config; never the system service, never port 1883;
 # tests/tsdb.py: VictoriaMetrics, which takes InfluxDB line protocol, for the history sink).
 # Debian puts the broker in /usr/sbin, which is not on a normal user's PATH: look there too.
-TEST_TOOLS   := mosquitto mosquitto_sub mosquitto_pub mosquitto_passwd victoria-metrics
-APT_PACKAGES := mosquitto mosquitto-clients victoria-metrics
+# Debian's Chromium: the console's browser tests drive it with Playwright (no browser download),
+# and a Chinese font, without which its screenshots show boxes for every character.
+TEST_TOOLS   := mosquitto mosquitto_sub mosquitto_pub mosquitto_passwd victoria-metrics chromium
+APT_PACKAGES := mosquitto mosquitto-clients victoria-metrics chromium fonts-wqy-microhei
+CJK_FONT     := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 
 ## test-deps: install the Debian packages the integration tests need, if missing
 test-deps:
 	@PATH="$$PATH:/usr/sbin:/usr/local/sbin:/sbin"; missing=; \
 	for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	[ -f $(CJK_FONT) ] || missing="$$missing $(CJK_FONT)"; \
 	[ -z "$$missing" ] && exit 0; \
 	echo "make test: missing$$missing; installing $(APT_PACKAGES)"; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
-	    echo "make test: no apt-get here. Install Mosquitto 2.x, its clients and VictoriaMetrics ($(TEST_TOOLS)) with this system's package manager, then run make test again." >&2; exit 1; \
+	    echo "make test: no apt-get here. Install Mosquitto 2.x, its clients, VictoriaMetrics and Chromium ($(TEST_TOOLS)) with this system's package manager, then run make test again." >&2; exit 1; \
 	fi; \
 	if [ "$$(id -u)" = 0 ]; then sudo=; \
 	elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
@@ -88,6 +98,10 @@ bench-runtime: $(STAMP) test-deps
 ## bench-kafka: cityops worker on tansu vs a raw kafka-python loop and a naive Faust agent
 bench-kafka: $(STAMP)
 	$(PY) bench/kafka_bench.py
+
+## bench-console: the web console with 10,000 open incidents and 200 notices/s, in Chromium
+bench-console: $(STAMP) test-deps
+	$(PY) bench/console_bench.py
 
 ## attack: hostile input, kill -9 in an outage, broker kill, forged acks, idle HTTP: a table
 attack: $(STAMP) test-deps

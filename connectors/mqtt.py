@@ -153,7 +153,7 @@ class MqttLink:
                           else f"it refused the connection ({reason_code})")
             return
         self.connects += 1
-        if flags.session_present and self.topics:
+        if flags.session_present and self.retired:
             client.unsubscribe(self.retired)      # a session of an older version: no doubles
         if self.topics and self.protocol == 5:
             client.subscribe([(t, SubscribeOptions(qos=1)) for t in self.topics])

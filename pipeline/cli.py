@@ -31,6 +31,8 @@ examples:
                                               gateways' MQTT readings into Kafka
   cityops worker --kafka 10.0.0.7:9092        the engine on Kafka; start one per machine, they
                                               split the partitions
+  cityops console --config cityops.yaml       the operations centres' web pages (incidents per
+                                              scope, live; acknowledge)
 """
 
 
@@ -149,6 +151,27 @@ def _parser() -> argparse.ArgumentParser:
     tl.add_argument("--prefix", help="topic prefix (default: mqtt.prefix, cityops)")
     tl.add_argument("--count", type=int, metavar="N", help="stop after N lines")
 
+    con = sub.add_parser("console", help="the operations centres' web console (city, district, "
+                         "street, department, grid worker)",
+                         description="Serve the web console: it subscribes to the tier topics, "
+                         "keeps the incidents in SQLite (opscentre.db) and shows each user those "
+                         "of their scope; acknowledgements go to the acks topic. Users: acks.users "
+                         "with a `password:`. Configuration: --config FILE, then CITYOPS_* "
+                         "environment variables, then flags.")
+    con.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
+    con.add_argument("--broker", metavar="URL", help="mqtt://host:port (default: mqtt.url, else "
+                     "the embedded broker's address)")
+    con.add_argument("--kafka", metavar="HOST:PORT[,...]", help="read the Kafka tier topics "
+                     "instead of MQTT (the distributed runtime)")
+    con.add_argument("--port", type=int, help="HTTP port (default 8080, on 127.0.0.1)")
+    con.add_argument("--db", type=Path, metavar="PATH", help="its SQLite database (default "
+                     ".run/console.sqlite)")
+    con.add_argument("--demo", action="store_true", help="the simulated city's demo logins "
+                     "(make run); waits for the embedded broker to come up")
+    con.add_argument("--hash-password", action="store_true", help="read a password and print "
+                     "its hash for a user's `password:` in acks.users, then exit")
+    _common(con)
+
     g = sub.add_parser("registry", help="registry tools")
     gsub = g.add_subparsers(dest="registry_command", metavar="SUBCOMMAND")
     gen = gsub.add_parser("generate", help="write a synthetic Chengdu-scale registry (benchmarks)")
@@ -180,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             return _route(args)
         if args.command == "tail":
             return _tail(args)
+        if args.command == "console":
+            return _console(args)
         if args.command == "registry" and args.registry_command == "generate":
             return _generate(args)
         if args.command == "registry" and args.registry_command == "acl":
@@ -474,6 +499,41 @@ def _tail(args: argparse.Namespace) -> int:
     return tail(host, port, args.prefix or m.prefix, Filter(args.tier, args.district, args.street),
                 username=m.username, password=m.password.get_secret_value() if m.password else None,
                 count=args.count)
+
+
+def _console(args: argparse.Namespace) -> int:
+    if args.hash_password:
+        import getpass
+
+        from pipeline.opscentre.auth import hash_password
+        password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline()
+        password = password.rstrip("\n")
+        if len(password) < 8:
+            raise ConfigError("--hash-password", None, "give a password of 8 characters or more "
+                              "(typed, or one line on standard input)")
+        print(hash_password(password))
+        return 0
+    from pipeline.config import KafkaSettings
+    from pipeline.opscentre.server import serve
+    s = _settings_of(args)
+    part = {"db": args.db, "port": args.port}
+    update = {"opscentre": s.opscentre.model_copy(update={k: v for k, v in part.items() if v})}
+    if args.broker:
+        update["mqtt"] = s.mqtt.model_copy(update={"url": _broker_url(args.broker)})
+    if args.kafka:
+        try:
+            KafkaSettings.model_validate({"bootstrap": args.kafka})
+        except ValidationError:
+            raise ConfigError("--kafka", None, "write the brokers as host:port[,host:port]") from None
+        update["kafka"] = s.kafka.model_copy(update={"bootstrap": args.kafka})
+    return serve(s.model_copy(update=update), kafka=bool(args.kafka), demo=args.demo)
+
+
+def _settings_of(args: argparse.Namespace):
+    from pipeline.config import load_settings
+    return load_settings(args.config, registry=args.registry and Path(args.registry),
+                         packs=[Path(p) for p in args.packs], params=args.params and Path(args.params),
+                         routing=args.routing and Path(args.routing))
 
 
 def _generate(args: argparse.Namespace) -> int:

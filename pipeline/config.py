@@ -183,6 +183,22 @@ class AckSettings(_Part):
                                "acknowledge what)")
 
 
+class OpscentreSettings(_Part):
+    """`cityops console`, the operations centres' web pages (README: The operations-centre
+    console). Its users and their scopes are those of `acks.users`, with a `password`."""
+
+    host: str = Field(default="127.0.0.1", description="localhost unless a TLS proxy is in front")
+    port: int = Field(default=8080, ge=1, le=65535)
+    db: Path = Field(default=Path(".run/console.sqlite"), description="the incidents as the "
+                     "console has seen them (SQLite); the session secret is kept beside it")
+    client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                                  description="the persistent MQTT session / Kafka group "
+                                  "(default: cityops-console-<a digest of db>)")
+    secure_cookie: bool = Field(default=False, description="send the session cookie over "
+                                "HTTPS only: set it when a TLS proxy is in front")
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 30, description="a login lasts this long")
+
+
 class PushSettings(_Part):
     """Pushes to on-call grid workers and sensors' owners (pipeline/delivery.py) and
     acknowledge links."""
@@ -317,6 +333,7 @@ class Settings(BaseSettings):
     bridge: BridgeSettings = BridgeSettings()
     push: PushSettings = PushSettings()
     acks: AckSettings = AckSettings()
+    opscentre: OpscentreSettings = OpscentreSettings()
     influx: InfluxSettings = InfluxSettings()
     # Live, timers wait `allowed_lateness` for stragglers before they fire: escalations and
     # reminders come that much after their deadline. 10 s here (60 s in replay) keeps people's

@@ -28,6 +28,7 @@ The users file, checked once at start (file:line on every mistake):
       gas-centre: {scope: dept, code: gas}
       city-duty: {scope: city, token_sha256: …}
       w-510104020001-01: {token_sha256: …}      # a registry worker: its roster scope, a token
+      li-wei: {scope: street, code: "510104020", password: "$argon2id$v=19$…"}   # web console
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.models import Ack, AckRequest, DeadLetter, Tier
 from pipeline.registry import Place, Registry
@@ -60,6 +61,16 @@ class _UserSpec(BaseModel):
     code: str | list[str] | None = None
     token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                      description="SHA-256 (hex) of the user's HTTP bearer token")
+    password: str | None = Field(default=None, description="the web console's login: an "
+                                 "argon2id hash, never the password itself")
+
+    @field_validator("password")
+    @classmethod
+    def _hashed(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("$argon2id$"):
+            raise ValueError("write the password's argon2id hash ($argon2id$…, made by "
+                             "`cityops console --hash-password`), never the password itself")
+        return v
 
 
 class _UsersFile(BaseModel):
@@ -117,6 +128,7 @@ class AckUsers:
         self.registry = registry
         self.scopes = _roster_scopes(registry)
         self._tokens: list[tuple[bytes, str]] = []      # (SHA-256 of the token, user)
+        self.passwords: dict[str, str] = {}             # user -> argon2id hash (web console)
         if path is not None:
             self._load(path)
 
@@ -139,6 +151,8 @@ class AckUsers:
                 self.scopes[user] = self._scope(doc, where, user, u)
             if u.token_sha256 is not None:
                 self._tokens.append((bytes.fromhex(u.token_sha256), user))
+            if u.password is not None:
+                self.passwords[user] = u.password
 
     def _scope(self, doc, where: tuple, user: str, u: _UserSpec) -> Scope:
         tier = Tier(u.scope)

@@ -711,8 +711,12 @@ class ReferenceEngine:
 
     def _back(self, rule: Rule, idx: int, ts: int) -> None:
         silent = self.silent[rule.id]
-        subject = silent.pop(idx)
+        subject = silent[idx]
         key = idx if subject == "" else subject
+        tr = rule.tracks.get(key)
+        if tr is not None and ts < tr["started"] - self._absent_ms(rule, idx):
+            return          # a reading from before the silence it stands for ends nothing
+        del silent[idx]
         tr = rule.tracks.pop(key, None)
         if tr is None:
             return

@@ -658,17 +658,30 @@ class Absence(Evaluator):
 
     def recover(self, s: int, ts: int) -> list[int]:
         """Sensor ``s`` reported at ``ts``; returns the sensors no longer silent by it."""
-        subject = self.silent.pop(s, None)
+        subject = self.silent.get(s)
         if subject is None:
             return []
+        key: int | str = s if subject == "" else subject
+        tr = self.tracks.get(key)
+        if tr is not None and ts < tr.started - int(self.absent_ms[s]):
+            return []   # older than the silence the incident stands for: it goes on (README)
+        del self.silent[s]
         self.silent_mask[s] = False
         freed = [s]
         if subject:
             self.members[subject].discard(s)
-        key: int | str = s if subject == "" else subject
         tr = self.tracks.pop(key, None)
         if tr is None:
             return freed
+        if key != s:   # a gateway is back: its other sensors are looked at again by the next scan
+            others = sorted(self.members.pop(subject))
+            for m in others:
+                del self.silent[m]
+            self.silent_mask[others] = False
+            freed += others
+        self.out.append(Change(RESOLVE, self, key, tr.aid, tr.rank, ts, tr.started, None, None,
+                               heard=tr.extra))
+        return freed
         if key != s:   # a gateway is back: its other sensors are looked at again by the next scan
             others = sorted(self.members.pop(subject))
             for m in others:

@@ -35,6 +35,7 @@ PASSWORDS = {
     "w-510104020001-02": "w2-secret",
     "cityops-monitor": "monitor-secret",
     "duty-510104": "duty-secret",          # an acknowledging user of the pipeline's acks.users
+    "cityops-console": "console-secret",   # the web console: acknowledges as its users
 }
 NOT_AUTHORIZED = 135          # MQTT 5 reason codes
 NO_SUBSCRIBERS = 16
@@ -194,6 +195,7 @@ MAY_WRITE = {
                                 "cityops/push/w-510104020001-02/ack"},
     "cityops-monitor": OWN,
     "duty-510104": OWN,
+    "cityops-console": OWN | {"cityops/acks/w-510104020001-02"},
 }
 
 
@@ -230,6 +232,10 @@ MAY_READ = {
     "w-510104020001-02": {"cityops/push/w-510104020001-02"},
     "cityops-monitor": {"cityops/deadletter", "cityops/receipts"},
     "duty-510104": set(),
+    "cityops-console": {"cityops/alerts/city", "cityops/alerts/street/510104020",
+                        "cityops/push/w-510104020001-01", "cityops/push/w-510104020001-02",
+                        "cityops/receipts",
+                        "cityops/push/cityops"},    # every push: the sentinel of `cityops` too
 }
 
 

@@ -20,6 +20,8 @@ CODE_SPAN = re.compile(r"`[^`\n]*`")
 # files the docs name that a command writes, not the repository
 MADE = {"bench/out/kafka_bench.json": "make bench-kafka writes it",
         "bench/out": "the benchmarks write their JSON there (git-ignored)",
+        "bench/out/console.json": "make bench-console writes it",
+        "tests/artifacts": "the console's browser tests write their screenshots there",
         "deploy/.env": "the operator's copy of deploy/.env.example, never committed"}
 SOURCES = sorted(p for d in ("pipeline", "connectors", "rules") for p in (ROOT / d).glob("*.py"))
 

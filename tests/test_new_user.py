@@ -42,7 +42,8 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ports() -> dict[str, str]:
-    return {"CITYOPS_EMBEDDED__PORT": str(free_port()), "CITYOPS_HTTP__PORT": str(free_port())}
+    return {"CITYOPS_EMBEDDED__PORT": str(free_port()), "CITYOPS_HTTP__PORT": str(free_port()),
+            "CITYOPS_OPSCENTRE__PORT": str(free_port())}       # the console beside make run
 
 
 def _env(ports: dict[str, str]) -> dict[str, str]:
@@ -195,6 +196,9 @@ EXPECTED = {
     "cityops tail --broker mqtt://10.0.0.5:1883 --tier dead --count 10": "placeholder",
     "cityops bridge --broker mqtt://10.0.0.5:1883 --kafka 10.0.0.7:9092": "placeholder",
     "cityops worker --kafka 10.0.0.7:9092": "placeholder",
+    "cityops console --config cityops.yaml": "placeholder",
+    "cityops console --kafka 10.0.0.7:9092": "placeholder",
+    "cityops console --hash-password": "placeholder",       # no password on its input: one line
     "cityops replay docs/examples/gas-leak.jsonl > notices.jsonl": "ok",
     "cityops replay docs/examples/gas-leak.jsonl --rules 'gas.*' --ack-after 5m --out acked.jsonl": "ok",
     "cityops replay pipeline/fixtures/chengdu/uci_chengdu_pm25_weather_2010_2015.csv --csv-map "
