@@ -59,7 +59,7 @@ class ReadingRouter:
         self.registry = registry
         self.partitions = partitions
         self.partition_of = sensor_partitions(registry, partitions)
-        self.gateway_number = {g: i for i, g in enumerate(registry.gateways)}
+        self.gateway_number = registry.gateway_index
 
     def partition_of_key(self, key: bytes | None) -> int | None:
         """The partition a record keyed by this sensor id belongs on; None if no such sensor."""

@@ -27,7 +27,6 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Any
 
 import msgspec
@@ -160,7 +159,7 @@ class Engine:
         self._wants_value_np = np.array(wants_value or [True], dtype=bool)
         self._kind_np = np.frombuffer(registry.kind_of, dtype=np.uint8) if n else np.zeros(1, np.uint8)
         self._gateway_np = np.frombuffer(registry.gateway_of, dtype=np.int32) if n else np.zeros(1, np.int32)
-        self._gateway_numbers = {g: i for i, g in enumerate(registry.gateways)}
+        self._gateway_numbers = registry.gateway_index
         # time_quorum: the source of each sensor (its gateway, else itself after the gateways),
         # and the newest time of the sources in the lead, at most time_quorum of them
         self._source_np = np.where(self._gateway_np >= 0, self._gateway_np,
@@ -173,6 +172,8 @@ class Engine:
                 for rid in e.spec.of:
                     self._listeners.setdefault(rid, []).append(e)
         self.silent: set[int] = set()       # sensors in an absence incident (any absence rule)
+        self._silent_np = np.zeros(max(n, 1), dtype=bool)     # the same, as a mask
+        self._gateway_members = [self._members_by_gateway(a) for a in self.absence]
         # the batch being taken (see _screen_and_evaluate): its accepted readings in rank order,
         # the stamps applied so far, payload horizons, the loop's place, readings to act still
         self._seen_idx = self._seen_ts = self._seen_pay = _EMPTY
@@ -200,6 +201,18 @@ class Engine:
         self.max_ts = 0
         self.watch_start = 0                # when absence watching began (event time)
         self.counters: Counter[str] = Counter()
+
+    def _members_by_gateway(self, a: ev.Absence) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Per gateway, the sensors the rule watches behind it, computed once: (how many,
+        where each gateway's run starts in the third array, the sensors in gateway order)."""
+        gw = a.gateway_of
+        if gw is None:
+            return None
+        watched = np.flatnonzero((a.absent_ms > 0) & (gw >= 0))
+        total = np.bincount(gw[watched], minlength=len(self.registry.gateways))
+        starts = np.zeros(len(total) + 1, dtype=np.int64)
+        np.cumsum(total, out=starts[1:])
+        return total, starts, watched[np.argsort(gw[watched], kind="stable")]
 
     @staticmethod
     def _quiet_path(handlers: tuple) -> tuple[float, dict] | None:
@@ -388,8 +401,8 @@ class Engine:
                              spans: list | None, claims: tuple | None, ends: list[int]) -> None:
         n = len(readings)
         s = self.settings
-        idx_list = list(map(self.registry.index.get, [r.sensor_id for r in readings], repeat(-1, n)))
-        idx = np.array(idx_list, dtype=np.int64)
+        idx = self.registry.index.lookup([r.sensor_id for r in readings])
+        idx_list = idx.tolist()
         try:
             ts = np.array([r.ts for r in readings], dtype=np.int64)
         except TypeError:                   # RFC 3339 times from a fast batch decode: to ms
@@ -494,21 +507,21 @@ class Engine:
         # Which accepted readings can change anything?
         matter = ok & (val >= self._floor_np[kind])        # over the quiet floor (events: nan)
         matter |= ok & (event == 2) & self._has_event_rules_np[kind]
-        hot = [t for e in self._quiet_rules for t in e.tracks]
+        # a sensor with an incident open, or with another reading here that matters: asked
+        # per reading of the batch, so the cost follows the batch, not the open incidents
+        measured = ok & ~no_value
         busy = np.unique(idx[matter & ~no_value])
-        if hot:
-            busy = np.union1d(busy, np.array(hot, dtype=np.int64))
         if len(busy):
-            matter |= ok & ~no_value & np.isin(idx, busy)
+            matter |= measured & np.isin(idx, busy)
+        matter |= self._tracked(idx, measured & ~matter, [e.tracks for e in self._quiet_rules])
         if self.silent:                     # any reading of a silent sensor ends its silence
-            matter |= ok & np.isin(idx, np.fromiter(self.silent, np.int64, len(self.silent)))
+            matter |= ok & self._silent_np[idx]
         if self._battery_kinds_any:
             bat = np.array([r.battery for r in readings], dtype=np.float64)   # None -> nan
             low = ok & (bat <= self._battery_ceiling_np[kind])                # nan: False
             charged = ok & (bat > self._battery_ceiling_np[kind])
-            battery_hot = [t for e in self._battery_rules for t in e.tracks]
-            if battery_hot and charged.any():   # a flat battery that was changed clears
-                low |= charged & np.isin(idx, np.array(battery_hot, dtype=np.int64))
+            # a flat battery that was changed clears
+            low |= self._tracked(idx, charged & ~low, [e.tracks for e in self._battery_rules])
             matter |= low
         if self.keep_accepted and (ok.any() or len(late_pos)):
             kept = ok.copy()
@@ -595,6 +608,17 @@ class Engine:
                 reached = now
                 floor = max(self.watermark, reached - lateness) - max_age
         return out
+
+    @staticmethod
+    def _tracked(idx: np.ndarray, among: np.ndarray, tracks: list[dict]) -> np.ndarray:
+        """``among`` & the reading's sensor has a track (an incident) in one of ``tracks``."""
+        found = np.zeros(len(idx), dtype=bool)
+        tracks = [t for t in tracks if t]
+        if tracks:
+            pos = np.flatnonzero(among)
+            hit = [p for p, s in zip(pos.tolist(), idx[pos].tolist()) if any(s in t for t in tracks)]
+            found[hit] = True
+        return found
 
     def _evaluate(self, readings: list, idx_list: list[int], out: Output) -> None:
         """The rules, reading by reading, for the readings that can change something, in rank
@@ -862,26 +886,23 @@ class Engine:
         seen = np.maximum(self._last_seen_np, self.watch_start)
         upcoming = NEVER
         found: list[int] = []
-        for a in self.absence:
+        for a, members in zip(self.absence, self._gateway_members, strict=True):
             due = seen + a.absent_ms
             watched = a.absent_ms > 0
             mask = watched & (due <= at)
             later = due[watched & ~mask]
             if len(later):
                 upcoming = min(upcoming, int(later.min()))
-            idxs = np.flatnonzero(mask)
-            if not len(idxs):
+            new_mask = mask & ~a.silent_mask
+            if not new_mask.any():
                 continue
-            new = [i for i in idxs.tolist() if i not in a.silent]
-            if not new:
-                continue
+            new = np.flatnonzero(new_mask).tolist()
             found += new
             whole: set[int] = set()
             gw = a.gateway_of
-            if gw is not None:
-                has_gw = gw >= 0
-                total = np.bincount(gw[watched & has_gw], minlength=len(self.registry.gateways))
-                quiet = np.bincount(gw[mask & has_gw], minlength=len(self.registry.gateways))
+            if members is not None:
+                total, starts, by_gw = members
+                quiet = np.bincount(gw[mask & (gw >= 0)], minlength=len(total))
                 whole = set(np.flatnonzero((total >= 2) & (quiet == total)).tolist())
             by_gateway: dict[int, list[int]] = {}
             for i in new:
@@ -889,18 +910,19 @@ class Engine:
                 if g in whole:
                     by_gateway.setdefault(g, []).append(i)
                 else:
-                    a.silent[i] = ""
-                    self.silent.add(i)
+                    a.mark(i, "")
+                    self._silence(i)
                     a.fire(i, int(due[i]), int(self.last_seen[i]), None)
-            for g, members in by_gateway.items():
+            for g, new_members in by_gateway.items():
                 subject = "gw:" + self.registry.gateways[g]
                 if subject not in a.tracks:
-                    all_members = np.flatnonzero((gw == g) & watched).tolist()
+                    all_members = by_gw[starts[g]:starts[g + 1]]
                     when = int(due[all_members].max())
-                    a.fire(subject, when, int(self._last_seen_np[all_members].max()), all_members)
-                for i in members:
-                    a.silent[i] = subject
-                    self.silent.add(i)
+                    a.fire(subject, when, int(self._last_seen_np[all_members].max()),
+                           all_members.tolist())
+                for i in new_members:
+                    a.mark(i, subject)
+                    self._silence(i)
         if found and self._horizons is not None:
             self._drain(out)
             self._readings_after_scan(found)
@@ -940,14 +962,20 @@ class Engine:
                 self._recover(s, ts)
                 self._drain(out)
 
+    def _silence(self, idx: int) -> None:
+        self.silent.add(idx)
+        self._silent_np[idx] = True
+
     def _recover(self, idx: int, ts: int) -> None:
+        freed: list[int] = []
         for a in self.absence:
-            a.recover(idx, ts)
-        # a gateway that is back frees its other sensors too; rare, so recount (in place: the
-        # hot loop holds a reference to this set)
-        self.silent.clear()
-        for a in self.absence:
-            self.silent.update(a.silent)
+            freed += a.recover(idx, ts)
+        # a gateway that is back frees its other sensors too (in place: the hot loop holds a
+        # reference to this set); one still silent under another absence rule stays
+        for i in freed:
+            if i in self.silent and not any(a.silent_mask[i] for a in self.absence):
+                self.silent.discard(i)
+                self._silent_np[i] = False
         # it, or its gateway's others (silent still, and now one by one), can fall silent: check
         # at the first scan time the scans have not covered yet (every scan time up to the
         # timers' frontier counts as done, found something or not, so a late reading does not
@@ -1034,8 +1062,10 @@ class Engine:
                 lost["tracks"] += e.load(state["rules"][e.id], sidx)
         lost["incidents"] += self.book.load(state["book"], sidx)
         self.silent.clear()
+        self._silent_np[:] = False
         for a in self.absence:
             self.silent.update(a.silent)
+            self._silent_np |= a.silent_mask
         heap = []
         for due, n, owner, key in state["timers"]:
             if isinstance(owner, str):

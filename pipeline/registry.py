@@ -21,6 +21,8 @@ from zoneinfo import ZoneInfo
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline import registry_cache
+from pipeline.columns import SensorIndex, SparseAttrs, Strings
 from pipeline.models import SENSOR_ID_PATTERN, Category
 from pipeline.yamlfile import ConfigError, Located, load_yaml, pydantic_error
 
@@ -183,21 +185,25 @@ class Registry:
     workers: dict[str, Worker]
     workers_of_grid: dict[str, list[str]]
     duty_officer: dict[str, str]              # street code -> worker id
-    # sensors, column-wise, indexed by dense sensor number
-    sensor_ids: list[str] = field(default_factory=list)
-    index: dict[str, int] = field(default_factory=dict)
+    # sensors, column-wise, indexed by dense sensor number (pipeline/columns.py: no Python
+    # object per sensor; memory-mapped from the compiled registry, pipeline/registry_cache.py)
+    sensor_ids: Strings = field(default_factory=lambda: Strings.of([]))
+    index: SensorIndex = field(default_factory=lambda: SensorIndex.of([]))
     kinds: list[str] = field(default_factory=list)          # dense kind number -> kind
-    kind_of: array = field(default_factory=lambda: array("B"))
-    grid_of: array = field(default_factory=lambda: array("I"))
-    gateway_of: array = field(default_factory=lambda: array("i"))
-    gateways: list[str] = field(default_factory=list)
-    lat: array = field(default_factory=lambda: array("f"))
-    lon: array = field(default_factory=lambda: array("f"))
-    address: list[str] = field(default_factory=list)
-    building: list[str] = field(default_factory=list)
-    owner: list[str] = field(default_factory=list)
-    owner_contact: list[str] = field(default_factory=list)
-    attrs: dict[int, dict[str, Any]] = field(default_factory=dict)   # sparse: most sensors have none
+    kind_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    grid_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    gateway_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    gateways: Strings = field(default_factory=lambda: Strings.of([]))
+    gateway_index: SensorIndex = field(default_factory=lambda: SensorIndex.of([]))   # id -> number
+    lat: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    lon: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    address: Strings = field(default_factory=lambda: Strings.of([]))
+    building: Strings = field(default_factory=lambda: Strings.of([]))
+    owner: Strings = field(default_factory=lambda: Strings.of([]))
+    owner_contact: Strings = field(default_factory=lambda: Strings.of([]))
+    # sparse: most sensors have none
+    attrs: SparseAttrs = field(default_factory=lambda: SparseAttrs(np.zeros(0, np.int64), Strings.of([]),
+                                                                    _parse_attrs))
     source: str = ""
     owners: dict[str, Owner] = field(default_factory=dict)           # owner id -> Owner
     owner_named: dict[str, Owner] = field(default_factory=dict)      # `owner` cell -> Owner
@@ -242,25 +248,20 @@ class Registry:
         """The same city with only the given sensors (renumbered densely, in order): the part
         of the registry one Kafka partition's engine owns. Places, workers and gateways stay
         whole, so notices name places and people exactly as the full registry does."""
-        keep = sorted(keep)
-        sub = Registry(self.city_code, self.city_name, self.tz, self.districts, self.streets,
-                       self.communities, self.grid_places, self.grid_index, self.departments,
-                       self.dept_of_category, self.workers, self.workers_of_grid,
-                       self.duty_officer, kinds=list(self.kinds), gateways=list(self.gateways),
-                       source=self.source, owners=self.owners, owner_named=self.owner_named)
-        for new, old in enumerate(keep):
-            sid = self.sensor_ids[old]
-            sub.sensor_ids.append(sid)
-            sub.index[sid] = new
-            if old in self.attrs:
-                sub.attrs[new] = self.attrs[old]
-        for name in ("kind_of", "grid_of", "gateway_of", "lat", "lon"):
-            col = getattr(self, name)
-            setattr(sub, name, array(col.typecode, (col[i] for i in keep)))
-        for name in ("address", "building", "owner", "owner_contact"):
-            col = getattr(self, name)
-            setattr(sub, name, [col[i] for i in keep])
-        return sub
+        keep = np.sort(np.asarray(keep if isinstance(keep, np.ndarray) else list(keep), dtype=np.int64))
+        ids = self.sensor_ids.take(keep)
+        return Registry(self.city_code, self.city_name, self.tz, self.districts, self.streets,
+                        self.communities, self.grid_places, self.grid_index, self.departments,
+                        self.dept_of_category, self.workers, self.workers_of_grid,
+                        self.duty_officer, sensor_ids=ids, index=SensorIndex.of(ids),
+                        kinds=list(self.kinds), kind_of=self.kind_of[keep],
+                        grid_of=self.grid_of[keep], gateway_of=self.gateway_of[keep],
+                        gateways=self.gateways, gateway_index=self.gateway_index,
+                        lat=self.lat[keep], lon=self.lon[keep],
+                        address=self.address.take(keep), building=self.building.take(keep),
+                        owner=self.owner.take(keep), owner_contact=self.owner_contact.take(keep),
+                        attrs=self.attrs.take(keep), source=self.source, owners=self.owners,
+                        owner_named=self.owner_named)
 
     def on_call(self, grid: str, street: str, at_ms: int) -> Worker | None:
         """The worker to push to: on-shift grid worker, else an on-shift backup, else the
@@ -280,10 +281,22 @@ class Registry:
 
 
 def load(path: str | Path | None = None, known_kinds: Iterable[str] | None = None) -> Registry:
-    """Load and check a registry folder or registry.yaml; ConfigError names file and line."""
+    """Load and check a registry folder or registry.yaml; ConfigError names file and line.
+    The compiled form (pipeline/registry_cache.py) is used when the files have not changed
+    since it was written, and written when it is missing."""
     path = Path(path) if path else FIXTURE
     if path.is_dir():
         path = path / "registry.yaml"
+    kinds = set(known_kinds) if known_kinds is not None else None
+    try:
+        folder: Path | None = registry_cache.folder_for(path, kinds)
+    except OSError:
+        folder = None                       # load_yaml says what is wrong with the file
+    if folder is not None:
+        reg = registry_cache.open_compiled(folder, Registry, Place, Worker, _parse_attrs, Owner)
+        if reg is not None:
+            reg.source = str(path)
+            return reg
     doc = load_yaml(path)
     if not isinstance(doc.data, dict):
         raise ConfigError(path, 1, "a registry is a mapping with city, districts, workers, sensors")
@@ -293,7 +306,13 @@ def load(path: str | Path | None = None, known_kinds: Iterable[str] | None = Non
         raise pydantic_error(doc, exc) from None
     reg = _places(doc, spec)
     sensors_path = (path.parent / spec.sensors).resolve()
-    _load_sensors(reg, sensors_path, set(known_kinds) if known_kinds is not None else None)
+    try:
+        seen = registry_cache.seen(sensors_path)
+    except OSError:
+        seen = None                         # _load_sensors says what is wrong with the file
+    _load_sensors(reg, sensors_path, kinds)
+    if folder is not None and seen is not None:
+        registry_cache.write_compiled(folder, reg, sensors_path, seen)
     reg.source = str(path)
     return reg
 
@@ -417,12 +436,23 @@ def _load_sensors(reg: Registry, path: Path, known_kinds: set[str] | None) -> No
         raise ConfigError(path, None, f"cannot read the sensors file: {exc.strerror}") from None
     kind_number: dict[str, int] = {}
     gateway_number: dict[str, int] = {}
+    gateways: list[str] = []
     with f:
         rows = csv.reader(f)
         header = next(rows, None)
         if header != SENSOR_COLUMNS:
             raise ConfigError(path, 1, "header must be exactly: " + ",".join(SENSOR_COLUMNS))
-        grid_index, index = reg.grid_index, reg.index
+        grid_index = reg.grid_index
+        index: dict[str, int] = {}
+        ids: list[str] = []
+        kind_of, grid_of, gateway_of = array("B"), array("I"), array("i")
+        lat_col, lon_col = array("f"), array("f")
+        address_col: list[str] = []
+        building_col: list[str] = []
+        owner_col: list[str] = []
+        contact_col: list[str] = []
+        attrs_rows: list[int] = []
+        attrs_text: list[str] = []
         for line, row in enumerate(rows, start=2):
             if len(row) != 11:
                 if not row:
@@ -454,29 +484,48 @@ def _load_sensors(reg: Registry, path: Path, known_kinds: set[str] | None) -> No
             if gw:
                 gn = gateway_number.get(gw)
                 if gn is None:
-                    gn = gateway_number[gw] = len(reg.gateways)
-                    reg.gateways.append(gw)
+                    gn = gateway_number[gw] = len(gateways)
+                    gateways.append(gw)
             else:
                 gn = -1
-            n = len(reg.sensor_ids)
+            n = len(ids)
             if attrs:
                 try:
-                    reg.attrs[n] = _parse_attrs(attrs)
+                    _parse_attrs(attrs)
                 except ValueError as exc:
                     raise ConfigError(path, line, str(exc)) from None
+                attrs_rows.append(n)
+                attrs_text.append(attrs)
             index[sid] = n
-            reg.sensor_ids.append(sid)
-            reg.kind_of.append(k)
-            reg.grid_of.append(g)
-            reg.gateway_of.append(gn)
-            reg.lat.append(la)
-            reg.lon.append(lo)
-            reg.address.append(address)
-            reg.building.append(building)
-            reg.owner.append(owner)
-            reg.owner_contact.append(contact)
+            ids.append(sid)
+            kind_of.append(k)
+            grid_of.append(g)
+            gateway_of.append(gn)
+            lat_col.append(la)
+            lon_col.append(lo)
+            address_col.append(address)
+            building_col.append(building)
+            owner_col.append(owner)
+            contact_col.append(contact)
         if len(reg.kinds) > 255:
             raise ConfigError(path, None, "more than 255 sensor kinds")
+    del index
+    reg.gateways = Strings.of(gateways)
+    reg.gateway_index = SensorIndex.of(reg.gateways)
+    reg.sensor_ids = Strings.of(ids)
+    reg.index = SensorIndex.of(reg.sensor_ids)
+    del ids
+    reg.kind_of = np.frombuffer(kind_of, dtype=np.uint8)
+    reg.grid_of = np.frombuffer(grid_of, dtype=np.uint32)
+    reg.gateway_of = np.frombuffer(gateway_of, dtype=np.int32)
+    reg.lat = np.frombuffer(lat_col, dtype=np.float32)
+    reg.lon = np.frombuffer(lon_col, dtype=np.float32)
+    # interned: owners, buildings and contacts repeat; addresses too, a building's sensors share one
+    reg.address = Strings.of(address_col, intern=True)
+    reg.building = Strings.of(building_col, intern=True)
+    reg.owner = Strings.of(owner_col, intern=True)
+    reg.owner_contact = Strings.of(contact_col, intern=True)
+    reg.attrs = SparseAttrs(np.array(attrs_rows, dtype=np.int64), Strings.of(attrs_text), _parse_attrs)
 
 
 def check_districts(packs: Iterable[Any], sources: Iterable[str], registry: Registry,

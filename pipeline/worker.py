@@ -99,10 +99,6 @@ class CityWorker:
         self.partitions = s.kafka.partitions
         self.router = ReadingRouter(self.registry, self.partitions)
         self.users = AckUsers(self.registry, s.acks.users)     # who may acknowledge what
-        members: dict[int, list[int]] = defaultdict(list)
-        for i, p in enumerate(self.router.partition_of.tolist()):
-            members[p].append(i)
-        self.members = members
         self.names = kt.topic_names(s.kafka.prefix)
         self.parts: dict[int, PartitionState] = {}
         self.counters: dict[str, int] = defaultdict(int)
@@ -199,11 +195,12 @@ class CityWorker:
     def partition(self, p: int) -> PartitionState:
         ps = self.parts.get(p)
         if ps is None:
-            engine = Engine(self.registry.subset(self.members.get(p, ())), self.rules,
-                            self.s.engine)
+            # its sensors, found when it is taken: a worker holds no list of the whole city
+            members = np.flatnonzero(self.router.partition_of == p)
+            engine = Engine(self.registry.subset(members), self.rules, self.s.engine)
             engine.keep_accepted = self.history is not None
             engine.clock_bound = True       # one sensor's clock does not move the partition's
-            ps = PartitionState(p, engine, np.array(self.members.get(p, ()), dtype=np.int64))
+            ps = PartitionState(p, engine, members.astype(np.int64))
             head = self.table.get(str(p))
             if head:
                 self._restore(ps, msgspec.msgpack.decode(head))

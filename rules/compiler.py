@@ -448,7 +448,8 @@ def _candidates(reg: Registry, sensors: list[int], nodes: list[Node]) -> list[in
     names = {n for node in nodes for n in node.names()}
     attrs_only = all(n.startswith("sensor.") and n[7:] not in Registry.BASE_FACTS for n in names)
     if attrs_only and names:
-        return [i for i in sensors if i in reg.attrs]
+        having = set(reg.attrs.keys())
+        return [i for i in sensors if i in having]
     return sensors
 
 

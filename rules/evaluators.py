@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 PENDING, FIRING, CLEARING, RESOLVED = 1, 2, 3, 4
 FIRE, UPGRADE, DOWNGRADE, RESOLVE, REOPEN = "fire", "upgrade", "downgrade", "resolve", "reopen"
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -634,6 +636,17 @@ class Absence(Evaluator):
         self.absent_ms = absent_ms      # numpy int64 per sensor, 0 = not watched by this rule
         self.gateway_of = gateway_of    # numpy int32 per sensor, -1 = none
         self.silent: dict[int, str] = {}  # sensor -> subject of its incident (itself or gateway)
+        # the same, as a mask per sensor and per gateway subject: a city has many silent
+        # sensors, and neither a scan nor a gateway coming back may walk all of them
+        self.silent_mask = np.zeros(len(absent_ms), dtype=bool)
+        self.members: dict[str, set[int]] = {}
+
+    def mark(self, s: int, subject: str) -> None:
+        """Sensor ``s`` is silent, in its own incident (``subject`` "") or its gateway's."""
+        self.silent[s] = subject
+        self.silent_mask[s] = True
+        if subject:
+            self.members.setdefault(subject, set()).add(s)
 
     def fire(self, s: int | str, ts: int, last: int, members: list[int] | None) -> None:
         tr = self.tracks[s] = Track(FIRING, ts, self.spec.severity.rank, None, None)
@@ -643,23 +656,41 @@ class Absence(Evaluator):
         self.out.append(Change(FIRE, self, s, tr.aid, rank, ts, ts, None, None, members=members,
                                heard=last))
 
-    def recover(self, s: int, ts: int) -> None:
+    def recover(self, s: int, ts: int) -> list[int]:
+        """Sensor ``s`` reported at ``ts``; returns the sensors no longer silent by it."""
         subject = self.silent.get(s)
         if subject is None:
-            return
+            return []
         key: int | str = s if subject == "" else subject
         tr = self.tracks.get(key)
         if tr is not None and ts < tr.started - int(self.absent_ms[s]):
-            return      # older than the silence the incident stands for: it goes on (README)
+            return []   # older than the silence the incident stands for: it goes on (README)
         del self.silent[s]
+        self.silent_mask[s] = False
+        freed = [s]
+        if subject:
+            self.members[subject].discard(s)
         tr = self.tracks.pop(key, None)
         if tr is None:
-            return
+            return freed
         if key != s:   # a gateway is back: its other sensors are looked at again by the next scan
-            for m in [m for m, subj in self.silent.items() if subj == subject]:
+            others = sorted(self.members.pop(subject))
+            for m in others:
                 del self.silent[m]
+            self.silent_mask[others] = False
+            freed += others
         self.out.append(Change(RESOLVE, self, key, tr.aid, tr.rank, ts, tr.started, None, None,
                                heard=tr.extra))
+        return freed
+        if key != s:   # a gateway is back: its other sensors are looked at again by the next scan
+            others = sorted(self.members.pop(subject))
+            for m in others:
+                del self.silent[m]
+            self.silent_mask[others] = False
+            freed += others
+        self.out.append(Change(RESOLVE, self, key, tr.aid, tr.rank, ts, tr.started, None, None,
+                               heard=tr.extra))
+        return freed
 
     def dump(self, sid: Callable[[int | str], Any]) -> dict:
         d = super().dump(sid)
@@ -671,7 +702,7 @@ class Absence(Evaluator):
         for key, subj in state.get("silent", []):
             s = sidx(key)
             if s is not None:
-                self.silent[s] = subj
+                self.mark(s, subj)
         return lost
 
 

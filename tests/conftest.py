@@ -3,6 +3,8 @@ VictoriaMetrics for the history sink (tests/tsdb.py)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -10,6 +12,10 @@ import pytest
 from tests.brokers import Mosquitto, MosquittoMissing
 from tests.kafka_broker import Tansu, TansuMissing
 from tests.tsdb import VictoriaMetrics, VictoriaMetricsMissing
+
+# compiled registries (pipeline/registry_cache.py) of this run, and of the processes it starts,
+# go to a folder of its own, not the user's cache
+os.environ.setdefault("CITYOPS_CACHE", tempfile.mkdtemp(prefix="cityops-test-cache-"))
 
 
 def _new_broker(tmp_path_factory: pytest.TempPathFactory, **kw) -> Mosquitto:

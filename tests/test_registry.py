@@ -468,3 +468,68 @@ def test_config_error_attributes():
     assert (err.file, err.line, err.message) == ("a/b.yaml", 7, "something is wrong")
     assert str(err) == "a/b.yaml:7: something is wrong"
     assert str(ConfigError("a/b.yaml", None, "x")) == "a/b.yaml: x"
+
+
+# ---- the compiled registry (pipeline/registry_cache.py) --------------------------------------
+
+COLUMNS = ("sensor_ids", "kind_of", "grid_of", "gateway_of", "lat", "lon", "address", "building",
+           "owner", "owner_contact")
+
+
+def same_registry(a: Registry, b: Registry) -> None:
+    for name in COLUMNS:
+        assert list(getattr(a, name)) == list(getattr(b, name)), name
+    assert dict(a.attrs.items()) == dict(b.attrs.items())
+    for name in ("city_code", "city_name", "tz", "districts", "streets", "communities",
+                 "grid_places", "grid_index", "departments", "dept_of_category", "workers",
+                 "workers_of_grid", "duty_officer", "kinds", "gateways", "owners", "owner_named"):
+        assert getattr(a, name) == getattr(b, name), name
+    for i, sid in enumerate(a.sensor_ids):
+        assert b.index[sid] == i and b.sensor_facts(i) == a.sensor_facts(i)
+    assert b.index.lookup([a.sensor_ids[3], "nope", a.sensor_ids[3] + "\0"]).tolist() == [3, -1, -1]
+
+
+def test_compiled_registry_is_written_once_then_mapped(tmp_path, monkeypatch):
+    import numpy as np
+    monkeypatch.setenv("CITYOPS_CACHE", str(tmp_path / "cache"))
+    kinds = load_rules().kinds
+    parsed = registry.load(None, kinds)
+    assert not isinstance(parsed.kind_of.base, np.memmap)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    mapped = registry.load(None, kinds)
+    assert isinstance(mapped.kind_of.base, np.memmap) and isinstance(mapped.sensor_ids.blob.base, np.memmap)
+    same_registry(parsed, mapped)
+
+
+def test_compiled_registry_follows_changes_to_its_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("CITYOPS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "city"
+    folder.mkdir()
+    for name in ("registry.yaml", "sensors.csv"):
+        (folder / name).write_bytes((registry.FIXTURE.parent / name).read_bytes())
+    first = registry.load(folder)
+    rows = (folder / "sensors.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (folder / "sensors.csv").write_text("".join(rows[:-1]), encoding="utf-8")   # one sensor gone
+    fewer = registry.load(folder)
+    assert len(fewer) == len(first) - 1 and first.sensor_ids[-1] not in fewer.index
+    assert len(registry.load(folder)) == len(fewer)
+    text = (folder / "registry.yaml").read_text(encoding="utf-8")
+    (folder / "registry.yaml").write_text(text.replace("name: 成都市", "name: 蓉城"), encoding="utf-8")
+    assert registry.load(folder).city_name == "蓉城"
+
+
+def test_a_cache_that_cannot_be_written_is_no_error(tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("x")
+    monkeypatch.setenv("CITYOPS_CACHE", str(blocked / "cache"))
+    same_registry(registry.load(None), registry.load(None))
+
+
+def test_a_partition_subset_keeps_every_column(chengdu):
+    keep = list(range(1, len(chengdu), 3))
+    sub = chengdu.subset(keep)
+    for new, old in enumerate(keep):
+        assert sub.sensor_ids[new] == chengdu.sensor_ids[old] and sub.index[chengdu.sensor_ids[old]] == new
+        assert sub.sensor_facts(new) == chengdu.sensor_facts(old)
+        assert (sub.address[new], sub.owner_contact[new], sub.lat[new]) == \
+            (chengdu.address[old], chengdu.owner_contact[old], chengdu.lat[old])

@@ -1,0 +1,94 @@
+"""A city where most sensors are silent: replay throughput at small and large batches.
+
+    .venv/bin/python bench/silent_bench.py                  # 1,000,000 sensors, 1 % ever heard
+    .venv/bin/python bench/silent_bench.py --sensors 100000 --readings 500000   # a quick look
+
+A real registry always holds many sensors that say nothing (new, broken, decommissioned but
+registered). The absence rule (`device.silent`) finds them silent once; after that, what a batch
+costs must depend on the batch, not on how many sensors are silent. This replays the same
+readings of the heard sensors (gateway payloads, every built-in pack, absence notices included)
+through ``pipeline.replay.replay`` once per ``--batch`` size, each with a fresh engine on the same
+registry, and prints readings/s, the ratio of the smallest batch to the largest (the silent work
+per batch shows as a ratio far under 1), and a digest of the notices: batching never changes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine_bench import make_payloads  # noqa: E402  the engine bench's reading mix
+from pipeline.engine import Engine  # noqa: E402
+from pipeline.registry import load as load_registry  # noqa: E402
+from pipeline.registry_gen import generate  # noqa: E402
+from pipeline.replay import replay  # noqa: E402
+from rules.compiler import load_rules  # noqa: E402
+
+
+class Digest:
+    """A file-like sink that keeps only the notices' digest and size."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+
+    def write(self, b: bytes) -> int:
+        self.h.update(b)
+        return len(b)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sensors", type=int, default=1_000_000, help="registry size")
+    ap.add_argument("--heard", type=float, default=0.01, help="share of sensors that ever report")
+    ap.add_argument("--readings", type=int, default=2_000_000)
+    ap.add_argument("--span", type=int, default=240, help="minutes of event time (default 4 h: "
+                    "past every kind's absent_for, so the never-heard fall silent)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[20, 1000],
+                    help="replay --batch sizes to compare (default 20 1000)")
+    ap.add_argument("--registry-dir", type=Path, default=Path(tempfile.gettempdir()) / "cityops-bench")
+    args = ap.parse_args()
+
+    folder = args.registry_dir / f"registry-{args.sensors}"
+    if not (folder / "registry.yaml").exists():
+        print(f"generating a {args.sensors:,}-sensor registry in {folder} …", flush=True)
+        generate(folder, args.sensors, seed=1)
+    rules = load_rules()
+    reg = load_registry(folder, rules.kinds)
+    heard = sorted(random.Random(3).sample(range(len(reg)), int(len(reg) * args.heard)))
+    payloads = make_payloads(reg.subset(heard), args.readings, args.span * 60_000)
+    n = sum(p.count(b'"sensor_id"') for p in payloads)
+    with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as f:
+        f.write(b"\n".join(payloads) + b"\n")
+        path = Path(f.name)
+    print(f"registry: {len(reg):,} sensors, {len(heard):,} ever heard ({args.heard:.0%}); "
+          f"{len(payloads):,} gateway payloads, {n:,} readings over {args.span} min")
+    rates = {}
+    try:
+        for b in args.batch:
+            gc.collect()
+            engine = Engine(reg, rules)
+            sink = Digest()
+            t = time.perf_counter()
+            stats = replay(engine, path, sink, batch=b)
+            took = time.perf_counter() - t
+            rates[b] = n / took
+            print(f"replay --batch {b:>5}: {took:7.1f} s, {rates[b]:>10,.0f} readings/s; "
+                  f"{stats.notices:,} notices ({len(engine.silent):,} sensors silent at the end), "
+                  f"sha256 {sink.h.hexdigest()[:16]}", flush=True)
+    finally:
+        path.unlink()
+    lo, hi = min(args.batch), max(args.batch)
+    print(f"--batch {lo} / --batch {hi}: {rates[lo] / rates[hi]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
