@@ -124,7 +124,23 @@ class MakeRun:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
                 raise AssertionError(f"make run did not stop on Ctrl-C:\n{self.text()}") from None
+        # make is gone; what it started (the pipeline, the console) must be gone too, or it
+        # would go on running into later tests' ports
+        deadline = time.monotonic() + 30
+        while _group_alive(self.proc.pid):
+            if time.monotonic() > deadline:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                raise AssertionError(f"make run left processes running after Ctrl-C:\n{self.text()}")
+            time.sleep(0.1)
         assert "Traceback" not in self.text(), self.text()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def every_tier(console: str) -> bool:
