@@ -682,15 +682,6 @@ class Absence(Evaluator):
         self.out.append(Change(RESOLVE, self, key, tr.aid, tr.rank, ts, tr.started, None, None,
                                heard=tr.extra))
         return freed
-        if key != s:   # a gateway is back: its other sensors are looked at again by the next scan
-            others = sorted(self.members.pop(subject))
-            for m in others:
-                del self.silent[m]
-            self.silent_mask[others] = False
-            freed += others
-        self.out.append(Change(RESOLVE, self, key, tr.aid, tr.rank, ts, tr.started, None, None,
-                               heard=tr.extra))
-        return freed
 
     def dump(self, sid: Callable[[int | str], Any]) -> dict:
         d = super().dump(sid)

@@ -73,7 +73,7 @@ class Console:
                     if r.status == 200:
                         return self
             except (OSError, urllib.error.HTTPError):
-                pass
+                pass                    # not answering yet: try again
             time.sleep(0.1)
         raise AssertionError(f"console not healthy within {timeout} s:\n{self.log()}")
 

@@ -46,7 +46,7 @@ def session_secret(db: Path) -> str:
     try:
         return path.read_text().strip()
     except FileNotFoundError:
-        pass
+        pass                            # the first start: make one
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -122,7 +122,7 @@ def serve(s: Settings, *, kafka: bool, demo: bool) -> int:
     web.start()
     try:
         while not stop.wait(0.5) and web.is_alive():
-            pass
+            pass                        # the main thread only waits: a signal sets `stop`
     finally:
         hub.close()
         server.should_exit = True
