@@ -161,7 +161,7 @@ class Engine:
         self._gateway_np = np.frombuffer(registry.gateway_of, dtype=np.int32) if n else np.zeros(1, np.int32)
         self._gateway_numbers = registry.gateway_index
         # time_quorum: the source of each sensor (its gateway, else itself after the gateways),
-        # and the newest time of the sources in the lead, at most time_quorum of them
+        # and what the quorum keeps between batches (_Quorum)
         self._source_np = np.where(self._gateway_np >= 0, self._gateway_np,
                                    len(registry.gateways) + np.arange(max(n, 1))) if n else self._gateway_np
         self._quorum = _Quorum()
@@ -688,14 +688,14 @@ class Engine:
             i = late[self._late_at][1]
             self._late_at += 1
             r = self._readings[i]
-            k = self.registry.kind_of[self._idx_list[i]]
-            s, ts = self._idx_list[i], r.ts
+            s = self._idx_list[i]
+            k = self.registry.kind_of[s]
             if r.value is not None:
                 for h in self._late_value[k]:
-                    h(s, ts, r.value)
+                    h(s, r.ts, r.value)
             else:
                 for h in self._late_event[k]:
-                    h(s, ts, r.event)
+                    h(s, r.ts, r.event)
             if self.changes:
                 self._drain(out)
 

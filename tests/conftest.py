@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from pipeline import registry
+from rules.compiler import load_rules
 from tests.brokers import Mosquitto, MosquittoMissing
 from tests.kafka_broker import Tansu, TansuMissing
 from tests.tsdb import VictoriaMetrics, VictoriaMetricsMissing
@@ -95,3 +97,14 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
         pytest.fail(str(e), pytrace=False)
     yield broker
     broker.stop()
+
+
+# the built-in packs and the Chengdu fixture registry: what engine tests run against
+@pytest.fixture(scope="module")
+def rules():
+    return load_rules()
+
+
+@pytest.fixture(scope="module")
+def chengdu(rules):
+    return registry.load(None, rules.kinds)

@@ -24,16 +24,6 @@ DOOR = "door-510104-000001"     # door magnet (event)
 CAMERA = "cam-510104-000001"    # construction-site AI camera (event)
 
 
-@pytest.fixture(scope="module")
-def rules():
-    return load_rules()
-
-
-@pytest.fixture(scope="module")
-def chengdu(rules):
-    return registry.load(None, rules.kinds)
-
-
 @pytest.fixture
 def engine(chengdu, rules) -> Engine:
     return Engine(chengdu, rules)

@@ -10,7 +10,6 @@ import pytest
 from pipeline import registry
 from pipeline.engine import Engine
 from rules.compiler import load_rules
-from tests.test_engine import chengdu, rules  # noqa: F401  (fixtures)
 
 T0 = 1_782_000_000_000          # 2026-06-21 08:00:00 +08:00
 MIN = 60_000

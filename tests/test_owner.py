@@ -27,7 +27,6 @@ from pipeline.identity import AckUsers
 from pipeline.models import AlertNotice
 from pipeline.tail import Filter, line_for
 from pipeline.yamlfile import ConfigError
-from rules.compiler import load_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "pipeline" / "fixtures" / "chengdu"
@@ -37,16 +36,6 @@ CAMERA = "cam-510108-000001"        # 成华区万年场安置房项目, 李工
 SITE = "site-510108-wannianchang"
 DUST = "dust-510108-000001"
 GAS = "gas-510104-000002"           # a household: no owners: entry
-
-
-@pytest.fixture(scope="module")
-def rules():
-    return load_rules()
-
-
-@pytest.fixture(scope="module")
-def chengdu(rules):
-    return registry.load(None, rules.kinds)
 
 
 def ingest(engine: Engine, *readings: dict) -> list[dict]:
