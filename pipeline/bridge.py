@@ -268,7 +268,7 @@ class Bridge:
         kafka_ok = self.kafka_ok
         return {"status": "ok" if connected and kafka_ok else "degraded",
                 "broker_connected": connected, "kafka_connected": kafka_ok,
-                "inbox": self.link.inbox.qsize() if self.link else 0,
+                "inbox": self.link.depth() if self.link else 0,
                 "uptime_s": round(time.time() - self.started, 1)}
 
     def metrics_text(self) -> str:
@@ -283,7 +283,7 @@ class Bridge:
                     "(held and retried).", m["kafka_errors"]),
             *dead_letters(m),
             *family("cityops_inbox_depth", "gauge", "MQTT messages received, not yet taken.",
-                    self.link.inbox.qsize() if self.link else 0),
+                    self.link.depth() if self.link else 0),
         ]
         return "\n".join(lines) + "\n"
 
