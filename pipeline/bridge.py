@@ -46,7 +46,9 @@ _encode = msgspec.json.Encoder().encode
 def sensor_partitions(registry: Registry, partitions: int) -> np.ndarray:
     """Per sensor number, the readings partition of its street."""
     codes = sorted(registry.streets)
-    of_street = np.array([kt.street_partition(c, partitions) for c in codes], dtype=np.int32)
+    # two bytes a sensor: every worker and bridge holds this for the whole city
+    of_street = np.array([kt.street_partition(c, partitions) for c in codes],
+                         dtype=np.uint16 if partitions <= 1 << 16 else np.int32)
     return of_street[registry.streets_of_sensors()]
 
 

@@ -16,6 +16,7 @@ used as parsed. Deleting the cache is always safe.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 import tempfile
@@ -168,3 +169,33 @@ def write_compiled(folder: Path, reg: Any, sensors_path: Path, sensors_seen: tup
         return False                    # another process won the race, or the disk is full
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def release_pages(*holders: Any) -> int:
+    """Drop this process's resident pages of every memory-mapped column reachable from
+    ``holders`` (a Registry, its columns): they stay in the page cache, shared, and a later
+    read maps a page in again. A worker calls it once its partitions' sensors are copied out
+    (``Registry.subset`` reads scattered rows, so it touches nearly every page of the city's
+    columns): what stays resident is then its share, not the whole city. Returns the bytes
+    advised; 0 where nothing is mapped (a registry used as parsed)."""
+    seen: dict[int, mmap.mmap] = {}
+
+    def visit(obj: Any, depth: int = 0) -> None:
+        if isinstance(obj, np.ndarray):
+            base: Any = obj
+            while base is not None and not isinstance(base, mmap.mmap):
+                base = getattr(base, "base", None)
+            if base is not None:
+                seen[id(base)] = base
+        elif depth < 2 and hasattr(obj, "__dict__"):
+            for value in vars(obj).values():
+                visit(value, depth + 1)
+
+    for h in holders:
+        visit(h)
+    advised = 0
+    for m in seen.values():
+        if not m.closed:
+            m.madvise(mmap.MADV_DONTNEED)
+            advised += len(m)
+    return advised
