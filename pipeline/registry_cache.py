@@ -102,9 +102,16 @@ def open_compiled(folder: Path, registry_type: Callable[..., Any],
         return Strings(arr(f"{name}.blob"), arr(f"{name}.offsets"), codes)
 
     p = meta["places"]
-    places = [place(*row) for row in p["grid_places"]]
-    workers = {w[0]: worker(w[0], w[1], w[2], tuple(w[3]), w[4], w[5], w[6], tuple(w[7]))
+    # msgpack gives each occurrence of a name its own str: a district's name 50,000 times over
+    # in a city of 50,000 grids. One object per distinct text (what parsing made) keeps the
+    # place tree, which every worker holds whole, at its parsed size.
+    one = _Interner()
+    places = [place(*map(one, row)) for row in p["grid_places"]]
+    workers = {w[0]: worker(one(w[0]), w[1], w[2], tuple(map(one, w[3])), w[4], w[5], one(w[6]),
+                            tuple(map(one, w[7])))
                for w in p["workers"]}
+    p["workers_of_grid"] = {one(g): [one(w) for w in ws] for g, ws in p["workers_of_grid"].items()}
+    p["duty_officer"] = {one(k): one(v) for k, v in p["duty_officer"].items()}
     owners = {o[0]: owner(o[0], o[1], o[2], o[3], tuple(o[4])) for o in p["owners"]}
     reg = registry_type(
         p["city_code"], p["city_name"], ZoneInfo(p["tz"]), p["districts"],
@@ -118,6 +125,11 @@ def open_compiled(folder: Path, registry_type: Callable[..., Any],
         attrs=SparseAttrs(arr("attrs.rows"), strings("attrs"), parse_attrs),
         **{name: strings(name) for name in _STRINGS[1:]}, **{name: arr(name) for name in _NUMBERS})
     return reg
+
+
+class _Interner(dict):
+    def __call__(self, value: Any) -> Any:
+        return self.setdefault(value, value) if value.__class__ is str else value
 
 
 def write_compiled(folder: Path, reg: Any, sensors_path: Path, sensors_seen: tuple) -> bool:
