@@ -15,6 +15,7 @@ the time-to-fire differences of those both have).
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -74,6 +75,22 @@ class Tally:
         self.dead_letters = 0
         self.district_names: dict[str, str] = {}
         self._nights: dict[str, str] = {}                # day -> the night before it
+
+    def merge(self, other: "Tally") -> None:
+        """Add a tally of other rules (the second process's) to this one."""
+        for dim, keys in other.counts.items():
+            for key, (inc, num) in keys.items():
+                c = self.counts[dim].setdefault(key, [0, 0])
+                c[0] += inc
+                c[1] += num
+        self.incidents.update(other.incidents)
+        self.told |= other.told
+        for key, v in other.pushes.items():
+            self.pushes[key] = self.pushes.get(key, 0) + v
+        self.notices += other.notices
+        self.dead_letters += other.dead_letters
+        for code, name in other.district_names.items():
+            self.district_names.setdefault(code, name)
 
     def _count(self, dim: str, key: str, slot: int) -> None:
         c = self.counts[dim].get(key)
@@ -199,6 +216,7 @@ class Result:
     new: Side
     differing: set[str]
     inputs: int = 0
+    latest_ms: int | None = None         # how far the reading has got (progress)
     missing: int = 0
     readings: int = 0
     first_ms: int | None = None
@@ -206,14 +224,15 @@ class Result:
     seconds: float = 0.0
 
 
-def backtest(registry: Registry, current: Side, new: Side, batches: Iterator[Batch],
-             seen: Progress, settings: EngineSettings, ack_after: int | None = None,
-             progress: Callable[[Result], None] | None = None) -> Result:
-    """Run the batches through both sides; the sides' tallies are filled in."""
+def backtest(registry: Registry, current: Side, new: Side,
+             history: Callable[[], tuple[Iterator[Batch], Progress]], settings: EngineSettings,
+             ack_after: int | None = None, progress: Callable[[Result], None] | None = None,
+             jobs: int = 1) -> Result:
+    """Run the history through both sides; the sides' tallies are filled in. ``history()``
+    opens the batches (each process of ``jobs=2`` opens its own)."""
     started = time.perf_counter()
     diff = differing(current.rules, new.rules)
     current.engine = Engine(registry, current.rules, settings)
-    current.counted = None
     # With --ack-after an acknowledgement moves its engine's watermark, which other rules' timers
     # then see: the sides' unchanged rules only say the same when each engine has every rule.
     if ack_after is None:
@@ -222,7 +241,6 @@ def backtest(registry: Registry, current: Side, new: Side, batches: Iterator[Bat
         new.engine = Engine(registry, only(new.rules, mine), settings) if mine else None
         shared = set(current.rule_ids) - diff
     else:
-        new.counted = None
         new.engine = Engine(registry, new.rules, settings)
         shared = set()
     for side in (current, new):
@@ -230,37 +248,29 @@ def backtest(registry: Registry, current: Side, new: Side, batches: Iterator[Bat
     result = Result(current, new, diff)
     # the wall clock only refuses readings from the future, as in replay
     clock = int(time.time() * 1000)
-
-    def take(side: Side, o: Output) -> None:
-        side.tally.add(o.notices, side.counted)
-        side.tally.dead_letters += len(o.dead_letters)
-        if side is current and shared:
-            new.tally.add(o.notices, shared)
-        if side.acks is not None:
-            side.acks.watch(o)
-
-    def settle(ts: int | None) -> None:
-        for side in (current, new):
-            if side.acks is not None and side.engine is not None and ts is not None:
-                for o in side.acks.due_by(side.engine, ts):
-                    take(side, o)
-
-    for b in batches:
-        settle(b.first_ts)
-        for side in (current, new):
-            if side.engine is not None:
-                take(side, b.feed(side.engine, clock))
-        if result.first_ms is None and b.readings:     # their times are epoch ms by now
-            result.first_ms = min(r.ts for r in b.readings)
-        if progress:
-            result.inputs = seen.lines
-            progress(result)
-    # History is over: every timer the data reached runs out, as replay does
-    end = current.engine.max_ts + 1
-    settle(end)
-    for side in (current, new):
-        if side.engine is not None:
-            take(side, side.engine.advance(side.engine.max_ts + 1))
+    batches, seen = history()
+    if jobs > 1 and new.engine is not None:
+        ctx = multiprocessing.get_context("fork")        # the engines, built, go with it
+        receive, send = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_child, args=(new, history, clock, send), daemon=True,
+                            name="cityops-backtest-new")
+        child.start()
+        send.close()
+        try:
+            _drive([current], batches, clock, new.tally, shared, result, seen, progress)
+            status, got = receive.recv()
+        except EOFError:
+            raise RuntimeError("the backtest's second process ended without an answer") from None
+        finally:
+            child.join(5.0)
+            if child.is_alive():
+                child.terminate()
+                child.join()
+        if status == "error":
+            raise got
+        new.tally.merge(got)
+    else:
+        _drive([current, new], batches, clock, new.tally, shared, result, seen, progress)
     if new.engine is None:               # nothing differs: the new side's dead letters are these
         new.tally.dead_letters = current.tally.dead_letters
     result.inputs, result.missing = seen.lines, seen.missing
@@ -268,6 +278,59 @@ def backtest(registry: Registry, current: Side, new: Side, batches: Iterator[Bat
     result.last_ms = current.engine.max_ts or None
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _child(side: Side, history: Callable[[], tuple[Iterator[Batch], Progress]], clock: int,
+           send: Any) -> None:
+    """The second process of ``jobs=2``: the new side over its own reading of the history."""
+    try:
+        batches, seen = history()
+        _drive([side], batches, clock, side.tally, set(), Result(side, side, set()), seen, None)
+        send.send(("ok", side.tally))
+    except BaseException as exc:          # noqa: BLE001  handed to the parent, which raises it
+        send.send(("error", exc))
+    finally:
+        send.close()
+
+
+def _drive(sides: list[Side], batches: Iterator[Batch], clock: int, shared_into: Tally,
+           shared: set[str], result: Result, seen: Progress,
+           progress: Callable[[Result], None] | None) -> None:
+    """The batches through these sides' engines, then the end of history (as replay ends it).
+    The first side's notices of ``shared`` rules also count into ``shared_into``."""
+    first = sides[0]
+    live = [s for s in sides if s.engine is not None]
+
+    def take(side: Side, o: Output) -> None:
+        side.tally.add(o.notices, side.counted)
+        side.tally.dead_letters += len(o.dead_letters)
+        if side is first and shared:
+            shared_into.add(o.notices, shared)
+        if side.acks is not None:
+            side.acks.watch(o)
+
+    def settle(ts: int | None) -> None:
+        for side in live:
+            if side.acks is not None and ts is not None:
+                for o in side.acks.due_by(side.engine, ts):
+                    take(side, o)
+
+    for b in batches:
+        settle(b.first_ts)
+        for side in live:
+            take(side, b.feed(side.engine, clock))
+        if result.first_ms is None and b.readings:     # their times are epoch ms by now
+            result.first_ms = min(r.ts for r in b.readings)
+        if progress:
+            result.inputs, result.latest_ms = seen.lines, seen.latest_ms
+            progress(result)
+    # History is over: every timer the data reached runs out
+    for side in live:
+        end = side.engine.max_ts + 1
+        if side.acks is not None:
+            for o in side.acks.due_by(side.engine, end):
+                take(side, o)
+        take(side, side.engine.advance(end))
 
 
 # ---- the comparison -----------------------------------------------------------------------

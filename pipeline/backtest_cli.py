@@ -8,6 +8,7 @@ and line (rule files) or the flag, as the other commands do.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from datetime import datetime
@@ -103,28 +104,31 @@ def run(args: argparse.Namespace) -> int:
             print(f"\r\x1b[K  {line}", end="", file=sys.stderr, flush=True)
 
     batch = 1 if ack_after is not None else args.batch
-    seen = history.Progress()
-    if remote:
+    if remote:                                   # read once, before the second process forks
         recorded = read_readings(src, reg.kinds, _time(args.since, reg.tz, "--from"),
                                  _time(args.until, reg.tz, "--to"),
                                  progress=lambda s, p: say(f"reading {src}: {s:,} series, {p:,} readings"))
-        batches = history.recorded_batches(recorded, batch, seen)
-    elif mapping is not None:
-        batches = history.csv_batches(Path(src), mapping, batch, seen)
-    else:
-        batches = history.jsonl_batches(Path(src), batch, seen, one_at_a_time=ack_after is not None)
 
+    def open_history():
+        seen = history.Progress()
+        if remote:
+            return history.recorded_batches(recorded, batch, seen), seen
+        if mapping is not None:
+            return history.csv_batches(Path(src), mapping, batch, seen), seen
+        return history.jsonl_batches(Path(src), batch, seen, one_at_a_time=ack_after is not None), seen
+
+    jobs = args.jobs if args.jobs is not None else min(2, len(os.sched_getaffinity(0)))
     def progress(r) -> None:
-        when = (datetime.fromtimestamp(seen.latest_ms / 1000, reg.tz).strftime("%Y-%m-%d %H:%M")
-                if seen.latest_ms else "")
-        say(f"{when}  {seen.lines:,} inputs; incidents: current {len(r.current.tally.incidents):,}"
-            f", new {len(r.new.tally.incidents):,}")
+        when = (datetime.fromtimestamp(r.latest_ms / 1000, reg.tz).strftime("%Y-%m-%d %H:%M")
+                if r.latest_ms else "")
+        mine = f", new {len(r.new.tally.incidents):,}" if jobs == 1 else ""
+        say(f"{when}  {r.inputs:,} inputs; incidents: current {len(r.current.tally.incidents):,}{mine}")
 
     current = Side(" ".join(args.against) + (f" + {args.against_params}" if args.against_params else ""),
                    cur_rs)
     new = Side(" ".join(args.rules) + (f" + {args.params}" if args.params else ""), new_rs)
     settings = EngineSettings(time_quorum=quorum, quorum_window=args.quorum_window)
-    result = backtest(reg, current, new, batches, seen, settings, ack_after, progress)
+    result = backtest(reg, current, new, open_history, settings, ack_after, progress, jobs)
     if tty:
         print("\r\x1b[K", end="", file=sys.stderr, flush=True)
     sys.stdout.write(text(result, src, tz_name))

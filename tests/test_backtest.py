@@ -6,8 +6,8 @@ nothing with pipeline/backtest.py, and every count is compared: incidents and no
 district, tier and day, pushes per grid worker per night, dead letters. On the real Chengdu data
 (UCI, 2010-2015, every built-in pack) and on generated histories at two batch sizes, with and
 without acknowledgements; the recorded history of a VictoriaMetrics the sink wrote to gives what
-the same readings from a file give. Then what the Chengdu report says about a lower rainstorm
-threshold, and the errors for bad input.
+the same readings from a file give. In one process and in two (--jobs). Then what the Chengdu
+report says about a lower rainstorm threshold, and the errors for bad input.
 """
 
 from __future__ import annotations
@@ -222,12 +222,14 @@ def test_generated_history_counts_equal_two_replays(tmp_path: Path, changed, see
     want_cur = replayed(tmp_path, "current", history, *ack)
     want_new = replayed(tmp_path, "new", history, *new_replay, *ack)
     assert want_cur != want_new, "the change should change something"
-    for batch in ("7", "1000"):
-        report = backtest_json(tmp_path, f"b{batch}", *new_rules, "--against", "builtin",
-                               "--history", str(history), "--batch", batch, *ack)
+    # one process (one decode, two engines) and two (the new rules in a second process)
+    for batch, jobs in (("7", "1"), ("1000", "1"), ("1000", "2")):
+        report = backtest_json(tmp_path, f"b{batch}-j{jobs}", *new_rules, "--against", "builtin",
+                               "--history", str(history), "--batch", batch, "--jobs", jobs, *ack)
         assert report["differing_rules"], report["differing_rules"]
-        assert_same(side(report, "current"), want_cur, f"current rules, --batch {batch}")
-        assert_same(side(report, "new"), want_new, f"new rules, --batch {batch}")
+        what = f"--batch {batch} --jobs {jobs}"
+        assert_same(side(report, "current"), want_cur, f"current rules, {what}")
+        assert_same(side(report, "new"), want_new, f"new rules, {what}")
 
 
 def test_the_same_rules_on_both_sides_give_the_same_counts(tmp_path: Path) -> None:
