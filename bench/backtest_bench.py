@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import platform
 import sys
@@ -46,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine_bench import make_payloads  # noqa: E402  the engine bench's reading mix
+from silent_bench import Digest  # noqa: E402  a notices sink that keeps their digest
 from pipeline import history, wire  # noqa: E402
 from pipeline.backtest import Side, backtest  # noqa: E402
 from pipeline.backtest_report import text  # noqa: E402
@@ -54,15 +54,6 @@ from pipeline.registry import load as load_registry  # noqa: E402
 from pipeline.registry_gen import generate  # noqa: E402
 from pipeline.replay import DEMO_CSV, DEMO_MAP, ReplayStats, csv_readings, load_mapping, replay  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
-
-
-class Digest:
-    def __init__(self) -> None:
-        self.h = hashlib.sha256()
-
-    def write(self, b: bytes) -> int:
-        self.h.update(b)
-        return len(b)
 
 
 def decode_only(path: Path, mapping) -> int:
@@ -114,19 +105,13 @@ def measure(name: str, path: Path, mapping, reg, current, new, quorum: int, roun
         best["replay"] = min(best["replay"], time.perf_counter() - t)
         info["replay_notices"] = stats.notices
 
-        gc.collect()
-        t = time.perf_counter()
-        result = backtest(reg, Side("current", current), Side("new", new), opener(path, mapping),
-                          settings, jobs=1)
-        text(result, str(path), str(reg.tz.key))
-        best["backtest"] = min(best["backtest"], time.perf_counter() - t)
-
-        gc.collect()
-        t = time.perf_counter()
-        result = backtest(reg, Side("current", current), Side("new", new), opener(path, mapping),
-                          settings, jobs=2)
-        text(result, str(path), str(reg.tz.key))
-        best["backtest_jobs2"] = min(best["backtest_jobs2"], time.perf_counter() - t)
+        for jobs, key in ((1, "backtest"), (2, "backtest_jobs2")):
+            gc.collect()
+            t = time.perf_counter()
+            result = backtest(reg, Side("current", current), Side("new", new),
+                              opener(path, mapping), settings, jobs=jobs)
+            text(result, str(path), str(reg.tz.key))
+            best[key] = min(best[key], time.perf_counter() - t)
         info.update(readings=result.readings, differing=len(result.differing),
                     notices_current=result.current.tally.notices,
                     notices_new=result.new.tally.notices)

@@ -120,8 +120,11 @@ class Tally:
                 self.told.add((aid, tier))
                 self._count("tier", tier, 0)
             state = n["state"]
-            if state == "firing" and SEVERITY_RANK[n["severity"]] > SEVERITY_RANK[inc.severity]:
-                inc.severity = n["severity"]
+            if state == "firing":
+                if SEVERITY_RANK[n["severity"]] > SEVERITY_RANK[inc.severity]:
+                    inc.severity = n["severity"]
+                if n.get("previous_state") == "resolved":
+                    inc.ended_ms = None                  # flapping: open again
             elif state == "resolved":
                 inc.ended_ms = _ms(ts)
             if tier == "grid":

@@ -8,7 +8,6 @@ and line (rule files) or the flag, as the other commands do.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from datetime import datetime
@@ -117,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             return history.csv_batches(Path(src), mapping, batch, seen), seen
         return history.jsonl_batches(Path(src), batch, seen, one_at_a_time=ack_after is not None), seen
 
-    jobs = args.jobs if args.jobs is not None else min(2, len(os.sched_getaffinity(0)))
+    jobs = args.jobs
     def progress(r) -> None:
         when = (datetime.fromtimestamp(r.latest_ms / 1000, reg.tz).strftime("%Y-%m-%d %H:%M")
                 if r.latest_ms else "")

@@ -404,8 +404,9 @@ def _backtest_parser(sub) -> None:
     b.add_argument("--time-quorum", type=int, metavar="N", help="as replay's (default 2 for "
                    "JSONL, 1 for CSV and influx://)")
     b.add_argument("--quorum-window", type=int, default=100, metavar="P", help="as replay's")
-    b.add_argument("--jobs", type=int, choices=[1, 2], help="2: the new rules in a second "
-                   "process, beside the current ones (default: 2 where two CPUs are free to use)")
+    b.add_argument("--jobs", type=int, choices=[1, 2], default=1, help="2: the new rules in a "
+                   "second process, beside the current ones; faster only with a second CPU free "
+                   "(default 1)")
     b.add_argument("--registry", metavar="PATH", help="registry folder or registry.yaml "
                    "(default: the bundled Chengdu fixture)")
 
