@@ -361,3 +361,40 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, case: str) -> None:
     assert done.returncode == 1, done
     assert done.stderr.startswith("cityops: error: ") and want in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ---- what "only one side" and "time to fire" mean -----------------------------------------
+def notice(aid: str, state: str, ts: str, started: str, subject: str = "gas-510104-000001",
+           previous: str | None = None, severity: str = "yellow", tier: str = "street") -> dict:
+    return {"alert_id": aid, "rule_id": "gas.leak", "sensor_id": subject, "group": None,
+            "tier": tier, "target": "510104020", "state": state, "previous_state": previous,
+            "severity": severity, "ts": ts, "started_at": started, "district": "510104",
+            "district_name": "锦江区", "street_name": "春熙路街道", "value": 25.0,
+            "threshold": 20.0, "unit": "%LEL"}
+
+
+def test_incidents_pair_by_rule_subject_and_overlap() -> None:
+    from pipeline.backtest import Result, Side, Tally, compare
+    from rules.compiler import load_rules
+    rs = load_rules()
+    t = "2026-07-01T{}:00+08:00".format
+    cur, new = Tally(), Tally()
+    cur.add([notice("c1", "firing", t("10:00"), t("10:00")), notice("c1", "resolved", t("10:30"), t("10:00")),
+             # flapping: fires again after it resolved, and is open at the end
+             notice("c2", "firing", t("12:00"), t("12:00")), notice("c2", "resolved", t("12:10"), t("12:00")),
+             notice("c2", "firing", t("12:20"), t("12:00"), previous="resolved"),
+             notice("c3", "firing", t("15:00"), t("15:00"), subject="gas-510104-000002")])
+    new.add([notice("n1", "firing", t("09:40"), t("09:40"), severity="red"),
+             notice("n1", "resolved", t("11:00"), t("09:40")),
+             notice("n2", "firing", t("13:00"), t("13:00")),          # inside c2, open again
+             notice("n3", "firing", t("16:00"), t("16:00")),          # c2 is still open then
+             notice("n4", "firing", t("15:00"), t("15:00"), subject="gas-510104-000003")])
+    result = Result(Side("c", rs, cur), Side("n", rs, new), {"gas.leak"})
+    only_cur, only_new, pairs = compare(result)
+    assert [(p.current.alert_id, p.new.alert_id, p.delta_ms // 60_000) for p in pairs] == [
+        ("c1", "n1", -20), ("c2", "n2", 60)]
+    assert [i.alert_id for i in only_cur] == ["c3"]                  # another sensor
+    # n3 runs alongside c2 (open to the end), which pairs with n2: neither paired nor alone
+    assert [i.alert_id for i in only_new] == ["n4"]
+    assert new.incidents["n1"].severity == "red" and cur.incidents["c2"].ended_ms is None
+    assert cur.counts["tier"]["street"] == [3, 6] and new.counts["rule"]["gas.leak"] == [4, 5]
