@@ -322,10 +322,12 @@ def _drive(sides: list[Side], batches: Iterator[Batch], clock: int, shared_into:
         settle(b.first_ts)
         for side in live:
             take(side, b.feed(side.engine, clock))
-        if result.first_ms is None and b.readings:     # their times are epoch ms by now
-            result.first_ms = min(r.ts for r in b.readings)
+        if b.readings:                                 # their times are epoch ms by now
+            if result.first_ms is None:
+                result.first_ms = min(r.ts for r in b.readings)
+            result.latest_ms = b.readings[-1].ts
         if progress:
-            result.inputs, result.latest_ms = seen.lines, seen.latest_ms
+            result.inputs = seen.lines
             progress(result)
     # History is over: every timer the data reached runs out
     for side in live:

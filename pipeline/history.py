@@ -43,10 +43,9 @@ class Batch:
 
 @dataclass
 class Progress:
-    """How far the reading has got: inputs (lines, rows or recorded points) and event time."""
+    """How far the reading has got: inputs (lines, rows or recorded points), missing cells."""
     lines: int = 0
     missing: int = 0
-    latest_ms: int | None = None
 
 
 def jsonl_batches(path: Path, batch: int, seen: Progress, one_at_a_time: bool = False
@@ -71,8 +70,6 @@ def _decoded(chunk: list[bytes], source: str, seen: Progress, one_at_a_time: boo
     readings, dead, spans = wire.decode_batch(chunk, source)
     # replay's own rule for the time an acknowledgement must come before (a line decoded alone)
     first = _earliest(chunk[0]) if one_at_a_time else None
-    if readings and readings[-1].ts.__class__ is int:
-        seen.latest_ms = max(seen.latest_ms or 0, readings[-1].ts)
     return Batch(readings, dead, spans, first_ts=first)
 
 
@@ -85,7 +82,6 @@ def csv_batches(path: Path, mapping: CsvMapping, batch: int, seen: Progress) -> 
         seen.lines, seen.missing = stats.lines, stats.missing
         if rows:
             first = min(r.ts for r in rows)      # the row an acknowledgement must come before
-            seen.latest_ms = rows[0].ts
         pending += rows
         ends.append(len(pending))
         if len(pending) >= batch:
@@ -105,5 +101,4 @@ def recorded_batches(recorded, batch: int, seen: Progress) -> Iterator[Batch]:
                     if val[i] != val[i] else WireReading(sensor_id=ids[i], ts=ts[i], value=val[i])
                     for i in range(lo, hi)]
         seen.lines = hi
-        seen.latest_ms = ts[hi - 1]
         yield Batch(readings, ends=list(range(1, hi - lo + 1)), first_ts=ts[lo])
