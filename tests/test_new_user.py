@@ -219,6 +219,13 @@ EXPECTED = {
     "cityops replay docs/examples/gas-leak.jsonl --rules 'gas.*' --ack-after 5m --out acked.jsonl": "ok",
     "cityops replay pipeline/fixtures/chengdu/uci_chengdu_pm25_weather_2010_2015.csv --csv-map "
     "pipeline/fixtures/chengdu/uci_chengdu.map.yaml --rules 'weather.*' --out notices.jsonl": "ok",
+    "cityops backtest --rules builtin --params docs/examples/rain30.yaml --against builtin --history "
+    "pipeline/fixtures/chengdu/uci_chengdu_pm25_weather_2010_2015.csv --csv-map "
+    "pipeline/fixtures/chengdu/uci_chengdu.map.yaml --html rainstorm.html": "ok",
+    "cityops backtest --rules packs-next/ --against packs-live/ --params city.yaml --against-params "
+    "city.yaml --history 2026-07.jsonl --ack-after 5m --json figures.json": "placeholder",
+    "cityops backtest --rules packs-next/ --against packs-live/ --history influx://10.0.0.7:8428 "
+    "--from 2026-07-01 --to 2026-07-31T23:59:59": "placeholder",
 }
 
 
