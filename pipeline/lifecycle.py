@@ -15,7 +15,7 @@ from pipeline import notices as nt
 from pipeline.models import Ack, Category, Severity, State, Tier
 from pipeline.registry import Registry
 from pipeline.routing import Router, Target, sensor_labels
-from pipeline.silences import Silence, SilenceBook
+from pipeline.silences import NEVER, Silence, SilenceBook
 from rules.compiler import modifier_notes
 from rules.evaluators import DOWNGRADE, FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers
 from rules.schema import AbsenceRule, CorrelationRule, format_duration
@@ -208,6 +208,8 @@ class AlertBook:
     # muted time added to its deadlines (``paused``; the district's deadline moves with it).
     def add_silence(self, s: Silence, now: int, out: list[dict]) -> None:
         self.silences.items[s.id] = s
+        if s.end < NEVER:       # over for good once time passes its end (not a late reading)
+            heapq.heappush(self.timers.heap, (s.end, -1, SILENCE, ("over", s.id)))
         self._silence_edge(now, out)
 
     def end_silence(self, sid: str, now: int, out: list[dict]) -> None:
@@ -217,16 +219,28 @@ class AlertBook:
     def _silence_edge(self, t: int, out: list[dict]) -> None:
         """At ``t`` a silence may have started or stopped muting: look at every open incident,
         and plan the next edge. An edge acts before anything else due at the same time."""
-        self.silences.expire(t)
         for inc in list(self.open.values()):
             self._mute_check(inc, t, out)
-        self.silences.gen += 1
-        nxt = self.silences.next_edge(t)
-        if nxt < (1 << 62):
-            heapq.heappush(self.timers.heap, (nxt, -1, SILENCE, self.silences.gen))
+        self._plan_edge(t)
 
-    def on_silence_timer(self, due: int, gen: int, out: list[dict]) -> None:
-        if gen == self.silences.gen:
+    def _plan_edge(self, t: int) -> None:
+        """Edges matter only to open incidents: none is planned while there are none (a
+        window's edges would otherwise run every week of a long replay's quiet start)."""
+        sb = self.silences
+        sb.gen += 1
+        sb.due = sb.next_edge(t) if self.open and sb.items else NEVER
+        if sb.due < NEVER:
+            heapq.heappush(self.timers.heap, (sb.due, -1, SILENCE, ("edge", sb.gen)))
+
+    def on_silence_timer(self, due: int, key: tuple, out: list[dict]) -> None:
+        what, which = key
+        if what == "over":
+            s = self.silences.items.get(which)
+            if s is None or s.end != due:
+                return                  # ended before, or made again since
+            del self.silences.items[which]
+            self._silence_edge(due, out)
+        elif which == self.silences.gen:
             self._silence_edge(due, out)
 
     def silence_labels(self, inc: Incident) -> dict[str, Any]:
@@ -235,6 +249,14 @@ class AlertBook:
         return labels
 
     def _mute_check(self, inc: Incident, t: int, out: list[dict]) -> None:
+        """``t``, or the incident's own latest time if later (an edge can be due behind a
+        reading that went ahead of the watermark)."""
+        if not self.silences.items:
+            if inc.muted is None:
+                return
+        elif self.silences.due == NEVER:
+            self._plan_edge(t)          # the first incident open while silences are in force
+        t = max(t, inc.last_ts)
         sid = self.silences.muting(self.silence_labels(inc), t) if self.silences.items else None
         if sid is not None:
             if inc.muted is None:
@@ -371,7 +393,8 @@ class AlertBook:
     def dump(self, sid: Callable[[Any], Any]) -> dict:
         return {"open": [i.dump(sid) for i in self.open.values()],
                 "resolved": [i.dump(sid) for i in self.resolved.values()],
-                "silences": self.silences.dump(), "silence_plan": self.silences.gen}
+                "silences": self.silences.dump(),
+                "silence_plan": [self.silences.gen, self.silences.due]}
 
     def load(self, state: dict, sidx: Callable[[Any], Any]) -> int:
         lost = 0
@@ -383,7 +406,7 @@ class AlertBook:
                 else:
                     getattr(self, bucket)[inc.aid] = inc
         self.silences.load(state.get("silences", []))
-        self.silences.gen = state.get("silence_plan", 0)
+        self.silences.gen, self.silences.due = state.get("silence_plan", (0, NEVER))
         return lost
 
     def _load_one(self, row: list, sidx: Callable[[Any], Any]) -> Incident | None:

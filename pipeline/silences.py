@@ -89,6 +89,7 @@ class Schedule(BaseModel):
         A local time a DST change skips is read with the offset before the change, one it
         repeats as its first occurrence (zoneinfo, fold=0)."""
         tz = ZoneInfo(self.tz)
+        lo, hi = max(lo, 0), max(hi, 1)
         start_t, end_t = _hm(self.from_), _hm(self.to)
         over = end_t <= start_t
         wanted = {DAYS.index(d) for d in self.days}
@@ -227,6 +228,7 @@ class SilenceBook:
     def __init__(self) -> None:
         self.items: dict[str, Silence] = {}
         self.gen = 0                # the edge timer's plan number: an older plan is void
+        self.due = NEVER            # ... and its time
 
     def muting(self, labels: dict[str, Any], t: int) -> str | None:
         """The silence that mutes an incident with these labels at ``t`` (the first by id)."""
@@ -238,10 +240,6 @@ class SilenceBook:
 
     def next_edge(self, t: int) -> int:
         return min((s.next_edge(t) for s in self.items.values()), default=NEVER)
-
-    def expire(self, t: int) -> None:
-        for sid in [sid for sid, s in self.items.items() if s.over(t)]:
-            del self.items[sid]
 
     def dump(self) -> list:
         return [msgspec.json.encode(s.model_dump(mode="json", by_alias=True, exclude_none=True))
@@ -262,10 +260,10 @@ def accept(items: dict[str, Silence], raw: bytes | dict, now: int
     except (ValidationError, ValueError) as exc:
         return None, refusal(exc)
     if isinstance(cmd, EndSilence):
-        if cmd.id not in items:
+        if cmd.id not in items or items[cmd.id].over(now):
             return None, f"no silence {cmd.id} in force (it ended already, or never existed)"
         return cmd, None
-    if cmd.id in items:
+    if cmd.id in items and not items[cmd.id].over(now):
         return None, f"silence {cmd.id} exists already"
     s = Silence.model_construct(**{k: getattr(cmd, k) for k in Silence.model_fields})
     if s.over(now):
