@@ -42,7 +42,8 @@ from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import check_districts
 from pipeline.registry import load as load_registry
 from pipeline.statelock import StateLock
-from pipeline.store import ACKS, ADVANCE, READINGS, StateStore
+from pipeline.silence_http import in_force
+from pipeline.store import ACKS, ADVANCE, READINGS, SILENCES, StateStore
 from pipeline.wire import MAX_PAYLOAD_BYTES, OVERSIZE_KEPT, dead_letter, oversize
 from pipeline.yamlfile import ConfigError
 from rules.compiler import load_rules
@@ -69,6 +70,7 @@ class LiveRuntime:
         self.lock.acquire()                       # before anything reads or writes the state
         self.stopping = threading.Event()
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.http_silences: queue.SimpleQueue[bytes] = queue.SimpleQueue()     # POST /silences
         self.metrics: Counter[str] = Counter()
         self.batch_seconds = 0.0
         self.batches = 0
@@ -264,6 +266,11 @@ class LiveRuntime:
                 entries.append((READINGS, now, readings))
             if acks:
                 entries.append((ACKS, now, acks))
+            silences = []
+            while not self.http_silences.empty():
+                silences.append(self.http_silences.get_nowait())
+            if silences:
+                entries.append((SILENCES, now, silences))
             if now - last_tick >= s.tick and not self.catching_up:
                 entries.append((ADVANCE, now - s.engine.allowed_lateness, []))
                 last_tick = now
@@ -311,6 +318,11 @@ class LiveRuntime:
             def attempt(lo: int, hi: int, out: Output) -> None:
                 engine.ingest(payloads[lo:hi], source=topics[lo:hi], now_ms=at,
                               senders=senders[lo:hi], out=out)
+        elif kind == SILENCES:
+            commands = [items[i] for i in live]
+
+            def attempt(lo: int, hi: int, out: Output) -> None:
+                engine.silence(commands[lo:hi], out=out)
         else:
             acks = [items[i] for i in live]
 
@@ -431,6 +443,9 @@ class LiveRuntime:
         log.info("stopped; state saved in %s", self.s.state.path)
 
     # ---- operability ------------------------------------------------------------------
+    def silences_in_force(self) -> list:
+        return in_force([self.engine.book], self.engine.watermark)
+
     def health(self) -> dict[str, Any]:
         connected = self.link is not None and self.link.connected.is_set()
         return {"status": "ok" if connected else "degraded", "broker_connected": connected,
