@@ -208,6 +208,16 @@ def parse_command(raw: bytes | dict) -> AddSilence | EndSilence:
     return Command.validate_json(raw) if isinstance(raw, bytes) else Command.validate_python(raw)
 
 
+def is_command(payload: bytes) -> bool:
+    """A silence command among acknowledgements (on Kafka they share the acks topic): a JSON
+    object with `op`, which an Ack never has."""
+    try:
+        doc = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return False
+    return isinstance(doc, dict) and "op" in doc
+
+
 def refusal(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
