@@ -42,7 +42,8 @@ from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import check_districts
 from pipeline.registry import load as load_registry
 from pipeline.statelock import StateLock
-from pipeline.silence_http import in_force
+from pipeline.silence_http import Refused, in_force, listed
+from pipeline.silence_http import command as silence_command
 from pipeline.store import ACKS, ADVANCE, READINGS, SILENCES, StateStore
 from pipeline.wire import MAX_PAYLOAD_BYTES, OVERSIZE_KEPT, dead_letter, oversize
 from pipeline.yamlfile import ConfigError
@@ -96,6 +97,8 @@ class LiveRuntime:
         self.prefix = settings.mqtt.prefix
         self.acks_topic = f"{self.prefix}/acks"
         self.push_topics = f"{self.prefix}/push/"     # a worker's reply: …/push/{worker_id}/ack
+        self.silences_topic = f"{self.prefix}/silences"     # …/{user}: the console's silences
+        self._silence_list = b""                  # last published on {prefix}/silence-list
         self.push = None
         if settings.push.enabled:                 # pushes with receipts and acknowledge links
             from pipeline.delivery import PushDispatcher
@@ -138,11 +141,13 @@ class LiveRuntime:
         self.link.topics.append(f"{self.acks_topic}/+")
         if self.push is not None:
             self.link.topics.append(f"{self.push_topics}+/ack")
+        self.link.topics.append(f"{self.silences_topic}/+")
         self.link.start()
         if self.push is not None:
             self.push.start(broker=(host, port, protocol))
         for notices, dead in replayed:            # what the journal regenerated goes out again
             self._publish(notices, dead)
+        self._publish_silence_list()
         if self.simulate:
             self._start_simulator(host, port, protocol)
         self._banner(host, port, protocol)
@@ -257,7 +262,8 @@ class LiveRuntime:
             # an oversize payload is journaled as what its dead letter keeps, and its size
             readings = [[m.topic, m.payload] if len(m.payload) <= MAX_PAYLOAD_BYTES
                         else [m.topic, m.payload[:OVERSIZE_KEPT], len(m.payload)]
-                        for m in msgs if not self._is_ack(m.topic)]
+                        for m in msgs
+                        if not self._is_ack(m.topic) and not self._is_silence(m.topic)]
             acks = self._acks([m for m in msgs if self._is_ack(m.topic)]) \
                 if len(readings) < len(msgs) else []
             while not self.http_acks.empty():
@@ -266,7 +272,8 @@ class LiveRuntime:
                 entries.append((READINGS, now, readings))
             if acks:
                 entries.append((ACKS, now, acks))
-            silences = []
+            silences = self._silences([m for m in msgs if self._is_silence(m.topic)], now) \
+                if len(readings) < len(msgs) else []
             while not self.http_silences.empty():
                 silences.append(self.http_silences.get_nowait())
             if silences:
@@ -286,6 +293,8 @@ class LiveRuntime:
                     self._publish(out.notices, out.dead_letters)
                     if self.history is not None:
                         self.history.add(out)
+            if entries:
+                self._publish_silence_list()
             if ((time.monotonic() - last_snapshot) * 1000 >= s.state.snapshot_every
                     or self.store.journaled_bytes >= s.state.snapshot_bytes):
                 if self._snapshot():
@@ -356,6 +365,38 @@ class LiveRuntime:
         else:
             return False
         return True
+
+    def _is_silence(self, topic: str) -> bool:
+        return topic.startswith(self.silences_topic + "/")
+
+    def _silences(self, msgs: list, now: int) -> list[bytes]:
+        """Silence requests on {prefix}/silences/{user} (the console publishes each as the
+        user who made it, as it does acknowledgements) as the commands to journal; one out of
+        the user's scope or malformed is a dead letter (`forbidden`, `bad_silence`)."""
+        commands, dead = [], []
+        for m in msgs:
+            user = acks_user(m.topic, self.silences_topic)
+            try:
+                spec = orjson.loads(m.payload)
+            except orjson.JSONDecodeError:
+                dead.append(dead_letter("bad_silence", "not JSON", m.payload, source=m.topic))
+                continue
+            try:
+                commands.append(silence_command(self, user or "", spec, now))
+            except Refused as exc:
+                dead.append(dead_letter(exc.reason, exc.why, m.payload, source=m.topic))
+        self._publish([], dead)
+        return commands
+
+    def _publish_silence_list(self) -> None:
+        """The silences in force and what they mute, retained on {prefix}/silence-list for the
+        console, whenever it changed."""
+        if not self._silence_list and not self.engine.book.silences.items:
+            return
+        body = orjson.dumps(listed(self))
+        if body != self._silence_list and self.link is not None:
+            self.link.publish(f"{self.prefix}/silence-list", body, retain=True)
+            self._silence_list = body
 
     def _is_ack(self, topic: str) -> bool:
         return (topic == self.acks_topic or topic.startswith(self.acks_topic + "/")

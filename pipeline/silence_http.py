@@ -63,6 +63,47 @@ def may_silence(user: str, scope: Scope | None, matchers: dict[str, Any], regist
             f"({', '.join(PLACES)}: codes, no globs)")
 
 
+class Refused(Exception):
+    """A silence request that may not be made: the HTTP status, the dead letter's reason, why."""
+
+    def __init__(self, status: int, reason: str, why: str) -> None:
+        super().__init__(why)
+        self.status, self.reason, self.why = status, reason, why
+
+
+def command(rt: Any, user: str, spec: Any, now: int) -> bytes:
+    """The journaled command a user's request stands for — ``spec`` is a silence (matchers,
+    starts_at, ends_at or schedule, reason) or ``{"op": "end", "id": …}`` — or Refused. The
+    same for POST /silences, DELETE /silences/{id} and `{prefix}/silences/{user}` on MQTT
+    (the console)."""
+    users = rt.users
+    if not isinstance(spec, dict):
+        raise Refused(400, "bad_silence", "send a JSON object: matchers, starts_at, ends_at or "
+                      "schedule, reason (or op: end and the id)")
+    if spec.get("by", user) != user:
+        raise Refused(403, "forbidden", f"sent by {user!r} but says by {spec['by']!r}")
+    if spec.get("op") == "end":
+        sid = spec.get("id")
+        found = next((s for s, _ in rt.silences_in_force() if s.id == sid), None)
+        if found is None:
+            raise Refused(404, "bad_silence", f"no silence {sid} in force")
+        why = may_silence(user, users.scopes.get(user), found.matchers, rt.registry)
+        if why:
+            raise Refused(403, "forbidden", why)
+        return orjson.dumps({"op": "end", "id": sid, "by": user})
+    spec = {"starts_at": now, **spec} if "schedule" not in spec else dict(spec)
+    spec.update(by=user, op="add")
+    spec["id"] = new_id(spec, now)
+    try:
+        silence = AddSilence.model_validate(spec)
+    except ValidationError as exc:
+        raise Refused(400, "bad_silence", refusal(exc)) from None
+    why = may_silence(user, users.scopes.get(user), silence.matchers, rt.registry)
+    if why:
+        raise Refused(403, "forbidden", why)
+    return silence.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+
 def silence_routes(rt: Any) -> list[Route]:
     """Over a runtime with users, registry, http_silences (the loop's queue) and
     silences_in_force() -> [(Silence, [muted incident dicts])]."""
@@ -76,6 +117,14 @@ def silence_routes(rt: Any) -> list[Route]:
                                 headers={"WWW-Authenticate": 'Bearer realm="cityops"'})
         return user
 
+    def queue(user: str, spec: Any) -> Response:
+        try:
+            cmd = command(rt, user, spec, int(time.time() * 1000))
+        except Refused as exc:
+            return JSONResponse({"error": exc.why}, exc.status)
+        rt.http_silences.put(cmd)
+        return JSONResponse({"status": "queued", "id": orjson.loads(cmd)["id"]}, 202)
+
     async def add(request: Request) -> Response:
         user = who(request)
         if isinstance(user, Response):
@@ -87,48 +136,29 @@ def silence_routes(rt: Any) -> list[Route]:
             spec = orjson.loads(body or b"null")
         except orjson.JSONDecodeError as exc:
             return JSONResponse({"error": f"not JSON: {exc}"}, 400)
-        if not isinstance(spec, dict):
-            return JSONResponse({"error": "send a JSON object: matchers, starts_at, ends_at or "
-                                 "schedule, reason"}, 400)
-        if spec.get("by", user) != user:
-            return JSONResponse({"error": f"sent by {user!r} but says by {spec['by']!r}"}, 403)
-        now = int(time.time() * 1000)
-        spec = {"starts_at": now, **spec, "by": user, "op": "add"} if "schedule" not in spec \
-            else {**spec, "by": user, "op": "add"}
-        spec["id"] = new_id(spec, now)
-        try:
-            silence = AddSilence.model_validate(spec)
-        except ValidationError as exc:
-            return JSONResponse({"error": refusal(exc)}, 400)
-        why = may_silence(user, users.scopes.get(user), silence.matchers, rt.registry)
-        if why:
-            return JSONResponse({"error": why}, 403)
-        rt.http_silences.put(silence.model_dump_json(by_alias=True, exclude_none=True).encode())
-        return JSONResponse({"status": "queued", "id": silence.id}, 202)
+        if isinstance(spec, dict) and "op" in spec:
+            return JSONResponse({"error": "end a silence with DELETE /silences/{id}"}, 400)
+        return queue(user, spec)
 
     async def listing(request: Request) -> Response:
         user = who(request)
         if isinstance(user, Response):
             return user
-        return JSONResponse({"silences": [{**s.view(), "muting": muted}
-                                          for s, muted in rt.silences_in_force()]})
+        return JSONResponse(listed(rt))
 
     async def end(request: Request) -> Response:
         user = who(request)
         if isinstance(user, Response):
             return user
-        sid = request.path_params["sid"]
-        found = next((s for s, _ in rt.silences_in_force() if s.id == sid), None)
-        if found is None:
-            return JSONResponse({"error": f"no silence {sid} in force"}, 404)
-        why = may_silence(user, users.scopes.get(user), found.matchers, rt.registry)
-        if why:
-            return JSONResponse({"error": why}, 403)
-        rt.http_silences.put(orjson.dumps({"op": "end", "id": sid, "by": user}))
-        return JSONResponse({"status": "queued", "id": sid}, 202)
+        return queue(user, {"op": "end", "id": request.path_params["sid"]})
 
     return [Route("/silences", add, methods=["POST"]), Route("/silences", listing, methods=["GET"]),
             Route("/silences/{sid}", end, methods=["DELETE"])]
+
+
+def listed(rt: Any) -> dict[str, Any]:
+    """What GET /silences answers (and the console shows): every silence, what it mutes."""
+    return {"silences": [{**s.view(), "muting": muted} for s, muted in rt.silences_in_force()]}
 
 
 def in_force(books: list[Any], now: int | None = None) -> list[tuple[Any, list[dict]]]:
