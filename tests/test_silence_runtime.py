@@ -83,6 +83,9 @@ def test_a_street_silence_holds_its_alerts_survives_kill_9_and_tells_them_when_e
     assert [n for n in seen if n["sensor_id"] == GAS] == []          # held, not told
     [inc] = muted
     assert inc["held"] and inc["severity"] == "yellow"
+    shown = silence(rt, "duty-510104", "list").stdout          # for people
+    assert f"{sid}  street=510104020" in shown and "by duty-510104: 管网检修" in shown
+    assert f"muting {inc['alert_id']} yellow" in shown and "(notices held)" in shown
 
     rt.kill()                                                        # kill -9: nothing flushed
     rt.start()
