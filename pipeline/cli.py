@@ -36,6 +36,8 @@ examples:
                                               split the partitions
   cityops console --config cityops.yaml       the operations centres' web pages (incidents per
                                               scope, live; acknowledge)
+  cityops silence add --match street=510104020 --for 2h --reason 管网检修
+                                              hold a street's alerts back for two hours
 """
 
 
@@ -187,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
                           "(deploy/mosquitto/acl): each may publish to its own topic only")
     acl.add_argument("--prefix", default="cityops", help="the pipeline's mqtt.prefix")
     _common(acl)
+
+    from pipeline import silence_cli          # cityops silence add|list|end
+    silence_cli.add_parser(sub)
     return p
 
 
@@ -216,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "registry" and args.registry_command == "acl":
             return _gateway_acl(args)
+        if args.command == "silence":
+            from pipeline import silence_cli
+            return silence_cli.run(args)
     except ConfigError as exc:
         print(f"cityops: error: {exc}", file=sys.stderr)
         return 1

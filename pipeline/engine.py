@@ -34,8 +34,8 @@ import msgspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline import wire
-from pipeline.lifecycle import LIFECYCLE, AlertBook
+from pipeline import silences, wire
+from pipeline.lifecycle import LIFECYCLE, SILENCE, AlertBook
 from pipeline.models import Ack, DeadLetter
 from pipeline.registry import Registry
 from pipeline.routing import Router
@@ -844,6 +844,20 @@ class Engine:
                 self.counters["acks"] += 1
         return out
 
+    def silence(self, commands: Sequence[bytes | dict], out: Output | None = None) -> Output:
+        """Silences made and ended (pipeline/silences.py); they act at the watermark, so a
+        replay of the same inputs mutes the same notices. A bad one is a `bad_silence` dead
+        letter."""
+        out = out if out is not None else Output()
+        for c in commands:
+            refused = silences.apply(self.book, c, self.watermark, out.notices)
+            if refused:
+                self._refuse_ack(out, refused, c if isinstance(c, bytes) else msgspec.json.encode(c),
+                                 "bad_silence")
+            else:
+                self.counters["silences"] += 1
+        return out
+
     def _refuse_ack(self, out: Output, why: str, payload: bytes, reason: str = "bad_ack") -> None:
         self.counters["dead_letters"] += 1
         self.counters["dead." + reason] += 1
@@ -879,6 +893,8 @@ class Engine:
                 evaluators[owner].on_timer(due, key)
             elif owner == LIFECYCLE:
                 self.book.on_timer(due, key, out.notices)
+            elif owner == SILENCE:
+                self.book.on_silence_timer(due, key, out.notices)
             elif owner == SCAN and key == self._scan_gen:    # else replaced by an earlier plan
                 self._apply_seen(due)
                 nxt = self._scan_absence(due, out)

@@ -8,24 +8,27 @@ they fall due in event time like everything else and survive a snapshot.
 
 from __future__ import annotations
 
+import heapq
 from typing import Any, Callable
 
 from pipeline import notices as nt
 from pipeline.models import Ack, Category, Severity, State, Tier
 from pipeline.registry import Registry
 from pipeline.routing import Router, Target, sensor_labels
+from pipeline.silences import NEVER, Silence, SilenceBook
 from rules.compiler import modifier_notes
 from rules.evaluators import DOWNGRADE, FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers
 from rules.schema import AbsenceRule, CorrelationRule, format_duration
 
 LIFECYCLE = -1          # timer owner number of the AlertBook
+SILENCE = -3            # ... and of the silences' edges (a silence starts or stops muting)
 
 
 class Incident:
     __slots__ = ("aid", "rule", "subject", "idx", "members", "rank", "state", "started", "seq",
                  "sent", "route", "value", "threshold", "event", "flapping", "escalation",
                  "acked_by", "acked_tier", "reminders", "base", "last_ts", "district_at", "gen",
-                 "fired")
+                 "fired", "muted", "muted_at", "paused", "held")
 
     def dump(self, sid: Callable[[Any], Any]) -> list:
         return [self.aid, self.rule, sid(self.subject), sid(self.idx) if self.idx is not None else None,
@@ -34,7 +37,7 @@ class Incident:
                 [[t.tier.value, t.target, t.worker.id if t.worker else None] for t in self.sent],
                 self.value, self.threshold, self.event, self.flapping, self.escalation,
                 self.acked_by, self.acked_tier, self.reminders, self.last_ts, self.district_at,
-                self.gen, self.fired]
+                self.gen, self.fired, self.muted, self.muted_at, self.paused, self.held]
 
 
 class AlertBook:
@@ -49,6 +52,7 @@ class AlertBook:
         self.subject_name = subject_name
         self.open: dict[str, Incident] = {}
         self.resolved: dict[str, Incident] = {}   # kept only while a flapping rule may reopen
+        self.silences = SilenceBook()
 
     # ---- from the rules ----------------------------------------------------------------
     def apply(self, ch: Change, out: list[dict]) -> None:
@@ -63,6 +67,8 @@ class AlertBook:
             inc.flapping, inc.acked_by, inc.acked_tier, inc.escalation = True, None, None, 0
             self.open[inc.aid] = inc
             self._rebase(inc, ch)
+            inc.paused = 0
+            self._mute_check(inc, ch.ts, out)
             self._send(inc, State.firing, State.resolved, ch.ts, out, self._widen(inc, ch.ts))
             inc.fired = inc.seq
             self._remind_from(inc, ch.ts)
@@ -73,6 +79,7 @@ class AlertBook:
                 return
             inc.rank, inc.value, inc.threshold, inc.event = ch.rank, ch.value, ch.threshold, ch.event
             self._rebase(inc, ch)
+            self._mute_check(inc, ch.ts, out)       # a silence may match some severities only
             self._send(inc, State.firing, State.firing, ch.ts, out, self._widen(inc, ch.ts))
             if not inc.acked_by:
                 self._escalate_from(inc, inc.started, ch.ts)
@@ -83,6 +90,7 @@ class AlertBook:
                 return
             inc.rank, inc.value, inc.threshold = ch.rank, ch.value, ch.threshold
             self._rebase(inc, ch)
+            self._mute_check(inc, ch.ts, out)
             self._send(inc, State.firing, State.firing, ch.ts, out, [], lowered=True,
                        cleared=(ch.value, ch.cleared))
         elif ch.what == RESOLVE:
@@ -92,8 +100,10 @@ class AlertBook:
             prev = inc.state
             inc.state = State.resolved
             self._rebase(inc, ch)                   # the text still tells what fired
+            # a resolve reaches every tier that was told it fired, silenced or not
             self._send(inc, State.resolved, prev, ch.ts, out, [],
                        cleared=(ch.value, ch.cleared) if ch.cleared is not None else None)
+            inc.muted, inc.held = None, False       # what was held is over: nobody is owed it
             spec = self.rules[inc.rule].spec
             if getattr(spec, "flapping", None):
                 self.resolved[inc.aid] = inc
@@ -109,9 +119,11 @@ class AlertBook:
         inc.event, inc.flapping, inc.escalation = ch.event, ch.flapping, 0
         inc.acked_by = inc.acked_tier = None
         inc.reminders, inc.last_ts, inc.district_at, inc.gen = 0, ch.ts, None, 0
+        inc.muted, inc.muted_at, inc.paused, inc.held = None, 0, 0, False
         inc.route = self.router.route(self._labels(inc))
         self._rebase(inc, ch)
         self.open[inc.aid] = inc
+        self._mute_check(inc, ch.ts, out)
         self._send(inc, State.firing, None, ch.ts, out, self._widen(inc, ch.ts))
         inc.fired = inc.seq
         self._remind_from(inc, ch.ts)
@@ -160,8 +172,8 @@ class AlertBook:
             self.resolved.pop(aid, None)
             return
         inc = self.open.get(aid)
-        if inc is None or inc.acked_by or gen != inc.gen:
-            return                            # resolved, acknowledged, or planned again since
+        if inc is None or inc.acked_by or gen != inc.gen or inc.muted:
+            return        # resolved, acknowledged, planned again since, or paused by a silence
         if what == "esc":
             told = {t.tier for t in inc.sent}
             nxt = Tier.district if Tier.district not in told else Tier.city
@@ -188,6 +200,87 @@ class AlertBook:
             if step < inc.route.max_reminders:
                 self.timers.push(due + inc.route.remind_every, LIFECYCLE, (aid, "rem", gen, step + 1))
 
+    # ---- silences (pipeline/silences.py) -----------------------------------------------
+    # A muted incident is kept and judged as any other, but what it would tell the tiers is
+    # held (``held``), nobody new is told, and escalation and reminders stand still; a resolve
+    # or an acknowledgement still reaches every tier already told. When no silence mutes it
+    # any more, the tiers it reaches are told how it stands, and escalation goes on with the
+    # muted time added to its deadlines (``paused``; the district's deadline moves with it).
+    def add_silence(self, s: Silence, now: int, out: list[dict]) -> None:
+        self.silences.items[s.id] = s
+        if s.end < NEVER:       # over for good once time passes its end (not a late reading)
+            heapq.heappush(self.timers.heap, (s.end, -1, SILENCE, ("over", s.id)))
+        self._silence_edge(now, out)
+
+    def end_silence(self, sid: str, now: int, out: list[dict]) -> None:
+        del self.silences.items[sid]
+        self._silence_edge(now, out)
+
+    def _silence_edge(self, t: int, out: list[dict]) -> None:
+        """At ``t`` a silence may have started or stopped muting: look at every open incident,
+        and plan the next edge. An edge acts before anything else due at the same time."""
+        for inc in list(self.open.values()):
+            self._mute_check(inc, t, out)
+        self._plan_edge(t)
+
+    def _plan_edge(self, t: int) -> None:
+        """Edges matter only to open incidents: none is planned while there are none (a
+        window's edges would otherwise run every week of a long replay's quiet start)."""
+        sb = self.silences
+        sb.gen += 1
+        sb.due = sb.next_edge(t) if self.open and sb.items else NEVER
+        if sb.due < NEVER:
+            heapq.heappush(self.timers.heap, (sb.due, -1, SILENCE, ("edge", sb.gen)))
+
+    def on_silence_timer(self, due: int, key: tuple, out: list[dict]) -> None:
+        what, which = key
+        if what == "over":
+            s = self.silences.items.get(which)
+            if s is None or s.end != due:
+                return                  # ended before, or made again since
+            del self.silences.items[which]
+            self._silence_edge(due, out)
+        elif which == self.silences.gen:
+            self._silence_edge(due, out)
+
+    def silence_labels(self, inc: Incident) -> dict[str, Any]:
+        labels = self._labels(inc)
+        labels["sensor_id"] = self.subject_name(inc.idx if inc.idx is not None else inc.subject)
+        return labels
+
+    def _mute_check(self, inc: Incident, t: int, out: list[dict]) -> None:
+        """``t``, or the incident's own latest time if later (an edge can be due behind a
+        reading that went ahead of the watermark)."""
+        if not self.silences.items:
+            if inc.muted is None:
+                return
+        elif self.silences.due == NEVER:
+            self._plan_edge(t)          # the first incident open while silences are in force
+        t = max(t, inc.last_ts)
+        sid = self.silences.muting(self.silence_labels(inc), t) if self.silences.items else None
+        if sid is not None:
+            if inc.muted is None:
+                inc.muted_at = max(t, inc.started)
+            inc.muted = sid
+        elif inc.muted is not None:
+            self._unmute(inc, t, out)
+
+    def _unmute(self, inc: Incident, t: int, out: list[dict]) -> None:
+        pause = max(0, t - inc.muted_at)
+        inc.paused += pause
+        if inc.district_at is not None:
+            inc.district_at += pause
+        inc.muted = None
+        ts = max(t, inc.last_ts)
+        if inc.held:
+            inc.held = False
+            state = State.acknowledged if inc.acked_by else State.firing
+            inc.state = state
+            self._send(inc, state, None, ts, out, self._widen(inc, ts), "静默结束，补发静默期间暂缓的通知。")
+        if not inc.acked_by:
+            self._remind_from(inc, ts)            # (voids what was planned before)
+            self._escalate_from(inc, inc.started, ts)
+
     def _remind_from(self, inc: Incident, ts: int) -> None:
         """Reminders every `remind_every` from ``ts``; any earlier plan is void (``gen``)."""
         inc.gen += 1
@@ -205,7 +298,7 @@ class AlertBook:
         if Tier.district in told and inc.district_at is None:
             inc.district_at = now
         if Tier.district not in told and r.escalate_street:
-            due = street_since + r.escalate_street
+            due = street_since + r.escalate_street + inc.paused
         elif Tier.district in told and Tier.city not in told and r.escalate_district:
             due = inc.district_at + r.escalate_district
         else:
@@ -281,20 +374,27 @@ class AlertBook:
     def _send(self, inc: Incident, state: State, prev: State | None, ts: int, out: list[dict],
               new: list[Target], extra_summary: str = "", only: list[Target] | None = None,
               lowered: bool = False, cleared: tuple | None = None) -> None:
-        inc.seq += 1
         inc.last_ts = max(inc.last_ts, ts)
+        if inc.muted and state not in (State.resolved, State.acknowledged):
+            inc.held = True         # told when the silence ends (_unmute); nobody is added now
+            return
+        inc.seq += 1
         inc.sent.extend(new)
         n = nt.finish(inc.base, seq=inc.seq, severity=Severity.of_rank(inc.rank), state=state,
                       previous=prev, ts_ms=ts, tz=self.registry.tz, flapping=inc.flapping,
                       escalation=inc.escalation, acked_by=inc.acked_by, acked_tier=inc.acked_tier,
                       extra_summary=extra_summary, lowered=lowered, cleared=cleared)
+        if inc.muted:
+            n["silenced"] = inc.muted
         for t in (only if only is not None else inc.sent):
             out.append(nt.for_target(n, t.tier.value, t.target, t.worker))
 
     # ---- snapshot ----------------------------------------------------------------------
     def dump(self, sid: Callable[[Any], Any]) -> dict:
         return {"open": [i.dump(sid) for i in self.open.values()],
-                "resolved": [i.dump(sid) for i in self.resolved.values()]}
+                "resolved": [i.dump(sid) for i in self.resolved.values()],
+                "silences": self.silences.dump(),
+                "silence_plan": [self.silences.gen, self.silences.due]}
 
     def load(self, state: dict, sidx: Callable[[Any], Any]) -> int:
         lost = 0
@@ -305,6 +405,8 @@ class AlertBook:
                     lost += 1
                 else:
                     getattr(self, bucket)[inc.aid] = inc
+        self.silences.load(state.get("silences", []))
+        self.silences.gen, self.silences.due = state.get("silence_plan", (0, NEVER))
         return lost
 
     def _load_one(self, row: list, sidx: Callable[[Any], Any]) -> Incident | None:
@@ -324,6 +426,7 @@ class AlertBook:
         inc.escalation, inc.acked_by, inc.acked_tier = escalation, acked_by, acked_tier
         inc.reminders, inc.last_ts, inc.district_at, inc.gen = reminders, last_ts, district_at, gen
         inc.fired = row[21] if len(row) > 21 else 0       # older snapshots: any link's seq is good
+        inc.muted, inc.muted_at, inc.paused, inc.held = row[22:26] if len(row) > 25 else (None, 0, 0, False)
         inc.route = self.router.route(self._labels(inc))
         inc.sent = []
         for tier, target, worker in sent:

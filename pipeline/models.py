@@ -211,6 +211,9 @@ class AlertNotice(BaseModel):
                                 "link (a signed token; GET shows a confirmation, POST acknowledges)")
     ack_token: str | None = Field(default=None, description="pushes: the same token, for an app "
                                   "to publish on {prefix}/push/{worker_id}/ack")
+    silenced: str | None = Field(default=None, description="the silence muting the incident when "
+                                 "this notice went out (a resolve or acknowledgement still goes "
+                                 "to every tier told)")
 
 
 class AckRequest(BaseModel):
@@ -252,7 +255,7 @@ class DeadLetter(BaseModel):
 
     reason: Literal["malformed", "invalid", "oversize", "unknown_sensor", "wrong_sender", "wrong_kind",
                     "not_finite", "future", "too_old", "stale", "bad_ack", "forbidden",
-                    "undeliverable", "poison", "wrong_topic"]
+                    "undeliverable", "poison", "wrong_topic", "bad_silence"]
     detail: str
     payload: str = Field(description="the original bytes as UTF-8 text (or base64 if not UTF-8); "
                          "for an element of a gateway array, that element's bytes only")

@@ -38,6 +38,7 @@ import msgspec
 from pydantic import ValidationError
 
 from pipeline import notices as nt
+from pipeline import silences as sil
 from pipeline import wire
 from pipeline.engine import EARLIEST, EngineSettings
 from pipeline.lifecycle import AlertBook
@@ -62,9 +63,10 @@ class Deadlines:
         self.items: list[tuple[int, int, Any]] = []
         self.n = 0
 
-    def set(self, due: int, what: Any) -> None:
+    def set(self, due: int, what: Any, first: bool = False) -> None:
+        """``first``: before everything else due at the same time (a silence's edge)."""
         self.n += 1
-        self.items.append((due, self.n, what))
+        self.items.append((due, 0 if first else self.n, what))
 
     def next_due(self, upto: int) -> tuple[int, Any] | None:
         due = [d for d in self.items if d[0] <= upto]
@@ -160,6 +162,8 @@ class ReferenceEngine:
         self.members: dict[str, dict[str, dict[int, int]]] = {r.id: {} for r in self.rules}
         self.incidents: dict[str, dict] = {}        # open
         self.resolved: dict[str, dict] = {}         # kept while a flapping rule may reopen
+        self.silences: dict[str, sil.Silence] = {}  # in force or still to come
+        self.edge_plan, self.edge_due = 0, sil.NEVER    # the next time one may start or stop
         self.changes: list[Change] = []
         self.counters: Counter[str] = Counter()
         self.notices: list[dict] = []
@@ -335,8 +339,73 @@ class ReferenceEngine:
         inc["state"] = State.acknowledged
         self._send(inc, State.acknowledged, prev, max(a.ts_ms, inc["last_ts"]), [])
 
-    def _refuse(self, why: str, payload: bytes) -> None:
-        self._dead(wire.dead_letter("bad_ack", why, payload))
+    def _refuse(self, why: str, payload: bytes, reason: str = "bad_ack") -> None:
+        self._dead(wire.dead_letter(reason, why, payload))
+
+    # ---- silences: at the watermark; a muted incident's news waits, a resolve does not ------
+    def silence(self, raw: bytes | dict) -> None:
+        got, why = sil.accept(self.silences, raw, self.watermark)
+        if why:
+            return self._refuse(why, raw if isinstance(raw, bytes) else msgspec.json.encode(raw),
+                                "bad_silence")
+        self.counters["silences"] += 1
+        if isinstance(got, sil.Silence):
+            self.silences[got.id] = got
+            if got.end < sil.NEVER:
+                self.deadlines.set(got.end, ("over", got.id), first=True)
+        else:
+            del self.silences[got.id]
+        self._edge(self.watermark)
+
+    def _edge(self, t: int) -> None:
+        """A silence may start or stop muting at ``t``: every open incident is looked at. The
+        next edge is planned only while incidents are open (and when the first one opens)."""
+        for inc in list(self.incidents.values()):
+            self._mute(inc, t)
+        self._plan_edge(t)
+
+    def _plan_edge(self, t: int) -> None:
+        self.edge_plan += 1
+        self.edge_due = min((s.next_edge(t) for s in self.silences.values()),
+                            default=sil.NEVER) if self.incidents else sil.NEVER
+        if self.edge_due < sil.NEVER:
+            self.deadlines.set(self.edge_due, ("edge", self.edge_plan), first=True)
+
+    def _muting(self, inc: dict, t: int) -> str | None:
+        view = _Inc(inc)
+        labels = self.present._labels(view)
+        labels["sensor_id"] = self._name(inc["idx"] if inc["idx"] is not None else inc["subject"])
+        return next((sid for sid in sorted(self.silences)
+                     if self.silences[sid].active(t) and self.silences[sid].covers(labels)), None)
+
+    def _mute(self, inc: dict, t: int) -> None:
+        if self.silences and self.edge_due == sil.NEVER:
+            self._plan_edge(t)
+        t = max(t, inc["last_ts"])
+        sid = self._muting(inc, t)
+        if sid is not None:
+            if inc["muted"] is None:
+                inc["muted_at"] = max(t, inc["started"])
+            inc["muted"] = sid
+            return
+        if inc["muted"] is None:
+            return
+        # no longer muted: escalation resumes with the muted time added to its deadlines, and
+        # what was held is told as it stands now, to every tier it reaches
+        pause = max(0, t - inc["muted_at"])
+        inc["paused"] += pause
+        if inc["district_at"] is not None:
+            inc["district_at"] += pause
+        inc["muted"] = None
+        ts = max(t, inc["last_ts"])
+        if inc["held"]:
+            inc["held"] = False
+            inc["state"] = State.acknowledged if inc["acked_by"] else State.firing
+            self._send(inc, inc["state"], None, ts, self._reach(inc, ts),
+                       "静默结束，补发静默期间暂缓的通知。")
+        if not inc["acked_by"]:
+            self._plan_reminders(inc, ts)
+            self._plan_escalation(inc, inc["started"], ts)
 
     # ---- time ------------------------------------------------------------------------------
     def advance(self, watermark: int) -> None:
@@ -358,6 +427,14 @@ class ReferenceEngine:
             elif what == "scan":
                 self._scan(due)
                 self._plan_scan(due + self.settings.absence_scan_every)
+            elif what == "edge":
+                if key[0] == self.edge_plan:
+                    self._edge(due)
+            elif what == "over":        # a silence's end: gone for good, even for late readings
+                s = self.silences.get(key[0])
+                if s is not None and s.end == due:
+                    del self.silences[key[0]]
+                    self._edge(due)
             else:
                 self._incident_due(due, what, *key)
             self._drain()
@@ -773,10 +850,12 @@ class ReferenceEngine:
                    "started": ch.started, "seq": 0, "sent": [], "value": ch.value,
                    "threshold": ch.threshold, "event": ch.event, "flapping": ch.flapping,
                    "escalation": 0, "acked_by": None, "acked_tier": None, "last_ts": ch.ts,
-                   "district_at": None, "plan": 0}
+                   "district_at": None, "plan": 0,
+                   "muted": None, "muted_at": 0, "paused": 0, "held": False}
             inc["route"] = self.router.route(self.present._labels(_Inc(inc)))
             self._base(inc, ch)
             self.incidents[inc["aid"]] = inc
+            self._mute(inc, ch.ts)
             self._send(inc, State.firing, None, ch.ts, self._reach(inc, ch.ts))
             self._plan_reminders(inc, ch.ts)
             self._plan_escalation(inc, ch.ts, ch.ts)
@@ -790,6 +869,8 @@ class ReferenceEngine:
                        flapping=True, acked_by=None, acked_tier=None, escalation=0)
             self.incidents[inc["aid"]] = inc
             self._base(inc, ch)
+            inc["paused"] = 0
+            self._mute(inc, ch.ts)
             self._send(inc, State.firing, State.resolved, ch.ts, self._reach(inc, ch.ts))
             self._plan_reminders(inc, ch.ts)
             self._plan_escalation(inc, ch.ts, ch.ts)
@@ -799,6 +880,7 @@ class ReferenceEngine:
                 return
             inc.update(rank=ch.rank, value=ch.value, threshold=ch.threshold, event=ch.event)
             self._base(inc, ch)
+            self._mute(inc, ch.ts)
             self._send(inc, State.firing, State.firing, ch.ts, self._reach(inc, ch.ts))
             if not inc["acked_by"]:
                 self._plan_escalation(inc, inc["started"], ch.ts)
@@ -808,6 +890,7 @@ class ReferenceEngine:
                 return
             inc.update(rank=ch.rank, value=ch.value, threshold=ch.threshold)
             self._base(inc, ch)
+            self._mute(inc, ch.ts)
             self._send(inc, State.firing, State.firing, ch.ts, [], lowered=True,
                        cleared=(ch.value, ch.cleared))
         elif ch.what == RESOLVE:
@@ -819,6 +902,7 @@ class ReferenceEngine:
             self._base(inc, ch)
             self._send(inc, State.resolved, prev, ch.ts, [],
                        cleared=(ch.value, ch.cleared) if ch.cleared is not None else None)
+            inc["muted"], inc["held"] = None, False
             spec = ch.rule.spec
             if getattr(spec, "flapping", None):
                 self.resolved[inc["aid"]] = inc
@@ -841,14 +925,19 @@ class ReferenceEngine:
     def _send(self, inc: dict, state: State, prev: State | None, ts: int, new: list,
               extra: str = "", only: list | None = None, lowered: bool = False,
               cleared: tuple | None = None) -> None:
-        inc["seq"] += 1
         inc["last_ts"] = max(inc["last_ts"], ts)
+        if inc["muted"] and state not in (State.resolved, State.acknowledged):
+            inc["held"] = True
+            return
+        inc["seq"] += 1
         inc["sent"] += new
         n = nt.finish(inc["base"], seq=inc["seq"], severity=Severity.of_rank(inc["rank"]),
                       state=state, previous=prev, ts_ms=ts, tz=self.reg.tz,
                       flapping=inc["flapping"], escalation=inc["escalation"],
                       acked_by=inc["acked_by"], acked_tier=inc["acked_tier"],
                       extra_summary=extra, lowered=lowered, cleared=cleared)
+        if inc["muted"]:
+            n["silenced"] = inc["muted"]
         for t in (only if only is not None else inc["sent"]):
             self.notices.append(nt.for_target(n, t.tier.value, t.target, t.worker))
 
@@ -864,7 +953,7 @@ class ReferenceEngine:
         if Tier.district in told and inc["district_at"] is None:
             inc["district_at"] = now
         if Tier.district not in told and r.escalate_street:
-            due = street_since + r.escalate_street
+            due = street_since + r.escalate_street + inc["paused"]
         elif Tier.district in told and Tier.city not in told and r.escalate_district:
             due = inc["district_at"] + r.escalate_district
         else:
@@ -876,7 +965,7 @@ class ReferenceEngine:
             self.resolved.pop(aid, None)
             return
         inc = self.incidents.get(aid)
-        if inc is None or inc["acked_by"] or plan != inc["plan"]:
+        if inc is None or inc["acked_by"] or plan != inc["plan"] or inc["muted"]:
             return
         if what == "esc":
             told = {t.tier for t in inc["sent"]}

@@ -215,6 +215,14 @@ EXPECTED = {
     "cityops console --config cityops.yaml": "placeholder",
     "cityops console --kafka 10.0.0.7:9092": "placeholder",
     "cityops console --hash-password": "placeholder",       # no password on its input: one line
+    # against make run's HTTP port, without the README's made-up token: one clear line
+    "cityops silence add --match street=510104020 --for 2h --reason 燃气管网检修": "placeholder",
+    "cityops silence add --match district=510104 --match category=waterlogging --until "
+    "2026-07-02T06:00:00+08:00 --reason 泵站检修": "placeholder",
+    'cityops silence add --match grid=510104020001001 --window "sat,sun 23:00-02:00 '
+    'Asia/Shanghai" --reason 周末夜间管道维护': "placeholder",
+    "cityops silence list": "placeholder",
+    "cityops silence end s-3f9a0c21d4": "placeholder",
     "cityops replay docs/examples/gas-leak.jsonl > notices.jsonl": "ok",
     "cityops replay docs/examples/gas-leak.jsonl --rules 'gas.*' --ack-after 5m --out acked.jsonl": "ok",
     "cityops replay pipeline/fixtures/chengdu/uci_chengdu_pm25_weather_2010_2015.csv --csv-map "

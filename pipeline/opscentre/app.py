@@ -8,6 +8,7 @@
     GET  /incidents/{id}       one incident and its whole timeline; acknowledge
     POST /incidents/{id}/ack   (form: csrf, note, from)
     GET  /me                   a grid worker's pushes, newest first, one-tap acknowledge
+    GET  /silences             silences and maintenance windows (pipeline/opscentre/silences.py)
     GET  /events               server-sent events: `change` when an incident of the scope changed
     GET  /api/incidents?category=&severity=&state=&district=&street=&community=&grid=&sort=&order=&limit=
     GET  /api/incidents/{id}   POST /api/incidents/{id}/ack ({"note"}; header X-CSRF-Token)
@@ -46,6 +47,7 @@ from pipeline.identity import AckUsers, Forbidden, Scope
 from pipeline.models import AckRequest, Tier
 from pipeline.opscentre.auth import check_password, csrf_ok, new_csrf
 from pipeline.opscentre.geo import CityMap
+from pipeline.opscentre.silences import silence_routes
 from pipeline.opscentre.store import PAGE_ROWS, SEVERITIES, STATES, Change, Filters, Store
 
 HERE = Path(__file__).parent
@@ -386,6 +388,8 @@ def console_app(store: Store, users: AckUsers, feed: Any, *, secret: str, secure
         Route("/api/incidents/{alert_id}", api(api_incident)),
         Route("/api/incidents/{alert_id}/ack", api(api_ack), methods=["POST"]),
         Route("/api/overview", api(api_overview)), Route("/api/pushes", api(api_pushes)),
+        *silence_routes(page=page, guard=guard, form_of=form_of, feed=feed, users=users,
+                        clock=clock),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},
