@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from connectors.mqtt import MqttLink, sender_of
-from pipeline.ack_tokens import BadToken, refused, reply_worker
+from pipeline.ack_tokens import BadToken, read_reply, refused, reply_worker
 from pipeline.config import Settings
 from pipeline.console import StoryConsole
 from pipeline.engine import Engine, Output
@@ -365,7 +365,8 @@ class LiveRuntime:
             try:
                 if self.push is None:
                     raise BadToken("malformed", "push is not enabled")
-                ack = self.push.accept_token(m.payload.decode("utf-8", "replace"), worker)
+                reply = read_reply(m.payload)       # the token, or {token, state, note}
+                ack = self.push.accept_token(reply.token, worker, reply.state, reply.note, reply.to)
             except BadToken as exc:
                 dead.append(refused(exc, m.payload, m.topic))
             else:

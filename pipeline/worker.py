@@ -373,7 +373,7 @@ class CityWorker:
         for m in fresh:
             key = m.key or b""
             alert_id = key.decode("utf-8", "replace").rpartition("@")[0]
-            if alert_id in ps.engine.book.open:
+            if ps.engine.book.holds(alert_id):       # open, or resolved awaiting its closing
                 continue
             seen = misses.setdefault(key, set())
             seen.add(ps.p)
