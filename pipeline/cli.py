@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ack-after", metavar="DURATION", help="acknowledge every incident this long "
                    "after it fires (e.g. 5m), as an operations centre would: no reminders or "
                    "escalations past it (docs/replay.md)")
+    r.add_argument("--handling", type=Path, metavar="FILE", help="a handling log (JSONL: ts, "
+                   "state dispatched|on_site|handled|closed, by, tier, and alert_id or rule_id + "
+                   "sensor_id) replayed with the readings; the summary adds time to close "
+                   "(docs/replay.md)")
     r.add_argument("--time-quorum", type=int, metavar="N",
                    help="event time moves only as far as N of the sources (gateways; a sensor "
                    "without one is its own) heard in the last --quorum-window payloads have "
@@ -303,6 +307,8 @@ def _replay(args: argparse.Namespace) -> int:
     if mapping is None and args.file.suffix.lower() == ".csv":
         raise ConfigError(args.file, None, "a CSV needs --csv-map MAP.yaml (which columns are "
                           "time and which feed which sensor); see docs/replay.md")
+    if args.handling is not None and not args.handling.exists():
+        raise ConfigError(args.handling, None, "no such file (the handling log, --handling)")
     ack_after = None
     if args.ack_after is not None:
         from rules.schema import parse_duration
@@ -332,7 +338,7 @@ def _replay(args: argparse.Namespace) -> int:
     dead = args.dead_letters.open("wb") if args.dead_letters else None
     try:
         stats = replay(engine, args.file, out, mapping=mapping, batch=args.batch, dead=dead,
-                       progress=progress, ack_after=ack_after,
+                       progress=progress, ack_after=ack_after, handling=args.handling,
                        on_output=(lambda o: collected.extend(o.notices)) if args.demo else None)
     finally:
         if args.out:
@@ -348,6 +354,8 @@ def _replay(args: argparse.Namespace) -> int:
     print(f"replayed {stats.lines:,} lines ({stats.readings:,} readings, {stats.missing:,} missing "
           f"cells skipped) in {took:.1f}s: {stats.notices:,} notices ({tiers}), "
           f"{stats.dead_letters:,} dead letters", file=sys.stderr)
+    for line in stats.close.summary():
+        print(line, file=sys.stderr)
     if args.out:
         print(f"notices written to {args.out}", file=sys.stderr)
     return 0

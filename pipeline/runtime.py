@@ -37,6 +37,7 @@ from pipeline.config import Settings
 from pipeline.console import StoryConsole
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers, acks_user
+from pipeline.close_figures import CloseFigures
 from pipeline.prom import dead_letters, notices_by_tier
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import check_districts
@@ -70,6 +71,7 @@ class LiveRuntime:
         self.stopping = threading.Event()
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self.metrics: Counter[str] = Counter()
+        self.close_figures = CloseFigures()      # time to close (快速处置), for /metrics
         self.batch_seconds = 0.0
         self.batches = 0
         self.started = time.time()
@@ -384,6 +386,7 @@ class LiveRuntime:
             self.metrics["notices." + n["tier"]] += 1
             if self.console is not None:
                 self.console.notice(n)
+        self.close_figures.observe(notices)
         for d in dead:
             link.publish(f"{self.prefix}/deadletter", d.model_dump_json().encode())
             self.metrics["dead." + d.reason] += 1
@@ -461,6 +464,7 @@ class LiveRuntime:
             f"cityops_late_readings_total {c['late']}",
             *notices_by_tier(self.metrics),
             *dead_letters(self.metrics),        # every one published, the engine's and the loop's
+            *self.close_figures.prometheus(),
         ]
         lines += [
             "# HELP cityops_engine_errors_total Inputs the engine failed on (a bug: see the logs).",
