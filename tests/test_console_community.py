@@ -13,11 +13,9 @@ import json
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import sync_playwright
-
 from tests.brokers import Mosquitto, Subscriber, publish
-from tests.console_browser import (CHROMIUM, CHROMIUM_ARGS, Console, api, login, shot,
-                                   users_file, wait_until)
+from tests.console_browser import Console, api, login, shot, users_file, wait_until
+from tests.test_console_browser import browser  # noqa: F401  (the fixture)
 from tests.test_runtime_mqtt import ROOT, notices, now_ms, runtime  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.broker
@@ -39,14 +37,6 @@ def city(tmp_path: Path, mosquitto: Mosquitto, runtime):
     console = Console(tmp_path, ["--broker", mosquitto.url, *common], {}).start()
     yield rt, console
     assert console.stop() == 0, console.log()
-
-
-@pytest.fixture
-def browser():
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def test_the_community_page_from_alert_to_closed(city, mosquitto: Mosquitto, browser) -> None:
