@@ -154,10 +154,14 @@ class Handling:
             self.closable.pop(inc.aid, None)
         return None
 
-    def await_closing(self, inc: Any, ts: int) -> None:
+    def await_closing(self, inc: Any, ch: Any) -> None:
         """A resolved incident somebody took in hand waits for its closing (CLOSABLE_FOR)."""
         if inc.acked_by:
+            ts = ch.ts
             inc.times["resolved"] = ts
+            # what its text says of the last reading (absence), as it resolved: a restart must
+            # not write it from a track that has moved on since
+            inc.times["heard"] = ch.heard or 0
             self.closable[inc.aid] = inc
             self.timers.push(ts + CLOSABLE_FOR, _LIFECYCLE,          # type: ignore[attr-defined]
                              (inc.aid, "unclose", inc.gen))

@@ -103,7 +103,7 @@ class AlertBook(Handling):
             if getattr(spec, "flapping", None):
                 self.resolved[inc.aid] = inc
                 self.timers.push(ch.ts + spec.flapping.window + 1, LIFECYCLE, (inc.aid, "forget", 0))
-            self.await_closing(inc, ch.ts)
+            self.await_closing(inc, ch)
 
     def _fire(self, ch: Change, out: list[dict]) -> None:
         rule = ch.rule
@@ -372,6 +372,7 @@ class AlertBook(Handling):
         for tier, target, worker in sent:
             w = self.registry.workers.get(worker) if worker else None
             inc.sent.append(Target(Tier(tier), target, w))
-        fake = Change(FIRE, self.rules[rule], inc.subject, aid, rank, last_ts, started, value, threshold, event)
+        fake = Change(FIRE, self.rules[rule], inc.subject, aid, rank, last_ts, started, value, threshold, event,
+                      heard=inc.times.get("heard"))       # (a resolved one's: as it resolved)
         self._rebase(inc, fake)
         return inc
