@@ -459,16 +459,30 @@ def _route(args: argparse.Namespace) -> int:
                   f"{t.worker.end_min // 60:02}:{t.worker.end_min % 60:02})")
         else:
             name = {"district": reg.districts.get(t.target), "street": reg.streets.get(t.target, ("",))[0],
-                    "dept": reg.departments.get(t.target), "city": reg.city_name}[t.tier.value]
+                    "dept": reg.departments.get(t.target), "city": reg.city_name,
+                    "community": reg.communities.get(t.target, ("",))[0]}[t.tier.value]
             print(f"  {pad(tier_cn(t.tier.value), 6)} {t.tier.value}/{t.target} {name}")
+    _route_community_chain(opts)
     if opts.escalate_street:
-        print(f"unacknowledged: to the next tier after {format_duration(opts.escalate_street)}"
+        print(f"{'nobody on site' if opts.escalate_until == 'on_site' else 'unacknowledged'}: "
+              f"to the next tier after {format_duration(opts.escalate_street)}"
               + (f", then to the city after {format_duration(opts.escalate_district)} more"
                  if opts.escalate_district else ""))
     if opts.remind_every and opts.max_reminders:
-        print(f"reminders every {format_duration(opts.remind_every)} until acknowledged, "
+        until = "someone is on site" if opts.escalate_until == "on_site" else "acknowledged"
+        print(f"reminders every {format_duration(opts.remind_every)} until {until}, "
               f"{opts.max_reminders} at most")
     return 0
+
+
+def _route_community_chain(opts) -> None:
+    """`cityops route`: the community chain's rungs (网格 → 社区 → 街道), where the route has one."""
+    from rules.schema import format_duration
+    rungs = [(opts.escalate_grid, "the community (社区)"), (opts.escalate_community, "the street")]
+    said = [f"to {who} after {format_duration(d)}" for d, who in rungs if d]
+    if said:
+        print("nobody " + ("on site" if opts.escalate_until == "on_site" else "answered")
+              + ": " + ", then ".join(said) + " (the community chain)")
 
 
 def _gateway_acl(args: argparse.Namespace) -> int:

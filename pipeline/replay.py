@@ -273,6 +273,8 @@ def replay(engine: Engine, source: Path, out: IO[bytes], *, mapping: CsvMapping 
         stats.readings = engine.counters["readings"]
     # History is over: let every timer that the data would have reached run out.
     settle(engine.max_ts + 1)
+    if log is not None and log.due:         # handled and closed after the last reading: history too
+        settle(max(at for at, _, _ in log.due))
     emit(engine.advance(engine.max_ts + 1))
     return stats
 
