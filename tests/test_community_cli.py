@@ -35,18 +35,20 @@ def test_route_shows_the_community_and_its_chain() -> None:
 
 
 def test_replay_takes_a_handling_log_and_sums_up_the_time_to_close(tmp_path: Path) -> None:
-    """The leak fires at 14:00; the worker is on site at 14:02 and has handled it at 14:04; it
-    resolves at 14:07 (clear_for 2m); the street closes it at 14:20. The same bytes each run."""
+    """The leak at a resident living alone fires at 14:00 (route gas-alone-to-the-door); nobody
+    is on site, so it climbs to the community at 14:03 and the street at 14:06; the worker is on
+    site at 14:07 and has handled it at 14:09; it resolves at 14:12 (clear_for 2m); the street
+    closes it at 14:20. The same bytes each run."""
     readings = tmp_path / "readings.jsonl"
-    rows = [(0, 27.5), (5, 2.0), (7, 2.0)]
+    rows = [(0, 27.5), (10, 2.0), (12, 2.0)]
     readings.write_text("".join(json.dumps({"sensor_id": "gas-510104-000001", "ts": T0 + m * MIN,
                                             "value": v}) + "\n" for m, v in rows))
     log = tmp_path / "handling.jsonl"
     incident = {"rule_id": "gas.leak", "sensor_id": "gas-510104-000001"}
     worker = {"by": "w-510104020001-01", "tier": "grid"}
     log.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
-        {"ts": "2026-07-01T14:02:00+08:00", "state": "on_site", **worker, **incident},
-        {"ts": T0 + 4 * MIN, "state": "handled", "note": "已关阀", **worker, **incident},
+        {"ts": "2026-07-01T14:07:00+08:00", "state": "on_site", **worker, **incident},
+        {"ts": T0 + 9 * MIN, "state": "handled", "note": "已关阀", **worker, **incident},
         {"ts": T0 + 20 * MIN, "state": "closed", "by": "chunxi", "tier": "street", **incident}]))
     outs = []
     for run in (1, 2):
@@ -56,12 +58,16 @@ def test_replay_takes_a_handling_log_and_sums_up_the_time_to_close(tmp_path: Pat
         assert done.returncode == 0, done.stderr
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
-    states = [(n["state"], n["tier"]) for n in map(json.loads, outs[0].decode().splitlines())]
-    assert [s for s, t in states if t == "grid"] == ["firing", "reminder", "on_site", "handled",
-                                                     "resolved", "closed"]
+    notices = [json.loads(line) for line in outs[0].decode().splitlines()]
+    assert [n["state"] for n in notices if n["tier"] == "grid"] == [
+        "firing", "reminder", "escalated", "reminder", "escalated", "reminder", "on_site",
+        "handled", "resolved", "closed"]
+    climbs = [(n["ts"][11:16], n["tier"]) for n in notices if n["state"] == "escalated"
+              and n["tier"] in ("community", "street")]
+    assert climbs == [("14:03", "community"), ("14:06", "community"), ("14:06", "street")]
     assert "time to close (minutes from firing: mean / longest):" in done.stderr
-    assert ("street   510104020        1 closed  acknowledged 2.0/2.0  on_site 2.0/2.0  "
-            "handled 4.0/4.0  closed 20.0/20.0") in done.stderr
+    assert ("street   510104020        1 closed  acknowledged 7.0/7.0  on_site 7.0/7.0  "
+            "handled 9.0/9.0  closed 20.0/20.0") in done.stderr
 
 
 def test_replay_names_a_bad_handling_line(tmp_path: Path) -> None:
