@@ -282,7 +282,7 @@ class PushDispatcher:
             return Recipient(n["target"], n["target"]), channels
         name = {"street": n.get("street_name"), "district": n.get("district_name"),
                 "dept": self.registry.departments.get(n["target"]),
-                "city": self.registry.city_name}.get(n["tier"])
+                "city": self.registry.city_name, "community": n.get("community_name")}.get(n["tier"])
         return Recipient(n["target"], name or n["target"]), channels
 
     def _with_ack(self, n: dict, r: Recipient, now: int) -> dict:
