@@ -138,7 +138,8 @@ def routings(draw) -> dict:
                        "tiers": {"blue": draw(st.sampled_from([["community", "grid"], ["grid"]])),
                                  "yellow": draw(st.sampled_from([["grid", "dept"],
                                                                  ["community", "street"]]))},
-                       "escalate_until": draw(st.sampled_from(["acknowledged", "on_site"]))}
+                       "escalate_until": draw(st.sampled_from(["acknowledged", "on_site"])),
+                       "remind_every": "1m", "max_reminders": draw(st.integers(1, 5))}
         low = {k: draw(st.sampled_from(["1m", "3m"])) for k in ("grid", "community", "street")
                if draw(st.booleans())}
         chain["escalate_after"] = low
@@ -219,7 +220,7 @@ def timelines(draw, city: dict) -> list:
             ops.append(("ack", draw(st.integers(0, 5)),
                         draw(st.sampled_from(["street", "grid", "owner", "community", "district"])),
                         clock,
-                        draw(st.sampled_from([None, None, None, "dispatched", "on_site",
+                        draw(st.sampled_from([None, None, "dispatched", "on_site", "on_site",
                                               "handled", "closed"])),
                         draw(st.sampled_from([None, "传感器故障"]))))
         elif what == "advance":
