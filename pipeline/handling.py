@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from pipeline import notices as nt
 from pipeline.models import Ack, State, Tier
+from rules.evaluators import RESOLVE
 
 STAGES = ("acknowledged", "dispatched", "on_site", "handled", "closed")
 RANK = {s: i + 1 for i, s in enumerate(STAGES)}
@@ -98,7 +99,7 @@ class Handling:
 
     def settled(self, inc: Any) -> bool:
         """Whether escalation and reminders are over: acknowledged, or (`escalate_until:
-        on_site`) someone on site."""
+        on_site`) someone on site (or it was closed)."""
         if inc.route.escalate_until == "on_site":
             return stage(inc.times) >= RANK["on_site"]
         return bool(inc.acked_by)
@@ -149,10 +150,23 @@ class Handling:
              inc.dispatched_to) = before
             raise
         out += told_now
-        if state == "closed":
-            book.open.pop(inc.aid, None)
+        if state == "closed":                # (one still firing stays open, silent: closed_early)
             self.closable.pop(inc.aid, None)
         return None
+
+    def closed_early(self, ch: Any) -> bool:
+        """Whether ``ch`` (a rise, a step down, a resolve) belongs to an incident closed while
+        its sensor still fired: it tells nobody. A resolve ends it as any other (a flapping
+        rule may fire it again: a new firing, its `seq` going on)."""
+        book: Any = self
+        inc = book.open.get(ch.alert_id)
+        if inc is None or "closed" not in inc.times:
+            return False
+        if ch.what == RESOLVE:
+            del book.open[inc.aid]
+            inc.state = State.resolved
+            book.keep_while_flapping(inc, ch.ts)
+        return True
 
     def await_closing(self, inc: Any, ch: Any) -> None:
         """A resolved incident somebody took in hand waits for its closing (CLOSABLE_FOR)."""

@@ -55,6 +55,8 @@ class AlertBook(Handling):
 
     # ---- from the rules ----------------------------------------------------------------
     def apply(self, ch: Change, out: list[dict]) -> None:
+        if ch.what in (UPGRADE, DOWNGRADE, RESOLVE) and self.closed_early(ch):
+            return                              # closed while firing: tells nobody (handling.py)
         if ch.what == FIRE:
             self._fire(ch, out)
         elif ch.what == REOPEN:
@@ -99,11 +101,15 @@ class AlertBook(Handling):
             self._rebase(inc, ch)                   # the text still tells what fired
             self._send(inc, State.resolved, prev, ch.ts, out, [],
                        cleared=(ch.value, ch.cleared) if ch.cleared is not None else None)
-            spec = self.rules[inc.rule].spec
-            if getattr(spec, "flapping", None):
-                self.resolved[inc.aid] = inc
-                self.timers.push(ch.ts + spec.flapping.window + 1, LIFECYCLE, (inc.aid, "forget", 0))
+            self.keep_while_flapping(inc, ch.ts)
             self.await_closing(inc, ch)
+
+    def keep_while_flapping(self, inc: Incident, ts: int) -> None:
+        """A resolved incident of a flapping rule is kept until its window is over."""
+        spec = self.rules[inc.rule].spec
+        if getattr(spec, "flapping", None):
+            self.resolved[inc.aid] = inc
+            self.timers.push(ts + spec.flapping.window + 1, LIFECYCLE, (inc.aid, "forget", 0))
 
     def _fire(self, ch: Change, out: list[dict]) -> None:
         rule = ch.rule

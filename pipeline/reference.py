@@ -374,9 +374,8 @@ class ReferenceEngine:
         prev, inc["state"] = inc["state"], State(a.state)
         fields = {"state_by": a.by, "state_tier": a.tier.value,
                   "dispatched_to": inc["dispatched_to"], "note": a.note}
-        if a.state == "closed":
+        if a.state == "closed":          # one still firing stays, silent, until it resolves
             fields["timeline"] = hd.timeline(times, inc["started"], self.reg.tz)
-            self.incidents.pop(a.alert_id, None)
             self.closable.pop(a.alert_id, None)
         self._send(inc, State(a.state), prev, ts, [], hd.summary(a.state, a), handling=fields)
 
@@ -815,6 +814,16 @@ class ReferenceEngine:
 
     # ---- the incident lifecycle ------------------------------------------------------------
     def _apply(self, ch: Change) -> None:
+        closed = self.incidents.get(ch.alert_id)
+        if ch.what in (UPGRADE, DOWNGRADE, RESOLVE) and closed and "closed" in closed["times"]:
+            if ch.what == RESOLVE:              # closed while firing: it ends telling nobody
+                del self.incidents[ch.alert_id]
+                closed["state"] = State.resolved
+                if getattr(ch.rule.spec, "flapping", None):
+                    self.resolved[ch.alert_id] = closed
+                    self.deadlines.set(ch.ts + ch.rule.spec.flapping.window + 1,
+                                       ("forget", ch.alert_id))
+            return
         if ch.what == FIRE:
             idx = ch.subject if isinstance(ch.subject, int) else \
                 (ch.members[0] if ch.members else None)
