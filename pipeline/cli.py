@@ -113,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ack-after", metavar="DURATION", help="acknowledge every incident this long "
                    "after it fires (e.g. 5m), as an operations centre would: no reminders or "
                    "escalations past it (docs/replay.md)")
+    r.add_argument("--handling", type=Path, metavar="FILE", help="a handling log (JSONL: ts, "
+                   "state dispatched|on_site|handled|closed, by, tier, and alert_id or rule_id + "
+                   "sensor_id) replayed with the readings; the summary adds time to close "
+                   "(docs/replay.md)")
     r.add_argument("--time-quorum", type=int, metavar="N",
                    help="event time moves only as far as N of the sources (gateways; a sensor "
                    "without one is its own) heard in the last --quorum-window payloads have "
@@ -336,6 +340,8 @@ def _replay(args: argparse.Namespace) -> int:
     if mapping is None and args.file.suffix.lower() == ".csv":
         raise ConfigError(args.file, None, "a CSV needs --csv-map MAP.yaml (which columns are "
                           "time and which feed which sensor); see docs/replay.md")
+    if args.handling is not None and not args.handling.exists():
+        raise ConfigError(args.handling, None, "no such file (the handling log, --handling)")
     ack_after, quorum = replay_knobs(args, 1 if mapping else 2)
     rs, reg = _load(args, args.rules)
     engine = Engine(reg, rs, EngineSettings(time_quorum=quorum, quorum_window=args.quorum_window))
@@ -354,7 +360,7 @@ def _replay(args: argparse.Namespace) -> int:
     dead = args.dead_letters.open("wb") if args.dead_letters else None
     try:
         stats = replay(engine, args.file, out, mapping=mapping, batch=args.batch, dead=dead,
-                       progress=progress, ack_after=ack_after,
+                       progress=progress, ack_after=ack_after, handling=args.handling,
                        on_output=(lambda o: collected.extend(o.notices)) if args.demo else None)
     finally:
         if args.out:
@@ -370,6 +376,8 @@ def _replay(args: argparse.Namespace) -> int:
     print(f"replayed {stats.lines:,} lines ({stats.readings:,} readings, {stats.missing:,} missing "
           f"cells skipped) in {took:.1f}s: {stats.notices:,} notices ({tiers}), "
           f"{stats.dead_letters:,} dead letters", file=sys.stderr)
+    for line in stats.close.summary():
+        print(line, file=sys.stderr)
     if args.out:
         print(f"notices written to {args.out}", file=sys.stderr)
     return 0
@@ -522,16 +530,30 @@ def _route(args: argparse.Namespace) -> int:
                   f"{t.worker.end_min // 60:02}:{t.worker.end_min % 60:02})")
         else:
             name = {"district": reg.districts.get(t.target), "street": reg.streets.get(t.target, ("",))[0],
-                    "dept": reg.departments.get(t.target), "city": reg.city_name}[t.tier.value]
+                    "dept": reg.departments.get(t.target), "city": reg.city_name,
+                    "community": reg.communities.get(t.target, ("",))[0]}[t.tier.value]
             print(f"  {pad(tier_cn(t.tier.value), 6)} {t.tier.value}/{t.target} {name}")
+    _route_community_chain(opts)
     if opts.escalate_street:
-        print(f"unacknowledged: to the next tier after {format_duration(opts.escalate_street)}"
+        print(f"{'nobody on site' if opts.escalate_until == 'on_site' else 'unacknowledged'}: "
+              f"to the next tier after {format_duration(opts.escalate_street)}"
               + (f", then to the city after {format_duration(opts.escalate_district)} more"
                  if opts.escalate_district else ""))
     if opts.remind_every and opts.max_reminders:
-        print(f"reminders every {format_duration(opts.remind_every)} until acknowledged, "
+        until = "someone is on site" if opts.escalate_until == "on_site" else "acknowledged"
+        print(f"reminders every {format_duration(opts.remind_every)} until {until}, "
               f"{opts.max_reminders} at most")
     return 0
+
+
+def _route_community_chain(opts) -> None:
+    """`cityops route`: the community chain's rungs (网格 → 社区 → 街道), where the route has one."""
+    from rules.schema import format_duration
+    rungs = [(opts.escalate_grid, "the community (社区)"), (opts.escalate_community, "the street")]
+    said = [f"to {who} after {format_duration(d)}" for d, who in rungs if d]
+    if said:
+        print("nobody " + ("on site" if opts.escalate_until == "on_site" else "answered")
+              + ": " + ", then ".join(said) + " (the community chain)")
 
 
 def _gateway_acl(args: argparse.Namespace) -> int:

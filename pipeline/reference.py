@@ -37,6 +37,7 @@ from typing import Any
 import msgspec
 from pydantic import ValidationError
 
+from pipeline import handling as hd
 from pipeline import notices as nt
 from pipeline import silences as sil
 from pipeline import wire
@@ -54,6 +55,10 @@ from rules.schema import (AbsenceRule, CorrelationRule, EventRule, RateRule, Thr
 OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
        "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
 FLIP = {">=": "<=", "<=": ">=", ">": "<", "<": ">", "==": "==", "!=": "!="}
+
+# a silence holds news of an incident, never its end nor people taking it in hand
+_TOLD_WHILE_MUTED = (State.resolved, State.acknowledged, State.dispatched, State.on_site,
+                     State.handled, State.closed)
 
 
 class Deadlines:
@@ -164,6 +169,7 @@ class ReferenceEngine:
         self.resolved: dict[str, dict] = {}         # kept while a flapping rule may reopen
         self.silences: dict[str, sil.Silence] = {}  # in force or still to come
         self.edge_plan, self.edge_due = 0, sil.NEVER    # the next time one may start or stop
+        self.closable: dict[str, dict] = {}         # resolved, taken in hand, not closed yet
         self.changes: list[Change] = []
         self.counters: Counter[str] = Counter()
         self.notices: list[dict] = []
@@ -326,18 +332,65 @@ class ReferenceEngine:
             self._refuse(str(exc.errors()[0]["msg"]),
                          raw if isinstance(raw, bytes) else msgspec.json.encode(raw))
             return
+        payload = raw if isinstance(raw, bytes) else a.model_dump_json().encode()
+        if a.state not in (None, "acknowledged"):
+            return self._handle(a, payload)
         inc = self.incidents.get(a.alert_id)
         if inc is None:
             self._refuse(f"no open incident {a.alert_id} (resolved already, or never existed)",
-                         raw if isinstance(raw, bytes) else a.model_dump_json().encode())
+                         payload)
             return
         self.counters["acks"] += 1
         if inc["acked_by"]:
             return
         inc["acked_by"], inc["acked_tier"] = a.by, a.tier.value
+        inc["times"]["acknowledged"] = max(a.ts_ms, inc["last_ts"])
         prev = inc["state"]
         inc["state"] = State.acknowledged
         self._send(inc, State.acknowledged, prev, max(a.ts_ms, inc["last_ts"]), [])
+
+    def _handle(self, a: Ack, payload: bytes) -> None:
+        """dispatched, on_site, handled, closed (pipeline/handling.py): open incidents and
+        resolved ones somebody took in hand, until closed."""
+        inc = self.incidents.get(a.alert_id) or self.closable.get(a.alert_id)
+        if inc is None:
+            self._refuse(f"no open incident {a.alert_id} (closed already, or never existed)",
+                         payload)
+            return
+        times = inc["times"]
+        if hd.RANK[a.state] <= max([hd.RANK[k] for k in times if k in hd.RANK] or [0]):
+            self.counters["acks"] += 1
+            return
+        open_ = a.alert_id in self.incidents
+        if a.state == "closed":
+            why = hd.may_close({t.tier for t in inc["sent"]}, a.tier)
+            if why:
+                self._refuse(f"{a.by!r}: {why}; alert {a.alert_id}", payload, "forbidden")
+                return
+            if open_ and not a.note:
+                self._refuse("the sensor has not resolved: close it with the reason in `note` "
+                             "(e.g. 传感器故障)", payload)
+                return
+        self.counters["acks"] += 1
+        ts = max(a.ts_ms, inc["last_ts"])
+        if not inc["acked_by"]:
+            inc["acked_by"], inc["acked_tier"] = a.by, a.tier.value
+            times.setdefault("acknowledged", ts)
+        times[a.state] = ts
+        if a.state == "dispatched":
+            inc["dispatched_to"] = a.to or a.by
+        prev, inc["state"] = inc["state"], State(a.state)
+        fields = {"state_by": a.by, "state_tier": a.tier.value,
+                  "dispatched_to": inc["dispatched_to"], "note": a.note}
+        if a.state == "closed":          # one still firing stays, silent, until it resolves
+            fields["timeline"] = hd.timeline(times, inc["started"], self.reg.tz)
+            self.closable.pop(a.alert_id, None)
+        self._send(inc, State(a.state), prev, ts, [], hd.summary(a.state, a), handling=fields)
+
+    def _settled(self, inc: dict) -> bool:
+        if inc["route"].escalate_until == "on_site":
+            return any(k in inc["times"] for k in ("on_site", "handled", "closed"))
+        return bool(inc["acked_by"])
 
     def _refuse(self, why: str, payload: bytes, reason: str = "bad_ack") -> None:
         self._dead(wire.dead_letter(reason, why, payload))
@@ -394,8 +447,9 @@ class ReferenceEngine:
         # what was held is told as it stands now, to every tier it reaches
         pause = max(0, t - inc["muted_at"])
         inc["paused"] += pause
-        if inc["district_at"] is not None:
-            inc["district_at"] += pause
+        for told_at in ("district_at", "community_at", "street_at"):     # deadlines move on
+            if inc[told_at] is not None:
+                inc[told_at] += pause
         inc["muted"] = None
         ts = max(t, inc["last_ts"])
         if inc["held"]:
@@ -403,7 +457,7 @@ class ReferenceEngine:
             inc["state"] = State.acknowledged if inc["acked_by"] else State.firing
             self._send(inc, inc["state"], None, ts, self._reach(inc, ts),
                        "静默结束，补发静默期间暂缓的通知。")
-        if not inc["acked_by"]:
+        if not self._settled(inc):
             self._plan_reminders(inc, ts)
             self._plan_escalation(inc, inc["started"], ts)
 
@@ -842,6 +896,16 @@ class ReferenceEngine:
 
     # ---- the incident lifecycle ------------------------------------------------------------
     def _apply(self, ch: Change) -> None:
+        closed = self.incidents.get(ch.alert_id)
+        if ch.what in (UPGRADE, DOWNGRADE, RESOLVE) and closed and "closed" in closed["times"]:
+            if ch.what == RESOLVE:              # closed while firing: it ends telling nobody
+                del self.incidents[ch.alert_id]
+                closed["state"] = State.resolved
+                if getattr(ch.rule.spec, "flapping", None):
+                    self.resolved[ch.alert_id] = closed
+                    self.deadlines.set(ch.ts + ch.rule.spec.flapping.window + 1,
+                                       ("forget", ch.alert_id))
+            return
         if ch.what == FIRE:
             idx = ch.subject if isinstance(ch.subject, int) else \
                 (ch.members[0] if ch.members else None)
@@ -851,7 +915,8 @@ class ReferenceEngine:
                    "threshold": ch.threshold, "event": ch.event, "flapping": ch.flapping,
                    "escalation": 0, "acked_by": None, "acked_tier": None, "last_ts": ch.ts,
                    "district_at": None, "plan": 0,
-                   "muted": None, "muted_at": 0, "paused": 0, "held": False}
+                   "muted": None, "muted_at": 0, "paused": 0, "held": False,
+                   "times": {}, "dispatched_to": None, "community_at": None, "street_at": None}
             inc["route"] = self.router.route(self.present._labels(_Inc(inc)))
             self._base(inc, ch)
             self.incidents[inc["aid"]] = inc
@@ -866,7 +931,10 @@ class ReferenceEngine:
                                           ch.started, ch.value, ch.threshold, ch.event,
                                           ch.members, ch.flapping))
             inc.update(state=State.firing, rank=ch.rank, value=ch.value, threshold=ch.threshold,
-                       flapping=True, acked_by=None, acked_tier=None, escalation=0)
+                       flapping=True, acked_by=None, acked_tier=None, escalation=0,
+                       times={"fired": ch.ts}, dispatched_to=None, community_at=None,
+                       street_at=None)
+            self.closable.pop(inc["aid"], None)
             self.incidents[inc["aid"]] = inc
             self._base(inc, ch)
             inc["paused"] = 0
@@ -882,7 +950,7 @@ class ReferenceEngine:
             self._base(inc, ch)
             self._mute(inc, ch.ts)
             self._send(inc, State.firing, State.firing, ch.ts, self._reach(inc, ch.ts))
-            if not inc["acked_by"]:
+            if not self._settled(inc):
                 self._plan_escalation(inc, inc["started"], ch.ts)
         elif ch.what == DOWNGRADE:
             inc = self.incidents.get(ch.alert_id)
@@ -907,6 +975,10 @@ class ReferenceEngine:
             if getattr(spec, "flapping", None):
                 self.resolved[inc["aid"]] = inc
                 self.deadlines.set(ch.ts + spec.flapping.window + 1, ("forget", inc["aid"]))
+            if inc["acked_by"]:                # taken in hand: it awaits its closing
+                inc["times"]["resolved"] = ch.ts
+                self.closable[inc["aid"]] = inc
+                self.deadlines.set(ch.ts + hd.CLOSABLE_FOR, ("unclose", inc["aid"], inc["plan"]))
 
     def _base(self, inc: dict, ch: Change) -> None:
         view = _Inc(inc)
@@ -924,9 +996,9 @@ class ReferenceEngine:
 
     def _send(self, inc: dict, state: State, prev: State | None, ts: int, new: list,
               extra: str = "", only: list | None = None, lowered: bool = False,
-              cleared: tuple | None = None) -> None:
+              cleared: tuple | None = None, handling: dict | None = None) -> None:
         inc["last_ts"] = max(inc["last_ts"], ts)
-        if inc["muted"] and state not in (State.resolved, State.acknowledged):
+        if inc["muted"] and state not in _TOLD_WHILE_MUTED:
             inc["held"] = True
             return
         inc["seq"] += 1
@@ -935,7 +1007,7 @@ class ReferenceEngine:
                       state=state, previous=prev, ts_ms=ts, tz=self.reg.tz,
                       flapping=inc["flapping"], escalation=inc["escalation"],
                       acked_by=inc["acked_by"], acked_tier=inc["acked_tier"],
-                      extra_summary=extra, lowered=lowered, cleared=cleared)
+                      extra_summary=extra, lowered=lowered, cleared=cleared, handling=handling)
         if inc["muted"]:
             n["silenced"] = inc["muted"]
         for t in (only if only is not None else inc["sent"]):
@@ -952,24 +1024,51 @@ class ReferenceEngine:
         r = inc["route"]
         if Tier.district in told and inc["district_at"] is None:
             inc["district_at"] = now
-        if Tier.district not in told and r.escalate_street:
-            due = street_since + r.escalate_street + inc["paused"]
+        below = self._below_street(inc, told)
+        if (r.escalate_grid or r.escalate_community) and Tier.community in told \
+                and inc["community_at"] is None:
+            inc["community_at"] = now
+        if below is Tier.community:
+            due = street_since + r.escalate_grid + inc["paused"]
+        elif below is Tier.street:
+            due = inc["community_at"] + r.escalate_community
+        elif Tier.district not in told and r.escalate_street:
+            due = inc["street_at"] + r.escalate_street if inc["street_at"] is not None \
+                else street_since + r.escalate_street + inc["paused"]
         elif Tier.district in told and Tier.city not in told and r.escalate_district:
             due = inc["district_at"] + r.escalate_district
         else:
             return
         self.deadlines.set(max(due, now), ("esc", inc["aid"], inc["plan"]))
 
+    @staticmethod
+    def _below_street(inc: dict, told: set) -> Tier | None:
+        """The community chain's next rung below the street (网格 → 社区 → 街道), if any."""
+        r = inc["route"]
+        if Tier.street in told or Tier.district in told:
+            return None
+        if r.escalate_grid and Tier.community not in told:
+            return Tier.community
+        if r.escalate_community and Tier.community in told:
+            return Tier.street
+        return None
+
     def _incident_due(self, due: int, what: str, aid: str, plan: int = 0, step: int = 0) -> None:
         if what == "forget":
             self.resolved.pop(aid, None)
             return
-        inc = self.incidents.get(aid)
-        if inc is None or inc["acked_by"] or plan != inc["plan"] or inc["muted"]:
+        if what == "unclose":
+            if aid in self.closable and self.closable[aid]["plan"] == plan:
+                del self.closable[aid]
             return
+        inc = self.incidents.get(aid)
+        if inc is None or self._settled(inc) or plan != inc["plan"] or inc["muted"]:
+            return
+        until = hd.still_to_come(inc["route"].escalate_until)
         if what == "esc":
             told = {t.tier for t in inc["sent"]}
-            nxt = Tier.district if Tier.district not in told else Tier.city
+            nxt = self._below_street(inc, told) or \
+                (Tier.district if Tier.district not in told else Tier.city)
             if nxt in told:
                 return
             place = self.reg.place_of(inc["idx"]) if inc["idx"] is not None else None
@@ -979,15 +1078,21 @@ class ReferenceEngine:
             prev = inc["state"]
             inc["state"] = State.escalated
             self._send(inc, State.escalated, prev, due, [target] if target else [],
-                       f"超过{format_duration(due - inc['started'])}无人确认，已升级至"
+                       f"超过{format_duration(due - inc['started'])}无人{until}，已升级至"
                        f"{nt.tier_cn(nxt.value)}。")
             if nxt == Tier.district:
                 inc["district_at"] = due
                 self._plan_escalation(inc, inc["started"], due)
+            elif nxt == Tier.community:
+                inc["community_at"] = due
+                self._plan_escalation(inc, inc["started"], due)
+            elif nxt == Tier.street:
+                inc["street_at"] = due
+                self._plan_escalation(inc, inc["started"], due)
         elif what == "rem":
             prev = inc["state"]
-            targets = [t for t in inc["sent"] if t.tier in (Tier.grid, Tier.street)]
-            self._send(inc, State.reminder, prev, due, [], f"第{step}次提醒：尚未确认。",
+            targets = [t for t in inc["sent"] if t.tier in (Tier.grid, Tier.street, Tier.community)]
+            self._send(inc, State.reminder, prev, due, [], f"第{step}次提醒：尚未{until}。",
                        only=targets)
             inc["state"] = prev
             if step < inc["route"].max_reminders:

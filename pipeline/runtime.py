@@ -32,11 +32,12 @@ from typing import Any
 import orjson
 
 from connectors.mqtt import MqttLink, sender_of
-from pipeline.ack_tokens import BadToken, refused, reply_worker
+from pipeline.ack_tokens import BadToken, read_reply, refused, reply_worker
 from pipeline.config import Settings
 from pipeline.console import StoryConsole
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers, acks_user
+from pipeline.close_figures import CloseFigures
 from pipeline.prom import dead_letters, notices_by_tier
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import check_districts
@@ -73,6 +74,7 @@ class LiveRuntime:
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self.http_silences: queue.SimpleQueue[bytes] = queue.SimpleQueue()     # POST /silences
         self.metrics: Counter[str] = Counter()
+        self.close_figures = CloseFigures()      # time to close (快速处置), for /metrics
         self.batch_seconds = 0.0
         self.batches = 0
         self.started = time.time()
@@ -419,7 +421,8 @@ class LiveRuntime:
             try:
                 if self.push is None:
                     raise BadToken("malformed", "push is not enabled")
-                ack = self.push.accept_token(m.payload.decode("utf-8", "replace"), worker)
+                reply = read_reply(m.payload)       # the token, or {token, state, note}
+                ack = self.push.accept_token(reply.token, worker, reply.state, reply.note, reply.to)
             except BadToken as exc:
                 dead.append(refused(exc, m.payload, m.topic))
             else:
@@ -437,6 +440,7 @@ class LiveRuntime:
             self.metrics["notices." + n["tier"]] += 1
             if self.console is not None:
                 self.console.notice(n)
+        self.close_figures.observe(notices)
         for d in dead:
             link.publish(f"{self.prefix}/deadletter", d.model_dump_json().encode())
             self.metrics["dead." + d.reason] += 1
@@ -517,6 +521,7 @@ class LiveRuntime:
             f"cityops_late_readings_total {c['late']}",
             *notices_by_tier(self.metrics),
             *dead_letters(self.metrics),        # every one published, the engine's and the loop's
+            *self.close_figures.prometheus(),
         ]
         lines += [
             "# HELP cityops_engine_errors_total Inputs the engine failed on (a bug: see the logs).",

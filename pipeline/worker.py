@@ -47,6 +47,7 @@ from pipeline import silences
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers
 from pipeline.models import Ack
+from pipeline.close_figures import CloseFigures
 from pipeline.prom import dead_letters, family, notices_by_tier
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import load as load_registry
@@ -118,6 +119,7 @@ class CityWorker:
         self.names = kt.topic_names(s.kafka.prefix)
         self.parts: dict[int, PartitionState] = {}
         self.counters: dict[str, int] = defaultdict(int)
+        self.close_figures = CloseFigures()      # time to close (快速处置), for /metrics
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self.http_silences: queue.SimpleQueue[bytes] = queue.SimpleQueue()     # POST /silences
         self._ack_misses: dict[bytes, set[int]] = {}     # see _missed
@@ -427,7 +429,7 @@ class CityWorker:
         for m in fresh:
             key = m.key or b""
             alert_id = key.decode("utf-8", "replace").rpartition("@")[0]
-            if alert_id in ps.engine.book.open:
+            if ps.engine.book.holds(alert_id):       # open, or resolved awaiting its closing
                 continue
             seen = misses.setdefault(key, set())
             seen.add(ps.p)
@@ -474,6 +476,7 @@ class CityWorker:
             await self.t_out[kt.notice_topic(kafka_prefix, n)].send(key=kt.notice_key(n).encode(),
                                                                      value=value)
             self.counters["notices." + n["tier"]] += 1
+            self.close_figures.observe([n])
             if self.mirror is not None and (push is None or not push.owns(n)):
                 self.mirror.publish(mqtt_notice_topic(mqtt_prefix, n), value)
         for d in out.dead_letters:
@@ -551,6 +554,7 @@ class CityWorker:
             *family("cityops_readings_total", "counter", "Reading records taken by the engines.",
                     c["readings"]),
             *notices_by_tier(c, "produced"),
+            *self.close_figures.prometheus(),
             *dead_letters(c),
             *family("cityops_forwarded_total", "counter", "Readings moved to their street's "
                     "partition.", c["forwarded"]),

@@ -134,6 +134,17 @@ def routings(draw) -> dict:
         r["routes"] = [{"name": "cams", "match": {"rule_id": "fz.cam"},
                         "tiers": {"yellow": ["street", "dept"]}, "remind_every": "1m",
                         "notify": draw(st.sampled_from([[], ["owner"]]))}]
+    if draw(st.booleans()):          # the community tier and chain (pipeline/handling.py)
+        chain: dict = {"name": "community", "match": {"sensor.alone": True},
+                       "tiers": {"blue": draw(st.sampled_from([["community", "grid"], ["grid"]])),
+                                 "yellow": draw(st.sampled_from([["grid", "dept"],
+                                                                 ["community", "street"]]))},
+                       "escalate_until": draw(st.sampled_from(["acknowledged", "on_site"])),
+                       "remind_every": "1m", "max_reminders": draw(st.integers(1, 5))}
+        low = {k: draw(st.sampled_from(["1m", "3m"])) for k in ("grid", "community", "street")
+               if draw(st.booleans())}
+        chain["escalate_after"] = low
+        r.setdefault("routes", []).insert(0, chain)
     return r
 
 
@@ -209,7 +220,11 @@ def timelines(draw, city: dict) -> list:
             ]))))
         elif what == "ack":
             ops.append(("ack", draw(st.integers(0, 5)),
-                        draw(st.sampled_from(["street", "grid", "owner"])), clock))
+                        draw(st.sampled_from(["street", "grid", "owner", "community", "district"])),
+                        clock,
+                        draw(st.sampled_from([None, None, "dispatched", "on_site", "on_site",
+                                              "handled", "closed"])),
+                        draw(st.sampled_from([None, "传感器故障"]))))
         elif what == "silence":
             ops.append(("silence", json.dumps(draw(silences(clock, lv + cam))).encode()))
         elif what == "unsilence":
@@ -297,9 +312,12 @@ def compare(rs, reg, eng_settings: EngineSettings, ops: list, splits: list[int])
             for n in model.notices:
                 if n["alert_id"] not in alerts:
                     alerts.append(n["alert_id"])
-            _, k, tier, at = op
+            _, k, tier, at, state, note = op
             aid = alerts[k] if k < len(alerts) else "0000000000000000"
-            raw = json.dumps({"alert_id": aid, "by": f"w-{k}", "tier": tier, "ts": at}).encode()
+            ack = {"alert_id": aid, "by": f"w-{k}", "tier": tier, "ts": at}
+            if state:                        # a handling state (pipeline/handling.py)
+                ack.update(state=state, note=note)
+            raw = json.dumps(ack).encode()
             model.ack(raw)
             out = engine.ack([raw])
             notices.extend(out.notices)
