@@ -163,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     tl.add_argument("--count", type=int, metavar="N", help="stop after N lines")
 
     con = sub.add_parser("console", help="the operations centres' web console (city, district, "
-                         "street, department, grid worker)",
+                         "street, community, department, grid worker)",
                          description="Serve the web console: it subscribes to the tier topics, "
                          "keeps the incidents in SQLite (opscentre.db) and shows each user those "
                          "of their scope; acknowledgements go to the acks topic. Users: acks.users "
