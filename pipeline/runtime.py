@@ -41,6 +41,8 @@ from pipeline.prom import dead_letters, notices_by_tier
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import check_districts
 from pipeline.registry import load as load_registry
+from pipeline.reload import CitySet, ReloadStats, files_digest, watched_files
+from pipeline.reload_runtime import Requests, Watch, apply_live, take_requests
 from pipeline.statelock import StateLock
 from pipeline.store import ACKS, ADVANCE, READINGS, StateStore
 from pipeline.wire import MAX_PAYLOAD_BYTES, OVERSIZE_KEPT, dead_letter, oversize
@@ -78,11 +80,14 @@ class LiveRuntime:
         self.http = None
         self._sim_thread: threading.Thread | None = None
         self.console = StoryConsole() if settings.console or simulate else None
+        digest = files_digest(watched_files(settings))     # of the files as they are read now
         rules = load_rules(settings.packs, settings.routing, params=settings.params)
         self.registry = load_registry(settings.registry, rules.kinds)
         check_districts(rules.packs, rules.sources, self.registry, settings.params)
         self.engine = Engine(self.registry, rules, settings.engine)
         self.users = AckUsers(self.registry, settings.acks.users)     # who may acknowledge what
+        self.city = CitySet(rules, self.registry, digest)             # what a reload replaces
+        self.reloads, self.reload_stats = Requests(), ReloadStats()
         self.engine.clock_bound = True            # one sensor's clock does not move the city's
         self.catching_up = True                   # see run()
         self.store = StateStore(settings.state.path)
@@ -143,6 +148,9 @@ class LiveRuntime:
             self._publish(notices, dead)
         if self.simulate:
             self._start_simulator(host, port, protocol)
+        if s.reload.watch_every:
+            Watch(lambda: watched_files(s), s.reload.watch_every / 1000, self.reloads.ask,
+                  self.stopping).start()
         self._banner(host, port, protocol)
 
     def _restore(self) -> list[tuple[list, list]]:
@@ -238,6 +246,7 @@ class LiveRuntime:
         connects = -1
         since = last_message = time.monotonic()
         while not self.stopping.is_set():
+            take_requests(self, apply_live)           # SIGHUP, POST /reload, the watch
             msgs = link.take(s.max_batch, s.max_wait / 1000)
             now = int(time.time() * 1000)
             mono = time.monotonic()
@@ -502,6 +511,7 @@ class LiveRuntime:
             lines += self.history.metrics_lines()
         if self.push is not None:
             lines += self.push.metrics_lines()
+        lines += self.reload_stats.metrics_lines()
         return "\n".join(lines) + "\n"
 
 
@@ -554,6 +564,7 @@ def serve(settings: Settings, simulate: bool = False, resume: bool = False) -> i
     rt = LiveRuntime(settings, simulate=simulate, resume=resume, log_file=log_file)
     signal.signal(signal.SIGTERM, rt.stop)
     signal.signal(signal.SIGINT, rt.stop)
+    signal.signal(signal.SIGHUP, lambda *_: rt.reloads.ask("SIGHUP"))
     rt.start()
     rt.run()
     return 0
