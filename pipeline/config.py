@@ -325,7 +325,11 @@ class ReloadSettings(_Part):
 
     watch_every: Duration = Field(default="2s", description="look at the files this often and "
                                   "reload once a change has held still for one more look; 0s: "
-                                  "only on SIGHUP or POST /reload")
+                                  "only on SIGHUP or POST /reload. cityops run only (on "
+                                  "Kafka every worker would announce the same change)")
+    switch_after: Duration = Field(default="10s", description="cityops worker: an announced "
+                                   "reload switches every partition at the wall clock of the "
+                                   "announcement plus this, in event time (README: Hot reload)")
 
 
 class Settings(BaseSettings):
