@@ -119,13 +119,20 @@ class KafkaReload:
             if not w._fresh(ps, RELOAD, [event.message]):
                 continue
             ps.offsets[RELOAD] = event.message.offset + 1
-            self._announced(ps, orjson.loads(event.message.value))
+            self.announced(ps, orjson.loads(event.message.value))
             if ps.switch is not None and ps.engine.watermark >= ps.switch.at:
                 log.warning("partition %d: the reload to %s came after its event time passed "
                             "%d: switching now", p, ps.switch.new.digest, ps.switch.at)
                 await w._emit(self.switch(ps), ps)
 
-    def _announced(self, ps: Any, rec: dict) -> None:
+    @staticmethod
+    def pending(ps: Any) -> dict | None:
+        """A switch announced and not reached, for the partition's checkpoint: the
+        announcement's record is acknowledged with the checkpoint, so the switch is kept in it."""
+        return {"digest": ps.switch.new.digest, "at": ps.switch.at, "by": "checkpoint"} \
+            if ps.switch is not None else None
+
+    def announced(self, ps: Any, rec: dict) -> None:
         digest, at = rec["digest"], rec["at"]
         if ps.digest == digest:
             return                               # switched already (a replay of the log)

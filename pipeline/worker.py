@@ -236,8 +236,13 @@ class CityWorker:
             if lost:
                 log.warning("partition %d: not carried over (registry or rules changed): %s",
                             p, lost)
+        if head.get("set", ps.digest) != ps.digest:     # hot reload: README, Hot reload
+            log.warning("partition %d: its checkpoint was made under the set %s; this worker's "
+                        "files are %s, and judge it from here", p, head["set"], ps.digest)
         ps.offsets = dict(head["offsets"])
         ps.checkpointed = dict(head["offsets"])
+        if head.get("switch"):          # announced, not reached: its record is acknowledged
+            self.reload.announced(ps, head["switch"])
         ps.restored = True
         log.info("partition %d: state restored at offsets %s, %d open incidents", p, ps.offsets,
                  len(ps.engine.book.open))
@@ -487,7 +492,7 @@ class CityWorker:
                 self.table[f"{ps.p}/{k}"] = piece
             heads[ps.p] = msgspec.msgpack.encode({
                 "offsets": ps.offsets, "chunks": len(pieces), "at": int(time.time() * 1000),
-                "set": ps.digest,
+                "set": ps.digest, "switch": self.reload.pending(ps),
                 "digest": hashlib.blake2b(snap, digest_size=16).digest()})
         await self.app.producer.flush()
         for ps in parts:

@@ -65,29 +65,41 @@ def until(predicate, timeout: float, what: str, *workers: CityopsProcess):
     return got
 
 
-def test_two_workers_switch_every_partition_at_the_announced_event_time(kafka, tmp_path) -> None:
+def two_workers(kafka, tmp_path: Path, switch_after: str) -> tuple[Path, CityopsProcess, CityopsProcess]:
+    """Two workers on one params file (gas level 1 at 20 %LEL) that have split the partitions;
+    a city-scope user may POST /reload."""
     p = params(tmp_path / "params.yaml", 20)
     users = rt_users(tmp_path, {CITY_DUTY: {"scope": "city", "token_sha256": sha256(CITY_TOKEN)}})
     env = {"CITYOPS_PARAMS": str(p), "CITYOPS_ACKS__USERS": str(users),
-           "CITYOPS_RELOAD__SWITCH_AFTER": "60s"}
+           "CITYOPS_RELOAD__SWITCH_AFTER": switch_after, "CITYOPS_WORKER__CHECKPOINT_EVERY": "1s"}
     a = worker(kafka, tmp_path, "worker-a", **env)
     b = worker(kafka, tmp_path, "worker-b", **env)
-    reader = None
+    until(lambda: sorted((a.health() or {}).get("partitions", []) +
+                         (b.health() or {}).get("partitions", [])) == list(range(PARTITIONS)),
+          60, "the two workers split the partitions", a, b)
+    return p, a, b
+
+
+def announce(p: Path, a: CityopsProcess, *workers: CityopsProcess) -> tuple[int, str]:
+    """Gas level 1 to 30 %LEL, POST /reload to ``a``; waits until every partition of
+    ``workers`` waits for the switch. Returns the switch's event time and the new digest."""
+    params(p, 30)
+    code, body = post_reload(a, CITY_TOKEN)
+    assert code == 202 and body["result"] == "announced", body
+    at = body["at"]
+
+    def switching() -> dict:
+        return {int(k): v for w in workers for k, v in (w.health() or {}).get("switching", {}).items()}
+    until(lambda: switching() == {q: at for q in range(PARTITIONS)}, 60,
+          "every partition waits for the switch", *workers)
+    return at, body["digest"]
+
+
+def judged_on_both_sides(kafka, at: int) -> None:
+    """In every partition: 25 %LEL stamped before the switch fires (old level 20), stamped
+    after it does not (new level 30), 35 after it does."""
+    reader = TopicReader(kafka.bootstrap, OUT_TOPICS)
     try:
-        until(lambda: sorted((a.health() or {}).get("partitions", []) +
-                             (b.health() or {}).get("partitions", [])) == list(range(PARTITIONS)),
-              60, "the two workers split the partitions", a, b)
-        reader = TopicReader(kafka.bootstrap, OUT_TOPICS)       # the topics exist now
-        params(p, 30)
-        code, body = post_reload(a, CITY_TOKEN)
-        assert code == 202 and body["result"] == "announced", body
-        at, digest = body["at"], body["digest"]
-
-        def switching() -> dict:
-            return {int(k): v for w in (a, b) for k, v in (w.health() or {}).get("switching", {}).items()}
-        until(lambda: switching() == {q: at for q in range(PARTITIONS)}, 60,
-              "every partition waits for the switch", a, b)
-
         gas = gas_by_partition()
         assert sorted(gas) == list(range(PARTITIONS)) and all(len(s) >= 3 for s in gas.values())
         before = [record(gas[q][0], at - 2000, 25.0) for q in range(PARTITIONS)]
@@ -100,7 +112,15 @@ def test_two_workers_switch_every_partition_at_the_announced_event_time(kafka, t
         reader.until(lambda recs: {gas[q][2] for q in range(PARTITIONS)} <= leaks(reader).keys(),
                      timeout=60)
         assert not {gas[q][1] for q in range(PARTITIONS)} & leaks(reader).keys()
+    finally:
+        reader.close()
 
+
+def test_two_workers_switch_every_partition_at_the_announced_event_time(kafka, tmp_path) -> None:
+    p, a, b = two_workers(kafka, tmp_path, "60s")
+    try:
+        at, digest = announce(p, a, a, b)
+        judged_on_both_sides(kafka, at)
         sets = {int(k): v for w in (a, b) for k, v in w.health()["sets"].items()}
         assert sets == {q: digest for q in range(PARTITIONS)}
         for w in (a, b):                 # each switched its own partitions, none refused
@@ -108,8 +128,28 @@ def test_two_workers_switch_every_partition_at_the_announced_event_time(kafka, t
             assert sum(switched.values()) == len(w.health()["partitions"]), w.log()
             assert not sum(w.metric('cityops_reloads_total{result="mismatch"}').values())
     finally:
-        if reader is not None:
-            reader.close()
+        a.stop()
+        b.stop()
+
+
+def test_a_switch_not_reached_moves_with_its_partition_when_a_worker_dies(kafka, tmp_path) -> None:
+    """The announcement's record is acknowledged with the partition's checkpoint, so the switch
+    waiting in it is kept there: kill -9 of worker b, and a, taking b's partitions, switches
+    them at the same event time as its own."""
+    p, a, b = two_workers(kafka, tmp_path, "120s")
+    try:
+        at, digest = announce(p, a, a, b)
+        checkpoints = sum(b.metric("cityops_checkpoints_total").values())
+        until(lambda: sum(b.metric("cityops_checkpoints_total").values()) > checkpoints, 30,
+              "worker b checkpoints its partitions with the switch in them", b)
+        b.kill()
+        until(lambda: len((a.health() or {}).get("partitions", [])) == PARTITIONS, 90,
+              "worker a takes every partition", a)
+        until(lambda: (a.health() or {}).get("switching") == {str(q): at for q in range(PARTITIONS)},
+              30, "every partition still waits for the same switch", a)
+        judged_on_both_sides(kafka, at)
+        assert set(a.health()["sets"].values()) == {digest}
+    finally:
         a.stop()
         b.stop()
 

@@ -74,7 +74,7 @@ def test_sighup_refuses_a_bad_set_keeps_the_old_rules_then_takes_a_good_one(
         assert f"{p}:2: pack gas has no parameter level_one_lel" in rt.stderr()
         assert "the running rules go on" in rt.stderr()
         send(mosquitto.url, NEIGHBOURS[0], 22.0)            # over the old 20: still fires
-        firing_of(sub, NEIGHBOURS[0])
+        neighbour = firing_of(sub, NEIGHBOURS[0])[0]["alert_id"]
 
         params(p, 30)                                       # now right: 30
         rt.proc.send_signal(signal.SIGHUP)
@@ -88,6 +88,15 @@ def test_sighup_refuses_a_bad_set_keeps_the_old_rules_then_takes_a_good_one(
         up = firing_of(sub, GAS_ALONE, 2)                   # steps up under its own id
         assert up[-1]["alert_id"] == aid and up[-1]["previous_state"] == "firing"
         assert up[-1]["severity"] == "red"
+
+        # kill -9 after the reload: the restart starts from the state the reload saved, not
+        # from the journal of readings the old rules judged (under the new ones, 22 %LEL
+        # would open nothing and the neighbour's incident would be lost)
+        rt.kill()
+        rt.start()
+        send(mosquitto.url, NEIGHBOURS[0], 60.0)
+        again = firing_of(sub, NEIGHBOURS[0], 2)[-1]
+        assert again["alert_id"] == neighbour and again["previous_state"] == "firing"
     finally:
         sub.close()
 
