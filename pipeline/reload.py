@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from pipeline.engine import Engine, EngineSettings, Output
 from pipeline.models import State
@@ -321,6 +322,14 @@ def _sensor_changes(a: Registry, b: Registry, d: Diff) -> None:
 def _place(reg: Registry, idx: int) -> str:
     p = reg.place_of(idx)
     return f"grid {p.grid}"
+
+
+def same_sensors(a: Any, b: Any) -> bool:
+    """The same sensors, numbered alike, of the same kinds in the same grids (what the history
+    sink's lines are made of)."""
+    return (len(a) == len(b) and np.array_equal(a.sensor_ids.fixed_width(), b.sensor_ids.fixed_width())
+            and np.array_equal(np.asarray(a.grid_of), np.asarray(b.grid_of))
+            and np.array_equal(np.asarray(a.kind_of), np.asarray(b.kind_of)) and a.kinds == b.kinds)
 
 
 # ---- counters ---------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ Kafka: every worker would announce the same change.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ import orjson
 from pipeline.bridge import ReadingRouter
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers
-from pipeline.reload import CitySet, carry, diff, load_set
+from pipeline.reload import CitySet, carry, diff, load_set, same_sensors
 from pipeline.yamlfile import ConfigError
 
 log = logging.getLogger("cityops.reload")
@@ -175,17 +176,34 @@ class KafkaReload:
     def due_by_clock(self, ps: Any, watermark: int) -> bool:
         return ps.switch is not None and watermark >= ps.switch.at
 
+    def _adopt(self, new: CitySet) -> None:
+        w = self.w
+        old = w.registry
+        w.city, w.rules, w.registry = new, new.rules, new.registry
+        w.router = ReadingRouter(new.registry, w.partitions)
+        w.users = AckUsers(new.registry, w.s.acks.users)
+        if w.push is not None:
+            w.push.registry = new.registry
+        if w.history is not None and not same_sensors(old, new.registry):
+            # The history sink names sensors by the registry's numbers: a new sink for the new
+            # registry, and the partitions still to switch renumbered into it (a sensor it
+            # retired: -1, its readings not written until then; worker._emit).
+            from connectors.influx import InfluxSink
+            remap = new.registry.index.lookup(list(old.sensor_ids))
+            for other in w.parts.values():
+                if other.digest != new.digest:
+                    other.sensors = remap[other.sensors]
+            closing, w.history = w.history, InfluxSink(w.s.influx, new.registry)
+            threading.Thread(target=closing.close, args=(10.0,), name="influx-close",
+                             daemon=True).start()     # writes what it holds, off the loop
+
     def switch(self, ps: Any) -> Output:
         """Partition ``ps`` to its announced set, now; the resolve notices of what ends."""
         w = self.w
         sw, old = ps.switch, ps.engine
         new = sw.new
         if w.city.digest != new.digest:          # the first partition here to switch: the
-            w.city, w.rules, w.registry = new, new.rules, new.registry   # worker's set too
-            w.router = ReadingRouter(new.registry, w.partitions)
-            w.users = AckUsers(new.registry, w.s.acks.users)
-            if w.push is not None:
-                w.push.registry = new.registry
+            self._adopt(new)                     # worker's set too
         members = np.flatnonzero(w.router.partition_of == ps.p)
         engine = Engine(new.registry.subset(members), new.rules, w.s.engine)
         index = new.registry.index

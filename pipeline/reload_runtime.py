@@ -35,7 +35,7 @@ from typing import Any
 
 from pipeline.identity import AckUsers
 from pipeline.models import Tier
-from pipeline.reload import CitySet, ReloadStats, carry, diff, load_set, stamp, watched_files
+from pipeline.reload import CitySet, ReloadStats, carry, diff, load_set, same_sensors, stamp
 from pipeline.yamlfile import ConfigError
 
 log = logging.getLogger("cityops.reload")
@@ -116,12 +116,15 @@ def apply_live(rt: Any, source: str) -> dict[str, Any]:
     rt.engine, rt.registry, rt.users, rt.city = engine, new.registry, users, new
     if rt.push is not None:
         rt.push.registry = new.registry       # who is on call, their channels
-    if rt.history is not None and (d.sensors_added or d.sensors_retired or d.sensors_moved):
+    if rt.history is not None and not same_sensors(old.registry, new.registry):
         from connectors.influx import InfluxSink
-        rt.history.close(10.0)                # it numbers sensors as the old registry did
+        closing = rt.history                  # it numbers sensors as the old registry did
         rt.history = InfluxSink(s.influx, new.registry)
-        engine.keep_accepted = True
+        threading.Thread(target=closing.close, args=(10.0,), name="influx-close",
+                         daemon=True).start()     # writes what it holds, off the loop
     rt._publish(out.notices, [])
+    if rt.history is not None:
+        rt.history.add(out)                   # the resolves, as every notice
     if rt.link is not None and not rt.link.wait_published(10.0):
         log.warning("reload: the broker did not take every notice in 10 s; snapshot anyway")
     rt.store.save_snapshot(engine.snapshot())  # the journal before it was the old set's

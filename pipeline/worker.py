@@ -462,6 +462,8 @@ class CityWorker:
         if self.history is not None:
             # the engine numbers its partition's sensors; the sink knows the whole registry's
             out.accepted = [(ps.sensors[idx], ts, val) for idx, ts, val in out.accepted]
+            if ps.switch is not None:     # a reload retired some (-1): not in the sink's registry
+                out.accepted = [(s[s >= 0], ts[s >= 0], val[s >= 0]) for s, ts, val in out.accepted]
             self.history.add(out)
 
     async def _checkpoint_due(self) -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,53 @@ def test_the_watch_reloads_a_removed_rule_and_its_incident_ends_for_every_tier_t
         assert rt.metrics()["cityops_reload_resolved_total"] == 1
     finally:
         sub.close()
+
+
+def test_history_names_sensors_by_the_new_registry_after_a_reload(
+        mosquitto: Mosquitto, victoria_metrics, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """The history sink numbers sensors as its registry does: a sensor retired before another
+    renumbers it, and a sink kept from before the reload would write its readings under the
+    retired sensor's name."""
+    from pipeline.config import HttpSettings, MqttSettings, StateSettings, load_settings
+    from pipeline.registry import load as load_registry
+    from pipeline.runtime import LiveRuntime
+    from rules.compiler import load_rules
+    from tests.test_influx_sink import reading_point
+    from tests.test_reload import OTHER, retire
+
+    later = "gas-510104-000003"                       # after OTHER in sensors.csv
+    folder = retire(tmp_path, "no-such-sensor")       # a copy of the fixture registry
+    for k, v in {"URL": victoria_metrics.url, "TOKEN": "test-token",
+                 "FLUSH_INTERVAL": "100ms"}.items():
+        monkeypatch.setenv(f"CITYOPS_INFLUX__{k}", v)
+    monkeypatch.setenv("CITYOPS_RELOAD__WATCH_EVERY", "0s")
+    settings = load_settings(
+        mqtt=MqttSettings(url=mosquitto.url, client_id=f"cityops-reload-{uuid.uuid4().hex[:8]}"),
+        state=StateSettings(path=tmp_path / "state.sqlite"), http=HttpSettings(port=0),
+        registry=folder)
+    rt = LiveRuntime(settings)
+    rt.start()
+    loop = threading.Thread(target=rt.run, name="runtime", daemon=True)
+    loop.start()
+    try:
+        first = reading(later, 1.0, ts=now_ms())
+        publish(mosquitto.url, f"cityops/readings/{later}", dumps(first))
+        victoria_metrics.wait_points(lambda pts: any(p[2] == first["ts"] for p in pts))
+
+        retire(tmp_path / "again", OTHER)             # OTHER goes from the running registry:
+        (folder / "sensors.csv").write_bytes(
+            (tmp_path / "again" / "registry" / "sensors.csv").read_bytes())
+        reply = rt.reloads.ask("test").result(60)
+        assert reply["result"] == "ok" and reply["changes"] == {"sensors_retired": 1}, reply
+
+        second = reading(later, 2.0, ts=now_ms())
+        publish(mosquitto.url, f"cityops/readings/{later}", dumps(second))
+        new_registry = load_registry(folder, load_rules().kinds)
+        want = reading_point(new_registry, later, second["ts"], 2.0)
+        got = victoria_metrics.wait_points(lambda pts: any(p[2] == second["ts"] for p in pts))
+        assert [p for p in got if p[2] == second["ts"]] == [want]
+    finally:
+        rt.stop()
+        loop.join(30)
+    assert not loop.is_alive()
