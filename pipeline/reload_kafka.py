@@ -121,7 +121,8 @@ class KafkaReload:
                 continue
             ps.offsets[RELOAD] = event.message.offset + 1
             self.announced(ps, orjson.loads(event.message.value))
-            if ps.switch is not None and ps.engine.watermark >= ps.switch.at:
+            if ps.switch is not None and ps.engine.max_ts >= ps.switch.at:
+                # a reading from `at` on was judged by the old set already
                 log.warning("partition %d: the reload to %s came after its event time passed "
                             "%d: switching now", p, ps.switch.new.digest, ps.switch.at)
                 await w._emit(self.switch(ps), ps)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,21 +16,11 @@ from pipeline.bridge import sensor_partitions
 from pipeline.registry import load as load_registry
 from rules.compiler import load_rules
 from tests.kafka_broker import CityopsProcess, TopicReader, produce
-from tests.test_reload_mqtt import CITY_DUTY, CITY_TOKEN, params
+from tests.test_reload_mqtt import CITY_DUTY, CITY_TOKEN, params, post_reload
 from tests.test_runtime_mqtt import rt_users, sha256
 from tests.test_worker_kafka import OUT_TOPICS, PARTITIONS, T, worker
 
 pytestmark = pytest.mark.broker
-
-
-def post_reload(w: CityopsProcess, token: str) -> tuple[int, dict]:
-    req = urllib.request.Request(f"http://127.0.0.1:{w.http_port}/reload", data=b"", method="POST",
-                                 headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def gas_by_partition() -> dict[int, list[str]]:

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,7 +50,8 @@ def reloads(rt: Runtime, result: str) -> float:
     return rt.metrics().get(f'cityops_reloads_total{{result="{result}"}}', 0)
 
 
-def post_reload(rt: Runtime, token: str | None) -> tuple[int, dict]:
+def post_reload(rt: Runtime | Any, token: str | None) -> tuple[int, dict]:
+    """POST /reload to a `cityops run` or `cityops worker` (anything with an http_port)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     req = urllib.request.Request(f"http://127.0.0.1:{rt.http_port}/reload", data=b"",
                                  method="POST", headers=headers)
