@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import queue
 import signal
 import sys
@@ -209,6 +210,8 @@ class LiveRuntime:
         ]
         if http:
             lines.append(f"  health     {http}/healthz    metrics {http}/metrics")
+        lines.append(f"  reload     kill -HUP {os.getpid()}" + (f", POST {http}/reload" if http else "")
+                     + (", or save its files (watched)" if s.reload.watch_every else ""))
         if self.push is not None:
             lines.append(f"  push       {', '.join(self.push.lanes)} to on-call workers; receipts "
                          f"{self.prefix}/receipts; replies {self.push_topics}{{worker_id}}/ack")
