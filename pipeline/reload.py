@@ -301,22 +301,32 @@ def _route_changes(a: Any, b: Any) -> list[str]:
 
 
 def _sensor_changes(a: Registry, b: Registry, d: Diff) -> None:
-    ids_a = list(a.sensor_ids)
-    ids_b = list(b.sensor_ids)
-    set_a, set_b = set(ids_a), set(ids_b)
-    d.sensors_added = [f"{s}  {b.kinds[b.kind_of[b.index[s]]]}  {_place(b, b.index[s])}"
-                       for s in ids_b if s not in set_a]
-    d.sensors_retired = [f"{s}  {a.kinds[a.kind_of[a.index[s]]]}  {_place(a, a.index[s])}"
-                         for s in ids_a if s not in set_b]
-    for s in ids_a:
-        if s in set_b:
-            i, j = a.index[s], b.index[s]
-            pa, pb = a.place_of(i).grid, b.place_of(j).grid
-            ga = a.gateways[a.gateway_of[i]] if a.gateway_of[i] >= 0 else None
-            gb = b.gateways[b.gateway_of[j]] if b.gateway_of[j] >= 0 else None
-            if pa != pb or ga != gb:
-                moved = f"grid {pa} → {pb}" if pa != pb else f"gateway {ga} → {gb}"
-                d.sensors_moved.append(f"{s}  {moved}")
+    """Column-wise (a city has a million sensors): each side's ids looked up in the other's
+    index, grids and gateways compared as arrays; lines only for what changed."""
+    ids_a, ids_b = list(a.sensor_ids), list(b.sensor_ids)
+    in_b = b.index.lookup(ids_a)                 # a's sensors in b (-1: retired)
+    in_a = a.index.lookup(ids_b)
+    d.sensors_added = [f"{ids_b[j]}  {b.kinds[b.kind_of[j]]}  {_place(b, j)}"
+                       for j in np.flatnonzero(in_a < 0).tolist()]
+    d.sensors_retired = [f"{ids_a[i]}  {a.kinds[a.kind_of[i]]}  {_place(a, i)}"
+                         for i in np.flatnonzero(in_b < 0).tolist()]
+    both = np.flatnonzero(in_b >= 0)
+    if not len(both):
+        return
+    there = in_b[both]
+    grid_a = np.array([p.grid for p in a.grid_places] or [""])[np.asarray(a.grid_of)[both]]
+    grid_b = np.array([p.grid for p in b.grid_places] or [""])[np.asarray(b.grid_of)[there]]
+    gw_a = _gateway_ids(a)[np.asarray(a.gateway_of)[both] + 1]
+    gw_b = _gateway_ids(b)[np.asarray(b.gateway_of)[there] + 1]
+    for k in np.flatnonzero((grid_a != grid_b) | (gw_a != gw_b)).tolist():
+        moved = (f"grid {grid_a[k]} → {grid_b[k]}" if grid_a[k] != grid_b[k]
+                 else f"gateway {gw_a[k] or None} → {gw_b[k] or None}")
+        d.sensors_moved.append(f"{ids_a[both[k]]}  {moved}")
+
+
+def _gateway_ids(reg: Registry) -> np.ndarray:
+    """Gateway ids by number + 1 ("" first: no gateway)."""
+    return np.array([""] + list(reg.gateways))
 
 
 def _place(reg: Registry, idx: int) -> str:

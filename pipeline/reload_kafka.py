@@ -24,6 +24,7 @@ Kafka: every worker would announce the same change.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -36,7 +37,7 @@ import orjson
 from pipeline.bridge import ReadingRouter
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers
-from pipeline.reload import CitySet, carry, diff, load_set, same_sensors
+from pipeline.reload import CitySet, carry, diff, load_set, same_sensors, stamp, watched_files
 from pipeline.yamlfile import ConfigError
 
 log = logging.getLogger("cityops.reload")
@@ -67,6 +68,23 @@ class KafkaReload:
     def __init__(self, w: Any) -> None:
         self.w = w
         self.loaded: dict[str, CitySet] = {}      # sets read for an announcement, by digest
+        self.latest = w.city.digest               # what the files were when last read
+        self.unreadable = ""                      # ... or why they did not load
+        self.read_stamp: tuple | None = None
+
+    def _read(self) -> None:
+        """The worker's files as they are now, for an announcement: read again only when they
+        changed (sizes, times), not once per partition."""
+        now = stamp(watched_files(self.w.s))
+        if now == self.read_stamp:
+            return
+        self.read_stamp = now
+        try:
+            new = load_set(self.w.s)
+        except ConfigError as exc:
+            self.unreadable = f"its files do not load: {exc}"
+            return
+        self.loaded[new.digest], self.latest, self.unreadable = new, new.digest, ""
 
     # ---- asking ---------------------------------------------------------------------------
     async def take_requests(self) -> None:
@@ -82,8 +100,8 @@ class KafkaReload:
 
     async def _announce(self, source: str) -> dict[str, Any]:
         w = self.w
-        try:
-            new = load_set(w.s)
+        try:                                     # off the loop: a city's registry takes a while
+            new = await asyncio.to_thread(load_set, w.s)
             AckUsers(new.registry, w.s.acks.users)
         except ConfigError as exc:
             w.reload_stats.refused(str(exc))
@@ -120,7 +138,10 @@ class KafkaReload:
             if not w._fresh(ps, RELOAD, [event.message]):
                 continue
             ps.offsets[RELOAD] = event.message.offset + 1
-            self.announced(ps, orjson.loads(event.message.value))
+            rec = orjson.loads(event.message.value)
+            if rec["digest"] not in self.loaded and ps.digest != rec["digest"]:
+                await asyncio.to_thread(self._read)
+            self.announced(ps, rec)
             if ps.switch is not None and ps.engine.max_ts >= ps.switch.at:
                 # a reading from `at` on was judged by the old set already
                 log.warning("partition %d: the reload to %s came after its event time passed "
@@ -141,18 +162,11 @@ class KafkaReload:
         if ps.switch is not None and ps.switch.new.digest == digest:
             ps.switch.at = min(ps.switch.at, at)  # the same set announced twice: the earliest
             return
+        if digest not in self.loaded:
+            self._read()
         new = self.loaded.get(digest)
         if new is None:
-            try:
-                new = load_set(self.w.s)
-            except ConfigError as exc:
-                new = None
-                why = f"its files do not load: {exc}"
-            else:
-                why = f"its files have digest {new.digest}"
-        else:
-            why = ""
-        if new is None or new.digest != digest:
+            why = self.unreadable or f"its files have digest {self.latest}"
             self.w.reload_stats.refused(f"announced {digest}, {why}", "mismatch")
             log.error("partition %d: reload to %s (by %s) refused: %s. This partition goes on "
                       "with %s; make the files the same on every worker and reload again",

@@ -215,6 +215,7 @@ EXPECTED = {
     "cityops console --config cityops.yaml": "placeholder",
     "cityops console --kafka 10.0.0.7:9092": "placeholder",
     "cityops console --hash-password": "placeholder",       # no password on its input: one line
+    "cityops rules diff cityops.yaml cityops-next.yaml": "placeholder",   # README: Hot reload
     "cityops replay docs/examples/gas-leak.jsonl > notices.jsonl": "ok",
     "cityops replay docs/examples/gas-leak.jsonl --rules 'gas.*' --ack-after 5m --out acked.jsonl": "ok",
     "cityops replay pipeline/fixtures/chengdu/uci_chengdu_pm25_weather_2010_2015.csv --csv-map "

@@ -130,6 +130,17 @@ def retire(tmp_path: Path, sensor: str) -> Path:
     return folder
 
 
+def move(folder: Path, sensor: str, grid: str) -> None:
+    csv = folder / "sensors.csv"
+    lines = csv.read_text(encoding="utf-8").splitlines(keepends=True)
+    for k, line in enumerate(lines):
+        if line.startswith(sensor + ","):
+            cells = line.split(",")
+            cells[2] = grid
+            lines[k] = ",".join(cells)
+    csv.write_text("".join(lines), encoding="utf-8")
+
+
 def test_a_retired_sensor_resolves_its_incidents_and_the_others_go_on(tmp_path):
     old = city(config(tmp_path, "old.yaml"))
     new = city(config(tmp_path, "new.yaml", registry=str(retire(tmp_path, OTHER))))
@@ -216,14 +227,16 @@ def test_rules_diff_names_thresholds_per_district_routes_and_sensors(tmp_path, c
     routing = write(tmp_path / "routing.yaml", (Path(__file__).parents[1] / "rules" / "routing.yaml")
                     .read_text(encoding="utf-8").replace("max_reminders: 10", "max_reminders: 5"))
     old = config(tmp_path, "old.yaml")
-    new = config(tmp_path, "new.yaml", params=str(params), routing=str(routing),
-                 registry=str(retire(tmp_path, OTHER)))
+    folder = retire(tmp_path, OTHER)
+    move(folder, "gas-510104-000011", "510104020001001")
+    new = config(tmp_path, "new.yaml", params=str(params), routing=str(routing), registry=str(folder))
     assert main(["rules", "diff", str(old), str(new)]) == 0
     text = capsys.readouterr().out
     assert "gas.leak  yellow  default: value >= 20 → 25" in text
     assert "gas.leak  yellow  510108 成华区: value >= 20 → 15" in text
     assert "~ route gas-at-vulnerable-residents: max_reminders 10 → 5" in text
     assert "sensors retired (their open incidents resolve: 设备已注销) (1):" in text and OTHER in text
+    assert "gas-510104-000011  grid 510104020001002 → 510104020001001" in text
     assert main(["rules", "diff", str(old), str(old)]) == 0
     assert "no change" in capsys.readouterr().out
 
