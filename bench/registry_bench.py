@@ -9,7 +9,8 @@ minus before it, imports done):
   - warm: the compiled form present: digest the files, map the columns;
   - partition: warm load, then what `cityops worker` does for one of ``--partitions`` partitions:
     route streets to partitions, take that partition's sensors (``Registry.subset``) and build its
-    engine with every built-in pack.
+    engine with every built-in pack, then give back the mapped pages the subset touched
+    (``registry_cache.release_pages``, as the worker does).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def child(mode: str, folder: Path, partitions: int) -> dict:
     from pipeline.bridge import ReadingRouter
     from pipeline.engine import Engine
     from pipeline.registry import load
+    from pipeline.registry_cache import release_pages
     from rules.compiler import load_rules
     rules = load_rules()
     before = rss()
@@ -53,6 +55,7 @@ def child(mode: str, folder: Path, partitions: int) -> dict:
         members = np.flatnonzero(router.partition_of == 0)
         sub = reg.subset(members)
         Engine(sub, rules)
+        release_pages(reg)              # as the worker does once its partition is taken
         out.update(share=len(sub), start_s=time.perf_counter() - t, start_rss=rss() - before)
     return out
 
@@ -93,7 +96,8 @@ def main() -> None:
     share = part["share"]
     print(f"  worker, partition 0 of {args.partitions}: {share:,} sensors ({share / n:.1%}), started "
           f"in {part['start_s']:.2f} s, {part['start_rss'] / 2**20:,.0f} MiB resident = "
-          f"{part['start_rss'] / cold['load_rss']:.3f} of the parsed registry's")
+          f"{part['start_rss'] / cold['load_rss']:.3f} of the parsed registry's "
+          f"(1/{args.partitions} of it: {cold['load_rss'] / args.partitions / 2**20:,.0f} MiB)")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,14 @@
 In: readings (`{prefix}/readings/+`, gateway batches `{prefix}/gateways/+`) and acks
 (`{prefix}/acks`), QoS 1 on a persistent session, so the broker keeps what arrives while the
 pipeline is away. Messages are acknowledged *manually*, only after the runtime has journaled
-them: a crash before that makes the broker deliver them again. Nothing is evaluated on paho's
-network thread; it only appends to an inbox.
+them: a crash before that makes the broker deliver them again.
+
+Who runs paho's network loop: for a consumer that takes batches (`cityops run`, the bridge) the
+consumer's own thread does, inside `take()` (`own_loop=True`): no second thread fights it for the
+GIL, a message costs no queue lock, and acknowledgements and notices are written to the socket
+at once. That drains a backlog about twice as fast as paho's background thread (README,
+"Performance"). Links that only publish, or take from a thread of their own (the console's
+feeds, the worker's mirror, the simulator), keep paho's background thread.
 
 Out: notices and dead letters at QoS 1. paho keeps unacknowledged publishes and sends them again
 after a reconnect; the runtime waits for them before it takes a snapshot.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import select
 import socket
 import threading
 import time
@@ -67,8 +74,10 @@ class MqttLink:
     def __init__(self, host: str, port: int, *, client_id: str, prefix: str, protocol: int = 5,
                  username: str | None = None, password: str | None = None,
                  shared_group: str | None = None, keepalive: int = 30,
-                 session_expiry_s: int = 7 * 86_400, max_inflight: int = 1000) -> None:
+                 session_expiry_s: int = 7 * 86_400, max_inflight: int = 1000,
+                 own_loop: bool = False) -> None:
         self.host, self.port, self.prefix = host, port, prefix
+        self.own_loop = own_loop
         self.protocol = protocol
         self.keepalive = keepalive
         self.session_expiry_s = session_expiry_s
@@ -82,6 +91,9 @@ class MqttLink:
         # queue.Queue, not SimpleQueue: on CPython 3.11 SimpleQueue.get(timeout=...) can sleep
         # past its timeout when a signal arrives, and SIGTERM would wait for the next message
         self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self._ready: list[Inbound] = []        # own_loop: the inbox, touched by one thread only
+        self._retry_at = 0.0                   # own_loop: when to try the broker again ...
+        self._backoff = 1.0                    # ... and the wait after that (paho's 1-10 s)
         self.connected = threading.Event()
         self.refused: str | None = None        # why the broker refused our CONNECT, if it did
         self._answered = threading.Event()     # CONNACK came: accepted or refused
@@ -118,10 +130,15 @@ class MqttLink:
             kw = {"clean_start": False, "properties": props}
         resolve(self.host, self.port)
         self.client.connect_async(self.host, self.port, keepalive=self.keepalive, **kw)
-        self.client.loop_start()
-        if not self._answered.wait(timeout):
+        if self.own_loop:
+            deadline = time.monotonic() + timeout
+            while not self._answered.is_set() and time.monotonic() < deadline:
+                self.pump(0.05)
+        else:
+            self.client.loop_start()
+        if not self._answered.wait(0 if self.own_loop else timeout):
             listening = self.client.socket() is not None
-            self.client.loop_stop()
+            self._halt()
             if listening and self.protocol == 5:
                 raise ConnectionError(
                     f"{self.host}:{self.port} took the connection but did not answer MQTT 5 "
@@ -142,7 +159,61 @@ class MqttLink:
     def stop(self) -> None:
         self.stopping = True
         self.client.disconnect()
-        self.client.loop_stop()
+        self._halt()
+
+    def _halt(self) -> None:
+        if self.own_loop:
+            self.client.loop_write()          # the DISCONNECT, if the socket still takes it
+            sock = self.client.socket()
+            if sock is not None:
+                sock.close()
+        else:
+            self.client.loop_stop()
+
+    # ---- own_loop: paho's network loop on the caller's thread --------------------------
+    def pump(self, timeout: float, max_packets: int = 1000) -> None:
+        """One turn of the network loop: (re)connect when due, wait up to ``timeout`` for the
+        socket, read what is there (up to ``max_packets`` packets), write what is queued, and
+        keep the connection alive. paho's `loop()` reads one packet per select(); a backlog
+        wants many."""
+        c = self.client
+        sock = c.socket()
+        if sock is None:
+            if self.stopping:
+                return
+            wait = self._retry_at - time.monotonic()
+            if wait > 0:
+                time.sleep(min(wait, timeout))
+                return
+            try:
+                c.reconnect()
+            except OSError:
+                self._retry_at = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, 10.0)
+                self._on_connect_fail(c, None)
+                return
+            sock = c.socket()
+            if sock is None:
+                return
+        try:
+            readable, writable, _ = select.select([sock], [sock] if c.want_write() else [], [],
+                                                  timeout)
+        except (OSError, ValueError):         # closed under us: loop_misc notices
+            readable = writable = []
+        if readable:
+            ready = self._ready
+            for _ in range(max_packets):
+                before = len(ready)
+                if c.loop_read() != paho.MQTT_ERR_SUCCESS or c.socket() is None:
+                    break
+                if len(ready) == before and not select.select([sock], [], [], 0)[0]:
+                    break                     # nothing more buffered (or a PUBACK, then empty)
+        if writable or c.want_write():
+            c.loop_write()
+        c.loop_misc()
+        if c.socket() is None and not self.stopping:   # lost: paho's backoff, from now
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, 10.0)
 
     # ---- paho callbacks (network thread: nothing but bookkeeping here) ----------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -153,6 +224,7 @@ class MqttLink:
                           else f"it refused the connection ({reason_code})")
             return
         self.connects += 1
+        self._backoff = 1.0
         if flags.session_present and self.retired:
             client.unsubscribe(self.retired)      # a session of an older version: no doubles
         if self.topics and self.protocol == 5:
@@ -188,7 +260,10 @@ class MqttLink:
             if msg.qos:
                 client.ack(msg.mid, msg.qos)
             return
-        self.inbox.put(Inbound(msg.topic, msg.payload, msg.mid, msg.qos))
+        if self.own_loop:
+            self._ready.append(Inbound(msg.topic, msg.payload, msg.mid, msg.qos))
+        else:
+            self.inbox.put(Inbound(msg.topic, msg.payload, msg.mid, msg.qos))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._sent_lock:
@@ -201,6 +276,8 @@ class MqttLink:
     def take(self, max_n: int, max_wait_s: float) -> list[Inbound]:
         """Up to ``max_n`` messages: waits up to ``max_wait_s`` for the first, then takes what
         is there (a batch fills itself under load and costs no latency when quiet)."""
+        if self.own_loop:
+            return self._take_own(max_n, max_wait_s)
         try:
             first = self.inbox.get(timeout=max_wait_s)
         except queue.Empty:
@@ -213,6 +290,21 @@ class MqttLink:
             except queue.Empty:
                 break
         return batch
+
+    def _take_own(self, max_n: int, max_wait_s: float) -> list[Inbound]:
+        deadline = time.monotonic() + max_wait_s
+        self.pump(0)
+        while not self._ready and not self.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.pump(min(left, 0.1))         # 0.1: a stop request is seen that soon
+        batch, self._ready = self._ready[:max_n], self._ready[max_n:]
+        return batch
+
+    def depth(self) -> int:
+        """Messages received and not yet taken."""
+        return len(self._ready) if self.own_loop else self.inbox.qsize()
 
     def ack(self, messages: list[Inbound]) -> None:
         for m in messages:
@@ -238,5 +330,8 @@ class MqttLink:
         while self.unpublished():
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.01)
+            if self.own_loop:
+                self.pump(0.01)               # the broker's PUBACKs come in through our loop
+            else:
+                time.sleep(0.01)
         return True

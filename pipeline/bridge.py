@@ -46,7 +46,9 @@ _encode = msgspec.json.Encoder().encode
 def sensor_partitions(registry: Registry, partitions: int) -> np.ndarray:
     """Per sensor number, the readings partition of its street."""
     codes = sorted(registry.streets)
-    of_street = np.array([kt.street_partition(c, partitions) for c in codes], dtype=np.int32)
+    # two bytes a sensor: every worker and bridge holds this for the whole city
+    of_street = np.array([kt.street_partition(c, partitions) for c in codes],
+                         dtype=np.uint16 if partitions <= 1 << 16 else np.int32)
     return of_street[registry.streets_of_sensors()]
 
 
@@ -268,7 +270,7 @@ class Bridge:
         kafka_ok = self.kafka_ok
         return {"status": "ok" if connected and kafka_ok else "degraded",
                 "broker_connected": connected, "kafka_connected": kafka_ok,
-                "inbox": self.link.inbox.qsize() if self.link else 0,
+                "inbox": self.link.depth() if self.link else 0,
                 "uptime_s": round(time.time() - self.started, 1)}
 
     def metrics_text(self) -> str:
@@ -283,7 +285,7 @@ class Bridge:
                     "(held and retried).", m["kafka_errors"]),
             *dead_letters(m),
             *family("cityops_inbox_depth", "gauge", "MQTT messages received, not yet taken.",
-                    self.link.inbox.qsize() if self.link else 0),
+                    self.link.depth() if self.link else 0),
         ]
         return "\n".join(lines) + "\n"
 

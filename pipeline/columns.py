@@ -115,8 +115,14 @@ class SensorIndex:
         if not len(ids) or not len(self.keys):
             return out
         try:
-            # a trailing NUL would vanish in a fixed-width byte string and match another id
-            vals = np.array([s.encode() if "\0" not in s else b"\xff\0" for s in ids], dtype=bytes)
+            if "\0" in "".join(ids):
+                # a trailing NUL would vanish in a fixed-width byte string and match another id
+                vals = np.array([s.encode() if "\0" not in s else b"\xff\0" for s in ids], dtype=bytes)
+            else:
+                try:                    # ASCII ids (the common case): numpy encodes them in C
+                    vals = np.array(ids, dtype=bytes)
+                except UnicodeEncodeError:
+                    vals = np.array([s.encode() for s in ids], dtype=bytes)
         except (AttributeError, TypeError):
             return np.array([self.get(s, -1) for s in ids], dtype=np.int64)
         at = np.minimum(np.searchsorted(self.keys, vals), len(self.keys) - 1)

@@ -616,8 +616,11 @@ class Engine:
         tracks = [t for t in tracks if t]
         if tracks:
             pos = np.flatnonzero(among)
-            hit = [p for p, s in zip(pos.tolist(), idx[pos].tolist()) if any(s in t for t in tracks)]
-            found[hit] = True
+            sensors = idx[pos].tolist()
+            hit = np.zeros(len(pos), dtype=bool)
+            for t in tracks:                # a dict lookup per reading, in C
+                hit |= np.fromiter(map(t.__contains__, sensors), dtype=bool, count=len(sensors))
+            found[pos[hit]] = True
         return found
 
     def _evaluate(self, readings: list, idx_list: list[int], out: Output) -> None:

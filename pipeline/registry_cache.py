@@ -16,6 +16,7 @@ used as parsed. Deleting the cache is always safe.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 import tempfile
@@ -101,9 +102,16 @@ def open_compiled(folder: Path, registry_type: Callable[..., Any],
         return Strings(arr(f"{name}.blob"), arr(f"{name}.offsets"), codes)
 
     p = meta["places"]
-    places = [place(*row) for row in p["grid_places"]]
-    workers = {w[0]: worker(w[0], w[1], w[2], tuple(w[3]), w[4], w[5], w[6], tuple(w[7]))
+    # msgpack gives each occurrence of a name its own str: a district's name 50,000 times over
+    # in a city of 50,000 grids. One object per distinct text (what parsing made) keeps the
+    # place tree, which every worker holds whole, at its parsed size.
+    one = _Interner()
+    places = [place(*map(one, row)) for row in p["grid_places"]]
+    workers = {w[0]: worker(one(w[0]), w[1], w[2], tuple(map(one, w[3])), w[4], w[5], one(w[6]),
+                            tuple(map(one, w[7])))
                for w in p["workers"]}
+    p["workers_of_grid"] = {one(g): [one(w) for w in ws] for g, ws in p["workers_of_grid"].items()}
+    p["duty_officer"] = {one(k): one(v) for k, v in p["duty_officer"].items()}
     owners = {o[0]: owner(o[0], o[1], o[2], o[3], tuple(o[4])) for o in p["owners"]}
     reg = registry_type(
         p["city_code"], p["city_name"], ZoneInfo(p["tz"]), p["districts"],
@@ -117,6 +125,11 @@ def open_compiled(folder: Path, registry_type: Callable[..., Any],
         attrs=SparseAttrs(arr("attrs.rows"), strings("attrs"), parse_attrs),
         **{name: strings(name) for name in _STRINGS[1:]}, **{name: arr(name) for name in _NUMBERS})
     return reg
+
+
+class _Interner(dict):
+    def __call__(self, value: Any) -> Any:
+        return self.setdefault(value, value) if value.__class__ is str else value
 
 
 def write_compiled(folder: Path, reg: Any, sensors_path: Path, sensors_seen: tuple) -> bool:
@@ -168,3 +181,33 @@ def write_compiled(folder: Path, reg: Any, sensors_path: Path, sensors_seen: tup
         return False                    # another process won the race, or the disk is full
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def release_pages(*holders: Any) -> int:
+    """Drop this process's resident pages of every memory-mapped column reachable from
+    ``holders`` (a Registry, its columns): they stay in the page cache, shared, and a later
+    read maps a page in again. A worker calls it once its partitions' sensors are copied out
+    (``Registry.subset`` reads scattered rows, so it touches nearly every page of the city's
+    columns): what stays resident is then its share, not the whole city. Returns the bytes
+    advised; 0 where nothing is mapped (a registry used as parsed)."""
+    seen: dict[int, mmap.mmap] = {}
+
+    def visit(obj: Any, depth: int = 0) -> None:
+        if isinstance(obj, np.ndarray):
+            base: Any = obj
+            while base is not None and not isinstance(base, mmap.mmap):
+                base = getattr(base, "base", None)
+            if base is not None:
+                seen[id(base)] = base
+        elif depth < 2 and hasattr(obj, "__dict__"):
+            for value in vars(obj).values():
+                visit(value, depth + 1)
+
+    for h in holders:
+        visit(h)
+    advised = 0
+    for m in seen.values():
+        if not m.closed:
+            m.madvise(mmap.MADV_DONTNEED)
+            advised += len(m)
+    return advised

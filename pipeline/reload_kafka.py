@@ -37,6 +37,7 @@ import orjson
 from pipeline.bridge import ReadingRouter
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers
+from pipeline.registry_cache import release_pages
 from pipeline.reload import CitySet, carry, diff, load_set, same_sensors, stamp, watched_files
 from pipeline.yamlfile import ConfigError
 
@@ -221,6 +222,7 @@ class KafkaReload:
             self._adopt(new)                     # worker's set too
         members = np.flatnonzero(w.router.partition_of == ps.p)
         engine = Engine(new.registry.subset(members), new.rules, w.s.engine)
+        release_pages(new.registry)              # as CityWorker.partition: its share only
         index = new.registry.index
         out = carry(old, engine, sw.at, in_city=lambda sid: index.get(sid) is not None)
         ps.engine, ps.sensors, ps.digest, ps.switch = engine, members.astype(np.int64), new.digest, None

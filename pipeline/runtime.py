@@ -136,7 +136,8 @@ class LiveRuntime:
             username=s.mqtt.username,
             password=s.mqtt.password.get_secret_value() if s.mqtt.password else None,
             shared_group=s.mqtt.shared_group, keepalive=s.mqtt.keepalive,
-            session_expiry_s=s.mqtt.session_expiry // 1000, max_inflight=s.mqtt.max_inflight)
+            session_expiry_s=s.mqtt.session_expiry // 1000, max_inflight=s.mqtt.max_inflight,
+            own_loop=True)
         # acknowledgements name their sender: {prefix}/acks/{user} (the bare topic is
         # subscribed only to dead-letter what arrives there)
         self.link.topics.append(f"{self.acks_topic}/+")
@@ -259,7 +260,7 @@ class LiveRuntime:
                 connects, since, last_message = link.connects, mono, mono
                 self.catching_up = True
             elif self.catching_up and (mono - since >= s.catch_up_max / 1000 or (
-                    mono - last_message >= s.catch_up_quiet / 1000 and link.inbox.empty())):
+                    mono - last_message >= s.catch_up_quiet / 1000 and not link.depth())):
                 self.catching_up = False
                 log.info("caught up with the broker's backlog in %.1f s; the clock moves time",
                          mono - since)
@@ -448,7 +449,7 @@ class LiveRuntime:
         return {"status": "ok" if connected else "degraded", "broker_connected": connected,
                 "catching_up": self.catching_up,
                 "open_incidents": len(self.engine.book.open),
-                "inbox": self.link.inbox.qsize() if self.link else 0,
+                "inbox": self.link.depth() if self.link else 0,
                 "uptime_s": round(time.time() - self.started, 1)}
 
     def metrics_text(self) -> str:
@@ -486,7 +487,7 @@ class LiveRuntime:
             f"cityops_engine_batch_seconds_count {self.batches}",
             "# HELP cityops_inbox_depth Messages received, not yet taken by the engine.",
             "# TYPE cityops_inbox_depth gauge",
-            f"cityops_inbox_depth {self.link.inbox.qsize() if self.link else 0}",
+            f"cityops_inbox_depth {self.link.depth() if self.link else 0}",
             "# HELP cityops_event_lag_seconds Wall clock minus the newest reading's event time.",
             "# TYPE cityops_event_lag_seconds gauge",
             f"cityops_event_lag_seconds {max(0.0, (now - e.max_ts) / 1000) if e.max_ts else 0}",

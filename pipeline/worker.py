@@ -51,6 +51,7 @@ from pipeline.models import Ack
 from pipeline.prom import dead_letters, family, notices_by_tier
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import load as load_registry
+from pipeline.registry_cache import release_pages
 from pipeline.reload import CitySet, ReloadStats, files_digest, watched_files
 from pipeline.reload_kafka import KafkaReload
 from pipeline.reload_runtime import Requests
@@ -213,6 +214,9 @@ class CityWorker:
             # its sensors, found when it is taken: a worker holds no list of the whole city
             members = np.flatnonzero(self.router.partition_of == p)
             engine = Engine(self.registry.subset(members), self.rules, self.s.engine)
+            # the subset read scattered rows, so nearly every page of the city's mapped columns
+            # came in: give them back, and this worker holds its share, not the city
+            release_pages(self.registry)
             engine.keep_accepted = self.history is not None
             engine.clock_bound = True       # one sensor's clock does not move the partition's
             ps = PartitionState(p, engine, members.astype(np.int64))

@@ -533,3 +533,29 @@ def test_a_partition_subset_keeps_every_column(chengdu):
         assert sub.sensor_facts(new) == chengdu.sensor_facts(old)
         assert (sub.address[new], sub.owner_contact[new], sub.lat[new]) == \
             (chengdu.address[old], chengdu.owner_contact[old], chengdu.lat[old])
+
+
+def rss_file_pages() -> int:
+    """This process's resident file-backed pages (kB): what mapped columns cost it."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+def test_released_pages_are_given_back_and_read_again_unchanged(tmp_path, monkeypatch):
+    """A worker gives back the mapped pages its partition's subset touched: the process's
+    file-backed resident memory falls, and the registry reads the same afterwards."""
+    from pipeline.registry_cache import release_pages
+    monkeypatch.setenv("CITYOPS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "city"
+    from pipeline.registry_gen import generate
+    generate(folder, 60_000, seed=3)
+    parsed = registry.load(folder)
+    mapped = registry.load(folder)
+    assert release_pages(parsed) == 0                  # nothing mapped: nothing to give back
+    for name in COLUMNS:                               # every page of every column in
+        col = getattr(mapped, name)
+        list(col) if not hasattr(col, "sum") else col.sum()
+    touched = rss_file_pages()
+    assert release_pages(mapped) > 0
+    assert touched - rss_file_pages() > 1_000          # kB: the columns' pages left the process
+    same_registry(parsed, mapped)

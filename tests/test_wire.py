@@ -10,6 +10,7 @@ import string
 from datetime import datetime
 
 import pytest
+import msgspec
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -421,3 +422,38 @@ def test_decode_appends_into_given_lists():
     r2, d2 = decode(b"nope", None, readings, dead)
     assert r2 is readings and d2 is dead
     assert len(readings) == 1 and len(dead) == 1
+
+
+# ---- decode_batch is decode, payload by payload -------------------------------------------
+GOOD = b'{"sensor_id": "gas-1", "ts": 1782000000000, "value": 3.5}'
+PIECES = [GOOD, b'[' + GOOD + b',' + GOOD + b']', b'[]', b' ' + GOOD + b'\n', b'\t[' + GOOD + b'] ',
+          b'{"sensor_id": "gas-1"', b'[' + GOOD,
+          GOOD + b']', GOOD + b',' + GOOD, b'],[', b'5', b'"x"', b'null', b'', b' ', b'{}', b'[5]',
+          b'[' + GOOD + b', 7]', b'\xff\xfe', GOOD[:-1] + b' ' * MAX_PAYLOAD_BYTES + b'}',
+          GOOD + b'],[' + GOOD + b']', b'[' + GOOD]
+# (what a reading holds is checked by the engine's screen on the fast path, by decode on the
+# slow one: tests/test_engine.py compares those outputs across batchings; here, the framing)
+
+
+def one_by_one(payloads: list[bytes]) -> tuple[list, list, list]:
+    readings, dead, spans = [], [], []
+    for p in payloads:
+        r, d, s = decode_batch([p], "t")
+        spans += [(end + len(readings), *rest) for end, *rest in s]
+        readings += r
+        dead += d
+    return readings, dead, spans
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(PIECES), min_size=0, max_size=40))
+def test_a_batch_decodes_as_its_payloads_one_by_one(payloads):
+    """The one-call fast path (frames judged all at once, objects taken without a loop) and the
+    halving that isolates a bad payload give what decoding each payload alone gives: a
+    malformed payload is never rescued by its neighbours (`[{..}` + `{..}]` joins into valid
+    JSON), a good one never lost."""
+    got, want = decode_batch(payloads, "t"), one_by_one(payloads)
+    assert [msgspec.structs.asdict(r) for r in got[0]] == [msgspec.structs.asdict(r) for r in want[0]]
+    assert [(d.reason, d.detail, d.payload, d.index) for d in got[1]] == \
+        [(d.reason, d.detail, d.payload, d.index) for d in want[1]]
+    assert got[2] == want[2]
