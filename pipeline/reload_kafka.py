@@ -118,7 +118,7 @@ class KafkaReload:
         for p in range(w.partitions):
             await w.t_reload.send(key=new.digest.encode(), value=value, partition=p)
         await w.app.producer.flush()
-        d = diff(w.city, new)
+        d = await asyncio.to_thread(diff, w.city, new)
         log.info("reload (%s) announced: digest %s → %s, every partition switches at event "
                  "time %d; %s", source, w.city.digest, new.digest, at,
                  {k: v for k, v in d.counts().items() if v})

@@ -466,7 +466,8 @@ class CityWorker:
         if self.history is not None:
             # the engine numbers its partition's sensors; the sink knows the whole registry's
             out.accepted = [(ps.sensors[idx], ts, val) for idx, ts, val in out.accepted]
-            if ps.switch is not None:     # a reload retired some (-1): not in the sink's registry
+            if ps.digest != self.city.digest:   # still to switch: a sensor the reload retired
+                # is -1, not in the sink's registry (pipeline/reload_kafka.py, _adopt)
                 out.accepted = [(s[s >= 0], ts[s >= 0], val[s >= 0]) for s, ts, val in out.accepted]
             self.history.add(out)
 
