@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo test test-deps check fuzz bench bench-quick bench-silent bench-registry bench-runtime bench-kafka bench-sink bench-history bench-console soak attack clean
+.PHONY: run demo test test-deps check fuzz bench bench-quick bench-silent bench-peer bench-backtest bench-registry bench-runtime bench-kafka bench-sink bench-history bench-console soak attack clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,14 @@ bench-quick: $(STAMP)
 ## bench-silent: replay a 1,000,000-sensor city, 99 % never heard, at --batch 20 and 1000
 bench-silent: $(STAMP)
 	$(PY) bench/silent_bench.py
+
+## bench-peer: the engine beside a bare orjson + dict loop on the same gas readings and rule
+bench-peer: $(STAMP)
+	$(PY) bench/peer_bench.py
+
+## bench-backtest: cityops backtest against plain replay on the same histories (ratio, decode share)
+bench-backtest: $(STAMP)
+	$(PY) bench/backtest_bench.py
 
 ## bench-registry: compiled registry load time and memory, and a worker's share of 8 partitions
 bench-registry: $(STAMP)

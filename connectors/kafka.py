@@ -8,6 +8,7 @@ Topics (ARCHITECTURE.md; prefix configurable, default `cityops`):
     {prefix}.alerts.district    out: key district code
     {prefix}.alerts.street      out: key street code
     {prefix}.alerts.dept        out: key department id
+    {prefix}.alerts.community   out: key community code (a route that names the community tier)
     {prefix}.push               out: notices for the on-call grid worker, key worker_id
     {prefix}.deadletter         out: refused input with the reason
 
@@ -24,7 +25,7 @@ from collections.abc import Iterable
 
 from kafka.partitioner.default import murmur2
 
-TIER_TOPICS = ("city", "district", "street", "dept")
+TIER_TOPICS = ("city", "district", "street", "dept", "community")
 
 
 def topic_names(prefix: str = "cityops") -> dict[str, str]:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from connectors import numtext
+from pipeline.close_figures import FIELDS, steps
 from pipeline.registry import Registry
 
 ALERTS = "alerts"
@@ -47,8 +48,8 @@ READING_FIELDS = ("value", "max", "event")
 ALERT_TAGS = {"acked_tier": "acked_tier", "category": "category", "community": "community",
               "district": "district", "grid": "grid", "kind": "kind", "rule": "rule_id",
               "sensor": "sensor_id", "severity": "severity", "state": "state",
-              "street": "street", "target": "target", "tier": "tier"}
-ALERT_FIELDS = ("alert_id", "seq", "value", "threshold", "ack_seconds")
+              "state_tier": "state_tier", "street": "street", "target": "target", "tier": "tier"}
+ALERT_FIELDS = ("alert_id", "seq", "value", "threshold", "ack_seconds", *FIELDS.values())
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -89,6 +90,8 @@ def notice_line(n: dict) -> str:
     ts = to_ms(n["ts"])
     if n.get("state") == "acknowledged" and n.get("started_at") is not None:
         fields.append(f"ack_seconds={(ts - to_ms(n['started_at'])) / 1000!r}")
+    elif n.get("state") == "closed":      # time to close, step by step (pipeline/close_figures.py)
+        fields += [f"{FIELDS[s]}={float(v)!r}" for s, v in steps(n).items() if s in FIELDS]
     return f"{ALERTS}{tags} {','.join(fields)} {ts}"
 
 

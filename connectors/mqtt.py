@@ -312,8 +312,8 @@ class MqttLink:
                 self.client.ack(m.mid, m.qos)
 
     # ---- out ---------------------------------------------------------------------------
-    def publish(self, topic: str, payload: bytes) -> None:
-        info = self.client.publish(topic, payload, qos=1)
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
         with self._sent_lock:
             if info.mid in self._early:
                 self._early.discard(info.mid)

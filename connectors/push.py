@@ -74,7 +74,8 @@ class Delivery:
 # ---- what a message says -------------------------------------------------------------------
 
 _STATE_CN = {"firing": "触发", "escalated": "升级", "acknowledged": "已确认", "resolved": "已解除",
-             "reminder": "提醒"}
+             "reminder": "提醒", "dispatched": "已派遣", "on_site": "已到场", "handled": "已处置",
+             "closed": "已结案"}
 # WeCom markdown has three colours only (info green, comment grey, warning orange-red); the
 # level is always written out as well.
 WECOM_COLOUR = {"blue": "info", "yellow": "comment", "orange": "warning", "red": "warning"}

@@ -21,8 +21,10 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from pipeline.models import Ack, DeadLetter, Tier
-from pipeline.wire import dead_letter
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.models import Ack, DeadLetter, HandlingState, Tier
+from pipeline.wire import ack_refusal, dead_letter
 
 _DOMAIN = b"cityops-ack-v1\n"       # a key used elsewhere can never make a valid token
 MAX_TOKEN = 1024
@@ -46,13 +48,39 @@ class AckClaim:
     seq: int
     expires_s: int
 
-    def ack(self, now_ms: int, note: str) -> Ack:
-        """The acknowledgement the claim stands for, made now."""
+    def ack(self, now_ms: int, note: str, state: str | None = None, to: str | None = None) -> Ack:
+        """The acknowledgement the claim stands for, made now (``state``: a handling state,
+        on_site or handled, from the recipient's reply)."""
         return Ack(alert_id=self.alert_id, by=self.worker_id, tier=Tier(self.tier), ts=now_ms,
-                   note=note, seq=self.seq)
+                   note=note, seq=self.seq, state=state, to=to)
 
 
 REPLY_NOTE = "reply to the push"
+
+
+class PushReply(BaseModel):
+    """A reply that says more than the bare token: a handling state from the worker's app,
+    `{"token": …, "state": "on_site"}`, `{"token": …, "state": "handled", "note": "已关阀"}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(max_length=MAX_TOKEN)
+    state: HandlingState | None = None
+    note: str | None = Field(default=None, max_length=500)
+    to: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+def read_reply(payload: bytes) -> PushReply:
+    """A push reply: the token alone (it acknowledges), or a PushReply object."""
+    text = payload.decode("utf-8", "replace").strip()
+    if not text.startswith("{"):
+        return PushReply(token=text[:MAX_TOKEN + 1])
+    try:
+        return PushReply.model_validate_json(payload)
+    except ValidationError as exc:
+        raise BadToken("malformed", "a reply is the token, or {\"token\", \"state\", \"note\"} "
+                       f"with state one of acknowledged, dispatched, on_site, handled, closed: "
+                       f"{ack_refusal(exc)}") from None
 
 
 def reply_worker(topic: str, prefix: str) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 from connectors import kafka as kt
 from connectors.mqtt import MqttLink, sender_of
 from pipeline import wire
-from pipeline.ack_tokens import REPLY_NOTE, AckTokens, BadToken, refused, reply_worker
+from pipeline.ack_tokens import REPLY_NOTE, AckTokens, BadToken, read_reply, refused, reply_worker
 from pipeline.config import Settings
 from pipeline.identity import AckUsers, acks_user
 from pipeline.models import Ack, DeadLetter
@@ -222,14 +222,15 @@ class Bridge:
             m["dead." + d.reason] += 1
 
     def _reply(self, m: Any) -> bytes | DeadLetter:
-        """A worker's reply to a push: its token, on its own topic, becomes its Ack."""
+        """A worker's reply to a push: its token (or {token, state, note}: a handling state),
+        on its own topic, becomes its Ack."""
         now = int(time.time() * 1000)
         try:
-            claim = self.tokens.verify(m.payload.decode("utf-8", "replace"), now,
-                                       reply_worker(m.topic, self.prefix))
+            reply = read_reply(m.payload)
+            claim = self.tokens.verify(reply.token, now, reply_worker(m.topic, self.prefix))
         except BadToken as exc:
             return refused(exc, m.payload, m.topic)
-        return claim.ack(now, REPLY_NOTE).model_dump_json().encode()
+        return claim.ack(now, reply.note or REPLY_NOTE, reply.state, reply.to).model_dump_json().encode()
 
     def _produce(self, records: list, acks: list, dead: list) -> bool:
         producer, t = self.producer, self.topics

@@ -22,6 +22,9 @@ examples:
   cityops replay --demo                       replay 2010-2015 Chengdu rain and PM2.5 through the
                                               built-in packs; print the notices per tier
   cityops replay readings.jsonl > notices.jsonl
+  cityops backtest --rules new/ --against builtin --history readings.jsonl --html report.html
+                                              what new rules would have done on history, side
+                                              by side with the current ones
   cityops rules check                         lint the rule packs, routing and registry
   cityops rules test tests/rules/             run rule unit tests written as data
   cityops route --rule gas.leak --sensor gas-510104-000001
@@ -34,6 +37,8 @@ examples:
                                               split the partitions
   cityops console --config cityops.yaml       the operations centres' web pages (incidents per
                                               scope, live; acknowledge)
+  cityops silence add --match street=510104020 --for 2h --reason 管网检修
+                                              hold a street's alerts back for two hours
 """
 
 
@@ -109,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ack-after", metavar="DURATION", help="acknowledge every incident this long "
                    "after it fires (e.g. 5m), as an operations centre would: no reminders or "
                    "escalations past it (docs/replay.md)")
+    r.add_argument("--handling", type=Path, metavar="FILE", help="a handling log (JSONL: ts, "
+                   "state dispatched|on_site|handled|closed, by, tier, and alert_id or rule_id + "
+                   "sensor_id) replayed with the readings; the summary adds time to close "
+                   "(docs/replay.md)")
     r.add_argument("--time-quorum", type=int, metavar="N",
                    help="event time moves only as far as N of the sources (gateways; a sensor "
                    "without one is its own) heard in the last --quorum-window payloads have "
@@ -118,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --time-quorum: the sources heard in this many last payloads count "
                    "(default 100)")
     _common(r)
+
+    _backtest_parser(sub)
 
     rules = sub.add_parser("rules", help="check rule packs, run rule tests")
     rsub = rules.add_subparsers(dest="rules_command", metavar="SUBCOMMAND")
@@ -154,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     tl.add_argument("--count", type=int, metavar="N", help="stop after N lines")
 
     con = sub.add_parser("console", help="the operations centres' web console (city, district, "
-                         "street, department, grid worker)",
+                         "street, community, department, grid worker)",
                          description="Serve the web console: it subscribes to the tier topics, "
                          "keeps the incidents in SQLite (opscentre.db) and shows each user those "
                          "of their scope; acknowledgements go to the acks topic. Users: acks.users "
@@ -184,6 +195,9 @@ def _parser() -> argparse.ArgumentParser:
                           "(deploy/mosquitto/acl): each may publish to its own topic only")
     acl.add_argument("--prefix", default="cityops", help="the pipeline's mqtt.prefix")
     _common(acl)
+
+    from pipeline import silence_cli          # cityops silence add|list|end
+    silence_cli.add_parser(sub)
     return p
 
 
@@ -195,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "replay":
             return _replay(args)
+        if args.command == "backtest":
+            return _backtest(args)
         if args.command in ("bridge", "worker"):
             return _distributed(args)
         if args.command == "rules" and args.rules_command == "check":
@@ -213,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "registry" and args.registry_command == "acl":
             return _gateway_acl(args)
+        if args.command == "silence":
+            from pipeline import silence_cli
+            return silence_cli.run(args)
     except ConfigError as exc:
         print(f"cityops: error: {exc}", file=sys.stderr)
         return 1
@@ -291,6 +310,24 @@ def _load(args: argparse.Namespace, select: list[str] | None = None):
     return rs.select(select), reg
 
 
+def replay_knobs(args: argparse.Namespace, quorum: int) -> tuple[int | None, int]:
+    """--ack-after (ms) and --time-quorum (``quorum`` unless given), checked; also
+    --quorum-window. Replay's, and backtest's."""
+    ack_after = None
+    if args.ack_after is not None:
+        from rules.schema import parse_duration
+        try:
+            ack_after = parse_duration(args.ack_after)
+        except ValueError as exc:
+            raise ConfigError("--ack-after", None, str(exc)) from None
+    quorum = args.time_quorum if args.time_quorum is not None else quorum
+    if not 1 <= quorum <= 100:
+        raise ConfigError("--time-quorum", None, f"{quorum} is not a number of sources from 1 to 100")
+    if args.quorum_window < 1:
+        raise ConfigError("--quorum-window", None, f"{args.quorum_window} is not a number of payloads")
+    return ack_after, quorum
+
+
 def _replay(args: argparse.Namespace) -> int:
     from pipeline.engine import Engine, EngineSettings
     from pipeline.replay import DEMO_CSV, DEMO_MAP, load_mapping, replay
@@ -307,18 +344,9 @@ def _replay(args: argparse.Namespace) -> int:
     if mapping is None and args.file.suffix.lower() == ".csv":
         raise ConfigError(args.file, None, "a CSV needs --csv-map MAP.yaml (which columns are "
                           "time and which feed which sensor); see docs/replay.md")
-    ack_after = None
-    if args.ack_after is not None:
-        from rules.schema import parse_duration
-        try:
-            ack_after = parse_duration(args.ack_after)
-        except ValueError as exc:
-            raise ConfigError("--ack-after", None, str(exc)) from None
-    quorum = args.time_quorum if args.time_quorum is not None else 1 if mapping else 2
-    if not 1 <= quorum <= 100:
-        raise ConfigError("--time-quorum", None, f"{quorum} is not a number of sources from 1 to 100")
-    if args.quorum_window < 1:
-        raise ConfigError("--quorum-window", None, f"{args.quorum_window} is not a number of payloads")
+    if args.handling is not None and not args.handling.exists():
+        raise ConfigError(args.handling, None, "no such file (the handling log, --handling)")
+    ack_after, quorum = replay_knobs(args, 1 if mapping else 2)
     rs, reg = _load(args, args.rules)
     engine = Engine(reg, rs, EngineSettings(time_quorum=quorum, quorum_window=args.quorum_window))
     started = time.perf_counter()
@@ -336,7 +364,7 @@ def _replay(args: argparse.Namespace) -> int:
     dead = args.dead_letters.open("wb") if args.dead_letters else None
     try:
         stats = replay(engine, args.file, out, mapping=mapping, batch=args.batch, dead=dead,
-                       progress=progress, ack_after=ack_after,
+                       progress=progress, ack_after=ack_after, handling=args.handling,
                        on_output=(lambda o: collected.extend(o.notices)) if args.demo else None)
     finally:
         if args.out:
@@ -352,9 +380,60 @@ def _replay(args: argparse.Namespace) -> int:
     print(f"replayed {stats.lines:,} lines ({stats.readings:,} readings, {stats.missing:,} missing "
           f"cells skipped) in {took:.1f}s: {stats.notices:,} notices ({tiers}), "
           f"{stats.dead_letters:,} dead letters", file=sys.stderr)
+    for line in stats.close.summary():
+        print(line, file=sys.stderr)
     if args.out:
         print(f"notices written to {args.out}", file=sys.stderr)
     return 0
+
+
+def _backtest_parser(sub) -> None:
+    b = sub.add_parser(
+        "backtest", help="one history through two rule sets: what would the new rules have done?",
+        description="Replay history through the NEW and the CURRENT rules at once (the history "
+        "is read and decoded once) and report side by side: incidents and notices per rule, "
+        "district, tier and day; pushes per grid worker per night; incidents only one side has; "
+        "time-to-fire differences. Counts are those two `cityops replay` runs would give.")
+    b.add_argument("--rules", action="append", required=True, metavar="NEW",
+                   help="the new rules: a pack file or folder (a pack replaces the built-in one "
+                   "of its name), or `builtin` (repeatable)")
+    b.add_argument("--params", metavar="FILE", help="the new side's parameter values (docs/rules.md)")
+    b.add_argument("--routing", metavar="FILE", help="the new side's routing tree (default: "
+                   "rules/routing.yaml)")
+    b.add_argument("--against", action="append", required=True, metavar="CURRENT",
+                   help="the rules in use: a pack file or folder, or `builtin` (repeatable)")
+    b.add_argument("--against-params", metavar="FILE", help="the current side's parameter values")
+    b.add_argument("--against-routing", metavar="FILE", help="the current side's routing tree "
+                   "(default: --routing)")
+    b.add_argument("--history", required=True, metavar="FILE|influx://HOST:PORT",
+                   help="JSONL of readings, a CSV with --csv-map, or the history store the sink "
+                   "wrote (VictoriaMetrics' export API)")
+    b.add_argument("--csv-map", type=Path, metavar="MAP.yaml", help="column mapping for a CSV file")
+    b.add_argument("--from", dest="since", metavar="TIME", help="influx:// only: the first "
+                   "reading's time (RFC 3339, or a date in the city's time zone)")
+    b.add_argument("--to", dest="until", metavar="TIME", help="influx:// only: the last "
+                   "reading's time (as --from)")
+    b.add_argument("--only", action="append", default=[], metavar="GLOB",
+                   help="only these rule ids on both sides, e.g. 'weather.*' (repeatable)")
+    b.add_argument("--html", type=Path, metavar="FILE", help="also write the report as one HTML "
+                   "file with charts (opens offline)")
+    b.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON")
+    b.add_argument("--batch", type=int, default=1000, help="inputs per engine batch (default 1000)")
+    b.add_argument("--ack-after", metavar="DURATION", help="acknowledge every incident this long "
+                   "after it fires, on both sides (as replay does)")
+    b.add_argument("--time-quorum", type=int, metavar="N", help="as replay's (default 2 for "
+                   "JSONL, 1 for CSV and influx://)")
+    b.add_argument("--quorum-window", type=int, default=100, metavar="P", help="as replay's")
+    b.add_argument("--jobs", type=int, choices=[1, 2], default=1, help="2: the new rules in a "
+                   "second process, beside the current ones; faster only with a second CPU free "
+                   "(default 1)")
+    b.add_argument("--registry", metavar="PATH", help="registry folder or registry.yaml "
+                   "(default: the bundled Chengdu fixture)")
+
+
+def _backtest(args: argparse.Namespace) -> int:
+    from pipeline.backtest_cli import run
+    return run(args)
 
 
 def _print_per_tier(notices: list[dict]) -> None:
@@ -477,16 +556,30 @@ def _route(args: argparse.Namespace) -> int:
                   f"{t.worker.end_min // 60:02}:{t.worker.end_min % 60:02})")
         else:
             name = {"district": reg.districts.get(t.target), "street": reg.streets.get(t.target, ("",))[0],
-                    "dept": reg.departments.get(t.target), "city": reg.city_name}[t.tier.value]
+                    "dept": reg.departments.get(t.target), "city": reg.city_name,
+                    "community": reg.communities.get(t.target, ("",))[0]}[t.tier.value]
             print(f"  {pad(tier_cn(t.tier.value), 6)} {t.tier.value}/{t.target} {name}")
+    _route_community_chain(opts)
     if opts.escalate_street:
-        print(f"unacknowledged: to the next tier after {format_duration(opts.escalate_street)}"
+        print(f"{'nobody on site' if opts.escalate_until == 'on_site' else 'unacknowledged'}: "
+              f"to the next tier after {format_duration(opts.escalate_street)}"
               + (f", then to the city after {format_duration(opts.escalate_district)} more"
                  if opts.escalate_district else ""))
     if opts.remind_every and opts.max_reminders:
-        print(f"reminders every {format_duration(opts.remind_every)} until acknowledged, "
+        until = "someone is on site" if opts.escalate_until == "on_site" else "acknowledged"
+        print(f"reminders every {format_duration(opts.remind_every)} until {until}, "
               f"{opts.max_reminders} at most")
     return 0
+
+
+def _route_community_chain(opts) -> None:
+    """`cityops route`: the community chain's rungs (网格 → 社区 → 街道), where the route has one."""
+    from rules.schema import format_duration
+    rungs = [(opts.escalate_grid, "the community (社区)"), (opts.escalate_community, "the street")]
+    said = [f"to {who} after {format_duration(d)}" for d, who in rungs if d]
+    if said:
+        print("nobody " + ("on site" if opts.escalate_until == "on_site" else "answered")
+              + ": " + ", then ".join(said) + " (the community chain)")
 
 
 def _gateway_acl(args: argparse.Namespace) -> int:

@@ -133,7 +133,7 @@ class InfluxSettings(_Part):
 
 
 PushChannel = Literal["mqtt", "webhook", "wecom", "dingtalk", "sms"]
-PushTier = Literal["city", "district", "street", "dept", "grid", "owner"]
+PushTier = Literal["city", "district", "street", "dept", "grid", "owner", "community"]
 PERSONAL_TIERS = ("grid", "owner")      # pushed to a person (a phone, an app), not a group
 
 

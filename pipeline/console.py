@@ -14,8 +14,8 @@ from typing import Any
 
 from pipeline.notices import tier_cn
 
-# what `cityops tail` shows: the six tiers' notices, dead letters, acknowledgements
-TIERS = ("city", "district", "street", "dept", "grid", "owner")
+# what `cityops tail` shows: the seven tiers' notices, dead letters, acknowledgements
+TIERS = ("city", "district", "street", "dept", "grid", "owner", "community")
 SHOWN = (*TIERS, "dead", "acks")
 SEVERITY_CN = {"blue": "蓝", "yellow": "黄", "orange": "橙", "red": "红"}
 
@@ -48,6 +48,8 @@ def recipient(n: dict[str, Any]) -> str:
         return n.get("street_name") or n.get("target") or ""
     if tier == "district":
         return n.get("district_name") or n.get("target") or ""
+    if tier == "community":
+        return n.get("community_name") or n.get("target") or ""
     return n.get("target") or ""
 
 

@@ -282,7 +282,7 @@ class PushDispatcher:
             return Recipient(n["target"], n["target"]), channels
         name = {"street": n.get("street_name"), "district": n.get("district_name"),
                 "dept": self.registry.departments.get(n["target"]),
-                "city": self.registry.city_name}.get(n["tier"])
+                "city": self.registry.city_name, "community": n.get("community_name")}.get(n["tier"])
         return Recipient(n["target"], name or n["target"]), channels
 
     def _with_ack(self, n: dict, r: Recipient, now: int) -> dict:
@@ -309,11 +309,14 @@ class PushDispatcher:
                 return e
         return None
 
-    def accept_token(self, token: str, worker_id: str | None = None) -> Ack:
-        """The acknowledgement a good token stands for, made now (see verify_token)."""
+    def accept_token(self, token: str, worker_id: str | None = None, state: str | None = None,
+                     note: str | None = None, to: str | None = None) -> Ack:
+        """The acknowledgement a good token stands for, made now (see verify_token); with
+        ``state``, the handling state the recipient's reply says (pipeline/handling.py)."""
         c = self.verify_token(token, worker_id)
         self._count(("tokens", "accepted"))
-        return c.ack(self._now_ms(), REPLY_NOTE if worker_id else "the push's acknowledge link")
+        return c.ack(self._now_ms(), note or (REPLY_NOTE if worker_id else
+                                              "the push's acknowledge link"), state, to)
 
     # ---- out ------------------------------------------------------------------------------
     def _attempt(self, lane: _Lane, d: Delivery) -> None:

@@ -27,14 +27,15 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import msgspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline import wire
-from pipeline.lifecycle import LIFECYCLE, AlertBook
+from pipeline import silences, wire
+from pipeline.lifecycle import LIFECYCLE, SILENCE, AlertBook
 from pipeline.models import Ack, DeadLetter
 from pipeline.registry import Registry
 from pipeline.routing import Router
@@ -61,6 +62,10 @@ def _newest_so_far(g_idx: np.ndarray, g_ts: np.ndarray, before: np.ndarray,
         for k in range(lo, hi):
             before[k] = newest
             newest = max(newest, int(g_ts[k]))
+
+
+_SENSOR_ID, _TS, _VALUE, _EVENT = (attrgetter(a) for a in ("sensor_id", "ts", "value", "event"))
+_ID_CACHE = 1 << 18     # ids remembered (~30 MB at most): more sensors than one process hears
 
 
 class EngineSettings(BaseModel):
@@ -153,6 +158,7 @@ class Engine:
         self._battery_rules = [e for e in self.evaluators if e.reads == "battery"]
         self._battery_ceiling_np = np.array(
             [self._battery_ceiling(hs) for hs in self._battery] or [0.0])
+        self._id_numbers: dict[str, int] = {}     # sensor id -> number, of the sensors heard
         self._event_names = frozenset(
             name for e in self.evaluators if isinstance(e, ev.Events)
             for name in (*e.severity_of, *e.clear_events))
@@ -270,9 +276,16 @@ class Engine:
         ``out``: an Output to add to, which keeps what was made before a failure
         (pipeline.quarantine).
         """
-        payloads = list(payloads)
+        return self.ingest_decoded(wire.decode_batch(list(payloads), source), now_ms, senders, out)
+
+    def ingest_decoded(self, decoded: tuple[list, list, list], now_ms: int | None = None,
+                       senders: list[tuple[str, str] | None] | None = None,
+                       out: Output | None = None) -> Output:
+        """``ingest`` of payloads ``wire.decode_batch`` has decoded already: a backtest decodes
+        each batch once and gives it to two engines (an engine changes nothing it is given but
+        RFC 3339 times, turned into the same epoch ms in place)."""
+        readings, dead, spans = decoded
         self._clock = now_ms if self.clock_bound else None
-        readings, dead, spans = wire.decode_batch(payloads, source)
         out = out if out is not None else Output()
         out.dead_letters += dead
         self.counters["dead_letters"] += len(dead)
@@ -397,23 +410,45 @@ class Engine:
         if upto:
             self._frontier = max(self._frontier, h[upto - 1])
 
+    def _numbers(self, ids: list[str]) -> list[int]:
+        """Sensor numbers of a batch's ids (-1: not in the registry). The registry's index is a
+        sorted array (no Python object per sensor of the city); the sensors that report are
+        remembered in a dict, so most of a batch is found by one C-level pass of dict lookups.
+        Bounded: cleared when full, and an unknown id is never kept (hostile input cannot
+        fill it)."""
+        cache = self._id_numbers
+        got = list(map(cache.get, ids))
+        if None in got:
+            miss = [i for i, g in enumerate(got) if g is None]
+            found = self.registry.index.lookup([ids[i] for i in miss]).tolist()
+            if len(cache) + len(miss) > _ID_CACHE:
+                cache.clear()
+            for i, number in zip(miss, found, strict=True):
+                got[i] = number
+                if number >= 0:
+                    cache[ids[i]] = number
+        return got
+
     def _screen_and_evaluate(self, readings: list, now_ms: int | None, out: Output,
                              spans: list | None, claims: tuple | None, ends: list[int]) -> None:
         n = len(readings)
         s = self.settings
-        idx = self.registry.index.lookup([r.sensor_id for r in readings])
-        idx_list = idx.tolist()
+        idx_list = self._numbers(list(map(_SENSOR_ID, readings)))
+        idx = np.array(idx_list, dtype=np.int64)
         try:
-            ts = np.array([r.ts for r in readings], dtype=np.int64)
+            ts = np.fromiter(map(_TS, readings), dtype=np.int64, count=n)
         except TypeError:                   # RFC 3339 times from a fast batch decode: to ms
             for r in readings:
                 if r.ts.__class__ is not int:
                     r.ts = int(r.ts.timestamp() * 1000)
-            ts = np.array([r.ts for r in readings], dtype=np.int64)
-        val = np.array([r.value for r in readings], dtype=np.float64)    # None (an event) -> nan
+            ts = np.fromiter(map(_TS, readings), dtype=np.int64, count=n)
+        val = np.array(list(map(_VALUE, readings)), dtype=np.float64)    # None (an event) -> nan
         names = self._event_names   # 0: no event, 1: an event no rule names (a heartbeat), 2: named
-        event = np.array([0 if r.event is None else 1 + (r.event in names) for r in readings],
-                         dtype=np.int8)
+        events = list(map(_EVENT, readings))
+        if events.count(None) == n:         # measurements only (the common batch)
+            event = np.zeros(n, dtype=np.int8)
+        else:
+            event = np.array([0 if e is None else 1 + (e in names) for e in events], dtype=np.int8)
         has_event = event > 0
         invalid = has_event == ~np.isnan(val)          # both value and event, or neither
         known = (idx >= 0) & ~invalid
@@ -426,8 +461,11 @@ class Engine:
             known &= ~wrong_sender
         kind = self._kind_np[np.where(known, idx, 0)]
         npay = len(ends)
-        pay = np.repeat(np.arange(npay, dtype=np.int64), np.diff(np.asarray(ends, dtype=np.int64),
-                                                                   prepend=0))
+        if npay == n:                       # one reading a payload
+            pay = np.arange(n, dtype=np.int64)
+        else:
+            pay = np.repeat(np.arange(npay, dtype=np.int64),
+                            np.diff(np.asarray(ends, dtype=np.int64), prepend=0))
         # "future" needs a clock (the runtimes and replay pass the wall clock; history is never
         # ahead of it). "Too old" is judged against the watermark as it stood when the reading
         # arrived (earlier payloads of this batch count), and nothing before 2000 is a real
@@ -510,7 +548,8 @@ class Engine:
         # a sensor with an incident open, or with another reading here that matters: asked
         # per reading of the batch, so the cost follows the batch, not the open incidents
         measured = ok & ~no_value
-        busy = np.unique(idx[matter & ~no_value])
+        busy = idx[matter & ~no_value]
+        busy = np.unique(busy) if len(busy) > 1 else busy
         if len(busy):
             matter |= measured & np.isin(idx, busy)
         matter |= self._tracked(idx, measured & ~matter, [e.tracks for e in self._quiet_rules])
@@ -805,6 +844,20 @@ class Engine:
                 self.counters["acks"] += 1
         return out
 
+    def silence(self, commands: Sequence[bytes | dict], out: Output | None = None) -> Output:
+        """Silences made and ended (pipeline/silences.py); they act at the watermark, so a
+        replay of the same inputs mutes the same notices. A bad one is a `bad_silence` dead
+        letter."""
+        out = out if out is not None else Output()
+        for c in commands:
+            refused = silences.apply(self.book, c, self.watermark, out.notices)
+            if refused:
+                self._refuse_ack(out, refused, c if isinstance(c, bytes) else msgspec.json.encode(c),
+                                 "bad_silence")
+            else:
+                self.counters["silences"] += 1
+        return out
+
     def _refuse_ack(self, out: Output, why: str, payload: bytes, reason: str = "bad_ack") -> None:
         self.counters["dead_letters"] += 1
         self.counters["dead." + reason] += 1
@@ -840,6 +893,8 @@ class Engine:
                 evaluators[owner].on_timer(due, key)
             elif owner == LIFECYCLE:
                 self.book.on_timer(due, key, out.notices)
+            elif owner == SILENCE:
+                self.book.on_silence_timer(due, key, out.notices)
             elif owner == SCAN and key == self._scan_gen:    # else replaced by an earlier plan
                 self._apply_seen(due)
                 nxt = self._scan_absence(due, out)

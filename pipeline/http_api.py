@@ -10,6 +10,7 @@
                     the token is forged, tampered with, expired or malformed; 410 (both) if
                     the firing it came with has resolved
     GET  /alerts/{alert_id}/timeline   notices and push receipts of one alert (JSON)
+    /silences       make, list and end silences (pipeline/silence_http.py)
 
 Starlette on uvicorn (h11), on a thread of its own, bound to localhost unless configured
 otherwise. A request never touches the engine: an ack is handed to the runtime's loop, which
@@ -42,6 +43,7 @@ from connectors.push import ack_label
 from pipeline.ack_tokens import MAX_TOKEN, BadToken
 from pipeline.identity import Forbidden
 from pipeline.models import AckRequest
+from pipeline.silence_http import silence_routes
 
 MAX_BODY = 64 * 1024
 _requests = TypeAdapter(AckRequest | list[AckRequest])
@@ -189,6 +191,8 @@ def ops_app(rt: Any) -> Starlette:
         routes += [Route("/ack", ack_page, methods=["GET"]),
                    Route("/ack", ack_by_token, methods=["POST"]),
                    Route("/alerts/{alert_id}/timeline", timeline)]
+    if hasattr(rt, "http_silences"):          # POST/GET /silences, DELETE /silences/{id}
+        routes += silence_routes(rt)
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
 
 

@@ -14,7 +14,7 @@ A user's scope is a tier and the places (or departments) it answers for:
 
     registry grid workers   tier grid: the grids they serve, those of the workers they back up,
                             and the streets they are duty officer of (as the router pushes them)
-    acks.users file         city; district, street or grid codes; department ids
+    acks.users file         city; district, street, community or grid codes; department ids
 
 `by` and `tier` of the applied Ack are the sender's (a request naming someone else is refused,
 not rewritten: it is a mistake or a forgery either way). Whether the incident lies within the
@@ -57,7 +57,7 @@ class Forbidden(ValueError):
 class _UserSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    scope: Literal["city", "district", "street", "dept", "grid"] | None = None
+    scope: Literal["city", "district", "street", "community", "dept", "grid"] | None = None
     code: str | list[str] | None = None
     token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                      description="SHA-256 (hex) of the user's HTTP bearer token")
@@ -99,6 +99,8 @@ class Scope:
             return place.district in self.codes
         if t is Tier.street:
             return place.street in self.codes
+        if t is Tier.community:
+            return place.community in self.codes
         return place.grid in self.codes or place.street in self.streets
 
     def describe(self) -> str:
@@ -166,7 +168,7 @@ class AckUsers:
                             f"{'department' if tier is Tier.dept else tier.value})")
         reg = self.registry
         known = {Tier.district: reg.districts, Tier.street: reg.streets, Tier.dept: reg.departments,
-                 Tier.grid: reg.grid_index}[tier]
+                 Tier.grid: reg.grid_index, Tier.community: reg.communities}[tier]
         for code in codes:
             if code not in known:
                 raise doc.error(where, f"user {user!r}: {tier.value} {code!r} is not in the registry")
@@ -200,7 +202,7 @@ class AckUsers:
             raise Forbidden(f"{user!r} acknowledges for tier {scope.tier.value}, not "
                             f"{request.tier.value}")
         return Ack(alert_id=request.alert_id, by=user, tier=scope.tier, ts=request.ts,
-                   note=request.note)
+                   note=request.note, state=request.state, to=request.to)
 
     def from_topic(self, user: str | None, payload: bytes, source: str) -> bytes | DeadLetter:
         """An acknowledgement published on `{prefix}/acks/{user}` (None: the bare acks topic,

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator,
-                      model_validator)
+                      model_serializer, model_validator)
 
 SENSOR_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}\Z"   # what the registry admits
 MAX_TS_MS = 253_402_300_799_999                     # 9999-12-31T23:59:59.999Z
@@ -101,12 +101,17 @@ class State(str, Enum):
     acknowledged = "acknowledged"
     resolved = "resolved"
     reminder = "reminder"
+    # 快速处置: the handling states after acknowledgement (pipeline/handling.py)
+    dispatched = "dispatched"
+    on_site = "on_site"
+    handled = "handled"
+    closed = "closed"
 
 
 class Tier(str, Enum):
     """Who a notice is for. `grid` is the push to the on-call grid worker of the place;
     `owner` the push to the sensor's responsible party (registry `owners:`), where a route
-    names it (`notify: [owner]`)."""
+    names it (`notify: [owner]`); `community` the community's 联勤联动站, where a route names it."""
 
     city = "city"
     district = "district"
@@ -114,6 +119,11 @@ class Tier(str, Enum):
     dept = "dept"
     grid = "grid"
     owner = "owner"
+    community = "community"
+
+
+# What an acknowledgement may say (Ack.state): the states a person moves an incident to.
+HandlingState = Literal["acknowledged", "dispatched", "on_site", "handled", "closed"]
 
 
 class Reading(BaseModel):
@@ -211,6 +221,19 @@ class AlertNotice(BaseModel):
                                 "link (a signed token; GET shows a confirmation, POST acknowledges)")
     ack_token: str | None = Field(default=None, description="pushes: the same token, for an app "
                                   "to publish on {prefix}/push/{worker_id}/ack")
+    # handling notices only (dispatched, on_site, handled, closed): absent from the others
+    state_by: str | None = Field(default=None, description="who moved the incident to `state`")
+    state_tier: Tier | None = None
+    dispatched_to: str | None = Field(default=None, description="dispatched: the worker, team "
+                                      "or department sent")
+    note: str | None = Field(default=None, description="handled: what was done; closed: the "
+                             "reason, when the sensor had not resolved")
+    timeline: dict[str, datetime] | None = Field(default=None, description="closed: when it "
+                                                 "fired, was acknowledged, on site, handled, "
+                                                 "resolved and closed (those that happened)")
+    silenced: str | None = Field(default=None, description="the silence muting the incident when "
+                                 "this notice went out (a resolve or acknowledgement still goes "
+                                 "to every tier told)")
 
 
 class AckRequest(BaseModel):
@@ -224,6 +247,10 @@ class AckRequest(BaseModel):
     note: str | None = Field(default=None, max_length=500)
     by: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     tier: Tier | None = None
+    state: HandlingState | None = Field(default=None, description="the handling state it moves "
+                                        "the incident to; none: acknowledged")
+    to: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+        default=None, description="dispatched: to whom (a worker, a team, a department)")
 
 
 class Ack(BaseModel):
@@ -240,11 +267,25 @@ class Ack(BaseModel):
     note: str | None = Field(default=None, max_length=500)
     seq: int | None = Field(default=None, ge=1, description="a push link's acknowledgement: the "
                             "seq of the notice it came with; good only while that firing lasts")
+    state: HandlingState | None = Field(default=None, description="the handling state it moves "
+                                        "the incident to; none: acknowledged")
+    to: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+        default=None, description="dispatched: to whom (a worker, a team, a department)")
 
     @property
     def ts_ms(self) -> int:
         ts = self.ts
         return ts if isinstance(ts, int) else int(ts.timestamp() * 1000)
+
+    @model_serializer(mode="wrap")
+    def _without_unset_handling(self, handler: Any) -> dict:
+        # a plain acknowledgement is written as before the handling states (journals, dead
+        # letters and Kafka records stay byte for byte what older readers know)
+        d = handler(self)
+        for k in ("state", "to"):
+            if d.get(k) is None:
+                d.pop(k, None)
+        return d
 
 
 class DeadLetter(BaseModel):
@@ -252,7 +293,7 @@ class DeadLetter(BaseModel):
 
     reason: Literal["malformed", "invalid", "oversize", "unknown_sensor", "wrong_sender", "wrong_kind",
                     "not_finite", "future", "too_old", "stale", "bad_ack", "forbidden",
-                    "undeliverable", "poison", "wrong_topic"]
+                    "undeliverable", "poison", "wrong_topic", "bad_silence"]
     detail: str
     payload: str = Field(description="the original bytes as UTF-8 text (or base64 if not UTF-8); "
                          "for an element of a gateway array, that element's bytes only")

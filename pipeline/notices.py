@@ -17,9 +17,10 @@ from pipeline.registry import Place, Registry
 
 _FIELD = re.compile(r"\{([a-z_]+)\}")
 _STATE_MARK = {State.firing: "", State.escalated: "·升级", State.acknowledged: "·已确认",
-               State.resolved: "·已解除", State.reminder: "·提醒"}
+               State.resolved: "·已解除", State.reminder: "·提醒", State.dispatched: "·已派遣",
+               State.on_site: "·已到场", State.handled: "·已处置", State.closed: "·已结案"}
 _TIER_CN = {"street": "街镇", "district": "区级", "city": "市级", "dept": "部门", "grid": "网格员",
-           "owner": "责任方"}
+           "owner": "责任方", "community": "社区"}
 
 DEFAULT_SUMMARY = {
     "threshold": "{address}：{kind_name}读数{value}{unit}，达到阈值{threshold}{unit}（{level}级）。{notes}",
@@ -120,8 +121,9 @@ def owner_summary(owner: Any, fields: dict[str, Any], started_ms: int, tz: ZoneI
 def finish(base: dict, *, seq: int, severity: Severity, state: State, previous: State | None,
            ts_ms: int, tz: ZoneInfo, flapping: bool, escalation: int, acked_by: str | None,
            acked_tier: str | None, extra_summary: str = "", lowered: bool = False,
-           cleared: tuple[float | None, float] | None = None) -> dict:
-    """One state change's notice, less tier and target (``for_target`` adds them)."""
+           cleared: tuple[float | None, float] | None = None, handling: dict | None = None) -> dict:
+    """One state change's notice, less tier and target (``for_target`` adds them).
+    ``handling``: a handling notice's own fields (pipeline/handling.py)."""
     n = {k: v for k, v in base.items() if not k.startswith("_")}
     n.update(seq=seq, severity=severity.value, level=severity.level,
              fiware_severity=severity.fiware, state=state.value,
@@ -144,6 +146,8 @@ def finish(base: dict, *, seq: int, severity: Severity, state: State, previous: 
         tail += (f"当前{fmt_number(value)}{unit}，已达解除值{fmt_number(level)}{unit}"
                  + ("，降级。" if lowered else "。"))
     n["summary"] = base["_summary"] + tail
+    if handling:
+        n.update(handling)
     if "_owner_summary" in base:
         n["_owner_summary"] = base["_owner_summary"] + tail     # for_target picks, then drops it
     return n

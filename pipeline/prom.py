@@ -16,7 +16,7 @@ def family(name: str, kind: str, help_: str, value: float | Mapping[str, float],
     return lines
 
 
-TIERS = ("city", "district", "street", "dept", "grid", "owner")
+TIERS = ("city", "district", "street", "dept", "grid", "owner", "community")
 
 
 def notices_by_tier(counters: Mapping[str, int], what: str = "published") -> list[str]:

@@ -37,7 +37,9 @@ from typing import Any
 import msgspec
 from pydantic import ValidationError
 
+from pipeline import handling as hd
 from pipeline import notices as nt
+from pipeline import silences as sil
 from pipeline import wire
 from pipeline.engine import EARLIEST, EngineSettings
 from pipeline.lifecycle import AlertBook
@@ -54,6 +56,10 @@ OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a 
        "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
 FLIP = {">=": "<=", "<=": ">=", ">": "<", "<": ">", "==": "==", "!=": "!="}
 
+# a silence holds news of an incident, never its end nor people taking it in hand
+_TOLD_WHILE_MUTED = (State.resolved, State.acknowledged, State.dispatched, State.on_site,
+                     State.handled, State.closed)
+
 
 class Deadlines:
     """Everything that falls due: (due, set order, what). The earliest acts first."""
@@ -62,9 +68,10 @@ class Deadlines:
         self.items: list[tuple[int, int, Any]] = []
         self.n = 0
 
-    def set(self, due: int, what: Any) -> None:
+    def set(self, due: int, what: Any, first: bool = False) -> None:
+        """``first``: before everything else due at the same time (a silence's edge)."""
         self.n += 1
-        self.items.append((due, self.n, what))
+        self.items.append((due, 0 if first else self.n, what))
 
     def next_due(self, upto: int) -> tuple[int, Any] | None:
         due = [d for d in self.items if d[0] <= upto]
@@ -160,6 +167,9 @@ class ReferenceEngine:
         self.members: dict[str, dict[str, dict[int, int]]] = {r.id: {} for r in self.rules}
         self.incidents: dict[str, dict] = {}        # open
         self.resolved: dict[str, dict] = {}         # kept while a flapping rule may reopen
+        self.silences: dict[str, sil.Silence] = {}  # in force or still to come
+        self.edge_plan, self.edge_due = 0, sil.NEVER    # the next time one may start or stop
+        self.closable: dict[str, dict] = {}         # resolved, taken in hand, not closed yet
         self.changes: list[Change] = []
         self.counters: Counter[str] = Counter()
         self.notices: list[dict] = []
@@ -322,21 +332,134 @@ class ReferenceEngine:
             self._refuse(str(exc.errors()[0]["msg"]),
                          raw if isinstance(raw, bytes) else msgspec.json.encode(raw))
             return
+        payload = raw if isinstance(raw, bytes) else a.model_dump_json().encode()
+        if a.state not in (None, "acknowledged"):
+            return self._handle(a, payload)
         inc = self.incidents.get(a.alert_id)
         if inc is None:
             self._refuse(f"no open incident {a.alert_id} (resolved already, or never existed)",
-                         raw if isinstance(raw, bytes) else a.model_dump_json().encode())
+                         payload)
             return
         self.counters["acks"] += 1
         if inc["acked_by"]:
             return
         inc["acked_by"], inc["acked_tier"] = a.by, a.tier.value
+        inc["times"]["acknowledged"] = max(a.ts_ms, inc["last_ts"])
         prev = inc["state"]
         inc["state"] = State.acknowledged
         self._send(inc, State.acknowledged, prev, max(a.ts_ms, inc["last_ts"]), [])
 
-    def _refuse(self, why: str, payload: bytes) -> None:
-        self._dead(wire.dead_letter("bad_ack", why, payload))
+    def _handle(self, a: Ack, payload: bytes) -> None:
+        """dispatched, on_site, handled, closed (pipeline/handling.py): open incidents and
+        resolved ones somebody took in hand, until closed."""
+        inc = self.incidents.get(a.alert_id) or self.closable.get(a.alert_id)
+        if inc is None:
+            self._refuse(f"no open incident {a.alert_id} (closed already, or never existed)",
+                         payload)
+            return
+        times = inc["times"]
+        if hd.RANK[a.state] <= max([hd.RANK[k] for k in times if k in hd.RANK] or [0]):
+            self.counters["acks"] += 1
+            return
+        open_ = a.alert_id in self.incidents
+        if a.state == "closed":
+            why = hd.may_close({t.tier for t in inc["sent"]}, a.tier)
+            if why:
+                self._refuse(f"{a.by!r}: {why}; alert {a.alert_id}", payload, "forbidden")
+                return
+            if open_ and not a.note:
+                self._refuse("the sensor has not resolved: close it with the reason in `note` "
+                             "(e.g. 传感器故障)", payload)
+                return
+        self.counters["acks"] += 1
+        ts = max(a.ts_ms, inc["last_ts"])
+        if not inc["acked_by"]:
+            inc["acked_by"], inc["acked_tier"] = a.by, a.tier.value
+            times.setdefault("acknowledged", ts)
+        times[a.state] = ts
+        if a.state == "dispatched":
+            inc["dispatched_to"] = a.to or a.by
+        prev, inc["state"] = inc["state"], State(a.state)
+        fields = {"state_by": a.by, "state_tier": a.tier.value,
+                  "dispatched_to": inc["dispatched_to"], "note": a.note}
+        if a.state == "closed":          # one still firing stays, silent, until it resolves
+            fields["timeline"] = hd.timeline(times, inc["started"], self.reg.tz)
+            self.closable.pop(a.alert_id, None)
+        self._send(inc, State(a.state), prev, ts, [], hd.summary(a.state, a), handling=fields)
+
+    def _settled(self, inc: dict) -> bool:
+        if inc["route"].escalate_until == "on_site":
+            return any(k in inc["times"] for k in ("on_site", "handled", "closed"))
+        return bool(inc["acked_by"])
+
+    def _refuse(self, why: str, payload: bytes, reason: str = "bad_ack") -> None:
+        self._dead(wire.dead_letter(reason, why, payload))
+
+    # ---- silences: at the watermark; a muted incident's news waits, a resolve does not ------
+    def silence(self, raw: bytes | dict) -> None:
+        got, why = sil.accept(self.silences, raw, self.watermark)
+        if why:
+            return self._refuse(why, raw if isinstance(raw, bytes) else msgspec.json.encode(raw),
+                                "bad_silence")
+        self.counters["silences"] += 1
+        if isinstance(got, sil.Silence):
+            self.silences[got.id] = got
+            if got.end < sil.NEVER:
+                self.deadlines.set(got.end, ("over", got.id), first=True)
+        else:
+            del self.silences[got.id]
+        self._edge(self.watermark)
+
+    def _edge(self, t: int) -> None:
+        """A silence may start or stop muting at ``t``: every open incident is looked at. The
+        next edge is planned only while incidents are open (and when the first one opens)."""
+        for inc in list(self.incidents.values()):
+            self._mute(inc, t)
+        self._plan_edge(t)
+
+    def _plan_edge(self, t: int) -> None:
+        self.edge_plan += 1
+        self.edge_due = min((s.next_edge(t) for s in self.silences.values()),
+                            default=sil.NEVER) if self.incidents else sil.NEVER
+        if self.edge_due < sil.NEVER:
+            self.deadlines.set(self.edge_due, ("edge", self.edge_plan), first=True)
+
+    def _muting(self, inc: dict, t: int) -> str | None:
+        view = _Inc(inc)
+        labels = self.present._labels(view)
+        labels["sensor_id"] = self._name(inc["idx"] if inc["idx"] is not None else inc["subject"])
+        return next((sid for sid in sorted(self.silences)
+                     if self.silences[sid].active(t) and self.silences[sid].covers(labels)), None)
+
+    def _mute(self, inc: dict, t: int) -> None:
+        if self.silences and self.edge_due == sil.NEVER:
+            self._plan_edge(t)
+        t = max(t, inc["last_ts"])
+        sid = self._muting(inc, t)
+        if sid is not None:
+            if inc["muted"] is None:
+                inc["muted_at"] = max(t, inc["started"])
+            inc["muted"] = sid
+            return
+        if inc["muted"] is None:
+            return
+        # no longer muted: escalation resumes with the muted time added to its deadlines, and
+        # what was held is told as it stands now, to every tier it reaches
+        pause = max(0, t - inc["muted_at"])
+        inc["paused"] += pause
+        for told_at in ("district_at", "community_at", "street_at"):     # deadlines move on
+            if inc[told_at] is not None:
+                inc[told_at] += pause
+        inc["muted"] = None
+        ts = max(t, inc["last_ts"])
+        if inc["held"]:
+            inc["held"] = False
+            inc["state"] = State.acknowledged if inc["acked_by"] else State.firing
+            self._send(inc, inc["state"], None, ts, self._reach(inc, ts),
+                       "静默结束，补发静默期间暂缓的通知。")
+        if not self._settled(inc):
+            self._plan_reminders(inc, ts)
+            self._plan_escalation(inc, inc["started"], ts)
 
     # ---- time ------------------------------------------------------------------------------
     def advance(self, watermark: int) -> None:
@@ -358,6 +481,14 @@ class ReferenceEngine:
             elif what == "scan":
                 self._scan(due)
                 self._plan_scan(due + self.settings.absence_scan_every)
+            elif what == "edge":
+                if key[0] == self.edge_plan:
+                    self._edge(due)
+            elif what == "over":        # a silence's end: gone for good, even for late readings
+                s = self.silences.get(key[0])
+                if s is not None and s.end == due:
+                    del self.silences[key[0]]
+                    self._edge(due)
             else:
                 self._incident_due(due, what, *key)
             self._drain()
@@ -765,6 +896,16 @@ class ReferenceEngine:
 
     # ---- the incident lifecycle ------------------------------------------------------------
     def _apply(self, ch: Change) -> None:
+        closed = self.incidents.get(ch.alert_id)
+        if ch.what in (UPGRADE, DOWNGRADE, RESOLVE) and closed and "closed" in closed["times"]:
+            if ch.what == RESOLVE:              # closed while firing: it ends telling nobody
+                del self.incidents[ch.alert_id]
+                closed["state"] = State.resolved
+                if getattr(ch.rule.spec, "flapping", None):
+                    self.resolved[ch.alert_id] = closed
+                    self.deadlines.set(ch.ts + ch.rule.spec.flapping.window + 1,
+                                       ("forget", ch.alert_id))
+            return
         if ch.what == FIRE:
             idx = ch.subject if isinstance(ch.subject, int) else \
                 (ch.members[0] if ch.members else None)
@@ -773,10 +914,13 @@ class ReferenceEngine:
                    "started": ch.started, "seq": 0, "sent": [], "value": ch.value,
                    "threshold": ch.threshold, "event": ch.event, "flapping": ch.flapping,
                    "escalation": 0, "acked_by": None, "acked_tier": None, "last_ts": ch.ts,
-                   "district_at": None, "plan": 0}
+                   "district_at": None, "plan": 0,
+                   "muted": None, "muted_at": 0, "paused": 0, "held": False,
+                   "times": {}, "dispatched_to": None, "community_at": None, "street_at": None}
             inc["route"] = self.router.route(self.present._labels(_Inc(inc)))
             self._base(inc, ch)
             self.incidents[inc["aid"]] = inc
+            self._mute(inc, ch.ts)
             self._send(inc, State.firing, None, ch.ts, self._reach(inc, ch.ts))
             self._plan_reminders(inc, ch.ts)
             self._plan_escalation(inc, ch.ts, ch.ts)
@@ -787,9 +931,14 @@ class ReferenceEngine:
                                           ch.started, ch.value, ch.threshold, ch.event,
                                           ch.members, ch.flapping))
             inc.update(state=State.firing, rank=ch.rank, value=ch.value, threshold=ch.threshold,
-                       flapping=True, acked_by=None, acked_tier=None, escalation=0)
+                       flapping=True, acked_by=None, acked_tier=None, escalation=0,
+                       times={"fired": ch.ts}, dispatched_to=None, community_at=None,
+                       street_at=None)
+            self.closable.pop(inc["aid"], None)
             self.incidents[inc["aid"]] = inc
             self._base(inc, ch)
+            inc["paused"] = 0
+            self._mute(inc, ch.ts)
             self._send(inc, State.firing, State.resolved, ch.ts, self._reach(inc, ch.ts))
             self._plan_reminders(inc, ch.ts)
             self._plan_escalation(inc, ch.ts, ch.ts)
@@ -799,8 +948,9 @@ class ReferenceEngine:
                 return
             inc.update(rank=ch.rank, value=ch.value, threshold=ch.threshold, event=ch.event)
             self._base(inc, ch)
+            self._mute(inc, ch.ts)
             self._send(inc, State.firing, State.firing, ch.ts, self._reach(inc, ch.ts))
-            if not inc["acked_by"]:
+            if not self._settled(inc):
                 self._plan_escalation(inc, inc["started"], ch.ts)
         elif ch.what == DOWNGRADE:
             inc = self.incidents.get(ch.alert_id)
@@ -808,6 +958,7 @@ class ReferenceEngine:
                 return
             inc.update(rank=ch.rank, value=ch.value, threshold=ch.threshold)
             self._base(inc, ch)
+            self._mute(inc, ch.ts)
             self._send(inc, State.firing, State.firing, ch.ts, [], lowered=True,
                        cleared=(ch.value, ch.cleared))
         elif ch.what == RESOLVE:
@@ -819,10 +970,15 @@ class ReferenceEngine:
             self._base(inc, ch)
             self._send(inc, State.resolved, prev, ch.ts, [],
                        cleared=(ch.value, ch.cleared) if ch.cleared is not None else None)
+            inc["muted"], inc["held"] = None, False
             spec = ch.rule.spec
             if getattr(spec, "flapping", None):
                 self.resolved[inc["aid"]] = inc
                 self.deadlines.set(ch.ts + spec.flapping.window + 1, ("forget", inc["aid"]))
+            if inc["acked_by"]:                # taken in hand: it awaits its closing
+                inc["times"]["resolved"] = ch.ts
+                self.closable[inc["aid"]] = inc
+                self.deadlines.set(ch.ts + hd.CLOSABLE_FOR, ("unclose", inc["aid"], inc["plan"]))
 
     def _base(self, inc: dict, ch: Change) -> None:
         view = _Inc(inc)
@@ -840,15 +996,20 @@ class ReferenceEngine:
 
     def _send(self, inc: dict, state: State, prev: State | None, ts: int, new: list,
               extra: str = "", only: list | None = None, lowered: bool = False,
-              cleared: tuple | None = None) -> None:
-        inc["seq"] += 1
+              cleared: tuple | None = None, handling: dict | None = None) -> None:
         inc["last_ts"] = max(inc["last_ts"], ts)
+        if inc["muted"] and state not in _TOLD_WHILE_MUTED:
+            inc["held"] = True
+            return
+        inc["seq"] += 1
         inc["sent"] += new
         n = nt.finish(inc["base"], seq=inc["seq"], severity=Severity.of_rank(inc["rank"]),
                       state=state, previous=prev, ts_ms=ts, tz=self.reg.tz,
                       flapping=inc["flapping"], escalation=inc["escalation"],
                       acked_by=inc["acked_by"], acked_tier=inc["acked_tier"],
-                      extra_summary=extra, lowered=lowered, cleared=cleared)
+                      extra_summary=extra, lowered=lowered, cleared=cleared, handling=handling)
+        if inc["muted"]:
+            n["silenced"] = inc["muted"]
         for t in (only if only is not None else inc["sent"]):
             self.notices.append(nt.for_target(n, t.tier.value, t.target, t.worker))
 
@@ -863,24 +1024,51 @@ class ReferenceEngine:
         r = inc["route"]
         if Tier.district in told and inc["district_at"] is None:
             inc["district_at"] = now
-        if Tier.district not in told and r.escalate_street:
-            due = street_since + r.escalate_street
+        below = self._below_street(inc, told)
+        if (r.escalate_grid or r.escalate_community) and Tier.community in told \
+                and inc["community_at"] is None:
+            inc["community_at"] = now
+        if below is Tier.community:
+            due = street_since + r.escalate_grid + inc["paused"]
+        elif below is Tier.street:
+            due = inc["community_at"] + r.escalate_community
+        elif Tier.district not in told and r.escalate_street:
+            due = inc["street_at"] + r.escalate_street if inc["street_at"] is not None \
+                else street_since + r.escalate_street + inc["paused"]
         elif Tier.district in told and Tier.city not in told and r.escalate_district:
             due = inc["district_at"] + r.escalate_district
         else:
             return
         self.deadlines.set(max(due, now), ("esc", inc["aid"], inc["plan"]))
 
+    @staticmethod
+    def _below_street(inc: dict, told: set) -> Tier | None:
+        """The community chain's next rung below the street (网格 → 社区 → 街道), if any."""
+        r = inc["route"]
+        if Tier.street in told or Tier.district in told:
+            return None
+        if r.escalate_grid and Tier.community not in told:
+            return Tier.community
+        if r.escalate_community and Tier.community in told:
+            return Tier.street
+        return None
+
     def _incident_due(self, due: int, what: str, aid: str, plan: int = 0, step: int = 0) -> None:
         if what == "forget":
             self.resolved.pop(aid, None)
             return
-        inc = self.incidents.get(aid)
-        if inc is None or inc["acked_by"] or plan != inc["plan"]:
+        if what == "unclose":
+            if aid in self.closable and self.closable[aid]["plan"] == plan:
+                del self.closable[aid]
             return
+        inc = self.incidents.get(aid)
+        if inc is None or self._settled(inc) or plan != inc["plan"] or inc["muted"]:
+            return
+        until = hd.still_to_come(inc["route"].escalate_until)
         if what == "esc":
             told = {t.tier for t in inc["sent"]}
-            nxt = Tier.district if Tier.district not in told else Tier.city
+            nxt = self._below_street(inc, told) or \
+                (Tier.district if Tier.district not in told else Tier.city)
             if nxt in told:
                 return
             place = self.reg.place_of(inc["idx"]) if inc["idx"] is not None else None
@@ -890,15 +1078,21 @@ class ReferenceEngine:
             prev = inc["state"]
             inc["state"] = State.escalated
             self._send(inc, State.escalated, prev, due, [target] if target else [],
-                       f"超过{format_duration(due - inc['started'])}无人确认，已升级至"
+                       f"超过{format_duration(due - inc['started'])}无人{until}，已升级至"
                        f"{nt.tier_cn(nxt.value)}。")
             if nxt == Tier.district:
                 inc["district_at"] = due
                 self._plan_escalation(inc, inc["started"], due)
+            elif nxt == Tier.community:
+                inc["community_at"] = due
+                self._plan_escalation(inc, inc["started"], due)
+            elif nxt == Tier.street:
+                inc["street_at"] = due
+                self._plan_escalation(inc, inc["started"], due)
         elif what == "rem":
             prev = inc["state"]
-            targets = [t for t in inc["sent"] if t.tier in (Tier.grid, Tier.street)]
-            self._send(inc, State.reminder, prev, due, [], f"第{step}次提醒：尚未确认。",
+            targets = [t for t in inc["sent"] if t.tier in (Tier.grid, Tier.street, Tier.community)]
+            self._send(inc, State.reminder, prev, due, [], f"第{step}次提醒：尚未{until}。",
                        only=targets)
             inc["state"] = prev
             if step < inc["route"].max_reminders:

@@ -136,8 +136,9 @@ def carry(old: Engine, new: Engine, at: int,
             del state["rules"][rid]
         state["timers"] = [t for t in state["timers"] if t[2] not in reshaped]
         book = state["book"]
-        for bucket in ("open", "resolved"):
-            book[bucket] = [row for row in book.get(bucket, []) if row[1] not in reshaped]
+        for bucket in ("open", "resolved", "closable"):       # incidents, by rule
+            if bucket in book:
+                book[bucket] = [row for row in book[bucket] if row[1] not in reshaped]
     new.restore(msgspec.msgpack.encode(state))
     new.clock_bound, new.keep_accepted = old.clock_bound, old.keep_accepted
     out = Output()

@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Annotated, Any
 from zoneinfo import ZoneInfo
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline import wire
+from pipeline.close_figures import CloseFigures
 from pipeline.engine import Engine, Output
+from pipeline.models import HandlingState, MAX_TS_MS
 from pipeline.wire import WireReading
 from pipeline.yamlfile import ConfigError, load_yaml, pydantic_error
 
@@ -66,6 +68,7 @@ class ReplayStats:
     notices: int = 0
     dead_letters: int = 0
     by_tier: dict[str, int] = field(default_factory=dict)
+    close: CloseFigures = field(default_factory=CloseFigures)    # time to close (快速处置)
 
 
 def csv_readings(path: Path, mapping: CsvMapping, stats: ReplayStats) -> Iterator[list[WireReading]]:
@@ -137,6 +140,59 @@ class AckAfter:
             yield engine.ack([{"alert_id": alert_id, "by": self.BY, "tier": tier, "ts": at}], o)
 
 
+class HandlingRecord(BaseModel):
+    """One line of a handling log (`cityops replay --handling FILE`): what a person did to an
+    incident, named by its alert id or by the rule and sensor (or gateway) of the incident
+    open then."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ts: datetime | Annotated[int, Field(ge=0, le=MAX_TS_MS)]
+    state: HandlingState
+    by: str = Field(min_length=1, max_length=64)
+    tier: str
+    alert_id: str | None = None
+    rule_id: str | None = None
+    sensor_id: str | None = None
+    note: str | None = Field(default=None, max_length=500)
+    to: str | None = Field(default=None, min_length=1, max_length=64)
+
+    @property
+    def ts_ms(self) -> int:
+        return self.ts if isinstance(self.ts, int) else int(self.ts.timestamp() * 1000)
+
+
+class HandlingLog:
+    """A handling log replayed with the readings: each record reaches the engine at its time,
+    as ``AckAfter``'s acknowledgements do (the replay then goes an input at a time)."""
+
+    def __init__(self, path: Path) -> None:
+        self.due: list[tuple[int, int, HandlingRecord]] = []
+        with path.open("rb") as f:
+            for line, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    rec = HandlingRecord.model_validate_json(raw)
+                except ValidationError as exc:
+                    raise ConfigError(path, line, wire.ack_refusal(exc)) from None
+                if rec.alert_id is None and (rec.rule_id is None or rec.sensor_id is None):
+                    raise ConfigError(path, line, "name the incident: alert_id, or rule_id and "
+                                      "sensor_id")
+                self.due.append((rec.ts_ms, line, rec))
+        heapq.heapify(self.due)
+
+    def due_by(self, engine: Engine, ts: int) -> Iterator[Output]:
+        from rules.testing import _find_incident          # (the rule tests name incidents so too)
+        while self.due and self.due[0][0] <= ts:
+            at, _, rec = heapq.heappop(self.due)
+            aid = rec.alert_id or _find_incident(engine, rec.rule_id, rec.sensor_id) \
+                or f"{rec.rule_id}@{rec.sensor_id}"
+            o = engine.advance(at)
+            yield engine.ack([{"alert_id": aid, "by": rec.by, "tier": rec.tier, "ts": at,
+                               "state": rec.state, "note": rec.note, "to": rec.to}], o)
+
+
 def _earliest(raw: bytes) -> int | None:
     readings, _ = wire.decode(raw)
     return min((r.ts for r in readings), default=None)
@@ -146,10 +202,11 @@ def replay(engine: Engine, source: Path, out: IO[bytes], *, mapping: CsvMapping 
            batch: int = 1000, dead: IO[bytes] | None = None,
            progress: Callable[[ReplayStats], None] | None = None,
            on_output: Callable[[Output], None] | None = None,
-           ack_after: int | None = None) -> ReplayStats:
+           ack_after: int | None = None, handling: Path | None = None) -> ReplayStats:
     stats = ReplayStats()
     acks = AckAfter(ack_after) if ack_after is not None else None
-    if acks is not None:
+    log = HandlingLog(handling) if handling is not None else None
+    if acks is not None or log is not None:
         batch = 1
     # The wall clock only refuses readings from the future; history is never ahead of it, so
     # the output stays byte-identical from run to run.
@@ -161,6 +218,7 @@ def replay(engine: Engine, source: Path, out: IO[bytes], *, mapping: CsvMapping 
             out.write(orjson.dumps(n, option=opt))
             stats.by_tier[n["tier"]] = stats.by_tier.get(n["tier"], 0) + 1
         stats.notices += len(o.notices)
+        stats.close.observe(o.notices)
         stats.dead_letters += len(o.dead_letters)
         if dead is not None:
             for d in o.dead_letters:
@@ -173,6 +231,9 @@ def replay(engine: Engine, source: Path, out: IO[bytes], *, mapping: CsvMapping 
     def settle(ts: int | None) -> None:
         if acks is not None and ts is not None:
             for o in acks.due_by(engine, ts):
+                emit(o)
+        if log is not None and ts is not None:
+            for o in log.due_by(engine, ts):
                 emit(o)
 
     if mapping is not None:
@@ -199,7 +260,7 @@ def replay(engine: Engine, source: Path, out: IO[bytes], *, mapping: CsvMapping 
                 if not raw:
                     continue
                 stats.lines += 1
-                if acks is not None:
+                if acks is not None or log is not None:
                     settle(_earliest(raw))
                 chunk.append(raw)
                 if len(chunk) >= batch:
@@ -212,6 +273,8 @@ def replay(engine: Engine, source: Path, out: IO[bytes], *, mapping: CsvMapping 
         stats.readings = engine.counters["readings"]
     # History is over: let every timer that the data would have reached run out.
     settle(engine.max_ts + 1)
+    if log is not None and log.due:         # handled and closed after the last reading: history too
+        settle(max(at for at, _, _ in log.due))
     emit(engine.advance(engine.max_ts + 1))
     return stats
 

@@ -28,6 +28,9 @@ class RouteOptions:
     max_reminders: int
     push: bool
     notify: tuple[str, ...] = ()       # besides the tiers: "owner"
+    escalate_grid: int | None = None        # the community chain (grid → community → street)
+    escalate_community: int | None = None
+    escalate_until: str = "acknowledged"    # or "on_site": what stops escalation and reminders
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +57,9 @@ class Router:
             remind_every=r.remind_every if r and r.remind_every is not None else root.remind_every,
             max_reminders=r.max_reminders if r and r.max_reminders is not None else root.max_reminders,
             push=r.push if r and r.push is not None else root.push,
-            notify=tuple(r.notify if r and r.notify is not None else root.notify))
+            notify=tuple(r.notify if r and r.notify is not None else root.notify),
+            escalate_grid=esc.grid, escalate_community=esc.community,
+            escalate_until=r.escalate_until if r and r.escalate_until else root.escalate_until)
 
     def route(self, labels: dict[str, Any]) -> RouteOptions:
         for r, opts in self.routes:
@@ -81,6 +86,8 @@ class Router:
                ) -> Target | None:
         if tier == "street":
             return Target(Tier.street, place.street)
+        if tier == "community":
+            return Target(Tier.community, place.community) if place.community else None
         if tier == "district":
             return Target(Tier.district, place.district)
         if tier == "city":

@@ -33,11 +33,12 @@ from typing import Any
 import orjson
 
 from connectors.mqtt import MqttLink, sender_of
-from pipeline.ack_tokens import BadToken, refused, reply_worker
+from pipeline.ack_tokens import BadToken, read_reply, refused, reply_worker
 from pipeline.config import Settings
 from pipeline.console import StoryConsole
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers, acks_user
+from pipeline.close_figures import CloseFigures
 from pipeline.prom import dead_letters, notices_by_tier
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import check_districts
@@ -45,7 +46,9 @@ from pipeline.registry import load as load_registry
 from pipeline.reload import CitySet, ReloadStats, files_digest, watched_files
 from pipeline.reload_runtime import Requests, Watch, apply_live, take_requests
 from pipeline.statelock import StateLock
-from pipeline.store import ACKS, ADVANCE, READINGS, StateStore
+from pipeline.silence_http import Refused, in_force, listed
+from pipeline.silence_http import command as silence_command
+from pipeline.store import ACKS, ADVANCE, READINGS, SILENCES, StateStore
 from pipeline.wire import MAX_PAYLOAD_BYTES, OVERSIZE_KEPT, dead_letter, oversize
 from pipeline.yamlfile import ConfigError
 from rules.compiler import load_rules
@@ -72,7 +75,9 @@ class LiveRuntime:
         self.lock.acquire()                       # before anything reads or writes the state
         self.stopping = threading.Event()
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.http_silences: queue.SimpleQueue[bytes] = queue.SimpleQueue()     # POST /silences
         self.metrics: Counter[str] = Counter()
+        self.close_figures = CloseFigures()      # time to close (快速处置), for /metrics
         self.batch_seconds = 0.0
         self.batches = 0
         self.started = time.time()
@@ -100,6 +105,8 @@ class LiveRuntime:
         self.prefix = settings.mqtt.prefix
         self.acks_topic = f"{self.prefix}/acks"
         self.push_topics = f"{self.prefix}/push/"     # a worker's reply: …/push/{worker_id}/ack
+        self.silences_topic = f"{self.prefix}/silences"     # …/{user}: the console's silences
+        self._silence_list = b""                  # last published on {prefix}/silence-list
         self.push = None
         if settings.push.enabled:                 # pushes with receipts and acknowledge links
             from pipeline.delivery import PushDispatcher
@@ -143,11 +150,13 @@ class LiveRuntime:
         self.link.topics.append(f"{self.acks_topic}/+")
         if self.push is not None:
             self.link.topics.append(f"{self.push_topics}+/ack")
+        self.link.topics.append(f"{self.silences_topic}/+")
         self.link.start()
         if self.push is not None:
             self.push.start(broker=(host, port, protocol))
         for notices, dead in replayed:            # what the journal regenerated goes out again
             self._publish(notices, dead)
+        self._publish_silence_list()
         if self.simulate:
             self._start_simulator(host, port, protocol)
         if s.reload.watch_every:
@@ -268,7 +277,8 @@ class LiveRuntime:
             # an oversize payload is journaled as what its dead letter keeps, and its size
             readings = [[m.topic, m.payload] if len(m.payload) <= MAX_PAYLOAD_BYTES
                         else [m.topic, m.payload[:OVERSIZE_KEPT], len(m.payload)]
-                        for m in msgs if not self._is_ack(m.topic)]
+                        for m in msgs
+                        if not self._is_ack(m.topic) and not self._is_silence(m.topic)]
             acks = self._acks([m for m in msgs if self._is_ack(m.topic)]) \
                 if len(readings) < len(msgs) else []
             while not self.http_acks.empty():
@@ -277,6 +287,12 @@ class LiveRuntime:
                 entries.append((READINGS, now, readings))
             if acks:
                 entries.append((ACKS, now, acks))
+            silences = self._silences([m for m in msgs if self._is_silence(m.topic)], now) \
+                if len(readings) < len(msgs) else []
+            while not self.http_silences.empty():
+                silences.append(self.http_silences.get_nowait())
+            if silences:
+                entries.append((SILENCES, now, silences))
             if now - last_tick >= s.tick and not self.catching_up:
                 entries.append((ADVANCE, now - s.engine.allowed_lateness, []))
                 last_tick = now
@@ -292,6 +308,8 @@ class LiveRuntime:
                     self._publish(out.notices, out.dead_letters)
                     if self.history is not None:
                         self.history.add(out)
+            if entries:
+                self._publish_silence_list()
             if ((time.monotonic() - last_snapshot) * 1000 >= s.state.snapshot_every
                     or self.store.journaled_bytes >= s.state.snapshot_bytes):
                 if self._snapshot():
@@ -324,6 +342,11 @@ class LiveRuntime:
             def attempt(lo: int, hi: int, out: Output) -> None:
                 engine.ingest(payloads[lo:hi], source=topics[lo:hi], now_ms=at,
                               senders=senders[lo:hi], out=out)
+        elif kind == SILENCES:
+            commands = [items[i] for i in live]
+
+            def attempt(lo: int, hi: int, out: Output) -> None:
+                engine.silence(commands[lo:hi], out=out)
         else:
             acks = [items[i] for i in live]
 
@@ -358,6 +381,38 @@ class LiveRuntime:
             return False
         return True
 
+    def _is_silence(self, topic: str) -> bool:
+        return topic.startswith(self.silences_topic + "/")
+
+    def _silences(self, msgs: list, now: int) -> list[bytes]:
+        """Silence requests on {prefix}/silences/{user} (the console publishes each as the
+        user who made it, as it does acknowledgements) as the commands to journal; one out of
+        the user's scope or malformed is a dead letter (`forbidden`, `bad_silence`)."""
+        commands, dead = [], []
+        for m in msgs:
+            user = acks_user(m.topic, self.silences_topic)
+            try:
+                spec = orjson.loads(m.payload)
+            except orjson.JSONDecodeError:
+                dead.append(dead_letter("bad_silence", "not JSON", m.payload, source=m.topic))
+                continue
+            try:
+                commands.append(silence_command(self, user or "", spec, now))
+            except Refused as exc:
+                dead.append(dead_letter(exc.reason, exc.why, m.payload, source=m.topic))
+        self._publish([], dead)
+        return commands
+
+    def _publish_silence_list(self) -> None:
+        """The silences in force and what they mute, retained on {prefix}/silence-list for the
+        console, whenever it changed."""
+        if not self._silence_list and not self.engine.book.silences.items:
+            return
+        body = orjson.dumps(listed(self))
+        if body != self._silence_list and self.link is not None:
+            self.link.publish(f"{self.prefix}/silence-list", body, retain=True)
+            self._silence_list = body
+
     def _is_ack(self, topic: str) -> bool:
         return (topic == self.acks_topic or topic.startswith(self.acks_topic + "/")
                 or topic.startswith(self.push_topics))
@@ -378,7 +433,8 @@ class LiveRuntime:
             try:
                 if self.push is None:
                     raise BadToken("malformed", "push is not enabled")
-                ack = self.push.accept_token(m.payload.decode("utf-8", "replace"), worker)
+                reply = read_reply(m.payload)       # the token, or {token, state, note}
+                ack = self.push.accept_token(reply.token, worker, reply.state, reply.note, reply.to)
             except BadToken as exc:
                 dead.append(refused(exc, m.payload, m.topic))
             else:
@@ -396,6 +452,7 @@ class LiveRuntime:
             self.metrics["notices." + n["tier"]] += 1
             if self.console is not None:
                 self.console.notice(n)
+        self.close_figures.observe(notices)
         for d in dead:
             link.publish(f"{self.prefix}/deadletter", d.model_dump_json().encode())
             self.metrics["dead." + d.reason] += 1
@@ -444,6 +501,9 @@ class LiveRuntime:
         log.info("stopped; state saved in %s", self.s.state.path)
 
     # ---- operability ------------------------------------------------------------------
+    def silences_in_force(self) -> list:
+        return in_force([self.engine.book], self.engine.watermark)
+
     def health(self) -> dict[str, Any]:
         connected = self.link is not None and self.link.connected.is_set()
         return {"status": "ok" if connected else "degraded", "broker_connected": connected,
@@ -473,6 +533,7 @@ class LiveRuntime:
             f"cityops_late_readings_total {c['late']}",
             *notices_by_tier(self.metrics),
             *dead_letters(self.metrics),        # every one published, the engine's and the loop's
+            *self.close_figures.prometheus(),
         ]
         lines += [
             "# HELP cityops_engine_errors_total Inputs the engine failed on (a bug: see the logs).",

@@ -22,14 +22,15 @@ from pathlib import Path
 import msgspec
 
 READINGS, ACKS, ADVANCE = "readings", "acks", "advance"
+SILENCES = "silences"       # made and ended (pipeline/silences.py): journaled like acks
 
 
 @dataclass(frozen=True)
 class Entry:
     seq: int
-    kind: str            # readings | acks | advance
+    kind: str            # readings | acks | advance | silences
     at: int              # the clock (ms) the input was judged by, or the watermark
-    items: list          # readings: [[topic, payload], ...]; acks: [payload, ...]; advance: []
+    items: list          # readings: [[topic, payload], ...]; acks, silences: [payload, ...]; advance: []
 
 
 class StateStore:

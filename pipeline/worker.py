@@ -45,9 +45,11 @@ from connectors import kafka as kt
 from connectors.faust_bulk import bulk_consumer
 from pipeline.bridge import ReadingRouter
 from pipeline.config import Settings
+from pipeline import silences
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers
 from pipeline.models import Ack
+from pipeline.close_figures import CloseFigures
 from pipeline.prom import dead_letters, family, notices_by_tier
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import load as load_registry
@@ -56,11 +58,25 @@ from pipeline.reload import CitySet, ReloadStats, files_digest, watched_files
 from pipeline.reload_kafka import KafkaReload
 from pipeline.reload_runtime import Requests
 from pipeline.runtime import notice_topic as mqtt_notice_topic
+from pipeline.silence_http import in_force
 from pipeline.wire import ack_refusal, dead_letter
 from rules.compiler import load_rules
 
 log = logging.getLogger("cityops.worker")
 READINGS, ACKS = "readings", "acks"
+SILENCE_KEY = "silence:"        # a fanned-out silence command's key: silence:{id}@{partition}:{offset}
+
+
+def _runs(messages: list) -> list[tuple[list, bool]]:
+    """The fanned-out records as runs of acks and of silence commands, in their order."""
+    runs: list[tuple[list, bool]] = []
+    for m in messages:
+        silent = (m.key or b"").startswith(SILENCE_KEY.encode())
+        if runs and runs[-1][1] == silent:
+            runs[-1][0].append(m)
+        else:
+            runs.append(([m], silent))
+    return runs
 
 
 def _process_name() -> str:
@@ -114,7 +130,9 @@ class CityWorker:
         self.names = kt.topic_names(s.kafka.prefix)
         self.parts: dict[int, PartitionState] = {}
         self.counters: dict[str, int] = defaultdict(int)
+        self.close_figures = CloseFigures()      # time to close (快速处置), for /metrics
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.http_silences: queue.SimpleQueue[bytes] = queue.SimpleQueue()     # POST /silences
         self._ack_misses: dict[bytes, set[int]] = {}     # see _missed
         self.started = time.time()
         self.ready = False
@@ -353,6 +371,9 @@ class CityWorker:
         here, so a good ack goes to every partition (acks come at human pace)."""
         async for event in stream.events():
             payload = event.message.value or b""
+            if silences.is_command(payload):      # silences travel like acks, to every partition
+                await self._fan_out_silence(event, payload)
+                continue
             try:
                 ack = Ack.model_validate_json(payload)
             except ValueError as exc:
@@ -368,6 +389,34 @@ class CityWorker:
             await self.app.producer.flush()
             self.counters["acks"] += 1
 
+    async def _fan_out_silence(self, event: Any, payload: bytes) -> None:
+        try:
+            cmd = silences.parse_command(payload)
+        except ValueError as exc:
+            d = dead_letter("bad_silence", silences.refusal(exc), payload,
+                            source=f"{self.names[ACKS]}@{event.message.offset}")
+            await self.t_dead.send(value=d.model_dump_json().encode())
+            self.counters["dead.bad_silence"] += 1
+            return
+        origin = f"{SILENCE_KEY}{cmd.id}@{event.message.partition}:{event.message.offset}".encode()
+        for p in range(self.partitions):
+            await self.t_fanout.send(key=origin, value=payload, partition=p)
+        await self.app.producer.flush()
+        self.counters["silences"] += 1
+
+    def _apply_silences(self, ps: PartitionState, messages: list) -> Output:
+        """Silence commands, in the order they came, at the partition's watermark. Every
+        partition takes each; one refused is told once, by partition 0 (the others refuse it
+        alike)."""
+        out = Output()
+        for m in messages:
+            got = self._apply(ps, ps.engine.silence, [m.value])
+            if ps.p != 0:
+                got.dead_letters = []
+            out.notices += got.notices
+            out.dead_letters += got.dead_letters
+        return out
+
     async def _apply_acks_agent(self, stream: Any) -> None:
         async for events in stream.noack_take(500, within=0.05):
             by_p: dict[int, list] = defaultdict(list)
@@ -379,25 +428,28 @@ class CityWorker:
                 ps = self.partition(p)
                 ps.pending_events.extend((stream, e) for e in evs)
                 fresh = self._fresh(ps, ACKS, [e.message for e in evs])
-                if not fresh:
-                    continue
-                # `by` is who the bridge (or the HTTP face) authenticated; the engine holding the
-                # incident checks that it lies within that user's scope
-                acks = [m.value for m in fresh]
-                now = int(time.time() * 1000)
+                for fresh, silent in _runs(fresh):    # acks and silences, in their order
+                    if silent:          # silence commands: every partition takes each
+                        await self._emit(self._apply_silences(ps, fresh), ps)
+                        ps.offsets[ACKS] = fresh[-1].offset + 1
+                        continue
+                    # `by` is who the bridge (or the HTTP face) authenticated; the engine
+                    # holding the incident checks that it lies within that user's scope
+                    acks = [m.value for m in fresh]
+                    now = int(time.time() * 1000)
 
-                def attempt(lo: int, hi: int, out: Output, engine: Engine = ps.engine,
-                            acks: list = acks, now: int = now) -> None:
-                    engine.ack(acks[lo:hi], out=out, now_ms=now, may_ack=self.users.may_ack)
-                out = self._isolating(ps, attempt, acks,
-                                      [f"{self.names[ACKS]}@{m.offset}" for m in fresh])
-                ps.offsets[ACKS] = fresh[-1].offset + 1
-                # Refusals for incidents this partition does not hold are the fan-out's doing:
-                # an ack is refused only once every partition has missed it (_missed).
-                out.dead_letters = [d for d in out.dead_letters
-                                    if not d.detail.startswith("no open incident")]
-                self._missed(ps, fresh, out)
-                await self._emit(out, ps)
+                    def attempt(lo: int, hi: int, out: Output, engine: Engine = ps.engine,
+                                acks: list = acks, now: int = now) -> None:
+                        engine.ack(acks[lo:hi], out=out, now_ms=now, may_ack=self.users.may_ack)
+                    out = self._isolating(ps, attempt, acks,
+                                          [f"{self.names[ACKS]}@{m.offset}" for m in fresh])
+                    ps.offsets[ACKS] = fresh[-1].offset + 1
+                    # Refusals for incidents this partition does not hold are the fan-out's
+                    # doing: an ack is refused only once every partition has missed it (_missed).
+                    out.dead_letters = [d for d in out.dead_letters
+                                        if not d.detail.startswith("no open incident")]
+                    self._missed(ps, fresh, out)
+                    await self._emit(out, ps)
             await self._checkpoint_due()
 
     def _missed(self, ps: PartitionState, fresh: list, out: Output) -> None:
@@ -409,7 +461,7 @@ class CityWorker:
         for m in fresh:
             key = m.key or b""
             alert_id = key.decode("utf-8", "replace").rpartition("@")[0]
-            if alert_id in ps.engine.book.open:
+            if ps.engine.book.holds(alert_id):       # open, or resolved awaiting its closing
                 continue
             seen = misses.setdefault(key, set())
             seen.add(ps.p)
@@ -430,6 +482,10 @@ class CityWorker:
             ack = Ack.model_validate_json(payload)
             await self.t_acks.send(key=ack.alert_id.encode(), value=payload)
         await self.reload.take_requests()         # SIGHUP, POST /reload: announced
+        while not self.http_silences.empty():          # made by the HTTP face, checked there
+            payload = self.http_silences.get_nowait()
+            cmd = silences.parse_command(payload)
+            await self.t_acks.send(key=f"{SILENCE_KEY}{cmd.id}".encode(), value=payload)
         now = int(time.time() * 1000)
         # A partition's state may be made from the table only once the table is recovered
         # (records arrive only then; the clock does not wait): until then only engines that
@@ -455,6 +511,7 @@ class CityWorker:
             await self.t_out[kt.notice_topic(kafka_prefix, n)].send(key=kt.notice_key(n).encode(),
                                                                      value=value)
             self.counters["notices." + n["tier"]] += 1
+            self.close_figures.observe([n])
             if self.mirror is not None and (push is None or not push.owns(n)):
                 self.mirror.publish(mqtt_notice_topic(mqtt_prefix, n), value)
         for d in out.dead_letters:
@@ -518,6 +575,12 @@ class CityWorker:
             self.counters["checkpoints"] += 1
 
     # ---- operability ------------------------------------------------------------------------
+    def silences_in_force(self) -> list:
+        """This worker's partitions' silences (each partition has every one) and what they mute."""
+        parts = list(self.parts.values())
+        return in_force([ps.engine.book for ps in parts],
+                        min((ps.engine.watermark for ps in parts), default=None))
+
     def health(self) -> dict[str, Any]:
         return {"status": "ok" if self.ready else "starting", "partitions": sorted(self.parts),
                 "open_incidents": sum(len(ps.engine.book.open) for ps in self.parts.values()),
@@ -532,6 +595,7 @@ class CityWorker:
             *family("cityops_readings_total", "counter", "Reading records taken by the engines.",
                     c["readings"]),
             *notices_by_tier(c, "produced"),
+            *self.close_figures.prometheus(),
             *dead_letters(c),
             *family("cityops_forwarded_total", "counter", "Readings moved to their street's "
                     "partition.", c["forwarded"]),

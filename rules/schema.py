@@ -205,11 +205,18 @@ class Pack(_Strict):
 
 # ---- routing ------------------------------------------------------------------------------
 
-TierName = Literal["street", "grid", "district", "dept", "city"]
+TierName = Literal["street", "grid", "district", "dept", "city", "community"]
+EscalateUntil = Literal["acknowledged", "on_site"]
 NotifyName = Literal["owner"]
 
 
 class Escalation(_Strict):
+    # grid and community: the community chain 网格 → 社区 → 街道 (docs/routing.md); a route
+    # without them climbs street → district → city as before
+    grid: Duration | None = Field(default=None, description="nobody answered this long after the "
+                                  "incident started (the grid worker was told): tell the community")
+    community: Duration | None = Field(default=None, description="nobody answered this long after "
+                                       "the community was told: tell the street")
     street: Duration | None = Field(default=None, description="unacknowledged this long after the "
                                     "incident started (the street was told): tell the district")
     district: Duration | None = Field(default=None, description="unacknowledged this long after the "
@@ -229,6 +236,9 @@ class Route(_Strict):
     push: bool | None = None
     notify: list[NotifyName] | None = Field(default=None, description="besides the tiers: "
                                             "`owner`, the sensor's responsible party")
+    escalate_until: EscalateUntil | None = Field(default=None, description="what stops "
+                                                 "escalation and reminders: `acknowledged` (the "
+                                                 "default) or `on_site` (someone arrived)")
 
 
 class Routing(_Strict):
@@ -239,6 +249,7 @@ class Routing(_Strict):
     push: bool = True
     notify: list[NotifyName] = []
     routes: list[Route] = []
+    escalate_until: EscalateUntil = "acknowledged"
 
     @field_validator("tiers")
     @classmethod

@@ -58,6 +58,10 @@ class TestAck(_Strict):
     subject: str
     by: str = "tester"
     tier: str = "street"
+    state: str | None = Field(default=None, description="a handling state: dispatched, "
+                              "on_site, handled, closed (none: acknowledged)")
+    to: str | None = None
+    note: str | None = None
 
 
 class Step(_Strict):
@@ -82,6 +86,10 @@ class Expect(_Strict):
     members: list[str] | None = None
     title_contains: str | None = None
     worker: str | None = None
+    refused: str | None = Field(default=None, description="an acknowledgement or handling "
+                                "state refused: the dead letter's reason (forbidden, bad_ack)")
+    state_by: str | None = None
+    dispatched_to: str | None = None
 
 
 class RuleTest(_Strict):
@@ -89,6 +97,8 @@ class RuleTest(_Strict):
     rules: list[str] = []
     packs: list[str] = []
     registry: str | None = None
+    routing: str | None = Field(default=None, description="a routing tree instead of the "
+                                "built-in, relative to the file")
     settings: dict[str, Any] = {}
     start: datetime
     steps: list[Step] = Field(min_length=1)
@@ -108,6 +118,8 @@ class Happened:
 
     def describe(self) -> str:
         n = self.notice
+        if "refused" in n:
+            return f"at {_fmt(self.at)} refused {n['refused']}: {n['detail']}"
         subject = n.get("group") or n["sensor_id"]
         return (f"at {_fmt(self.at)} {n['rule_id']} {subject} {n['state']} {n['severity']} "
                 f"tiers={sorted(self.tiers)} value={n['value']} flapping={n['flapping']}")
@@ -120,7 +132,7 @@ def _fmt(ms: int) -> str:
 
 
 def collect(notices: list[dict], start_ms: int, into: list[Happened]) -> None:
-    index = {(h.notice["alert_id"], h.notice["seq"]): h for h in into}
+    index = {(h.notice["alert_id"], h.notice["seq"]): h for h in into if "refused" not in h.notice}
     for n in notices:
         key = (n["alert_id"], n["seq"])
         h = index.get(key)
@@ -143,7 +155,8 @@ def run_file(path: Path, registry_cache: dict[str, Registry] | None = None) -> l
         t = RuleTest.model_validate(doc.data)
     except ValidationError as exc:
         raise pydantic_error(doc, exc) from None
-    rs = load_rules([path.parent / p for p in t.packs]).select(t.rules)
+    rs = load_rules([path.parent / p for p in t.packs],
+                    routing=path.parent / t.routing if t.routing else None).select(t.rules)
     cache = registry_cache if registry_cache is not None else {}
     key = str(path.parent / t.registry) if t.registry else ""
     if key not in cache:
@@ -165,7 +178,10 @@ def run_file(path: Path, registry_cache: dict[str, Registry] | None = None) -> l
             if aid is None:
                 raise doc.error(("steps", i, "ack"), f"no open incident of {a.rule} for {a.subject} "
                                 "to acknowledge at this point")
-            engine.ack([Ack(alert_id=aid, by=a.by, tier=a.tier, ts=now)], out=out)
+            done = engine.ack([Ack(alert_id=aid, by=a.by, tier=a.tier, ts=now, state=a.state,
+                                   to=a.to, note=a.note)], out=out)
+            for d in done.dead_letters:         # a refusal is what it tells, as a notice would be
+                happened.append(Happened(now - start, {"refused": d.reason, "detail": d.detail}, set()))
         if step.advance:
             engine.advance(now, out)
         collect(out.notices, start, happened)
@@ -173,7 +189,7 @@ def run_file(path: Path, registry_cache: dict[str, Registry] | None = None) -> l
 
 
 def _find_incident(engine: Engine, rule: str, subject: str) -> str | None:
-    for inc in engine.book.open.values():
+    for inc in [*engine.book.open.values(), *engine.book.closable.values()]:
         name = engine._subject_name(inc.subject)
         if inc.rule == rule and (name == subject or name == "gw:" + subject):
             return inc.aid
@@ -188,6 +204,11 @@ def compare(expected: list[Expect], happened: list[Happened]) -> list[str]:
             continue
         got = happened[i]
         n = got.notice
+        if "refused" in n or want.refused:
+            if n.get("refused") != want.refused or (want.at is not None and want.at != got.at):
+                failures.append(f"#{i + 1}: expected {want.model_dump(exclude_none=True)}, "
+                                f"got {got.describe()}")
+            continue
         subject = n.get("group") or n["sensor_id"]
         checks = {
             "at": (want.at, got.at), "rule": (want.rule, n["rule_id"]),
@@ -199,6 +220,8 @@ def compare(expected: list[Expect], happened: list[Happened]) -> list[str]:
             "flapping": (want.flapping, n["flapping"]), "escalation": (want.escalation, n["escalation"]),
             "members": (want.members, n["members"]),
             "worker": (want.worker, got.worker),
+            "state_by": (want.state_by, n.get("state_by")),
+            "dispatched_to": (want.dispatched_to, n.get("dispatched_to")),
         }
         for name, (w, g) in checks.items():
             if w is None:

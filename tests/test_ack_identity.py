@@ -210,6 +210,19 @@ def test_bridge_and_worker_take_acks_only_within_the_senders_scope(broker: Mosqu
         done = [json.loads(r.value) for r in street.records]
         assert [(n["alert_id"], n["acked_by"], n["acked_tier"]) for n in done
                 if n["state"] == "acknowledged"] == [(jinjiang, "duty-510104", "district")]
+
+        # the handling states take the same road (README: Handling states): the worker on site,
+        # a close the grid may not make, the district's close with the reason
+        assert ack(broker, W1, jinjiang, state="on_site") == 0
+        assert ack(broker, W1, jinjiang, state="closed", note="已修复") == 0
+        deadletters.until(lambda recs: len(recs) >= 4, timeout=60)
+        assert "the tier that owns the incident, district" in deadletters.values()[-1]["detail"]
+        assert ack(broker, "duty-510104", jinjiang, state="closed", note="燃气公司已修复管道") == 0
+        street.until(lambda recs: any(json.loads(r.value)["state"] == "closed" for r in recs),
+                     timeout=60)
+        done = [json.loads(r.value) for r in street.records if r.value]
+        assert [(n["state"], n["state_by"]) for n in done if n["state"] in ("on_site", "closed")] \
+            == [("on_site", W1), ("closed", "duty-510104")]
     finally:
         for r in readers:
             r.close()

@@ -50,10 +50,10 @@ SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|JAAS", re.IGNORECASE)
 # Who writes and who reads each topic of topic_names(), by role. A new role in topic_names()
 # fails test_every_topic_has_its_producers_and_consumers until acls.sh and this table cover it.
 WRITERS = {"readings": {"bridge", "worker"}, "acks": {"bridge", "worker", "acks"},
-           **{f"alerts.{t}": {"worker"} for t in ("city", "district", "street", "dept")},
+           **{f"alerts.{t}": {"worker"} for t in ("city", "district", "street", "dept", "community")},
            "push": {"worker"}, "deadletter": {"bridge", "worker"}}
 READERS = {"readings": {"worker"}, "acks": {"worker"},
-           **{f"alerts.{t}": {"dashboard"} for t in ("city", "district", "street", "dept")},
+           **{f"alerts.{t}": {"dashboard"} for t in ("city", "district", "street", "dept", "community")},
            "push": {"push"}, "deadletter": {"triage"}}
 SAFE_OPERATIONS = {"Read", "Write", "Describe", "Create", "DescribeConfigs"}
 

@@ -27,13 +27,14 @@ from hypothesis import strategies as st
 
 from pipeline.engine import Engine, EngineSettings
 from pipeline.reference import ReferenceEngine
+from pipeline.silences import DAYS
 from rules.compiler import load_rules
 from tests.engine_fixtures import small_registry
 
 T0 = 1_782_000_000_000
 SEC, MIN = 1000, 60_000
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
-COUNTED = ("readings", "duplicates", "dead_letters", "acks")
+COUNTED = ("readings", "duplicates", "dead_letters", "acks", "silences")
 
 DURATIONS = ["0s", "30s", "1m", "2m", "5m", "10m"]
 STEPS = [0, 1, 500, SEC, 30 * SEC, 59 * SEC, MIN, 61 * SEC, 2 * MIN, 5 * MIN, 11 * MIN, 31 * MIN]
@@ -133,6 +134,17 @@ def routings(draw) -> dict:
         r["routes"] = [{"name": "cams", "match": {"rule_id": "fz.cam"},
                         "tiers": {"yellow": ["street", "dept"]}, "remind_every": "1m",
                         "notify": draw(st.sampled_from([[], ["owner"]]))}]
+    if draw(st.booleans()):          # the community tier and chain (pipeline/handling.py)
+        chain: dict = {"name": "community", "match": {"sensor.alone": True},
+                       "tiers": {"blue": draw(st.sampled_from([["community", "grid"], ["grid"]])),
+                                 "yellow": draw(st.sampled_from([["grid", "dept"],
+                                                                 ["community", "street"]]))},
+                       "escalate_until": draw(st.sampled_from(["acknowledged", "on_site"])),
+                       "remind_every": "1m", "max_reminders": draw(st.integers(1, 5))}
+        low = {k: draw(st.sampled_from(["1m", "3m"])) for k in ("grid", "community", "street")
+               if draw(st.booleans())}
+        chain["escalate_after"] = low
+        r.setdefault("routes", []).insert(0, chain)
     return r
 
 
@@ -174,7 +186,8 @@ def timelines(draw, city: dict) -> list:
     for _ in range(draw(st.integers(1, 40))):
         clock += draw(st.sampled_from(STEPS))
         what = draw(st.sampled_from(["one"] * 8 + ["array"] * 2 + ["again", "late", "bad", "ack",
-                                                                   "advance", "snapshot"]))
+                                                                   "advance", "snapshot",
+                                                                   "silence", "unsilence"]))
         if what == "one":
             r = reading()
             sent.append(r)
@@ -207,13 +220,49 @@ def timelines(draw, city: dict) -> list:
             ]))))
         elif what == "ack":
             ops.append(("ack", draw(st.integers(0, 5)),
-                        draw(st.sampled_from(["street", "grid", "owner"])), clock))
+                        draw(st.sampled_from(["street", "grid", "owner", "community", "district"])),
+                        clock,
+                        draw(st.sampled_from([None, None, "dispatched", "on_site", "on_site",
+                                              "handled", "closed"])),
+                        draw(st.sampled_from([None, "传感器故障"]))))
+        elif what == "silence":
+            ops.append(("silence", json.dumps(draw(silences(clock, lv + cam))).encode()))
+        elif what == "unsilence":
+            ops.append(("silence", json.dumps({"op": "end", "id": f"s{draw(st.integers(0, 2))}",
+                                               "by": "duty"}).encode()))
         elif what == "advance":
             ops.append(("advance", clock))
         else:
             ops.append(("snapshot",))
     ops.append(("advance", clock + draw(st.sampled_from([MIN, 20 * MIN, 2 * 60 * MIN]))))
     return ops
+
+
+@st.composite
+def silences(draw, clock: int, sensors: list[str]) -> dict:
+    """A silence or a weekly window near ``clock`` over some of the city's labels (or a bad one)."""
+    matchers = draw(st.sampled_from([
+        {"street": "510104020"}, {"street": ["510104021", "510104099"]}, {"grid": "510104020*"},
+        {"rule_id": "fz.lv"}, {"severity": ["yellow", "orange"]}, {"category": "construction"},
+        {"kind": "lv"}, {"sensor_id": sensors[:2]}, {"sensor.alone": True},
+        {"district": "510104", "rule_id": "fz.*"}, {"planet": "mars"}]))
+    body: dict = {"op": "add", "id": f"s{draw(st.integers(0, 2))}", "matchers": matchers,
+                  "by": "duty", "reason": "检修"}
+    start = clock + draw(st.sampled_from([-60 * MIN, -MIN, 0, 30 * SEC, 2 * MIN, 10 * MIN]))
+    if draw(st.integers(0, 2)) == 0:
+        # a window a few minutes long in local time (Asia/Shanghai: +08:00), maybe across midnight
+        local = (start // MIN + 8 * 60) % (24 * 60)
+        length = draw(st.sampled_from([1, 3, 20, 60]))
+        end = (local + length) % (24 * 60)
+        body["schedule"] = {"days": draw(st.sampled_from([list(DAYS), ["mon"], ["sat", "sun"]])),
+                            "from": f"{local // 60:02d}:{local % 60:02d}",
+                            "to": f"{end // 60:02d}:{end % 60:02d}", "tz": "Asia/Shanghai"}
+        if draw(st.booleans()):
+            body["ends_at"] = start + draw(st.sampled_from([2 * MIN, 2 * 86_400_000]))
+    else:
+        body["starts_at"] = start
+        body["ends_at"] = start + draw(st.sampled_from([MIN, 90 * SEC, 5 * MIN, 30 * MIN, 3 * 60 * MIN]))
+    return body
 
 
 def build(tmp: Path, pack: dict, routing: dict, city: dict):
@@ -263,11 +312,19 @@ def compare(rs, reg, eng_settings: EngineSettings, ops: list, splits: list[int])
             for n in model.notices:
                 if n["alert_id"] not in alerts:
                     alerts.append(n["alert_id"])
-            _, k, tier, at = op
+            _, k, tier, at, state, note = op
             aid = alerts[k] if k < len(alerts) else "0000000000000000"
-            raw = json.dumps({"alert_id": aid, "by": f"w-{k}", "tier": tier, "ts": at}).encode()
+            ack = {"alert_id": aid, "by": f"w-{k}", "tier": tier, "ts": at}
+            if state:                        # a handling state (pipeline/handling.py)
+                ack.update(state=state, note=note)
+            raw = json.dumps(ack).encode()
             model.ack(raw)
             out = engine.ack([raw])
+            notices.extend(out.notices)
+            dead.extend(out.dead_letters)
+        elif op[0] == "silence":
+            model.silence(op[1])
+            out = engine.silence([op[1]])
             notices.extend(out.notices)
             dead.extend(out.dead_letters)
         elif op[0] == "advance":

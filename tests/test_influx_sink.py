@@ -416,3 +416,30 @@ def test_live_runtime_writes_readings_and_alerts_and_keeps_alerting_through_an_o
         rt.stop()
         loop.join(30)
     assert not loop.is_alive()
+
+
+@pytest.mark.broker
+def test_a_closed_incident_is_stored_with_its_time_to_close(victoria_metrics: VictoriaMetrics,
+                                                            rules, registry: Registry) -> None:
+    """快速处置: the closed notice's points carry the seconds from firing to on site, handled
+    and closed (pipeline/close_figures.py), tagged with the tier that closed it."""
+    engine = Engine(registry, rules)
+    sink = InfluxSink(quick(victoria_metrics.url), registry)
+    fired = engine.ingest([json.dumps({"sensor_id": GAS_ALONE, "ts": T0, "value": 55.0}).encode()])
+    aid = fired.notices[0]["alert_id"]
+    steps = [("on_site", "w-510104020001-01", "grid", 90_000), ("handled", "w-510104020001-01",
+                                                                  "grid", 300_000),
+             ("closed", "city-duty", "city", 1_200_000)]       # red: the city owns it
+    for state, by, tier, after in steps:
+        out = engine.ack([{"alert_id": aid, "by": by, "tier": tier, "ts": T0 + after,
+                           "state": state, "note": "已关阀" if state == "handled" else "已修复"}])
+        assert {n["state"] for n in out.notices} == {state}, out.dead_letters
+    closed = out.notices
+    sink.add(fired)
+    sink.add(out)
+    assert sink.close(10.0)
+    got = victoria_metrics.wait_points(lambda pts: any(p[0] == "alerts_close_seconds" for p in pts))
+    mine = {(p[0], p[3]) for p in got if ("state_tier", "city") in p[1]}
+    assert mine >= {("alerts_on_site_seconds", 90.0), ("alerts_handled_seconds", 300.0),
+                    ("alerts_close_seconds", 1200.0)}
+    assert len([p for p in got if p[0] == "alerts_close_seconds"]) == len(closed)   # a copy per tier

@@ -216,10 +216,25 @@ EXPECTED = {
     "cityops console --kafka 10.0.0.7:9092": "placeholder",
     "cityops console --hash-password": "placeholder",       # no password on its input: one line
     "cityops rules diff cityops.yaml cityops-next.yaml": "placeholder",   # README: Hot reload
+    # against make run's HTTP port, without the README's made-up token: one clear line
+    "cityops silence add --match street=510104020 --for 2h --reason 燃气管网检修": "placeholder",
+    "cityops silence add --match district=510104 --match category=waterlogging --until "
+    "2026-07-02T06:00:00+08:00 --reason 泵站检修": "placeholder",
+    'cityops silence add --match grid=510104020001001 --window "sat,sun 23:00-02:00 '
+    'Asia/Shanghai" --reason 周末夜间管道维护': "placeholder",
+    "cityops silence list": "placeholder",
+    "cityops silence end s-3f9a0c21d4": "placeholder",
     "cityops replay docs/examples/gas-leak.jsonl > notices.jsonl": "ok",
     "cityops replay docs/examples/gas-leak.jsonl --rules 'gas.*' --ack-after 5m --out acked.jsonl": "ok",
     "cityops replay pipeline/fixtures/chengdu/uci_chengdu_pm25_weather_2010_2015.csv --csv-map "
     "pipeline/fixtures/chengdu/uci_chengdu.map.yaml --rules 'weather.*' --out notices.jsonl": "ok",
+    "cityops backtest --rules builtin --params docs/examples/rain30.yaml --against builtin --history "
+    "pipeline/fixtures/chengdu/uci_chengdu_pm25_weather_2010_2015.csv --csv-map "
+    "pipeline/fixtures/chengdu/uci_chengdu.map.yaml --html rainstorm.html": "ok",
+    "cityops backtest --rules packs-next/ --against packs-live/ --params city.yaml --against-params "
+    "city.yaml --history 2026-07.jsonl --ack-after 5m --json figures.json": "placeholder",
+    "cityops backtest --rules packs-next/ --against packs-live/ --history influx://10.0.0.7:8428 "
+    "--from 2026-07-01 --to 2026-07-31T23:59:59": "placeholder",
 }
 
 

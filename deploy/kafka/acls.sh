@@ -91,6 +91,7 @@ topic "$PREFIX.alerts.city"
 topic "$PREFIX.alerts.district"
 topic "$PREFIX.alerts.street"
 topic "$PREFIX.alerts.dept"
+topic "$PREFIX.alerts.community"
 topic "$PREFIX.push"
 # Refused input waits for a person to look at it: keep it a month, not the default week.
 topic "$PREFIX.deadletter" --config retention.ms=2592000000
@@ -123,6 +124,7 @@ acl worker Write,Describe topic "$PREFIX.alerts.city"
 acl worker Write,Describe topic "$PREFIX.alerts.district"
 acl worker Write,Describe topic "$PREFIX.alerts.street"
 acl worker Write,Describe topic "$PREFIX.alerts.dept"
+acl worker Write,Describe topic "$PREFIX.alerts.community"
 acl worker Write,Describe topic "$PREFIX.push"
 acl worker Write,Describe topic "$PREFIX.deadletter"
 acl worker Read,Describe group "$APP_ID"
@@ -141,6 +143,7 @@ acl dashboard Read,Describe topic "$PREFIX.alerts.city"
 acl dashboard Read,Describe topic "$PREFIX.alerts.district"
 acl dashboard Read,Describe topic "$PREFIX.alerts.street"
 acl dashboard Read,Describe topic "$PREFIX.alerts.dept"
+acl dashboard Read,Describe topic "$PREFIX.alerts.community"
 acl dashboard Read group "$PREFIX-dashboard" prefixed
 
 # acks: operations consoles that acknowledge alerts (stops escalation). Write only.

@@ -6,11 +6,14 @@
                                waiting; the last 24 h; a map (all within the user's scope)
     GET  /incidents            the scope's incidents: filters, sorting, counts
     GET  /incidents/{id}       one incident and its whole timeline; acknowledge
-    POST /incidents/{id}/ack   (form: csrf, note, from)
+    POST /incidents/{id}/ack   (form: csrf, note, from; state and to: a handling state —
+                               dispatched, on_site, handled, closed — instead of an ack)
     GET  /me                   a grid worker's pushes, newest first, one-tap acknowledge
+    GET  /silences             silences and maintenance windows (pipeline/opscentre/silences.py)
     GET  /events               server-sent events: `change` when an incident of the scope changed
     GET  /api/incidents?category=&severity=&state=&district=&street=&community=&grid=&sort=&order=&limit=
-    GET  /api/incidents/{id}   POST /api/incidents/{id}/ack ({"note"}; header X-CSRF-Token)
+    GET  /api/incidents/{id}   POST /api/incidents/{id}/ack ({"note", "state", "to"}; header
+                               X-CSRF-Token)
     GET  /api/overview         GET /api/pushes       GET /healthz
 
 Every page and call needs a login; what a user sees is their scope's only (another scope's
@@ -43,9 +46,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from pipeline.identity import AckUsers, Forbidden, Scope
-from pipeline.models import AckRequest, Tier
+from pipeline.models import AckRequest, HandlingState, Tier
 from pipeline.opscentre.auth import check_password, csrf_ok, new_csrf
 from pipeline.opscentre.geo import CityMap
+from pipeline.opscentre.silences import silence_routes
 from pipeline.opscentre.store import PAGE_ROWS, SEVERITIES, STATES, Change, Filters, Store
 
 HERE = Path(__file__).parent
@@ -56,9 +60,12 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY",
            "Cache-Control": "no-store"}
 SEVERITY_ZH = {"blue": "蓝色", "yellow": "黄色", "orange": "橙色", "red": "红色"}
 STATE_ZH = {"firing": "报警中", "escalated": "已升级", "acknowledged": "已确认",
-            "resolved": "已解除", "reminder": "提醒", "open": "未解除"}
+            "resolved": "已解除", "reminder": "提醒", "open": "未解除", "dispatched": "已派遣",
+            "on_site": "已到场", "handled": "已处置", "closed": "已结案"}
 TIER_ZH = {"city": "市城运中心", "district": "区运行中心", "street": "街道联勤中心",
-           "dept": "部门分中心", "grid": "网格员"}
+           "dept": "部门分中心", "grid": "网格员", "community": "社区联勤联动站"}
+# what the incident page offers after acknowledgement (快速处置, pipeline/handling.py)
+HANDLING_ZH = {"dispatched": "派遣", "on_site": "到场", "handled": "处置完毕", "closed": "结案"}
 CATEGORY_ZH = {"gas": "燃气", "waterlogging": "内涝", "flood": "防汛", "weather": "气象",
                "environment": "环境", "construction": "建筑工地", "facility": "城市设施",
                "security": "公共安全", "device": "设备"}
@@ -76,11 +83,14 @@ class _Where:
     district: str | None
     street: str | None
     grid: str | None
+    community: str | None = None
 
 
 class AckBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     note: str | None = Field(default=None, max_length=MAX_NOTE)
+    state: HandlingState | None = None
+    to: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 async def form_of(request: Request) -> dict[str, str]:
@@ -116,7 +126,7 @@ class Hub:
 
     def sees(self, user: str, scope: Scope, c: Change) -> bool:
         return (user in c.pushed_to or scope.covers(
-            _Where(c.district, c.street, c.grid),
+            _Where(c.district, c.street, c.grid, c.community),
             self.users.registry.dept_of_category.get(c.category)))
 
     def _fan_out(self, changes: list[Change]) -> None:
@@ -145,6 +155,7 @@ def console_app(store: Store, users: AckUsers, feed: Any, *, secret: str, secure
     env.filters.update(t=local, waited=waited)
     env.globals.update(SEVERITY_ZH=SEVERITY_ZH, STATE_ZH=STATE_ZH, TIER_ZH=TIER_ZH,
                        CATEGORY_ZH=CATEGORY_ZH, PAGES=PAGES, SEVERITIES=SEVERITIES,
+                       HANDLING_ZH=HANDLING_ZH,
                        STATES=STATES, city_name=registry.city_name)
 
     # ---- who is asking --------------------------------------------------------------------
@@ -273,6 +284,8 @@ def console_app(store: Store, users: AckUsers, feed: Any, *, secret: str, secure
                          or c in scope.codes or c in scope.streets)
         shown = {f.street} if f.street else ({c for c, _ in streets} if len(streets) <= 3 else set())
         communities = sorted((c, n) for c, (n, s) in registry.communities.items() if s in shown)
+        if scope.tier is Tier.community:          # a community's page: its own communities only
+            communities = sorted((c, registry.communities[c][0]) for c in scope.codes)
         return {"districts": districts if scope.tier in (Tier.city, Tier.dept) else [],
                 "streets": streets if len(streets) > 1 else [], "communities": communities}
 
@@ -292,24 +305,31 @@ def console_app(store: Store, users: AckUsers, feed: Any, *, secret: str, secure
         alert_id = request.path_params["alert_id"]
         source = str(form.get("from") or "incident")
         note = str(form.get("note") or "").strip()[:MAX_NOTE] or None
-        refused = acknowledge(user, scope, alert_id, note, source if source in PAGES else "incident")
+        state = str(form.get("state") or "") or None
+        if state not in (None, *HANDLING_ZH):
+            return page(request, "missing", {"message": "没有这个处置状态。"}, 400)
+        to = str(form.get("to") or "").strip()[:64] or None
+        refused = acknowledge(user, scope, alert_id, note, source if source in PAGES else "incident",
+                              state, to)
         if refused is not None:
             return page(request, "missing", {"message": refused[1]}, refused[0])
         return RedirectResponse(safe_next(str(form.get("back") or f"/incidents/{alert_id}")), 303)
 
     def acknowledge(user: str, scope: Scope, alert_id: str, note: str | None,
-                    source: str) -> tuple[int, str] | None:
-        """Publish the user's acknowledgement; (status, why) if it may not be made."""
+                    source: str, state: str | None = None, to: str | None = None
+                    ) -> tuple[int, str] | None:
+        """Publish the user's acknowledgement (or handling state: dispatched, on_site,
+        handled, closed); (status, why) if it may not be made."""
         if store.incident(scope, alert_id) is None:
             return 404, "没有这个事件（或不在您的管辖范围内）。"
         now = int(clock() * 1000)
-        request = AckRequest(alert_id=alert_id, ts=now, note=note)
+        request = AckRequest(alert_id=alert_id, ts=now, note=note, state=state, to=to)
         try:
             ack = users.ack(user, request)
         except Forbidden as exc:
             return 403, str(exc)
         feed.publish_ack(user, request, ack)
-        store.record_ack(alert_id, user, source, note, now)
+        store.record_ack(alert_id, user, source, note, now, state)
         hub.changed(store.changes({alert_id: set()}))
         return None
 
@@ -354,7 +374,8 @@ def console_app(store: Store, users: AckUsers, feed: Any, *, secret: str, secure
         except ValidationError as exc:
             err = exc.errors()[0]
             return JSONResponse({"error": f"{'.'.join(map(str, err['loc']))}: {err['msg']}"}, 400)
-        refused = acknowledge(user, scope, request.path_params["alert_id"], body.note, "api")
+        refused = acknowledge(user, scope, request.path_params["alert_id"], body.note, "api",
+                              body.state, body.to)
         if refused is not None:
             return JSONResponse({"error": refused[1]}, refused[0])
         return JSONResponse({"status": "sent"}, 202)
@@ -386,6 +407,8 @@ def console_app(store: Store, users: AckUsers, feed: Any, *, secret: str, secure
         Route("/api/incidents/{alert_id}", api(api_incident)),
         Route("/api/incidents/{alert_id}/ack", api(api_ack), methods=["POST"]),
         Route("/api/overview", api(api_overview)), Route("/api/pushes", api(api_pushes)),
+        *silence_routes(page=page, guard=guard, form_of=form_of, feed=feed, users=users,
+                        clock=clock),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},

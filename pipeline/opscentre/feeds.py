@@ -75,12 +75,14 @@ class MqttFeed:
             # and a 3.1.1 clean_session=false session is as persistent on Mosquitto
             made = MqttLink(host, port, client_id=client_id, prefix=prefix, protocol=311,
                             username=username, password=password)
-            made.topics = [f"{prefix}/alerts/#", f"{prefix}/push/+", f"{prefix}/receipts"]
+            made.topics = [f"{prefix}/alerts/#", f"{prefix}/push/+", f"{prefix}/receipts",
+                           f"{prefix}/silence-list"]
             made.retired = []
             return made
 
         self._link = link
         self.link = link()
+        self.silences: dict | None = None       # the pipeline's list, retained: see silences.py
         self.failed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="console-feed", daemon=True)
@@ -119,6 +121,9 @@ class MqttFeed:
                 continue
             docs = [d for m in batch if (kind := self._kind(m.topic))
                     and (d := _decoded(kind, m.topic, m.payload))]
+            for m in batch:
+                if m.topic == f"{self.prefix}/silence-list":
+                    self._silence_list(m.payload)
             changes = self.store.apply(docs)
             self.link.ack(batch)               # only now: a crash before this redelivers them
             if changes:
@@ -127,6 +132,20 @@ class MqttFeed:
     def publish_ack(self, user: str, request: AckRequest, ack: Ack) -> None:
         self.link.publish(f"{self.prefix}/acks/{user}",
                           request.model_dump_json(exclude_none=True).encode())
+
+    def _silence_list(self, payload: bytes) -> None:
+        try:
+            doc = orjson.loads(payload)
+            if not isinstance(doc, dict) or not isinstance(doc.get("silences"), list):
+                raise ValueError("not the pipeline's silence list")
+        except ValueError as exc:
+            log.warning("not a silence list on %s/silence-list, skipped (%s)", self.prefix, exc)
+            return
+        self.silences = doc
+
+    def publish_silence(self, user: str, spec: dict) -> None:
+        """A silence made or ended by ``user``, on their own topic (the pipeline checks it)."""
+        self.link.publish(f"{self.prefix}/silences/{user}", orjson.dumps(spec))
 
     def healthy(self) -> bool:
         return self.link.connected.is_set() and not self.failed

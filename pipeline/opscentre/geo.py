@@ -39,6 +39,7 @@ class CityMap:
         self.streets = self._labels({c: n for c, (n, _) in registry.streets.items()},
                                     street_of[grid], lat, lon, placed)
         self.street_district = {c: d for c, (_, d) in registry.streets.items()}
+        self.street_of_community = {c: s for c, (_, s) in registry.communities.items()}
 
     def xy(self, lat: float, lon: float) -> tuple[float, float]:
         w, h = WIDTH - 2 * MARGIN, HEIGHT - 2 * MARGIN
@@ -61,6 +62,8 @@ class CityMap:
         def mine(street: str) -> bool:
             if scope.tier is Tier.district:
                 return self.street_district.get(street) in scope.codes
+            if scope.tier is Tier.community:     # the street its communities are in
+                return any(self.street_of_community.get(c) == street for c in scope.codes)
             if scope.tier in (Tier.street, Tier.grid):
                 return street in scope.codes or street in scope.streets or scope.tier is Tier.grid
             return True

@@ -50,7 +50,9 @@ CREATE TABLE IF NOT EXISTS offsets (topic TEXT, partition INTEGER, next INTEGER 
 
 PAGE_ROWS = 100               # a list page's rows (the API may ask up to 1,000)
 SEVERITIES = ("blue", "yellow", "orange", "red")
-STATES = ("firing", "escalated", "acknowledged", "resolved")
+STATES = ("firing", "escalated", "acknowledged", "resolved", "dispatched", "on_site", "handled",
+          "closed")
+HANDLING = ("dispatched", "on_site", "handled")   # leave an incident open or resolved as it was
 # What a notice's place fields are called, in the incident row too.
 _PLACE = ("district", "district_name", "street", "street_name", "community", "community_name",
           "grid", "grid_name", "address", "lat", "lon")
@@ -79,6 +81,7 @@ class Change:
     grid: str | None
     category: str
     pushed_to: frozenset[str]
+    community: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,11 +148,11 @@ class Store:
     def changes(self, touched: dict[str, set[str]]) -> list[Change]:
         out = []
         for alert_id, workers in touched.items():
-            row = self._db().execute("SELECT district, street, grid, category FROM incidents "
-                                     "WHERE alert_id = ?", (alert_id,)).fetchone()
+            row = self._db().execute("SELECT district, street, grid, category, community FROM "
+                                     "incidents WHERE alert_id = ?", (alert_id,)).fetchone()
             if row is not None:
                 out.append(Change(alert_id, row["district"], row["street"], row["grid"],
-                                  row["category"], frozenset(workers)))
+                                  row["category"], frozenset(workers), row["community"]))
         return out
 
     def _notice(self, db: sqlite3.Connection, n: dict, touched: dict[str, set[str]]) -> None:
@@ -166,8 +169,8 @@ class Store:
         workers = touched.setdefault(n["alert_id"], set())
         if tier == "grid":
             workers.add(n["target"])
-        row = db.execute("SELECT seq, state, told, escalated_at, acked_at, updated_at "
-                         "FROM incidents WHERE alert_id = ?", (n["alert_id"],)).fetchone()
+        row = db.execute("SELECT seq, state, told, escalated_at, acked_at, updated_at, open, "
+                         "resolved_at FROM incidents WHERE alert_id = ?", (n["alert_id"],)).fetchone()
         told = set(row["told"].split(",")) - {""} if row else set()
         told.add(tier)
         if row is None:
@@ -197,8 +200,11 @@ class Store:
             f"WHERE alert_id = ?",
             (n["seq"], new_state, at, n.get("escalation", 0),
              at if n.get("escalation") else None, n.get("acked_by"), n.get("acked_tier"),
-             at if state == "acknowledged" else None, at if new_state == "resolved" else None,
-             ",".join(sorted(told)), int(new_state != "resolved"), *values.values(),
+             at if state in ("acknowledged", *HANDLING, "closed") else None,   # (the first)
+             row["resolved_at"] if state in (*HANDLING, "closed")
+             else at if new_state == "resolved" else None, ",".join(sorted(told)),
+             row["open"] if state in HANDLING else int(new_state not in ("resolved", "closed")),
+             *values.values(),
              n["alert_id"]))
 
     def _receipt(self, db: sqlite3.Connection, r: dict, touched: dict[str, set[str]]) -> None:
@@ -213,15 +219,16 @@ class Store:
         if cur.rowcount:
             touched.setdefault(r["alert_id"], set())
 
-    def record_ack(self, alert_id: str, user: str, page: str, note: str | None, at: int) -> None:
-        """Who asked to acknowledge, from which page, when (the pipeline's `acknowledged`
-        notice follows on the feed)."""
+    def record_ack(self, alert_id: str, user: str, page: str, note: str | None, at: int,
+                   state: str | None = None) -> None:
+        """Who asked to acknowledge (or to move it to a handling ``state``), from which page,
+        when (the pipeline's notice follows on the feed)."""
         with self._write_lock:
             self._db().execute(
                 "INSERT OR IGNORE INTO events(key, alert_id, at, what, tier, target, detail, by) "
                 "VALUES (?,?,?,?,?,?,?,?)",
                 (f"a|{alert_id}|{user}|{at}", alert_id, at, "ack", None, page,
-                 orjson.dumps({"note": note, "page": page}).decode(), user))
+                 orjson.dumps({"note": note, "page": page, "state": state}).decode(), user))
 
     def offsets(self) -> dict[tuple[str, int], int]:
         """A Kafka feed's next offset per (topic, partition), as last committed."""
@@ -237,7 +244,8 @@ class Store:
         if t is Tier.dept:
             cats = sorted(set().union(*(self.dept_categories.get(d, set()) for d in scope.codes)))
             return f"category IN ({','.join('?' * len(cats))})", cats
-        column = {Tier.district: "district", Tier.street: "street", Tier.grid: "grid"}[t]
+        column = {Tier.district: "district", Tier.street: "street", Tier.grid: "grid",
+                  Tier.community: "community"}[t]
         codes = sorted(scope.codes)
         sql = f"{column} IN ({','.join('?' * len(codes))})"
         if scope.streets:
