@@ -7,6 +7,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -135,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(c)
     t = rsub.add_parser("test", help="run rule unit tests written as data (YAML)")
     t.add_argument("files", nargs="+", type=Path, help="test files or folders")
+    _rules_diff_parser(rsub)
 
     rt = sub.add_parser("route", help="show which tiers and people an alert would reach")
     rt.add_argument("--rule", required=True, help="rule id, e.g. gas.leak")
@@ -215,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args)
         if args.command == "rules" and args.rules_command == "test":
             return _test(args)
+        if args.command == "rules" and args.rules_command == "diff":
+            return _rules_diff(args)
         if args.command == "route":
             return _route(args)
         if args.command == "tail":
@@ -477,6 +481,28 @@ def _test(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def _rules_diff_parser(rsub: Any) -> None:
+    d = rsub.add_parser("diff", help="what a reload from OLD to NEW would change: rules, "
+                        "thresholds per district, routes, sensors",
+                        description="Compare two configurations (cityops.yaml files: their "
+                        "packs, params, routing and registry; CITYOPS_* variables apply to "
+                        "both) as a reload would: rules added, removed and changed, thresholds "
+                        "per district after params, routes, sensors added, retired and moved. "
+                        "Each is checked whole first, as a reload checks it. Exit 0 either way; "
+                        "1 if one does not load.")
+    d.add_argument("old", type=Path, metavar="OLD", help="the configuration running now")
+    d.add_argument("new", type=Path, metavar="NEW", help="the configuration to reload to")
+    d.add_argument("--limit", type=int, default=50, help="lines per section (default 50)")
+
+
+def _rules_diff(args: argparse.Namespace) -> int:
+    from pipeline.config import load_settings
+    from pipeline.reload import diff, load_set
+    old, new = (load_set(load_settings(p)) for p in (args.old, args.new))
+    print(diff(old, new).text(args.limit))
+    return 0
 
 
 def _route(args: argparse.Namespace) -> int:

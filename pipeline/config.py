@@ -320,6 +320,18 @@ class BridgeSettings(_Part):
     max_wait: Duration = Field(default="20ms")
 
 
+class ReloadSettings(_Part):
+    """Hot reload of packs, params, routing and registry (README: Hot reload)."""
+
+    watch_every: Duration = Field(default="2s", description="look at the files this often and "
+                                  "reload once a change has held still for one more look; 0s: "
+                                  "only on SIGHUP or POST /reload. cityops run only (on "
+                                  "Kafka every worker would announce the same change)")
+    switch_after: Duration = Field(default="10s", description="cityops worker: an announced "
+                                   "reload switches every partition at the wall clock of the "
+                                   "announcement plus this, in event time (README: Hot reload)")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CITYOPS_", env_nested_delimiter="__",
                                       extra="forbid", frozen=True)
@@ -354,6 +366,7 @@ class Settings(BaseSettings):
     catch_up_max: Duration = Field(default="2m", description="... or once this long has passed "
                                    "since the connection, whatever still arrives")
     console: bool = Field(default=False, description="print every notice on standard output")
+    reload: ReloadSettings = ReloadSettings()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],

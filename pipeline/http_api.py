@@ -95,7 +95,6 @@ def ops_app(rt: Any) -> Starlette:
     """The routes, over a runtime with health(), metrics_text(), users (who may acknowledge),
     http_acks and (with push on) push: LiveRuntime, Bridge or CityWorker."""
     push = getattr(rt, "push", None)     # the push dispatcher, when push is on
-    users = rt.users
 
     async def healthz(request: Request) -> Response:
         h = rt.health()
@@ -105,6 +104,7 @@ def ops_app(rt: Any) -> Starlette:
         return Response(rt.metrics_text(), media_type="text/plain; version=0.0.4")
 
     async def post_acks(request: Request) -> Response:
+        users = rt.users                 # a reload may have replaced them (registry workers)
         user = users.bearer(request.headers.get("authorization"))
         if user is None:
             return JSONResponse({"error": "send Authorization: Bearer <your token> (a user of "
@@ -184,6 +184,9 @@ def ops_app(rt: Any) -> Starlette:
 
     routes = [Route("/healthz", healthz), Route("/metrics", metrics),
               Route("/acks", post_acks, methods=["POST"])]
+    if hasattr(rt, "reloads"):           # cityops run and worker: hot reload (pipeline/reload_runtime.py)
+        from pipeline.reload_runtime import http_route
+        routes.append(Route("/reload", http_route(rt), methods=["POST"]))
     if push is not None:
         routes += [Route("/ack", ack_page, methods=["GET"]),
                    Route("/ack", ack_by_token, methods=["POST"]),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import queue
 import signal
 import sys
@@ -42,6 +43,8 @@ from pipeline.prom import dead_letters, notices_by_tier
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import check_districts
 from pipeline.registry import load as load_registry
+from pipeline.reload import CitySet, ReloadStats, files_digest, watched_files
+from pipeline.reload_runtime import Requests, Watch, apply_live, take_requests
 from pipeline.statelock import StateLock
 from pipeline.silence_http import Refused, in_force, listed
 from pipeline.silence_http import command as silence_command
@@ -83,11 +86,14 @@ class LiveRuntime:
         self.http = None
         self._sim_thread: threading.Thread | None = None
         self.console = StoryConsole() if settings.console or simulate else None
+        digest = files_digest(watched_files(settings))     # of the files as they are read now
         rules = load_rules(settings.packs, settings.routing, params=settings.params)
         self.registry = load_registry(settings.registry, rules.kinds)
         check_districts(rules.packs, rules.sources, self.registry, settings.params)
         self.engine = Engine(self.registry, rules, settings.engine)
         self.users = AckUsers(self.registry, settings.acks.users)     # who may acknowledge what
+        self.city = CitySet(rules, self.registry, digest)             # what a reload replaces
+        self.reloads, self.reload_stats = Requests(), ReloadStats()
         self.engine.clock_bound = True            # one sensor's clock does not move the city's
         self.catching_up = True                   # see run()
         self.store = StateStore(settings.state.path)
@@ -153,6 +159,9 @@ class LiveRuntime:
         self._publish_silence_list()
         if self.simulate:
             self._start_simulator(host, port, protocol)
+        if s.reload.watch_every:
+            Watch(lambda: watched_files(s), s.reload.watch_every / 1000, self.reloads.ask,
+                  self.stopping).start()
         self._banner(host, port, protocol)
 
     def _restore(self) -> list[tuple[list, list]]:
@@ -211,6 +220,8 @@ class LiveRuntime:
         ]
         if http:
             lines.append(f"  health     {http}/healthz    metrics {http}/metrics")
+        lines.append(f"  reload     kill -HUP {os.getpid()}" + (f", POST {http}/reload" if http else "")
+                     + (", or save its files (watched)" if s.reload.watch_every else ""))
         if self.push is not None:
             lines.append(f"  push       {', '.join(self.push.lanes)} to on-call workers; receipts "
                          f"{self.prefix}/receipts; replies {self.push_topics}{{worker_id}}/ack")
@@ -248,6 +259,7 @@ class LiveRuntime:
         connects = -1
         since = last_message = time.monotonic()
         while not self.stopping.is_set():
+            take_requests(self, apply_live)           # SIGHUP, POST /reload, the watch
             msgs = link.take(s.max_batch, s.max_wait / 1000)
             now = int(time.time() * 1000)
             mono = time.monotonic()
@@ -564,6 +576,7 @@ class LiveRuntime:
             lines += self.history.metrics_lines()
         if self.push is not None:
             lines += self.push.metrics_lines()
+        lines += self.reload_stats.metrics_lines()
         return "\n".join(lines) + "\n"
 
 
@@ -616,6 +629,7 @@ def serve(settings: Settings, simulate: bool = False, resume: bool = False) -> i
     rt = LiveRuntime(settings, simulate=simulate, resume=resume, log_file=log_file)
     signal.signal(signal.SIGTERM, rt.stop)
     signal.signal(signal.SIGINT, rt.stop)
+    signal.signal(signal.SIGHUP, lambda *_: rt.reloads.ask("SIGHUP"))
     rt.start()
     rt.run()
     return 0

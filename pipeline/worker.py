@@ -23,11 +23,13 @@ agent does ~1,000 events/s): records are taken in batches and each batch is one 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import queue
 import re
+import signal
 import socket
 import time
 from collections import defaultdict
@@ -52,6 +54,9 @@ from pipeline.prom import dead_letters, family, notices_by_tier
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import load as load_registry
 from pipeline.registry_cache import release_pages
+from pipeline.reload import CitySet, ReloadStats, files_digest, watched_files
+from pipeline.reload_kafka import KafkaReload
+from pipeline.reload_runtime import Requests
 from pipeline.runtime import notice_topic as mqtt_notice_topic
 from pipeline.silence_http import in_force
 from pipeline.wire import ack_refusal, dead_letter
@@ -106,16 +111,22 @@ class PartitionState:
         self.last_progress = time.time()
         self.gaps = 0
         self.restored = False
+        self.digest = ""                          # the set its engine judges by (hot reload)
+        self.switch: Any = None                   # an announced reload not reached yet
 
 
 class CityWorker:
     def __init__(self, settings: Settings) -> None:
         self.s = s = settings
+        digest = files_digest(watched_files(s))   # of the files as they are read now
         self.rules = load_rules(s.packs, s.routing, params=s.params)
         self.registry = load_registry(s.registry, self.rules.kinds)
         self.partitions = s.kafka.partitions
         self.router = ReadingRouter(self.registry, self.partitions)
         self.users = AckUsers(self.registry, s.acks.users)     # who may acknowledge what
+        self.city = CitySet(self.rules, self.registry, digest)  # what a reload replaces
+        self.reloads, self.reload_stats = Requests(), ReloadStats()
+        self.reload = KafkaReload(self)               # pipeline/reload_kafka.py
         self.names = kt.topic_names(s.kafka.prefix)
         self.parts: dict[int, PartitionState] = {}
         self.counters: dict[str, int] = defaultdict(int)
@@ -175,6 +186,7 @@ class CityWorker:
         self.t_acks = app.topic(self.names[ACKS], partitions=n, **raw)
         self.t_fanout = app.topic(f"{s.worker.app_id}-acks-fanout", partitions=n, internal=True,
                                   **raw)
+        self.t_reload = app.topic(f"{s.worker.app_id}-reload", partitions=n, internal=True, **raw)
         self.t_dead = app.topic(self.names["deadletter"], **raw)
         self.t_out = {topic: app.topic(topic, **raw) for name, topic in self.names.items()
                       if name.startswith("alerts.") or name == "push"}
@@ -187,6 +199,7 @@ class CityWorker:
                                                s.worker.fetch_max_wait)
         app.agent(self.t_acks, name="acks")(self._acks_agent)
         app.agent(self.t_fanout, name="apply-acks")(self._apply_acks_agent)
+        app.agent(self.t_reload, name="reload")(self.reload.agent)
         app.timer(interval=s.tick / 1000, name="tick")(self._tick)
         app.task(self._on_start)
         app.on_partitions_revoked.connect(self._on_revoked)
@@ -195,6 +208,8 @@ class CityWorker:
 
     async def _on_start(self) -> None:
         self.ready = True
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: self.reloads.ask("SIGHUP"))      # hot reload: announced
         log.info("worker %s started: %d sensors in %d partitions", self.s.worker.app_id,
                  len(self.registry), self.partitions)
 
@@ -223,6 +238,7 @@ class CityWorker:
             engine.keep_accepted = self.history is not None
             engine.clock_bound = True       # one sensor's clock does not move the partition's
             ps = PartitionState(p, engine, members.astype(np.int64))
+            ps.digest = self.city.digest
             head = self.table.get(str(p))
             if head:
                 self._restore(ps, msgspec.msgpack.decode(head))
@@ -242,8 +258,13 @@ class CityWorker:
             if lost:
                 log.warning("partition %d: not carried over (registry or rules changed): %s",
                             p, lost)
+        if head.get("set", ps.digest) != ps.digest:     # hot reload: README, Hot reload
+            log.warning("partition %d: its checkpoint was made under the set %s; this worker's "
+                        "files are %s, and judge it from here", p, head["set"], ps.digest)
         ps.offsets = dict(head["offsets"])
         ps.checkpointed = dict(head["offsets"])
+        if head.get("switch"):          # announced, not reached: its record is acknowledged
+            self.reload.announced(ps, head["switch"])
         ps.restored = True
         log.info("partition %d: state restored at offsets %s, %d open incidents", p, ps.offsets,
                  len(ps.engine.book.open))
@@ -274,15 +295,26 @@ class CityWorker:
                 sources.append(f"{topic}[{ps.p}]@{m.offset}")
             else:
                 await self._misrouted(ps, m, payloads, sources)
-        engine = ps.engine
-
-        def attempt(lo: int, hi: int, out: Output) -> None:
-            engine.ingest(payloads[lo:hi], source=sources[lo:hi], now_ms=now, out=out)
-        out = self._isolating(ps, attempt, payloads, sources)
+        cut = self.reload.cut(ps, payloads)        # a reload's switch within the batch
+        out = self._ingest(ps, payloads[:cut], sources[:cut], now)
+        if cut < len(payloads):
+            await self._emit(out, ps)              # its sensors numbered as the old set's
+            out = self.reload.switch(ps)
+            more = self._ingest(ps, payloads[cut:], sources[cut:], now)
+            out.notices += more.notices
+            out.dead_letters += more.dead_letters
+            out.accepted = more.accepted
         self.counters["readings"] += len(payloads)
         ps.offsets[READINGS] = fresh[-1].offset + 1
         ps.last_progress = time.time()
         await self._emit(out, ps)
+
+    def _ingest(self, ps: PartitionState, payloads: list, sources: list, now: int) -> Output:
+        engine = ps.engine
+
+        def attempt(lo: int, hi: int, out: Output) -> None:
+            engine.ingest(payloads[lo:hi], source=sources[lo:hi], now_ms=now, out=out)
+        return self._isolating(ps, attempt, payloads, sources)
 
     async def _misrouted(self, ps: PartitionState, m: Any, payloads: list, sources: list) -> None:
         """A record not keyed by a sensor of this partition (a producer that hashed the key
@@ -449,6 +481,7 @@ class CityWorker:
             payload = self.http_acks.get_nowait()
             ack = Ack.model_validate_json(payload)
             await self.t_acks.send(key=ack.alert_id.encode(), value=payload)
+        await self.reload.take_requests()         # SIGHUP, POST /reload: announced
         while not self.http_silences.empty():          # made by the HTTP face, checked there
             payload = self.http_silences.get_nowait()
             cmd = silences.parse_command(payload)
@@ -463,6 +496,8 @@ class CityWorker:
             if tp.partition not in self.parts and not self.recovered:
                 continue
             ps = self.partition(tp.partition)
+            if self.reload.due_by_clock(ps, now - self.s.engine.allowed_lateness):
+                await self._emit(self.reload.switch(ps), ps)
             out = self._apply(ps, ps.engine.advance, now - self.s.engine.allowed_lateness)
             await self._emit(out, ps)
         await self._checkpoint_due()
@@ -488,6 +523,9 @@ class CityWorker:
         if self.history is not None:
             # the engine numbers its partition's sensors; the sink knows the whole registry's
             out.accepted = [(ps.sensors[idx], ts, val) for idx, ts, val in out.accepted]
+            if ps.digest != self.city.digest:   # still to switch: a sensor the reload retired
+                # is -1, not in the sink's registry (pipeline/reload_kafka.py, _adopt)
+                out.accepted = [(s[s >= 0], ts[s >= 0], val[s >= 0]) for s, ts, val in out.accepted]
             self.history.add(out)
 
     async def _checkpoint_due(self) -> None:
@@ -518,6 +556,7 @@ class CityWorker:
                 self.table[f"{ps.p}/{k}"] = piece
             heads[ps.p] = msgspec.msgpack.encode({
                 "offsets": ps.offsets, "chunks": len(pieces), "at": int(time.time() * 1000),
+                "set": ps.digest, "switch": self.reload.pending(ps),
                 "digest": hashlib.blake2b(snap, digest_size=16).digest()})
         await self.app.producer.flush()
         for ps in parts:
@@ -546,6 +585,8 @@ class CityWorker:
         return {"status": "ok" if self.ready else "starting", "partitions": sorted(self.parts),
                 "open_incidents": sum(len(ps.engine.book.open) for ps in self.parts.values()),
                 "rebalancing": bool(getattr(self.app, "rebalancing", False)),
+                "sets": {p: ps.digest for p, ps in sorted(self.parts.items())},
+                "switching": {p: ps.switch.at for p, ps in sorted(self.parts.items()) if ps.switch},
                 "uptime_s": round(time.time() - self.started, 1)}
 
     def metrics_text(self) -> str:
@@ -574,6 +615,7 @@ class CityWorker:
             lines += self.push.metrics_lines()
         if self.history is not None:
             lines += self.history.metrics_lines()
+        lines += self.reload_stats.metrics_lines()
         # Per partition: a stalled partition shows as lag that grows while progress stands still.
         topic, now = self.names[READINGS], time.time()
         parts = sorted(self.parts.items())

@@ -710,6 +710,7 @@ def test_readers_have_their_groups_and_the_worker_its_own_topics(setup: KafkaSet
     for op in ("Create", "Read", "Write", "Describe"):
         assert "worker" in setup.who(op, "topic", f"{app_id}-engine-changelog")
         assert "worker" in setup.who(op, "topic", f"{app_id}-acks-fanout")
+        assert "worker" in setup.who(op, "topic", f"{app_id}-reload")     # hot reload
     assert setup.who("Write", "topic", f"{app_id}-engine-changelog") == {"worker"}
     # Faust's group is the app id: another app id would need its own ACLs.
     assert "worker" not in setup.who("Read", "group", "another-app")

@@ -215,6 +215,7 @@ EXPECTED = {
     "cityops console --config cityops.yaml": "placeholder",
     "cityops console --kafka 10.0.0.7:9092": "placeholder",
     "cityops console --hash-password": "placeholder",       # no password on its input: one line
+    "cityops rules diff cityops.yaml cityops-next.yaml": "placeholder",   # README: Hot reload
     # against make run's HTTP port, without the README's made-up token: one clear line
     "cityops silence add --match street=510104020 --for 2h --reason 燃气管网检修": "placeholder",
     "cityops silence add --match district=510104 --match category=waterlogging --until "
