@@ -39,6 +39,10 @@ examples:
                                               scope, live; acknowledge)
   cityops silence add --match street=510104020 --for 2h --reason 管网检修
                                               hold a street's alerts back for two hours
+  cityops rules diff cityops.yaml new.yaml    what a reload to new.yaml would change (rules,
+                                              thresholds per district, routes, sensors)
+  kill -HUP $(pgrep -f 'cityops run')         reload rules, params, routing and registry; a bad
+                                              set is refused and the running one goes on
 """
 
 
