@@ -698,10 +698,12 @@ class Engine:
             r = readings[i]
             ts = r.ts
             upto = min(ts - 1, horizons[q])
-            if upto > self._frontier:
-                self._frontier = upto
             if heap and heap[0][0] < ts and heap[0][0] <= horizons[q]:
+                # (the frontier moves as they run: a reading a scan finds, acting in its place
+                # among them, must not count the scan times after it as done)
                 self._run_timers(upto, out)
+            elif upto > self._frontier:
+                self._frontier = upto
             if self._recoveries:
                 self._recover_pending(rk, out, by_rank=True)
             s = idx_list[i]
