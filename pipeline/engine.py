@@ -461,7 +461,9 @@ class Engine:
             known &= ~wrong_sender
         kind = self._kind_np[np.where(known, idx, 0)]
         npay = len(ends)
-        if npay == n:                       # one reading a payload
+        # one reading a payload (the common case); not merely as many payloads as readings, as
+        # an array of two beside a payload that gave none (malformed) has too
+        if npay == n and ends == list(range(1, n + 1)):
             pay = np.arange(n, dtype=np.int64)
         else:
             pay = np.repeat(np.arange(npay, dtype=np.int64),
