@@ -461,7 +461,9 @@ class Engine:
             known &= ~wrong_sender
         kind = self._kind_np[np.where(known, idx, 0)]
         npay = len(ends)
-        if npay == n:                       # one reading a payload
+        # one reading a payload (the common case); not merely as many payloads as readings, as
+        # an array of two beside a payload that gave none (malformed) has too
+        if npay == n and ends == list(range(1, n + 1)):
             pay = np.arange(n, dtype=np.int64)
         else:
             pay = np.repeat(np.arange(npay, dtype=np.int64),
@@ -698,10 +700,12 @@ class Engine:
             r = readings[i]
             ts = r.ts
             upto = min(ts - 1, horizons[q])
-            if upto > self._frontier:
-                self._frontier = upto
             if heap and heap[0][0] < ts and heap[0][0] <= horizons[q]:
+                # (the frontier moves as they run: a reading a scan finds, acting in its place
+                # among them, must not count the scan times after it as done)
                 self._run_timers(upto, out)
+            elif upto > self._frontier:
+                self._frontier = upto
             if self._recoveries:
                 self._recover_pending(rk, out, by_rank=True)
             s = idx_list[i]

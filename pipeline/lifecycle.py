@@ -237,7 +237,7 @@ class AlertBook(Handling):
                        f"第{step}次提醒：尚未{still_to_come(inc.route.escalate_until)}。", only=targets)
             inc.state = prev
             if step < inc.route.max_reminders:
-                self.timers.push(due + inc.route.remind_every, LIFECYCLE, (aid, "rem", gen, step + 1))
+                self.timers.push_after(due + inc.route.remind_every, LIFECYCLE, (aid, "rem", gen, step + 1))
 
     # ---- silences (pipeline/silences.py) -----------------------------------------------
     # A muted incident is kept and judged as any other, but what it would tell the tiers is
@@ -327,7 +327,7 @@ class AlertBook(Handling):
         inc.reminders = 0
         r = inc.route
         if r.remind_every and r.max_reminders:
-            self.timers.push(ts + r.remind_every, LIFECYCLE, (inc.aid, "rem", inc.gen, 1))
+            self.timers.push_after(ts + r.remind_every, LIFECYCLE, (inc.aid, "rem", inc.gen, 1))
 
     def _escalate_from(self, inc: Incident, street_since: int, now: int) -> None:
         """Plan the next rung. Each tier's deadline runs from when that tier was told: the
@@ -349,7 +349,7 @@ class AlertBook(Handling):
             due = inc.district_at + r.escalate_district
         else:
             return
-        self.timers.push(max(due, now), LIFECYCLE, (inc.aid, "esc", inc.gen))
+        self.timers.push_after(max(due, now), LIFECYCLE, (inc.aid, "esc", inc.gen))
 
     # ---- notices -----------------------------------------------------------------------
     def _category(self, inc: Incident) -> Category:

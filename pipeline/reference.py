@@ -3,7 +3,8 @@
 One payload at a time, one reading at a time, plain dicts and lists: no numpy, no screening of
 quiet readings, no timer heap, no skipped scans, no lazy bookkeeping. Every reading goes to every
 rule that watches its kind; every deadline is kept next to what it belongs to, and the earliest
-one due acts first (deadlines due at the same time act in the order they were set). It is slow
+one due acts first (deadlines due at the same time act in the order they were set; a silence's
+edge first, reminders and escalations last). It is slow
 on purpose: it is what the fast engine (``pipeline.engine``) must equal, notice for notice and
 dead letter for dead letter, whatever the batching (tests/test_engine_model.py fuzzes the two
 against each other).
@@ -47,7 +48,8 @@ from pipeline.models import Ack, Severity, State, Tier
 from pipeline.registry import Registry
 from pipeline.routing import Router
 from rules.compiler import RuleSet, params_for
-from rules.evaluators import DOWNGRADE, FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers, alert_id
+from rules.evaluators import (AFTER, DOWNGRADE, FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers,
+                              alert_id)
 from rules.expr import evaluate, parse
 from rules.schema import (AbsenceRule, CorrelationRule, EventRule, RateRule, ThresholdRule,
                           WindowRule, format_duration)
@@ -68,10 +70,12 @@ class Deadlines:
         self.items: list[tuple[int, int, Any]] = []
         self.n = 0
 
-    def set(self, due: int, what: Any, first: bool = False) -> None:
-        """``first``: before everything else due at the same time (a silence's edge)."""
+    def set(self, due: int, what: Any, first: bool = False, after: bool = False) -> None:
+        """``first``: before everything else due at the same time (a silence's edge);
+        ``after``: after everything else due at the same time but others set ``after`` (a
+        reminder, an escalation: an incident that ends at that instant is not reminded)."""
         self.n += 1
-        self.items.append((due, 0 if first else self.n, what))
+        self.items.append((due, 0 if first else self.n + (AFTER if after else 0), what))
 
     def next_due(self, upto: int) -> tuple[int, Any] | None:
         due = [d for d in self.items if d[0] <= upto]
@@ -1017,7 +1021,7 @@ class ReferenceEngine:
         inc["plan"] += 1
         r = inc["route"]
         if r.remind_every and r.max_reminders:
-            self.deadlines.set(ts + r.remind_every, ("rem", inc["aid"], inc["plan"], 1))
+            self.deadlines.set(ts + r.remind_every, ("rem", inc["aid"], inc["plan"], 1), after=True)
 
     def _plan_escalation(self, inc: dict, street_since: int, now: int) -> None:
         told = {t.tier for t in inc["sent"]}
@@ -1039,7 +1043,7 @@ class ReferenceEngine:
             due = inc["district_at"] + r.escalate_district
         else:
             return
-        self.deadlines.set(max(due, now), ("esc", inc["aid"], inc["plan"]))
+        self.deadlines.set(max(due, now), ("esc", inc["aid"], inc["plan"]), after=True)
 
     @staticmethod
     def _below_street(inc: dict, told: set) -> Tier | None:
@@ -1096,7 +1100,8 @@ class ReferenceEngine:
                        only=targets)
             inc["state"] = prev
             if step < inc["route"].max_reminders:
-                self.deadlines.set(due + inc["route"].remind_every, ("rem", aid, plan, step + 1))
+                self.deadlines.set(due + inc["route"].remind_every, ("rem", aid, plan, step + 1),
+                                   after=True)
 
 
 class _Inc:

@@ -57,6 +57,12 @@ class Change:
                 f"value={self.value})")
 
 
+# order offset of reminders and escalations: after everything else due at the same millisecond
+# (a rule's deadline first: an incident that resolves at that instant is neither reminded nor
+# escalated), among themselves in the order they were set
+AFTER = 1 << 48
+
+
 class Timers:
     """One heap of (due, order, owner, key) for every rule and the lifecycle, so that everything
     due before a watermark happens in time order, whoever owns it."""
@@ -70,6 +76,11 @@ class Timers:
     def push(self, due: int, owner: int, key: Any) -> None:
         self.n += 1
         heapq.heappush(self.heap, (due, self.n, owner, key))
+
+    def push_after(self, due: int, owner: int, key: Any) -> None:
+        """A reminder or an escalation: after every other timer due at the same time (AFTER)."""
+        self.n += 1
+        heapq.heappush(self.heap, (due, self.n + AFTER, owner, key))
 
     def pop_due(self, watermark: int) -> tuple[int, int, Any] | None:
         heap = self.heap

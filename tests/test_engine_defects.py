@@ -286,3 +286,20 @@ def test_too_old_judged_against_readings_earlier_in_the_batch(rules, chengdu):
         eng = Engine(chengdu, rules)
         reasons = [d.reason for b in batches for d in eng.ingest(b).dead_letters]
         assert reasons == ["too_old"]
+
+
+# ---- found by the differential fuzzer (tests/test_engine_model.py) ------------------------------
+
+@pytest.mark.parametrize("second", [b"not json", b'{"sensor_id": "gas-510104-000003"}'])
+def test_a_payload_without_readings_does_not_shift_the_others(rules, chengdu, second):
+    """Two payloads, two readings: a gateway array of two and a payload that gives none. Its
+    readings are taken in event-time order (08:04 after 08:00): nothing is stale, as when each
+    payload comes in its own batch. Before, two payloads with two readings were taken for one
+    reading a payload, the 08:00 reading as a payload after the 08:04 one: `stale`."""
+    array = json.dumps([{"sensor_id": GAS, "ts": T0 + 4 * MIN, "value": 1.0},
+                        {"sensor_id": GAS, "ts": T0, "value": 1.0}]).encode()
+    together = Engine(chengdu, rules).ingest([array, second]).dead_letters
+    eng = Engine(chengdu, rules)
+    apart = eng.ingest([array]).dead_letters + eng.ingest([second]).dead_letters
+    assert [d.reason for d in together] == [d.reason for d in apart] != []
+    assert "stale" not in [d.reason for d in together]
