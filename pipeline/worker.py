@@ -377,32 +377,31 @@ class CityWorker:
             try:
                 ack = Ack.model_validate_json(payload)
             except ValueError as exc:
-                d = dead_letter("bad_ack", ack_refusal(exc), payload,
-                                source=f"{self.names[ACKS]}@{event.message.offset}")
-                await self.t_dead.send(value=d.model_dump_json().encode())
-                self.counters["dead.bad_ack"] += 1
+                await self._refuse_on_acks(event, payload, "bad_ack", ack_refusal(exc))
                 continue
             # the key names this ack (not only its alert), so that the partitions' misses add up
-            origin = f"{ack.alert_id}@{event.message.partition}:{event.message.offset}".encode()
-            for p in range(self.partitions):
-                await self.t_fanout.send(key=origin, value=payload, partition=p)
-            await self.app.producer.flush()
+            await self._to_every_partition(event, payload, ack.alert_id)
             self.counters["acks"] += 1
 
     async def _fan_out_silence(self, event: Any, payload: bytes) -> None:
         try:
             cmd = silences.parse_command(payload)
         except ValueError as exc:
-            d = dead_letter("bad_silence", silences.refusal(exc), payload,
-                            source=f"{self.names[ACKS]}@{event.message.offset}")
-            await self.t_dead.send(value=d.model_dump_json().encode())
-            self.counters["dead.bad_silence"] += 1
+            await self._refuse_on_acks(event, payload, "bad_silence", silences.refusal(exc))
             return
-        origin = f"{SILENCE_KEY}{cmd.id}@{event.message.partition}:{event.message.offset}".encode()
+        await self._to_every_partition(event, payload, f"{SILENCE_KEY}{cmd.id}")
+        self.counters["silences"] += 1
+
+    async def _refuse_on_acks(self, event: Any, payload: bytes, reason: str, detail: str) -> None:
+        d = dead_letter(reason, detail, payload, source=f"{self.names[ACKS]}@{event.message.offset}")
+        await self.t_dead.send(value=d.model_dump_json().encode())
+        self.counters[f"dead.{reason}"] += 1
+
+    async def _to_every_partition(self, event: Any, payload: bytes, name: str) -> None:
+        origin = f"{name}@{event.message.partition}:{event.message.offset}".encode()
         for p in range(self.partitions):
             await self.t_fanout.send(key=origin, value=payload, partition=p)
         await self.app.producer.flush()
-        self.counters["silences"] += 1
 
     def _apply_silences(self, ps: PartitionState, messages: list) -> Output:
         """Silence commands, in the order they came, at the partition's watermark. Every
