@@ -113,6 +113,7 @@ class PartitionState:
         self.restored = False
         self.digest = ""                          # the set its engine judges by (hot reload)
         self.switch: Any = None                   # an announced reload not reached yet
+        self.switch_kept: int | None = None       # its event time, once in a checkpoint
 
 
 class CityWorker:
@@ -265,6 +266,7 @@ class CityWorker:
         ps.checkpointed = dict(head["offsets"])
         if head.get("switch"):          # announced, not reached: its record is acknowledged
             self.reload.announced(ps, head["switch"])
+            ps.switch_kept = head["switch"]["at"]
         ps.restored = True
         log.info("partition %d: state restored at offsets %s, %d open incidents", p, ps.offsets,
                  len(ps.engine.book.open))
@@ -561,6 +563,7 @@ class CityWorker:
         for ps in parts:
             self.table[str(ps.p)] = heads[ps.p]
             ps.checkpointed = dict(ps.offsets)
+            ps.switch_kept = ps.switch.at if ps.switch is not None else None
         await self.app.producer.flush()
         for ps in parts:
             ack = self.app.consumer.ack
@@ -586,6 +589,9 @@ class CityWorker:
                 "rebalancing": bool(getattr(self.app, "rebalancing", False)),
                 "sets": {p: ps.digest for p, ps in sorted(self.parts.items())},
                 "switching": {p: ps.switch.at for p, ps in sorted(self.parts.items()) if ps.switch},
+                # a switch a restart or a rebalance would keep: the checkpoint has it
+                "switching_checkpointed": {p: ps.switch_kept for p, ps in sorted(self.parts.items())
+                                           if ps.switch_kept is not None},
                 "uptime_s": round(time.time() - self.started, 1)}
 
     def metrics_text(self) -> str:
