@@ -13,6 +13,11 @@ reload does (pipeline/reload.py, ``carry``): what cannot go on is resolved with 
     {state}.sets/{digest}/manifest.json      where each file of the copy goes
     {state}.sets/{digest}/files/NN-{name}    the files, in the order the set reads them
 
+`cityops worker` keeps them in `{worker.data_dir}/sets`: a partition's checkpoint names the set
+it was made under, and a worker restoring it under other files carries it as a switch would
+(pipeline/worker.py, ``_restore``) when the copy is there — a worker restarted on the same
+machine or volume; one started elsewhere judges the checkpoint by its own files and says so.
+
 A copy is made once per digest (a start or a reload with files not kept yet) and pruned when a
 snapshot no longer needs it. It costs one copy of the set's files on disk, the registry's
 sensors file included.
@@ -37,8 +42,12 @@ log = logging.getLogger("cityops.reload")
 
 
 class KeptSets:
-    def __init__(self, state_path: Path) -> None:
-        self.root = state_path.with_name(state_path.name + ".sets")
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def beside(cls, state_path: Path) -> KeptSets:
+        return cls(state_path.with_name(state_path.name + ".sets"))
 
     def has(self, digest: str) -> bool:
         return (self.root / digest / "manifest.json").is_file()
@@ -74,7 +83,10 @@ class KeptSets:
                             "restart under other files could not carry this state", digest)
                 return False
             (tmp / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=1))
-            tmp.rename(self.root / digest)
+            try:
+                tmp.rename(self.root / digest)
+            except OSError:                   # another process (a worker beside) kept it first
+                return self.has(digest)
             return True
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -93,10 +105,12 @@ class KeptSets:
                         folder / m["params"][0] if m["params"] else None)
         return CitySet(rules, registry, digest)
 
-    def prune(self, keep: set[str]) -> None:
-        """Forget every kept set but ``keep`` (those the snapshot and the journal refer to)."""
+    def prune(self, keep: set[str], newest: int = 0) -> None:
+        """Forget every kept set but ``keep`` (those the state refers to) and the ``newest``
+        others (a worker cannot know every partition's checkpoint: it keeps the last few)."""
         if not self.root.is_dir():
             return
-        for d in self.root.iterdir():
-            if d.name not in keep:
-                shutil.rmtree(d, ignore_errors=True)
+        others = sorted((d for d in self.root.iterdir() if d.name not in keep and
+                         not d.name.startswith(".")), key=lambda d: d.stat().st_mtime)
+        for d in others[:max(0, len(others) - newest)]:
+            shutil.rmtree(d, ignore_errors=True)

@@ -99,7 +99,7 @@ class LiveRuntime:
         self.engine.clock_bound = True            # one sensor's clock does not move the city's
         self.catching_up = True                   # see run()
         self.store = StateStore(settings.state.path)
-        self.kept = KeptSets(settings.state.path)     # the sets the state was judged by
+        self.kept = KeptSets.beside(settings.state.path)     # the sets the state was judged by
         # The simulated story replays the same incidents on every start; resumed, they are
         # still open and make no notice. A fresh city tells the whole story again.
         self.fresh = simulate and not resume

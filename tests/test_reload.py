@@ -292,7 +292,7 @@ def test_a_kept_set_loads_as_the_files_did_after_they_change_and_only_a_true_cop
     s = load_settings(config(tmp_path, "c.yaml", params=str(params), packs=f"[{packs}]",
                              registry=str(folder)))
     before = load_set(s)
-    kept = KeptSets(tmp_path / "state.sqlite")
+    kept = KeptSets.beside(tmp_path / "state.sqlite")
     assert not kept.keep(s, "0" * 16)                # files that are not that set: no copy of it
     assert kept.keep(s, before.digest) and kept.has(before.digest)
 
