@@ -35,7 +35,6 @@ from typing import Any
 from pipeline.registry import check_districts
 from pipeline.registry import load as load_registry
 from pipeline.reload import CitySet, files_digest, set_files
-from pipeline.yamlfile import ConfigError
 from rules.compiler import load_rules
 
 log = logging.getLogger("cityops.reload")

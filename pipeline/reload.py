@@ -269,7 +269,7 @@ def _threshold_changes(rid: str, a: Any, b: Any, ra: Registry, rb: Registry) -> 
         la, lb = _levels(a, d), _levels(b, d)
         if d is not None and la == base_a and lb == base_b:
             continue                       # neither pack sets this district apart
-        for (name_a, va), (name_b, vb) in zip(la, lb):
+        for (name_a, va), (name_b, vb) in zip(la, lb, strict=False):    # more levels: below
             if va != vb or name_a != name_b:
                 where = "default" if d is None else f"{d} {rb.districts.get(d) or ra.districts.get(d, '')}"
                 lines.append(f"{rid}  {name_b.format(where=where)}{_num(va)} → {_num(vb)}")
