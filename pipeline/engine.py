@@ -356,9 +356,16 @@ class Engine:
     # time d sees every earlier payload and p's readings up to d.
 
     def _end_batch(self) -> None:
-        if self._seen_at < len(self._seen_ts):
+        left = len(self._seen_ts) - self._seen_at
+        if left > 64:
             sl = slice(self._seen_at, None)
             np.maximum.at(self._last_seen_np, self._seen_idx[sl], self._seen_ts[sl])
+        elif left > 0:                      # a few: a loop costs less than numpy's call
+            last_seen = self.last_seen
+            for i, t in zip(self._seen_idx[self._seen_at:].tolist(),
+                            self._seen_ts[self._seen_at:].tolist()):
+                if t > last_seen[i]:
+                    last_seen[i] = t
         self._seen_idx = self._seen_ts = self._seen_pay = _EMPTY
         self._seen_at = 0
         self._horizons = None
