@@ -481,7 +481,8 @@ class Engine:
         npay = len(ends)
         # one reading a payload (the common case); not merely as many payloads as readings, as
         # an array of two beside a payload that gave none (malformed) has too
-        if npay == n and ends == list(range(1, n + 1)):
+        single = npay == n and ends == list(range(1, n + 1))
+        if single:
             pay = np.arange(n, dtype=np.int64)
         else:
             pay = np.repeat(np.arange(npay, dtype=np.int64),
@@ -499,6 +500,8 @@ class Engine:
         could = known & ~future & ~unset & (no_value != wants) & finite
         if s.time_quorum > 1:
             reached = self._quorum_time(pay, idx, ts, could, npay)
+        elif single:                        # a payload's newest is its reading's time
+            reached = np.where(could, ts, -(1 << 62))
         else:
             reached = np.full(npay, -(1 << 62), dtype=np.int64)
             np.maximum.at(reached, pay[could], ts[could])
@@ -514,7 +517,10 @@ class Engine:
         # newer than every reading before it, stored or earlier in this batch? Equal is a
         # redelivered duplicate, older is stale.
         pos = np.flatnonzero(fit)
-        order = pos[np.lexsort((ts[pos], pay[pos], idx[pos]))]
+        if single:                          # arrival order is payload order: by sensor, stably
+            order = pos[np.argsort(idx[pos], kind="stable")]
+        else:
+            order = pos[np.lexsort((ts[pos], pay[pos], idx[pos]))]
         g_idx, g_ts = idx[order], ts[order]
         same = np.zeros(len(order), dtype=bool)
         same[1:] = g_idx[1:] == g_idx[:-1]
@@ -541,7 +547,8 @@ class Engine:
         ok = np.zeros(n, dtype=bool)
         ok[order[accepted]] = True
         good = np.flatnonzero(ok)
-        good = good[np.lexsort((ts[good], pay[good]))]    # stable: ties keep arrival order
+        if not single:                      # (one reading a payload: in payload order already)
+            good = good[np.lexsort((ts[good], pay[good]))]    # stable: ties keep arrival order
         self._seen_idx, self._seen_ts, self._seen_pay = idx[good], ts[good], pay[good]
         self._seen_at = 0
         self._cur = 0
@@ -557,7 +564,10 @@ class Engine:
             top = reached
         else:
             top = np.full(npay, -(1 << 62), dtype=np.int64)
-            np.maximum.at(top, self._seen_pay, self._seen_ts)
+            if single:                      # one reading a payload: no two to take the max of
+                top[self._seen_pay] = self._seen_ts
+            else:
+                np.maximum.at(top, self._seen_pay, self._seen_ts)
         if self._clock is not None:         # clock_bound: no payload moves time past the clock
             top = np.minimum(top, max(self._clock, before))
         self._horizons = np.maximum(np.maximum.accumulate(top) - s.allowed_lateness,
@@ -637,9 +647,9 @@ class Engine:
             for x, g, c in zip(idx, claims[0].tolist(), claims[1].tolist()):
                 if (g != -1 and gateway_of[x] != g) or (c != -1 and x != c):
                     return False
-        single = ends == list(range(1, n + 1))      # one reading a payload
+        single = ends == list(range(1, n + 1))      # one reading a payload (the common batch)
         if single:
-            pay = list(range(n))
+            pay = range(n)
         else:
             pay = [0] * n
             p = 0
@@ -647,25 +657,34 @@ class Engine:
                 while ends[p] <= i:
                     p += 1
                 pay[i] = p
-        # too old: behind the watermark as the reading's payload arrived (earlier payloads count)
         never = -(1 << 62)
-        lateness, watermark = s.allowed_lateness, self.watermark
+        lateness, watermark, max_age = s.allowed_lateness, self.watermark, s.max_age
+        # too old: behind the watermark as the reading's payload arrived (earlier payloads count)
         newest, cur, cur_max = never, 0, never
-        limit = watermark - s.max_age
-        for p, t in zip(pay, ts):
-            if p != cur:
-                if cur_max > newest:
-                    newest = cur_max
-                    limit = (newest - lateness if newest - lateness > watermark
-                             else watermark) - s.max_age
-                cur, cur_max = p, never
-            if t < limit:
-                return False
-            if t > cur_max:
-                cur_max = t
+        limit = watermark - max_age
+        if single:
+            for t in ts:
+                if t < limit:
+                    return False
+                if t > newest:
+                    newest = t
+                    if newest - lateness > watermark:
+                        limit = newest - lateness - max_age
+        else:
+            for p, t in zip(pay, ts):
+                if p != cur:
+                    if cur_max > newest:
+                        newest = cur_max
+                        if newest - lateness > watermark:
+                            limit = newest - lateness - max_age
+                    cur, cur_max = p, never
+                if t < limit:
+                    return False
+                if t > cur_max:
+                    cur_max = t
         # per sensor, in arrival order (payloads one after another, each in event-time order):
         # newer than every reading before it, stored or earlier here? equal: a duplicate
-        order = range(n) if single else sorted(range(n), key=lambda i: (pay[i], ts[i]))
+        order = pay if single else sorted(range(n), key=lambda i: (pay[i], ts[i]))
         last_seen = self.last_seen
         so_far: dict[int, int] = {}
         good, late = [], []
@@ -692,7 +711,7 @@ class Engine:
             self.counters["late"] += len(late)
         g_idx = [idx[i] for i in good]
         g_ts = [ts[i] for i in good]
-        g_pay = [pay[i] for i in good]
+        g_pay = good if single else [pay[i] for i in good]
         self._seen_idx = np.array(g_idx, dtype=np.int64)
         self._seen_ts = np.array(g_ts, dtype=np.int64)
         self._seen_pay = np.array(g_pay, dtype=np.int64)

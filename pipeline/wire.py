@@ -254,6 +254,7 @@ def _decode_many(payloads: list[bytes], sources: list, readings: list, dead: lis
 
 
 _FEW = 64
+_OBJECT, _ARRAY = (ord("{"), ord("}")), (ord("["), ord("]"))
 
 
 def _framed(p: bytes) -> bool:
@@ -269,7 +270,8 @@ def _joinable(payloads: list[bytes]) -> bool:
         for p in payloads:
             if not p or len(p) > MAX_PAYLOAD_BYTES:
                 return False
-            if not _framed(p) and not _framed(p.strip()):      # rare: whitespace around it
+            ends = (p[0], p[-1])
+            if ends != _OBJECT and ends != _ARRAY and not _framed(p.strip()):   # rare: whitespace
                 return False
         return True
     lens = np.fromiter(map(len, payloads), dtype=np.int64, count=len(payloads))
