@@ -27,7 +27,9 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
+from itertools import compress
+from math import isfinite
+from operator import attrgetter, ge, gt
 from typing import Any
 
 import msgspec
@@ -65,7 +67,8 @@ def _newest_so_far(g_idx: np.ndarray, g_ts: np.ndarray, before: np.ndarray,
             newest = max(newest, int(g_ts[k]))
 
 
-_SENSOR_ID, _TS, _VALUE, _EVENT = (attrgetter(a) for a in ("sensor_id", "ts", "value", "event"))
+_SENSOR_ID, _TS, _VALUE, _EVENT, _BATTERY = (attrgetter(a) for a in ("sensor_id", "ts", "value",
+                                                                      "event", "battery"))
 _ID_CACHE = 1 << 18     # ids remembered (~30 MB at most): more sensors than one process hears
 
 
@@ -634,77 +637,81 @@ class Engine:
         kind_of, wants_value = self._kind_list, self._wants_value
         kinds = [kind_of[x] for x in idx]
         ceiling = now_ms + s.max_future if now_ms is not None else 1 << 62
-        for v, e, t, k in zip(vals, events, ts, kinds):
-            if v is None:                   # an event, of a kind that reports events
-                if e is None or wants_value[k]:
-                    return False
-            elif e is not None or not abs(v) < 1e15 or not wants_value[k]:    # NaN too
-                return False
-            if t > ceiling or t < EARLIEST:
-                return False
-        if claims is not None:
-            gateway_of = self._gateway_np
-            for x, g, c in zip(idx, claims[0].tolist(), claims[1].tolist()):
-                if (g != -1 and gateway_of[x] != g) or (c != -1 and x != c):
-                    return False
         single = ends == list(range(1, n + 1))      # one reading a payload (the common batch)
-        if single:
-            pay = range(n)
-        else:
-            pay = [0] * n
-            p = 0
-            for i in range(n):
-                while ends[p] <= i:
-                    p += 1
-                pay[i] = p
         never = -(1 << 62)
         lateness, watermark, max_age = s.allowed_lateness, self.watermark, s.max_age
-        # too old: behind the watermark as the reading's payload arrived (earlier payloads count)
-        newest, cur, cur_max = never, 0, never
-        limit = watermark - max_age
-        if single:
-            for t in ts:
-                if t < limit:
-                    return False
-                if t > newest:
-                    newest = t
-                    if newest - lateness > watermark:
-                        limit = newest - lateness - max_age
+        last_seen = self.last_seen
+        if single and claims is None and self._all_new(idx, ts, vals, events, kinds, ceiling):
+            pay = range(n)
+            good, late, duplicates = list(pay), [], 0
         else:
-            for p, t in zip(pay, ts):
-                if p != cur:
-                    if cur_max > newest:
-                        newest = cur_max
+            for v, e, t, k in zip(vals, events, ts, kinds):
+                if v is None:                   # an event, of a kind that reports events
+                    if e is None or wants_value[k]:
+                        return False
+                elif e is not None or not abs(v) < 1e15 or not wants_value[k]:    # NaN too
+                    return False
+                if t > ceiling or t < EARLIEST:
+                    return False
+            if claims is not None:
+                gateway_of = self._gateway_np
+                for x, g, c in zip(idx, claims[0].tolist(), claims[1].tolist()):
+                    if (g != -1 and gateway_of[x] != g) or (c != -1 and x != c):
+                        return False
+            if single:
+                pay = range(n)
+            else:
+                pay = [0] * n
+                p = 0
+                for i in range(n):
+                    while ends[p] <= i:
+                        p += 1
+                    pay[i] = p
+            # too old: behind the watermark as the reading's payload arrived (earlier payloads count)
+            newest, cur, cur_max = never, 0, never
+            limit = watermark - max_age
+            if single:
+                for t in ts:
+                    if t < limit:
+                        return False
+                    if t > newest:
+                        newest = t
                         if newest - lateness > watermark:
                             limit = newest - lateness - max_age
-                    cur, cur_max = p, never
-                if t < limit:
-                    return False
-                if t > cur_max:
-                    cur_max = t
-        # per sensor, in arrival order (payloads one after another, each in event-time order):
-        # newer than every reading before it, stored or earlier here? equal: a duplicate
-        order = pay if single else sorted(range(n), key=lambda i: (pay[i], ts[i]))
-        last_seen = self.last_seen
-        so_far: dict[int, int] = {}
-        good, late = [], []
-        duplicates = 0
-        for i in order:
-            x, t = idx[i], ts[i]
-            before = so_far.get(x, 0)
-            if t > before:
-                so_far[x] = t
-            seen = last_seen[x]
-            if before > seen:
-                seen = before
-            if t > seen:
-                good.append(i)
-            elif t == seen:
-                duplicates += 1
-            elif t >= seen - lateness:
-                late.append(i)
             else:
-                return False                # stale: a dead letter
+                for p, t in zip(pay, ts):
+                    if p != cur:
+                        if cur_max > newest:
+                            newest = cur_max
+                            if newest - lateness > watermark:
+                                limit = newest - lateness - max_age
+                        cur, cur_max = p, never
+                    if t < limit:
+                        return False
+                    if t > cur_max:
+                        cur_max = t
+            # per sensor, in arrival order (payloads one after another, each in event-time order):
+            # newer than every reading before it, stored or earlier here? equal: a duplicate
+            order = pay if single else sorted(range(n), key=lambda i: (pay[i], ts[i]))
+            so_far: dict[int, int] = {}
+            good, late = [], []
+            duplicates = 0
+            for i in order:
+                x, t = idx[i], ts[i]
+                before = so_far.get(x, 0)
+                if t > before:
+                    so_far[x] = t
+                seen = last_seen[x]
+                if before > seen:
+                    seen = before
+                if t > seen:
+                    good.append(i)
+                elif t == seen:
+                    duplicates += 1
+                elif t >= seen - lateness:
+                    late.append(i)
+                else:
+                    return False                # stale: a dead letter
         # taken: from here on the batch is this screen's
         if late:
             self._late = [(pay[i], i) for i in late]
@@ -717,6 +724,7 @@ class Engine:
         self._seen_pay = np.array(g_pay, dtype=np.int64)
         self._seen_at = 0
         self._cur = 0
+        self._positions = good
         before_max = self.max_ts
         if good:
             self.max_ts = max(self.max_ts, max(g_ts))
@@ -740,6 +748,19 @@ class Engine:
         self._horizons = horizons
         # which taken readings can change anything (the batch screen's `matter`)
         floor, event_rules, names = self._floor_list, self._has_event_rules_list, self._event_names
+        tracks = [t for t in (e.tracks for e in self._quiet_rules) if t]
+        silent = self.silent
+        battery = self._battery_kinds_any
+        if len(good) == n and single and None not in vals and not self.keep_accepted and (
+                not battery or list(map(_BATTERY, readings)).count(None) == n):
+            # measurements only, every one taken, no battery level: which sensors matter, asked
+            # of the batch at once (over its floor, an incident open, silent)
+            hit = set(compress(idx, map(ge, vals, map(floor.__getitem__, kinds))))
+            hit.update(silent.intersection(idx))
+            for t in tracks:
+                hit.update(filter(t.__contains__, idx))
+            self._visit = [j for j, x in enumerate(idx) if x in hit] if hit else []
+            return self._take_small(readings, idx, n, 0, out)
         matter = [False] * len(good)
         busy = set()
         for j, i in enumerate(good):
@@ -750,9 +771,6 @@ class Engine:
                     busy.add(idx[i])
             elif event_rules[kinds[i]] and events[i] in names:
                 matter[j] = True
-        tracks = [t for t in (e.tracks for e in self._quiet_rules) if t]
-        silent = self.silent
-        battery = self._battery_kinds_any
         if busy or tracks or silent or battery:
             battery_tracks = [t for t in (e.tracks for e in self._battery_rules) if t]
             ceiling_of = self._battery_ceiling_list
@@ -783,12 +801,36 @@ class Engine:
                                  np.array([ts[i] for i in kept], dtype=np.int64),
                                  np.array([vals[i] for i in kept], dtype=np.float64)))
         self._visit = [j for j, m in enumerate(matter) if m]
-        self._positions = good
+        return self._take_small(readings, idx, n, duplicates, out)
+
+    def _take_small(self, readings: list, idx: list[int], n: int, duplicates: int,
+                    out: Output) -> bool:
+        """The end of ``_screen_small``: the readings to visit are chosen; act."""
         self._readings, self._idx_list = readings, idx
         self._evaluate(readings, idx, out)
         self.counters["readings"] += n
         self.counters["duplicates"] += duplicates
         return True
+
+    def _all_new(self, idx: list[int], ts: list[int], vals: list, events: list, kinds: list,
+                 ceiling: int) -> bool:
+        """``_screen_small``'s checks at once, for the batch of one reading a payload where all
+        hold (the common one): every reading a finite measurement or an event, as its kind
+        reports, within the time bounds, of a different sensor, and newer than its last."""
+        s = self.settings
+        wants_value = self._wants_value
+        for v, e, k in zip(vals, events, kinds):
+            if (v is None) == (e is None) or (v is None) == wants_value[k]:
+                return False
+        measured = [v for v in vals if v is not None] if None in vals else vals
+        if measured and (not all(map(isfinite, measured)) or not -1e15 < min(measured)
+                         or not max(measured) < 1e15):
+            return False
+        lo, hi = min(ts), max(ts)
+        # no reading behind the watermark as its payload arrived, by the widest margin
+        if lo < EARLIEST or hi > ceiling or lo < max(hi - s.allowed_lateness, self.watermark) - s.max_age:
+            return False
+        return len(set(idx)) == len(idx) and all(map(gt, ts, map(self.last_seen.__getitem__, idx)))
 
     def _quorum_time(self, pay: np.ndarray, idx: np.ndarray, ts: np.ndarray, could: np.ndarray,
                      npay: int) -> np.ndarray:
