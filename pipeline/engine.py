@@ -520,10 +520,7 @@ class Engine:
         # newer than every reading before it, stored or earlier in this batch? Equal is a
         # redelivered duplicate, older is stale.
         pos = np.flatnonzero(fit)
-        if single:                          # arrival order is payload order: by sensor, stably
-            order = pos[np.argsort(idx[pos], kind="stable")]
-        else:
-            order = pos[np.lexsort((ts[pos], pay[pos], idx[pos]))]
+        order = pos[np.lexsort((ts[pos], pay[pos], idx[pos]))]
         g_idx, g_ts = idx[order], ts[order]
         same = np.zeros(len(order), dtype=bool)
         same[1:] = g_idx[1:] == g_idx[:-1]
