@@ -170,8 +170,8 @@ class Engine:
         self._kind_np = np.frombuffer(registry.kind_of, dtype=np.uint8) if n else np.zeros(1, np.uint8)
         self._gateway_np = np.frombuffer(registry.gateway_of, dtype=np.int32) if n else np.zeros(1, np.int32)
         self._gateway_numbers = registry.gateway_index
-        # _screen_small's lookups: the same tables as Python lists
-        self._kind_list = memoryview(self._kind_np)     # indexes to a Python int, copies nothing
+        # _screen_small's lookups: the same tables, indexed to Python numbers
+        self._kind_list = memoryview(self._kind_np)     # a view: copies nothing
         self._floor_list = self._floor_np.tolist()
         self._has_event_rules_list = self._has_event_rules_np.tolist()
         self._battery_ceiling_list = self._battery_ceiling_np.tolist()
@@ -360,7 +360,7 @@ class Engine:
 
     def _end_batch(self) -> None:
         left = len(self._seen_ts) - self._seen_at
-        if left > 64:
+        if left >= SMALL_BATCH:
             sl = slice(self._seen_at, None)
             np.maximum.at(self._last_seen_np, self._seen_idx[sl], self._seen_ts[sl])
         elif left > 0:                      # a few: a loop costs less than numpy's call
