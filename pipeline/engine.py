@@ -366,7 +366,7 @@ class Engine:
         elif left > 0:                      # a few: a loop costs less than numpy's call
             last_seen = self.last_seen
             for i, t in zip(self._seen_idx[self._seen_at:].tolist(),
-                            self._seen_ts[self._seen_at:].tolist()):
+                            self._seen_ts[self._seen_at:].tolist(), strict=True):
                 if t > last_seen[i]:
                     last_seen[i] = t
         self._seen_idx = self._seen_ts = self._seen_pay = _EMPTY
@@ -642,7 +642,7 @@ class Engine:
             pay = range(n)
             good, late, duplicates = list(pay), [], 0
         else:
-            for v, e, t, k in zip(vals, events, ts, kinds):
+            for v, e, t, k in zip(vals, events, ts, kinds, strict=True):
                 if v is None:                   # an event, of a kind that reports events
                     if e is None or wants_value[k]:
                         return False
@@ -652,7 +652,7 @@ class Engine:
                     return False
             if claims is not None:
                 gateway_of = self._gateway_np
-                for x, g, c in zip(idx, claims[0].tolist(), claims[1].tolist()):
+                for x, g, c in zip(idx, claims[0].tolist(), claims[1].tolist(), strict=True):
                     if (g != -1 and gateway_of[x] != g) or (c != -1 and x != c):
                         return False
             if single:
@@ -676,7 +676,7 @@ class Engine:
                         if newest - lateness > watermark:
                             limit = newest - lateness - max_age
             else:
-                for p, t in zip(pay, ts):
+                for p, t in zip(pay, ts, strict=True):
                     if p != cur:
                         if cur_max > newest:
                             newest = cur_max
@@ -728,7 +728,7 @@ class Engine:
             if not self.watch_start:
                 self._watch_from = (g_pay[0], g_ts[0])
         top = [never] * len(ends)
-        for p, t in zip(g_pay, g_ts):
+        for p, t in zip(g_pay, g_ts, strict=True):
             if t > top[p]:
                 top[p] = t
         if self._clock is not None:
@@ -816,7 +816,7 @@ class Engine:
         reports, within the time bounds, of a different sensor, and newer than its last."""
         s = self.settings
         wants_value = self._wants_value
-        for v, e, k in zip(vals, events, kinds):
+        for v, e, k in zip(vals, events, kinds, strict=True):
             if (v is None) == (e is None) or (v is None) == wants_value[k]:
                 return False
         measured = [v for v in vals if v is not None] if None in vals else vals
