@@ -22,6 +22,7 @@ class Strings(Sequence[str]):
     def __init__(self, blob: np.ndarray, offsets: np.ndarray, codes: np.ndarray | None = None) -> None:
         self.blob, self.offsets, self.codes = blob, offsets, codes
         self._starts = offsets.tolist() if len(offsets) < 1 << 16 else None   # small tables: no numpy per get
+        self._bytes = memoryview(blob)      # a string cut from it without a numpy call
 
     @classmethod
     def of(cls, strings: Iterable[str], intern: bool = False) -> Strings:
@@ -42,8 +43,8 @@ class Strings(Sequence[str]):
     def _entry(self, j: int) -> str:
         starts = self._starts
         if starts is not None:
-            return self.blob[starts[j]:starts[j + 1]].tobytes().decode()
-        return self.blob[self.offsets[j]:self.offsets[j + 1]].tobytes().decode()
+            return str(self._bytes[starts[j]:starts[j + 1]], "utf-8")
+        return str(self._bytes[self.offsets[j]:self.offsets[j + 1]], "utf-8")
 
     def __getitem__(self, i: Any) -> Any:
         if i.__class__ is slice:

@@ -27,7 +27,9 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
+from itertools import compress
+from math import isfinite
+from operator import attrgetter, ge, gt
 from typing import Any
 
 import msgspec
@@ -48,6 +50,7 @@ SNAPSHOT_VERSION = 1
 NEVER = 1 << 62
 EARLIEST = 946_684_800_000  # 2000-01-01T00:00:00Z: an earlier ts is epoch seconds or an unset clock
 _EMPTY = np.zeros(0, dtype=np.int64)
+SMALL_BATCH = 64            # readings: below, the batch screen's numpy calls cost more than a loop
 
 
 def _newest_so_far(g_idx: np.ndarray, g_ts: np.ndarray, before: np.ndarray,
@@ -64,7 +67,8 @@ def _newest_so_far(g_idx: np.ndarray, g_ts: np.ndarray, before: np.ndarray,
             newest = max(newest, int(g_ts[k]))
 
 
-_SENSOR_ID, _TS, _VALUE, _EVENT = (attrgetter(a) for a in ("sensor_id", "ts", "value", "event"))
+_SENSOR_ID, _TS, _VALUE, _EVENT, _BATTERY = (attrgetter(a) for a in ("sensor_id", "ts", "value",
+                                                                      "event", "battery"))
 _ID_CACHE = 1 << 18     # ids remembered (~30 MB at most): more sensors than one process hears
 
 
@@ -166,6 +170,14 @@ class Engine:
         self._kind_np = np.frombuffer(registry.kind_of, dtype=np.uint8) if n else np.zeros(1, np.uint8)
         self._gateway_np = np.frombuffer(registry.gateway_of, dtype=np.int32) if n else np.zeros(1, np.int32)
         self._gateway_numbers = registry.gateway_index
+        # _screen_small's lookups: the same tables, indexed to Python numbers
+        self._kind_list = memoryview(self._kind_np)     # a view: copies nothing
+        self._floor_list = self._floor_np.tolist()
+        self._has_event_rules_list = self._has_event_rules_np.tolist()
+        self._battery_ceiling_list = self._battery_ceiling_np.tolist()
+        # batches of fewer readings are screened reading by reading in Python (_screen_small);
+        # the fuzzer sets it to 0 or to a large number to check each screen alone
+        self.small_batch = SMALL_BATCH
         # time_quorum: the source of each sensor (its gateway, else itself after the gateways),
         # and what the quorum keeps between batches (_Quorum)
         self._source_np = np.where(self._gateway_np >= 0, self._gateway_np,
@@ -347,9 +359,16 @@ class Engine:
     # time d sees every earlier payload and p's readings up to d.
 
     def _end_batch(self) -> None:
-        if self._seen_at < len(self._seen_ts):
+        left = len(self._seen_ts) - self._seen_at
+        if left >= SMALL_BATCH:
             sl = slice(self._seen_at, None)
             np.maximum.at(self._last_seen_np, self._seen_idx[sl], self._seen_ts[sl])
+        elif left > 0:                      # a few: a loop costs less than numpy's call
+            last_seen = self.last_seen
+            for i, t in zip(self._seen_idx[self._seen_at:].tolist(),
+                            self._seen_ts[self._seen_at:].tolist(), strict=True):
+                if t > last_seen[i]:
+                    last_seen[i] = t
         self._seen_idx = self._seen_ts = self._seen_pay = _EMPTY
         self._seen_at = 0
         self._horizons = None
@@ -432,6 +451,8 @@ class Engine:
     def _screen_and_evaluate(self, readings: list, now_ms: int | None, out: Output,
                              spans: list | None, claims: tuple | None, ends: list[int]) -> None:
         n = len(readings)
+        if n < self.small_batch and self._screen_small(readings, now_ms, out, claims, ends):
+            return
         s = self.settings
         idx_list = self._numbers(list(map(_SENSOR_ID, readings)))
         idx = np.array(idx_list, dtype=np.int64)
@@ -463,7 +484,8 @@ class Engine:
         npay = len(ends)
         # one reading a payload (the common case); not merely as many payloads as readings, as
         # an array of two beside a payload that gave none (malformed) has too
-        if npay == n and ends == list(range(1, n + 1)):
+        single = npay == n and ends == list(range(1, n + 1))
+        if single:
             pay = np.arange(n, dtype=np.int64)
         else:
             pay = np.repeat(np.arange(npay, dtype=np.int64),
@@ -481,6 +503,8 @@ class Engine:
         could = known & ~future & ~unset & (no_value != wants) & finite
         if s.time_quorum > 1:
             reached = self._quorum_time(pay, idx, ts, could, npay)
+        elif single:                        # a payload's newest is its reading's time
+            reached = np.where(could, ts, -(1 << 62))
         else:
             reached = np.full(npay, -(1 << 62), dtype=np.int64)
             np.maximum.at(reached, pay[could], ts[could])
@@ -523,7 +547,8 @@ class Engine:
         ok = np.zeros(n, dtype=bool)
         ok[order[accepted]] = True
         good = np.flatnonzero(ok)
-        good = good[np.lexsort((ts[good], pay[good]))]    # stable: ties keep arrival order
+        if not single:                      # (one reading a payload: in payload order already)
+            good = good[np.lexsort((ts[good], pay[good]))]    # stable: ties keep arrival order
         self._seen_idx, self._seen_ts, self._seen_pay = idx[good], ts[good], pay[good]
         self._seen_at = 0
         self._cur = 0
@@ -539,7 +564,10 @@ class Engine:
             top = reached
         else:
             top = np.full(npay, -(1 << 62), dtype=np.int64)
-            np.maximum.at(top, self._seen_pay, self._seen_ts)
+            if single:                      # one reading a payload: no two to take the max of
+                top[self._seen_pay] = self._seen_ts
+            else:
+                np.maximum.at(top, self._seen_pay, self._seen_ts)
         if self._clock is not None:         # clock_bound: no payload moves time past the clock
             top = np.minimum(top, max(self._clock, before))
         self._horizons = np.maximum(np.maximum.accumulate(top) - s.allowed_lateness,
@@ -580,6 +608,226 @@ class Engine:
         if not fit.all() or len(stale_pos):
             self._reject_batch(readings, spans, out, idx_list, invalid, wrong_sender, known,
                                future, too_old, suspect, bad_value, stale_pos)
+
+    def _screen_small(self, readings: list, now_ms: int | None, out: Output,
+                      claims: tuple | None, ends: list[int]) -> bool:
+        """The batch screen for a batch of a few readings, reading by reading in plain Python:
+        the same answers as ``_screen_and_evaluate`` (both are fuzzed against the reference
+        model, tests/test_engine_model.py) without its ~60 numpy calls, whose fixed cost is
+        most of what a batch of 20 readings costs. Only for the common batch, where every
+        reading is taken: at the first one that would be refused (unknown, invalid, stale ...)
+        or with a time quorum it returns False having changed nothing, and the batch screen
+        takes the batch."""
+        s = self.settings
+        if s.time_quorum > 1:
+            return False
+        n = len(readings)
+        idx = self._numbers(list(map(_SENSOR_ID, readings)))
+        if min(idx) < 0:
+            return False
+        for r in readings:
+            if r.ts.__class__ is not int:   # RFC 3339 times from a fast batch decode: to ms
+                r.ts = int(r.ts.timestamp() * 1000)
+        ts = list(map(_TS, readings))
+        vals = list(map(_VALUE, readings))
+        events = list(map(_EVENT, readings))
+        kind_of, wants_value = self._kind_list, self._wants_value
+        kinds = [kind_of[x] for x in idx]
+        ceiling = now_ms + s.max_future if now_ms is not None else 1 << 62
+        single = ends == list(range(1, n + 1))      # one reading a payload (the common batch)
+        never = -(1 << 62)
+        lateness, watermark, max_age = s.allowed_lateness, self.watermark, s.max_age
+        last_seen = self.last_seen
+        if single and claims is None and self._all_new(idx, ts, vals, events, kinds, ceiling):
+            pay = range(n)
+            good, late, duplicates = list(pay), [], 0
+        else:
+            for v, e, t, k in zip(vals, events, ts, kinds, strict=True):
+                if v is None:                   # an event, of a kind that reports events
+                    if e is None or wants_value[k]:
+                        return False
+                elif e is not None or not abs(v) < 1e15 or not wants_value[k]:    # NaN too
+                    return False
+                if t > ceiling or t < EARLIEST:
+                    return False
+            if claims is not None:
+                gateway_of = self._gateway_np
+                for x, g, c in zip(idx, claims[0].tolist(), claims[1].tolist(), strict=True):
+                    if (g != -1 and gateway_of[x] != g) or (c != -1 and x != c):
+                        return False
+            if single:
+                pay = range(n)
+            else:
+                pay = [0] * n
+                p = 0
+                for i in range(n):
+                    while ends[p] <= i:
+                        p += 1
+                    pay[i] = p
+            # too old: behind the watermark as the reading's payload arrived (earlier payloads count)
+            newest, cur, cur_max = never, 0, never
+            limit = watermark - max_age
+            if single:
+                for t in ts:
+                    if t < limit:
+                        return False
+                    if t > newest:
+                        newest = t
+                        if newest - lateness > watermark:
+                            limit = newest - lateness - max_age
+            else:
+                for p, t in zip(pay, ts, strict=True):
+                    if p != cur:
+                        if cur_max > newest:
+                            newest = cur_max
+                            if newest - lateness > watermark:
+                                limit = newest - lateness - max_age
+                        cur, cur_max = p, never
+                    if t < limit:
+                        return False
+                    if t > cur_max:
+                        cur_max = t
+            # per sensor, in arrival order (payloads one after another, each in event-time order):
+            # newer than every reading before it, stored or earlier here? equal: a duplicate
+            order = pay if single else sorted(range(n), key=lambda i: (pay[i], ts[i]))
+            so_far: dict[int, int] = {}
+            good, late = [], []
+            duplicates = 0
+            for i in order:
+                x, t = idx[i], ts[i]
+                before = so_far.get(x, 0)
+                if t > before:
+                    so_far[x] = t
+                seen = last_seen[x]
+                if before > seen:
+                    seen = before
+                if t > seen:
+                    good.append(i)
+                elif t == seen:
+                    duplicates += 1
+                elif t >= seen - lateness:
+                    late.append(i)
+                else:
+                    return False                # stale: a dead letter
+        # taken: from here on the batch is this screen's
+        if late:
+            self._late = [(pay[i], i) for i in late]
+            self.counters["late"] += len(late)
+        g_idx = [idx[i] for i in good]
+        g_ts = [ts[i] for i in good]
+        g_pay = good if single else [pay[i] for i in good]
+        self._seen_idx = np.array(g_idx, dtype=np.int64)
+        self._seen_ts = np.array(g_ts, dtype=np.int64)
+        self._seen_pay = np.array(g_pay, dtype=np.int64)
+        self._seen_at = 0
+        self._cur = 0
+        self._positions = good
+        before_max = self.max_ts
+        if good:
+            self.max_ts = max(self.max_ts, max(g_ts))
+            if not self.watch_start:
+                self._watch_from = (g_pay[0], g_ts[0])
+        top = [never] * len(ends)
+        for p, t in zip(g_pay, g_ts, strict=True):
+            if t > top[p]:
+                top[p] = t
+        if self._clock is not None:
+            bound = max(self._clock, before_max)
+            top = [min(t, bound) for t in top]
+        horizons = []
+        run, h = never, watermark
+        for t in top:
+            if t > run:
+                run = t
+                if run - lateness > h:
+                    h = run - lateness
+            horizons.append(h)
+        self._horizons = horizons
+        # which taken readings can change anything (the batch screen's `matter`)
+        floor, event_rules, names = self._floor_list, self._has_event_rules_list, self._event_names
+        tracks = [t for t in (e.tracks for e in self._quiet_rules) if t]
+        silent = self.silent
+        battery = self._battery_kinds_any
+        if len(good) == n and single and None not in vals and not self.keep_accepted and (
+                not battery or list(map(_BATTERY, readings)).count(None) == n):
+            # measurements only, every one taken, no battery level: which sensors matter, asked
+            # of the batch at once (over its floor, an incident open, silent)
+            hit = set(compress(idx, map(ge, vals, map(floor.__getitem__, kinds))))
+            hit.update(silent.intersection(idx))
+            for t in tracks:
+                hit.update(filter(t.__contains__, idx))
+            self._visit = [j for j, x in enumerate(idx) if x in hit] if hit else []
+            return self._take_small(readings, idx, n, 0, out)
+        matter = [False] * len(good)
+        busy = set()
+        for j, i in enumerate(good):
+            v = vals[i]
+            if v is not None:
+                if v >= floor[kinds[i]]:
+                    matter[j] = True
+                    busy.add(idx[i])
+            elif event_rules[kinds[i]] and events[i] in names:
+                matter[j] = True
+        if busy or tracks or silent or battery:
+            battery_tracks = [t for t in (e.tracks for e in self._battery_rules) if t]
+            ceiling_of = self._battery_ceiling_list
+            for j, i in enumerate(good):
+                if matter[j]:
+                    continue
+                x = idx[i]
+                if vals[i] is not None:
+                    if x in busy:
+                        matter[j] = True
+                        continue
+                    for t in tracks:
+                        if x in t:
+                            matter[j] = True
+                            break
+                    if matter[j]:
+                        continue
+                if silent and x in silent:
+                    matter[j] = True
+                elif battery:
+                    b = readings[i].battery
+                    if b is not None and (b <= ceiling_of[kinds[i]] or (
+                            b > ceiling_of[kinds[i]] and any(x in t for t in battery_tracks))):
+                        matter[j] = True
+        if self.keep_accepted and (good or late):
+            kept = sorted(good + late)
+            out.accepted.append((np.array([idx[i] for i in kept], dtype=np.int64),
+                                 np.array([ts[i] for i in kept], dtype=np.int64),
+                                 np.array([vals[i] for i in kept], dtype=np.float64)))
+        self._visit = [j for j, m in enumerate(matter) if m]
+        return self._take_small(readings, idx, n, duplicates, out)
+
+    def _take_small(self, readings: list, idx: list[int], n: int, duplicates: int,
+                    out: Output) -> bool:
+        """The end of ``_screen_small``: the readings to visit are chosen; act."""
+        self._readings, self._idx_list = readings, idx
+        self._evaluate(readings, idx, out)
+        self.counters["readings"] += n
+        self.counters["duplicates"] += duplicates
+        return True
+
+    def _all_new(self, idx: list[int], ts: list[int], vals: list, events: list, kinds: list,
+                 ceiling: int) -> bool:
+        """``_screen_small``'s checks at once, for the batch of one reading a payload where all
+        hold (the common one): every reading a finite measurement or an event, as its kind
+        reports, within the time bounds, of a different sensor, and newer than its last."""
+        s = self.settings
+        wants_value = self._wants_value
+        for v, e, k in zip(vals, events, kinds, strict=True):
+            if (v is None) == (e is None) or (v is None) == wants_value[k]:
+                return False
+        measured = [v for v in vals if v is not None] if None in vals else vals
+        if measured and (not all(map(isfinite, measured)) or not -1e15 < min(measured)
+                         or not max(measured) < 1e15):
+            return False
+        lo, hi = min(ts), max(ts)
+        # no reading behind the watermark as its payload arrived, by the widest margin
+        if lo < EARLIEST or hi > ceiling or lo < max(hi - s.allowed_lateness, self.watermark) - s.max_age:
+            return False
+        return len(set(idx)) == len(idx) and all(map(gt, ts, map(self.last_seen.__getitem__, idx)))
 
     def _quorum_time(self, pay: np.ndarray, idx: np.ndarray, ts: np.ndarray, could: np.ndarray,
                      npay: int) -> np.ndarray:

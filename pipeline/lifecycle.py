@@ -46,6 +46,22 @@ class Incident:
                 self.times, self.dispatched_to, self.community_at, self.street_at]
 
 
+class _FactsOnAsk(dict):
+    """Labels whose `sensor.*` entries (``routing.sensor_labels``) are read from the registry
+    when first asked for, by ``get`` (all that ``Router.route`` calls)."""
+
+    def __init__(self, registry: Registry, idx: int, labels: dict[str, Any]) -> None:
+        super().__init__(labels)
+        self.registry, self.idx, self.facts = registry, idx, None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if not key.startswith("sensor."):
+            return dict.get(self, key, default)
+        if self.facts is None:
+            self.facts = self.registry.sensor_facts(self.idx)
+        return self.facts.get(key[7:], default)
+
+
 class AlertBook(Handling):
     def __init__(self, registry: Registry, router: Router, timers: Timers,
                  rules: dict[str, Any], kinds: dict[str, Any],
@@ -137,7 +153,7 @@ class AlertBook(Handling):
         inc.reminders, inc.last_ts, inc.district_at, inc.gen = 0, ch.ts, None, 0
         inc.muted, inc.muted_at, inc.paused, inc.held = None, 0, 0, False
         inc.times, inc.dispatched_to, inc.community_at, inc.street_at = {}, None, None, None
-        inc.route = self.router.route(self._labels(inc))
+        inc.route = self.router.route(self._route_labels(inc))
         self._rebase(inc, ch)
         self.open[inc.aid] = inc
         self._mute_check(inc, ch.ts, out)
@@ -367,6 +383,19 @@ class AlertBook(Handling):
         if inc.idx is not None:
             labels.update(sensor_labels(reg, inc.idx))
         return labels
+
+    def _route_labels(self, inc: Incident) -> dict[str, Any]:
+        """``_labels`` as routing reads them: a route asks for few, and a sensor's `sensor.*`
+        facts (registry columns, its attrs parsed) are read only if a route asks for one (the
+        built-in routing does for gas alerts only)."""
+        if inc.idx is None:
+            return self._labels(inc)
+        reg = self.registry
+        p = reg.place_of(inc.idx)
+        return _FactsOnAsk(reg, inc.idx, {
+            "rule_id": inc.rule, "category": self._category(inc).value,
+            "severity": Severity.of_rank(inc.rank).value, "kind": reg.kinds[reg.kind_of[inc.idx]],
+            "district": p.district, "street": p.street, "community": p.community, "grid": p.grid})
 
     def _widen(self, inc: Incident, ts: int) -> list[Target]:
         """Targets the current severity reaches that were not told yet."""

@@ -45,7 +45,10 @@ DEFAULT_INSTRUCTION = "请立即核查处置，处置完毕后点击链接确认
 
 def fmt_time(ms: int, tz: ZoneInfo) -> str:
     """RFC 3339 in the city's time zone; milliseconds only when there are any."""
-    dt = datetime.fromtimestamp(ms / 1000, tz)
+    return _rfc3339(datetime.fromtimestamp(ms / 1000, tz), ms)
+
+
+def _rfc3339(dt: datetime, ms: int) -> str:
     return dt.isoformat(timespec="milliseconds" if ms % 1000 else "seconds")
 
 
@@ -55,8 +58,22 @@ def fmt_number(v: float | None) -> str:
     return f"{v:.6g}"
 
 
+_PRIVATE = ("_owner_summary", "_title", "_summary")     # base_notice's keys no notice shows
+_PARTS: dict[str, tuple[str, ...]] = {}     # template -> text, field, text, field ..., text
+
+
 def render(template: str, fields: dict[str, Any]) -> str:
-    return _FIELD.sub(lambda m: str(fields.get(m.group(1), "")), template)
+    parts = _PARTS.get(template)
+    if parts is None:               # split once per template (rule files hold a few hundred)
+        if len(_PARTS) > 4096:
+            _PARTS.clear()
+        parts = _PARTS[template] = tuple(_FIELD.split(template))
+    out = [parts[0]]
+    get = fields.get
+    for k in range(1, len(parts), 2):
+        out.append(str(get(parts[k], "")))
+        out.append(parts[k + 1])
+    return "".join(out)
 
 
 def place_text(p: Place) -> str:
@@ -74,8 +91,10 @@ def base_notice(*, alert_id: str, rule_id: str, rule_name: str, rule_type: str, 
     the owner's summary, when the registry names the sensor's owner)."""
     tz = registry.tz
     # addresses in the registry are full (成都市锦江区…); a sensor without one is named by place
-    address = (registry.address[idx] if idx is not None else "") or place_text(place)
+    own_address = registry.address[idx] if idx is not None else ""
+    address = own_address or place_text(place)
     owner = registry.owner[idx] if idx is not None else ""
+    started = datetime.fromtimestamp(started_ms / 1000, tz)
     fields = {
         "place": place_text(place), "district_name": place.district_name,
         "street_name": place.street_name, "community_name": place.community_name,
@@ -86,33 +105,33 @@ def base_notice(*, alert_id: str, rule_id: str, rule_name: str, rule_type: str, 
         "severity_cn": severity.chinese, "level": severity.level, "event": event or "",
         "event_name": event_name or event or "", "notes": "，".join(notes) + ("。" if notes else ""),
         "members_count": len(members or ()), "group": group or "",
-        "time": datetime.fromtimestamp(started_ms / 1000, tz).strftime("%H:%M"),
+        "time": started.strftime("%H:%M"),
         "category_cn": category.chinese, **extra,
     }
     title = render(title_t or "{place}{rule_name}", fields)
     summary = render(summary_t or DEFAULT_SUMMARY[rule_type], fields).replace("（）", "")
-    o = registry.owner_of(idx) if idx is not None else None
-    private = {"_owner_summary": owner_summary(o, fields, started_ms, tz, rule_type,
+    o = registry.owner_named.get(owner) if owner else None     # registry.owner_of, read once
+    private = {"_owner_summary": owner_summary(o, fields, started, rule_type,
                                                instruction_t)} if o is not None else {}
     return {**private,
         "alert_id": alert_id, "rule_id": rule_id, "sensor_id": sensor_id, "kind": kind,
         "category": category.value, "district": place.district, "district_name": place.district_name,
         "street": place.street, "street_name": place.street_name, "community": place.community,
         "community_name": place.community_name, "grid": place.grid, "grid_name": place.grid_name,
-        "address": registry.address[idx] or None if idx is not None else None,
+        "address": own_address or None if idx is not None else None,
         "lat": round(float(registry.lat[idx]), 6) if idx is not None else None,
         "lon": round(float(registry.lon[idx]), 6) if idx is not None else None,
         "value": value, "threshold": threshold, "unit": unit or None, "event": event,
-        "started_at": fmt_time(started_ms, tz), "_title": title, "_summary": summary,
+        "started_at": _rfc3339(started, started_ms), "_title": title, "_summary": summary,
         "group": group, "members": members,
     }
 
 
-def owner_summary(owner: Any, fields: dict[str, Any], started_ms: int, tz: ZoneInfo,
+def owner_summary(owner: Any, fields: dict[str, Any], started: datetime,
                   rule_type: str, instruction_t: str | None) -> str:
     """To the responsible party: who it is for, when and where, what, and what to do."""
     who = f"{owner.name}负责人{owner.contact}" if owner.contact else owner.name
-    when = datetime.fromtimestamp(started_ms / 1000, tz).strftime("%m月%d日%H:%M")
+    when = started.strftime("%m月%d日%H:%M")
     what = render(OWNER_WHAT.get(rule_type, OWNER_WHAT_DEFAULT), fields)
     return (f"{who}：{when}，{fields['address']}，{what}。"
             + render(instruction_t or DEFAULT_INSTRUCTION, fields))
@@ -124,7 +143,9 @@ def finish(base: dict, *, seq: int, severity: Severity, state: State, previous: 
            cleared: tuple[float | None, float] | None = None, handling: dict | None = None) -> dict:
     """One state change's notice, less tier and target (``for_target`` adds them).
     ``handling``: a handling notice's own fields (pipeline/handling.py)."""
-    n = {k: v for k, v in base.items() if not k.startswith("_")}
+    n = dict(base)                  # less the private keys, the rest in their order
+    for k in _PRIVATE:
+        n.pop(k, None)
     n.update(seq=seq, severity=severity.value, level=severity.level,
              fiware_severity=severity.fiware, state=state.value,
              previous_state=previous.value if previous else None, ts=fmt_time(ts_ms, tz),

@@ -203,7 +203,8 @@ def _owner_gap(registry: Registry, idx: int) -> tuple[str, str] | None:
 def _matches(have: Any, want: Any) -> bool:
     if isinstance(want, list):
         return any(_matches(have, w) for w in want)
-    if isinstance(want, str) and isinstance(have, str) and any(c in want for c in "*?["):
+    if isinstance(want, str) and isinstance(have, str) and ("*" in want or "?" in want
+                                                            or "[" in want):
         return fnmatch.fnmatchcase(have, want)
     if isinstance(have, Severity):
         have = have.value

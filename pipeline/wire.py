@@ -253,9 +253,27 @@ def _decode_many(payloads: list[bytes], sources: list, readings: list, dead: lis
         spans.append((len(readings), p, source, positions if gaps else None))
 
 
+_FEW = 64
+_OBJECT, _ARRAY = (ord("{"), ord("}")), (ord("["), ord("]"))
+
+
+def _framed(p: bytes) -> bool:
+    first, last = p[:1], p[-1:]
+    return (first == b"{" and last == b"}") or (first == b"[" and last == b"]")
+
+
 def _joinable(payloads: list[bytes]) -> bool:
     """Every payload one JSON object or array on its own, and none oversize: then the batch
-    can be parsed as one array. Judged on the first and last byte of each, all at once."""
+    can be parsed as one array. Judged on the first and last byte of each, all at once (a
+    few payloads: one by one, as numpy's fixed cost is then more than the loop's)."""
+    if len(payloads) <= _FEW:
+        for p in payloads:
+            if not p or len(p) > MAX_PAYLOAD_BYTES:
+                return False
+            ends = (p[0], p[-1])
+            if ends != _OBJECT and ends != _ARRAY and not _framed(p.strip()):   # rare: whitespace
+                return False
+        return True
     lens = np.fromiter(map(len, payloads), dtype=np.int64, count=len(payloads))
     if not lens.min() or lens.max() > MAX_PAYLOAD_BYTES:
         return False

@@ -25,7 +25,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.engine import Engine, EngineSettings
+from pipeline.engine import SMALL_BATCH, Engine, EngineSettings
 from pipeline.reference import ReferenceEngine
 from pipeline.silences import DAYS
 from rules.compiler import load_rules
@@ -281,9 +281,16 @@ def canon(notices: list[dict], dead: list) -> tuple[list[bytes], list[str]]:
             sorted(d.model_dump_json() for d in dead))
 
 
-def compare(rs, reg, eng_settings: EngineSettings, ops: list, splits: list[int]) -> None:
+def compare(rs, reg, eng_settings: EngineSettings, ops: list, splits: list[int],
+            small_batch: int = SMALL_BATCH) -> None:
     model = ReferenceEngine(reg, rs, eng_settings)
-    engine = Engine(reg, rs, eng_settings)
+
+    def new_engine() -> Engine:
+        engine = Engine(reg, rs, eng_settings)
+        engine.small_batch = small_batch
+        return engine
+
+    engine = new_engine()
     notices: list[dict] = []
     dead: list = []
     batch: list[bytes] = []
@@ -332,7 +339,7 @@ def compare(rs, reg, eng_settings: EngineSettings, ops: list, splits: list[int])
             notices.extend(engine.advance(op[1]).notices)
         else:
             blob = engine.snapshot()
-            engine = Engine(reg, rs, eng_settings)
+            engine = new_engine()
             assert engine.restore(blob) == {}
     flush()
     got, want_ = canon(notices, dead), canon(model.notices, model.dead)
@@ -361,14 +368,18 @@ def scenarios(draw):
                            time_quorum=draw(st.sampled_from([1, 1, 2, 3])),
                            quorum_window=draw(st.sampled_from([1, 2, 3, 100]))),
             draw(timelines(city)),
-            draw(st.lists(st.sampled_from([1, 2, 3, 5, 1000]), min_size=1, max_size=20)))
+            draw(st.lists(st.sampled_from([1, 2, 3, 5, 1000]), min_size=1, max_size=20)),
+            # the batch screen below which a batch is screened in plain Python: every batch
+            # numpy's (0), every batch Python's, or the engine's own, which splits the batches
+            # above on both sides (a gateway array of many readings is one payload)
+            draw(st.sampled_from([0, 1 << 30, SMALL_BATCH, 4])))
 
 
 def check(scenario) -> None:
-    city, pack, routing, eng_settings, ops, splits = scenario
+    city, pack, routing, eng_settings, ops, splits, small_batch = scenario
     with tempfile.TemporaryDirectory() as d:
         rs, reg = build(Path(d), pack, routing, city)
-        compare(rs, reg, eng_settings, ops, splits)
+        compare(rs, reg, eng_settings, ops, splits, small_batch)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, print_blob=True,

@@ -16,7 +16,7 @@ import tracemalloc
 import pytest
 
 from pipeline import registry
-from pipeline.engine import Engine
+from pipeline.engine import SMALL_BATCH, Engine
 from pipeline.registry_gen import generate
 from rules.compiler import load_rules
 
@@ -78,7 +78,10 @@ def work(engine: Engine, payloads: list[bytes]) -> tuple[int, int]:
     return lines, peak
 
 
-def test_a_batch_costs_the_same_however_many_sensors_are_silent(city, rules):
+@pytest.mark.parametrize("screen", ["numpy", "small"])
+def test_a_batch_costs_the_same_however_many_sensors_are_silent(city, rules, screen):
+    """Both batch screens: numpy's, and the plain-Python one of a batch under SMALL_BATCH
+    readings (the batches here are 20)."""
     ids = heard_of(city)
     heard = [city.index[sid] for sid in ids]
     few = city.subset(sorted(set(heard) | set(range(300))))
@@ -89,8 +92,14 @@ def test_a_batch_costs_the_same_however_many_sensors_are_silent(city, rules):
     at = T0 + 245 * MIN
     for e in engines.values():      # the scan due by then runs here: the batches below have none
         e.ingest(batch(ids, at))
+        e.small_batch = 0 if screen == "numpy" else SMALL_BATCH
+    assert SMALL_BATCH > 20
+    took: list[bool] = []           # what the small screen said of each batch it was given
+    for e in engines.values():
+        e._screen_small = lambda *a, _screen=e._screen_small: took.append(_screen(*a)) or took[-1]
     costs = {name: [work(e, batch(ids[:20], at + j * 1000)) for j in range(1, 4)]
              for name, e in engines.items()}
+    assert took == ([] if screen == "numpy" else [True] * 6)     # it took all six batches
     for (lines_few, peak_few), (lines_many, peak_many) in zip(costs["few"], costs["many"], strict=True):
         assert lines_many == lines_few, costs
         # a pass over the silent sensors would allocate at least 8 bytes each

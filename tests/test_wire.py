@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from pipeline import wire
 from pipeline.models import DeadLetter, Reading
 from pipeline.wire import MAX_PAYLOAD_BYTES, decode, decode_batch, digest
 
@@ -446,13 +447,18 @@ def one_by_one(payloads: list[bytes]) -> tuple[list, list, list]:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from(PIECES), min_size=0, max_size=40))
-def test_a_batch_decodes_as_its_payloads_one_by_one(payloads):
-    """The one-call fast path (frames judged all at once, objects taken without a loop) and the
-    halving that isolates a bad payload give what decoding each payload alone gives: a
-    malformed payload is never rescued by its neighbours (`[{..}` + `{..}]` joins into valid
-    JSON), a good one never lost."""
-    got, want = decode_batch(payloads, "t"), one_by_one(payloads)
+@given(st.lists(st.sampled_from(PIECES), min_size=0, max_size=40), st.sampled_from([0, 3, 64]))
+def test_a_batch_decodes_as_its_payloads_one_by_one(payloads, few):
+    """The one-call fast path (frames judged all at once with numpy, or one by one for a few
+    payloads: ``few``, the number under which they are) and the halving that isolates a bad
+    payload give what decoding each payload alone gives: a malformed payload is never rescued
+    by its neighbours (`[{..}` + `{..}]` joins into valid JSON), a good one never lost."""
+    default, wire._FEW = wire._FEW, few
+    try:
+        got = decode_batch(payloads, "t")
+    finally:
+        wire._FEW = default
+    want = one_by_one(payloads)
     assert [msgspec.structs.asdict(r) for r in got[0]] == [msgspec.structs.asdict(r) for r in want[0]]
     assert [(d.reason, d.detail, d.payload, d.index) for d in got[1]] == \
         [(d.reason, d.detail, d.payload, d.index) for d in want[1]]
