@@ -269,7 +269,7 @@ class Attack:
                 ts, rnd.choice([b"NaN", b"high", b"1e999"])),
             lambda: b'{"sensor_id": "gas-510104-000002", "ts": %s, "value": 1}' % rnd.choice(
                 [b"1e20", b"-5", b"1e17", b'"yesterday"', b"null", str(ts + 86_400_000).encode()]),
-            lambda: json.dumps({"sensor_id": "gas-999999-%06d" % rnd.randrange(10**6),
+            lambda: json.dumps({"sensor_id": f"gas-999999-{rnd.randrange(10**6):06d}",
                                 "ts": ts, "value": 1}).encode(),                  # unknown
             lambda: json.dumps({"sensor_id": GAS[2], "ts": ts, "value": 1,
                                 "event": "opened"}).encode(),                     # both
@@ -279,7 +279,7 @@ class Attack:
             lambda: good + b" " * (262_144 + 100 - len(good)),
             lambda: "{\"sensor_id\": \"燃气\udcff\"}".encode("utf-8", "surrogatepass"),  # bad UTF-8
         ]
-        for i in range(n):
+        for _ in range(n):
             msgs.append((f"cityops/readings/{GAS[1]}", rnd.choice(makers)()))
         self.readings(msgs[: n // 2])
         self.readings([(f"cityops/readings/{s}", reading(s, 55.0, ts + 1)) for s in GAS[5:]])

@@ -147,7 +147,7 @@ def main() -> None:
         t_engine = time.process_time() - t
         if got != want:
             sys.exit(f"the engine and the bare loop disagree: {len(got)} vs {len(want)} notices; "
-                     f"first differences {[x for x in zip(got, want) if x[0] != x[1]][:3]}")
+                     f"first differences {[x for x in zip(got, want, strict=False) if x[0] != x[1]][:3]}")
         firing = sum(1 for n in want if n[1] == "firing")
         n = len(lines)
         print(f"round {r}: bare {n / t_bare:>12,.0f} readings/CPU-s   engine {n / t_engine:>12,.0f} "

@@ -538,11 +538,11 @@ class Engine:
         late = older & (g_ts >= newest_seen - s.allowed_lateness)
         older &= ~late
         stale_pos = np.sort(order[older])
-        self._stale_newest = dict(zip(order[older].tolist(), newest_seen[older].tolist()))
+        self._stale_newest = dict(zip(order[older].tolist(), newest_seen[older].tolist(), strict=True))
         late_pos = np.sort(order[late])
         if len(late_pos):                   # by payload, then event time, ties by arrival
             late_pos = late_pos[np.lexsort((ts[late_pos], pay[late_pos]))]
-            self._late = list(zip(pay[late_pos].tolist(), late_pos.tolist()))
+            self._late = list(zip(pay[late_pos].tolist(), late_pos.tolist(), strict=True))
             self.counters["late"] += len(late_pos)
         ok = np.zeros(n, dtype=bool)
         ok[order[accepted]] = True

@@ -9,7 +9,8 @@ they fall due in event time like everything else and survive a snapshot.
 from __future__ import annotations
 
 import heapq
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from pipeline import notices as nt
 from pipeline.handling import Handling, still_to_come
@@ -413,7 +414,8 @@ class AlertBook(Handling):
         spec, idx = e.spec, inc.idx
         kind = reg.kinds[reg.kind_of[idx]] if idx is not None else "unknown"
         k = self.kinds.get(kind)
-        notes = modifier_notes(e.loaded, reg, idx) if spec.modifiers and idx is not None and isinstance(inc.subject, int) else []
+        notes = (modifier_notes(e.loaded, reg, idx)
+                 if spec.modifiers and idx is not None and isinstance(inc.subject, int) else [])
         extra: dict[str, Any] = {}
         group = None
         members = [reg.sensor_ids[m] for m in inc.members] if inc.members else None
@@ -432,7 +434,8 @@ class AlertBook(Handling):
         inc.base = nt.base_notice(
             alert_id=inc.aid, rule_id=inc.rule, rule_name=spec.name, rule_type=spec.type,
             sensor_id=reg.sensor_ids[idx] if idx is not None else str(inc.subject), kind=out_kind,
-            kind_name=k.name if k else kind, unit=k.unit if k and not isinstance(spec, (AbsenceRule, CorrelationRule)) else "",
+            kind_name=k.name if k else kind,
+            unit=k.unit if k and not isinstance(spec, (AbsenceRule, CorrelationRule)) else "",
             category=self._category(inc), severity=Severity.of_rank(inc.rank),
             place=reg.place_of(idx), registry=reg, idx=idx, value=inc.value,
             threshold=inc.threshold, event=inc.event,

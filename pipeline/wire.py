@@ -12,7 +12,7 @@ import base64
 import hashlib
 from datetime import datetime
 from itertools import repeat
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
 import numpy as np
@@ -32,19 +32,18 @@ class WireReading(msgspec.Struct, gc=False):
     # No pattern here: the registry admits only ids of SENSOR_ID_PATTERN, so any other id is an
     # unknown sensor; a regex per reading would cost more than all the rules (~0.6 µs).
     sensor_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    ts: Union[Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)],
-              Annotated[datetime, msgspec.Meta(tz=True)]]
-    value: Union[float, None] = None
-    event: Union[Annotated[str, msgspec.Meta(min_length=1, max_length=64)], None] = None
-    unit: Union[str, None] = None
-    seq: Union[int, None] = None
-    battery: Union[Annotated[float, msgspec.Meta(ge=0, le=100)], None] = None
-    gateway_id: Union[str, None] = None
+    ts: Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)] | Annotated[datetime, msgspec.Meta(tz=True)]
+    value: float | None = None
+    event: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    unit: str | None = None
+    seq: int | None = None
+    battery: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
+    gateway_id: str | None = None
 
 
 _one = msgspec.json.Decoder(WireReading)
 _many = msgspec.json.Decoder(list[WireReading])
-_batch = msgspec.json.Decoder(list[Union[list[WireReading], WireReading]])
+_batch = msgspec.json.Decoder(list[list[WireReading] | WireReading])
 _raw_items = msgspec.json.Decoder(list[msgspec.Raw])
 
 
@@ -231,7 +230,7 @@ def _decode_many(payloads: list[bytes], sources: list, readings: list, dead: lis
         if list not in set(map(type, got)):          # objects only: no Python per payload
             readings += got
             spans += zip(range(base + 1, base + len(got) + 1), payloads, sources,
-                         repeat(None, len(got)))
+                         repeat(None, len(got)), strict=True)
             return
         for p, source, item in zip(payloads, sources, got, strict=True):
             if item.__class__ is list:

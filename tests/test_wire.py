@@ -236,7 +236,7 @@ def test_decode_agrees_with_the_contract_on(d):
     contract = reading_contract(d)
     assert bool(got) == (contract is not None), (
         f"decode: {'accepted' if got else dead[0].detail}; "
-        f"Reading: {'accepted, ts_ms=%s' % contract.ts_ms if contract else 'refused'}")
+        f"Reading: {f'accepted, ts_ms={contract.ts_ms}' if contract else 'refused'}")
     if got:
         assert got[0].ts == contract.ts_ms
 
