@@ -578,7 +578,11 @@ class Engine:
         # a sensor with an incident open, or with another reading here that matters: asked
         # per reading of the batch, so the cost follows the batch, not the open incidents
         measured = ok & ~no_value
-        busy = idx[matter & ~no_value]
+        busy_at = matter & ~no_value
+        if len(late_pos):       # a late reading may open an incident a later reading here ends
+            busy_at = busy_at.copy()
+            busy_at[late_pos] = True
+        busy = idx[busy_at]
         busy = np.unique(busy) if len(busy) > 1 else busy
         if len(busy):
             matter |= measured & np.isin(idx, busy)
@@ -759,7 +763,8 @@ class Engine:
             self._visit = [j for j, x in enumerate(idx) if x in hit] if hit else []
             return self._take_small(readings, idx, n, 0, out)
         matter = [False] * len(good)
-        busy = set()
+        # a late reading may open an incident a later reading here ends (as the batch screen)
+        busy = {idx[i] for i in late}
         for j, i in enumerate(good):
             v = vals[i]
             if v is not None:
