@@ -559,3 +559,44 @@ def test_released_pages_are_given_back_and_read_again_unchanged(tmp_path, monkey
     assert release_pages(mapped) > 0
     assert touched - rss_file_pages() > 1_000          # kB: the columns' pages left the process
     same_registry(parsed, mapped)
+
+
+def instances(cls: type) -> int:
+    import gc
+    return sum(1 for o in gc.get_objects() if type(o) is cls)
+
+
+def test_the_compiled_place_tree_is_read_when_asked_not_held_whole(tmp_path, monkeypatch):
+    """Grids, grid workers and owners grow with the city: loaded from the compiled form they
+    are mapped records, so a process holds none of them until it asks, and then only those
+    (a worker: the grids of its partition's sensors, the people its notices name). What it
+    reads is what the parsed registry says, on a partition's subset as on the whole city."""
+    import numpy as np
+
+    from pipeline.bridge import ReadingRouter
+    from pipeline.registry import Owner, Place, Worker
+    monkeypatch.setenv("CITYOPS_CACHE", str(tmp_path / "cache"))
+    from pipeline.registry_gen import generate
+    generate(tmp_path / "city", 20_000, seed=5)
+    parsed = registry.load(tmp_path / "city")
+    before = {cls: instances(cls) for cls in (Place, Worker, Owner)}
+    mapped = registry.load(tmp_path / "city")
+    assert len(mapped.grid_places) == len(parsed.grid_places) > 200
+    assert len(mapped.workers) > 100 and len(mapped.owners) > 100
+    assert {cls: instances(cls) for cls in (Place, Worker, Owner)} == before, "nothing built"
+    router = ReadingRouter(mapped, 8)
+    sub = mapped.subset(np.flatnonzero(router.partition_of == 3))
+    owned = {int(g) for g in np.asarray(sub.grid_of)}
+    for i in range(0, len(sub), 7):
+        whole = mapped.index[sub.sensor_ids[i]]
+        assert sub.place_of(i) == parsed.place_of(whole)
+        assert sub.owner_of(i) == parsed.owner_of(whole)
+        place = sub.place_of(i)
+        at_ms = at(sub, "03:00")
+        assert sub.on_call(place.grid, place.street, at_ms) == parsed.on_call(place.grid, place.street, at_ms)
+    assert set(mapped.grid_places._made) <= owned < set(range(len(parsed.grid_places)))
+    assert instances(Place) - before[Place] == len(mapped.grid_places._made)
+    for who in ("workers", "owners", "owner_named", "workers_of_grid", "grid_index"):
+        got, want = getattr(mapped, who), getattr(parsed, who)
+        assert list(got) == list(want) and list(got.values()) == list(want.values()), who
+        assert dict(got.items()) == want and got.get("nope") is None and "nope" not in got, who
