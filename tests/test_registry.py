@@ -600,3 +600,20 @@ def test_the_compiled_place_tree_is_read_when_asked_not_held_whole(tmp_path, mon
         got, want = getattr(mapped, who), getattr(parsed, who)
         assert list(got) == list(want) and list(got.values()) == list(want.values()), who
         assert dict(got.items()) == want and got.get("nope") is None and "nope" not in got, who
+
+
+@pytest.mark.parametrize("people", ["workers and no owners", "neither"])
+def test_a_compiled_registry_without_owners_or_workers_reads_as_parsed(tmp_path, monkeypatch, people):
+    monkeypatch.setenv("CITYOPS_CACHE", str(tmp_path / "cache"))
+    text = REGISTRY_YAML if people != "neither" else (
+        REGISTRY_YAML[:REGISTRY_YAML.index("workers:")] + "sensors: sensors.csv\n").replace(
+            "duty_officer: w-duty", "")
+    path = write_registry(tmp_path / "city", text)
+    parsed, mapped = registry.load(path), registry.load(path)
+    assert not isinstance(mapped.owners, dict) and not mapped.owners and mapped.owner_of(0) is None
+    assert len(mapped.workers) == (5 if people != "neither" else 0)
+    same_registry(parsed, mapped)
+    place = mapped.place_of(0)
+    for hh_mm in ("03:00", "10:00", "21:00"):
+        assert mapped.on_call(place.grid, place.street, at(mapped, hh_mm)) == \
+            parsed.on_call(place.grid, place.street, at(parsed, hh_mm))
