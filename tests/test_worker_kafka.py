@@ -548,3 +548,37 @@ def test_a_partition_taken_over_in_a_rebalance_pushes_to_its_own_grid_worker_and
         phone.close()
         a.stop()
         b.stop()
+
+
+def test_a_checkpoint_commits_every_record_of_its_partitions(kafka, tmp_path, story) -> None:
+    """A checkpoint acknowledges a partition's newest record, not each one: the group's
+    committed offset must still come to the end of every readings partition (records the
+    worker forwarded to their street's partition included), so a restart reads nothing twice
+    and skips nothing."""
+    from kafka import KafkaConsumer, TopicPartition
+    readings, _ = story
+    w = worker(kafka, tmp_path)
+    # the worker's group, only asked for its committed offsets (it never joins the group)
+    group = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id="cityops-worker",
+                          enable_auto_commit=False)
+    try:
+        w.wait_partitions(PARTITIONS)
+        produce(kafka.bootstrap, T["readings"], keyed(readings))
+        topic = TopicReader(kafka.bootstrap, [T["readings"]])
+        forwarded = sum(w.metric("cityops_forwarded_total").values())
+        deadline = time.monotonic() + 90
+        while True:
+            topic.poll(0.2)
+            ends = {}
+            for r in topic.records:
+                ends[r.partition] = max(ends.get(r.partition, 0), r.offset + 1)
+            committed = {p: group.committed(TopicPartition(T["readings"], p)) for p in ends}
+            forwarded = sum(w.metric("cityops_forwarded_total").values())
+            if len(topic.records) == len(readings) + forwarded and committed == ends:
+                break
+            assert time.monotonic() < deadline, f"committed {committed}, ends {ends}\n{w.log()}"
+            time.sleep(0.5)
+        assert forwarded > 0 and len(ends) == PARTITIONS
+    finally:
+        group.close()
+        w.stop()
