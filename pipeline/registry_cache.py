@@ -155,7 +155,7 @@ class GridPlaces(Sequence[Any]):
     def __getitem__(self, g: Any) -> Any:
         try:
             return self._made[g]
-        except KeyError:
+        except (KeyError, TypeError):           # TypeError: a slice (unhashable before 3.12)
             pass
         if g.__class__ is slice:
             return [self[j] for j in range(*g.indices(len(self)))]

@@ -595,6 +595,9 @@ def test_the_compiled_place_tree_is_read_when_asked_not_held_whole(tmp_path, mon
         at_ms = at(sub, "03:00")
         assert sub.on_call(place.grid, place.street, at_ms) == parsed.on_call(place.grid, place.street, at_ms)
     assert set(mapped.grid_places._made) <= owned < set(range(len(parsed.grid_places)))
+    assert mapped.grid_places[1:4] == parsed.grid_places[1:4] and mapped.grid_places[-1] == parsed.grid_places[-1]
+    with pytest.raises(IndexError):
+        mapped.grid_places[len(parsed.grid_places)]
     assert instances(Place) - before[Place] == len(mapped.grid_places._made)
     for who in ("workers", "owners", "owner_named", "workers_of_grid", "grid_index"):
         got, want = getattr(mapped, who), getattr(parsed, who)
