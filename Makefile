@@ -29,7 +29,7 @@ demo: $(STAMP)
 ## test: install what the tests need, then run them all
 test: $(STAMP) test-deps
 	$(VENV)/bin/cityops rules check > /dev/null
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # What the integration tests start themselves (tests/brokers.py: their own mosquitto on a free
 # port of 127.0.0.1 with their own config; never the system service, never port 1883;

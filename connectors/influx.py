@@ -62,6 +62,7 @@ class InfluxSink:
         if not settings.url:
             raise ValueError("influx.url is not set: the history sink is off")
         self.s = settings
+        self.registry = registry                  # its lines number sensors as this one does
         self.lines = ReadingLines(registry)
         self.sampler = (DownSampler(settings.readings_every, len(registry))
                         if settings.readings_every else None)

@@ -242,7 +242,7 @@ class DownSampler:
         self.dirty[ks] = True
         self.newest = max(self.newest, int(t.max()))
         return tuple(np.concatenate([a, c]) for a, c in zip(
-            done, (gs[shut], gb[shut] * self.every, glast[shut], gpeak[shut], gcount[shut])))
+            done, (gs[shut], gb[shut] * self.every, glast[shut], gpeak[shut], gcount[shut]), strict=True))
 
     def due(self) -> tuple:
         """Intervals that ended before the newest event time seen."""

@@ -76,7 +76,7 @@ class Tally:
         self.district_names: dict[str, str] = {}
         self._nights: dict[str, str] = {}                # day -> the night before it
 
-    def merge(self, other: "Tally") -> None:
+    def merge(self, other: Tally) -> None:
         """Add a tally of other rules (the second process's) to this one."""
         for dim, keys in other.counts.items():
             for key, (inc, num) in keys.items():

@@ -84,7 +84,8 @@ class ReadingRouter:
             sender = senders[n] if senders else None
             array = wire.GatewayArray(payload)
 
-            def refuse(reason: str, detail: str, where: int | None) -> DeadLetter:
+            def refuse(reason: str, detail: str, where: int | None, payload: bytes = payload,
+                       source: str = source, array: wire.GatewayArray = array) -> DeadLetter:
                 if where is None:
                     return wire.dead_letter(reason, detail, payload, None, source)
                 return array.dead_letter(reason, detail, where, source)

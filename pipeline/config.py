@@ -40,7 +40,8 @@ class MqttSettings(_Part):
     password: SecretStr | None = None
     prefix: str = Field(default="cityops", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
     # BeforeValidator: CITYOPS_MQTT__PROTOCOL=311 arrives as text
-    protocol: Annotated[Literal[5, 311], BeforeValidator(lambda v: int(v) if isinstance(v, str) and v.isdigit() else v)] = 5
+    protocol: Annotated[Literal[5, 311],
+                        BeforeValidator(lambda v: int(v) if isinstance(v, str) and v.isdigit() else v)] = 5
     shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$", description=(
         "MQTT 5 shared subscription group: processes in one group split the readings. Sensor "
         "state is per process, so only split by topic (see README, Live runtime)"))

@@ -27,7 +27,8 @@ escalation and reminders going after an acknowledgement, until someone is on sit
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from pipeline import notices as nt
 from pipeline.models import Ack, State, Tier

@@ -52,7 +52,7 @@ class Severity(str, Enum):
         return ("low", "medium", "high", "critical")[self.rank]
 
     @classmethod
-    def of_rank(cls, rank: int) -> "Severity":
+    def of_rank(cls, rank: int) -> Severity:
         return SEVERITIES[max(0, min(3, rank))]
 
 
@@ -157,7 +157,7 @@ class Reading(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _one_of_value_or_event(self) -> "Reading":
+    def _one_of_value_or_event(self) -> Reading:
         if (self.value is None) == (self.event is None):
             raise ValueError("a reading carries exactly one of `value` or `event`")
         if self.value is not None and not math.isfinite(self.value):

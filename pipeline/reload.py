@@ -56,29 +56,36 @@ class CitySet:
         return Engine(self.registry, self.rules, settings)
 
 
-def watched_files(s: Any) -> list[Path]:
-    """The files a set is read from (settings ``s``: packs, params, routing, registry): what
-    the watch looks at and the digest covers."""
-    out = sorted(PACKS.glob("*.yaml"))
+def set_files(s: Any) -> dict[str, list[Path]]:
+    """The files a set is read from (settings ``s``), by role, in the order they are read:
+    built-in packs, the city's packs, routing, params, the registry and its CSV files."""
+    packs: list[Path] = []
     for p in s.packs:
         p = Path(p)
-        out += sorted(p.glob("*.yaml")) if p.is_dir() else [p]
-    out.append(Path(s.routing) if s.routing else ROUTING)
-    if s.params:
-        out.append(Path(s.params))
+        packs += sorted(p.glob("*.yaml")) if p.is_dir() else [p]
     reg = Path(s.registry) if s.registry else FIXTURE
     folder = reg if reg.is_dir() else reg.parent
-    out += [folder / "registry.yaml"] if reg.is_dir() else [reg]
-    out += sorted(folder.glob("*.csv"))
-    return out
+    return {"builtin": sorted(PACKS.glob("*.yaml")), "packs": packs,
+            "routing": [Path(s.routing) if s.routing else ROUTING],
+            "params": [Path(s.params)] if s.params else [],
+            "registry": [folder / "registry.yaml" if reg.is_dir() else reg,
+                         *sorted(folder.glob("*.csv"))]}
 
 
-def files_digest(files: Iterable[Path]) -> str:
+def watched_files(s: Any) -> list[Path]:
+    """Every file of the set: what the watch looks at and the digest covers."""
+    return [p for paths in set_files(s).values() for p in paths]
+
+
+def files_digest(files: Iterable[Path], read: dict[Path, Path | None] | None = None) -> str:
+    """The set's digest: each file's name and bytes. ``read``: where to read a file's bytes
+    instead (a kept copy of it; None: it was missing)."""
     h = hashlib.sha256()
     for f in files:
         h.update(str(f).encode() + b"\0")
+        src = read.get(f, f) if read is not None else f
         try:
-            h.update(f.read_bytes())
+            h.update(src.read_bytes() if src is not None else b"\0missing")
         except OSError:
             h.update(b"\0missing")
     return h.hexdigest()[:16]
@@ -262,7 +269,7 @@ def _threshold_changes(rid: str, a: Any, b: Any, ra: Registry, rb: Registry) -> 
         la, lb = _levels(a, d), _levels(b, d)
         if d is not None and la == base_a and lb == base_b:
             continue                       # neither pack sets this district apart
-        for (name_a, va), (name_b, vb) in zip(la, lb):
+        for (name_a, va), (name_b, vb) in zip(la, lb, strict=False):    # more levels: below
             if va != vb or name_a != name_b:
                 where = "default" if d is None else f"{d} {rb.districts.get(d) or ra.districts.get(d, '')}"
                 lines.append(f"{rid}  {name_b.format(where=where)}{_num(va)} → {_num(vb)}")

@@ -14,10 +14,11 @@ never touched from another thread):
 `cityops run` then (``apply_live``): the new set is read and checked whole (rules, params,
 routing, registry, acks users, bound to the registry); a mistake refuses it with file and line,
 logged and counted (cityops_reloads_total{result="refused"}), and the running set goes on.
-Else the state is carried into an engine built from it (pipeline/reload.py), the resolve
-notices of what cannot go on are published, and a snapshot is taken at once: a restart after
-the reload starts from the new set's state, never replays the old set's journal with the new
-rules.
+Else the set's files are kept beside the state (pipeline/kept_sets.py), the reload is
+journaled, the state is carried into an engine built from it (pipeline/reload.py), the resolve
+notices of what cannot go on are published, and a snapshot is taken once the broker has them.
+A restart before that snapshot replays the journal by the old set up to the reload and makes
+the same switch again: the same resolves, nothing lost, no reading judged by the wrong set.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.engine import Output
 from pipeline.identity import AckUsers
 from pipeline.models import Tier
 from pipeline.reload import CitySet, ReloadStats, carry, diff, load_set, same_sensors, stamp
+from pipeline.store import RELOAD
 from pipeline.yamlfile import ConfigError
 
 log = logging.getLogger("cityops.reload")
@@ -91,13 +94,32 @@ class Watch:
                 moving = now
 
 
+def switch_to(rt: Any, new: CitySet, at: int) -> Output:
+    """The live runtime ``rt`` judges by ``new`` from here: its engine's state carried into
+    the new set's engine (``carry``); returns the resolves of what cannot go on. The same step
+    in a live reload and in a restore that meets a journaled reload (pipeline/kept_sets.py)."""
+    engine = new.engine(rt.s.engine)
+    out = carry(rt.engine, engine, at)
+    rt.engine, rt.registry, rt.users, rt.city = engine, new.registry, \
+        AckUsers(new.registry, rt.s.acks.users), new
+    if rt.push is not None:
+        rt.push.registry = new.registry       # who is on call, their channels
+    if rt.history is not None and not same_sensors(rt.history.registry, new.registry):
+        from connectors.influx import InfluxSink
+        closing = rt.history                  # it numbers sensors as the old registry did
+        rt.history = InfluxSink(rt.s.influx, new.registry)
+        threading.Thread(target=closing.close, args=(10.0,), name="influx-close",
+                         daemon=True).start()     # writes what it holds, off the loop
+    return out
+
+
 def apply_live(rt: Any, source: str) -> dict[str, Any]:
     """One reload of the live runtime ``rt`` (on its loop's thread). Returns the reply."""
     s = rt.s
     stats: ReloadStats = rt.reload_stats
     try:
         new = load_set(s)
-        users = AckUsers(new.registry, s.acks.users)
+        AckUsers(new.registry, s.acks.users)
     except ConfigError as exc:
         stats.refused(str(exc))
         log.error("reload (%s) refused, the running rules go on: %s", source, exc)
@@ -109,33 +131,32 @@ def apply_live(rt: Any, source: str) -> dict[str, Any]:
                  new.digest)
         return {"result": "unchanged", "digest": new.digest}
     d = diff(old, new)
-    engine = new.engine(s.engine)
     now = int(time.time() * 1000)
-    out = carry(rt.engine, engine, now)
+    # Durable before anything is told: a restart after this line, kill -9 included, replays
+    # the journal to this point by the old set and makes this switch again, resolves and all.
+    if not rt.kept.keep(s, new.digest):
+        stats.refused("files changed while read")
+        return {"result": "refused", "error": "the files changed while they were read; "
+                "reload again once they are written"}
+    rt.store.append(RELOAD, now, [new.digest])
+    out = switch_to(rt, new, now)
     resolved = len({n["alert_id"] for n in out.notices})
-    rt.engine, rt.registry, rt.users, rt.city = engine, new.registry, users, new
-    if rt.push is not None:
-        rt.push.registry = new.registry       # who is on call, their channels
-    if rt.history is not None and not same_sensors(old.registry, new.registry):
-        from connectors.influx import InfluxSink
-        closing = rt.history                  # it numbers sensors as the old registry did
-        rt.history = InfluxSink(s.influx, new.registry)
-        threading.Thread(target=closing.close, args=(10.0,), name="influx-close",
-                         daemon=True).start()     # writes what it holds, off the loop
     rt._publish(out.notices, [])
     if rt.history is not None:
         rt.history.add(out)                   # the resolves, as every notice
-    if rt.link is not None and not rt.link.wait_published(10.0):
-        log.warning("reload: the broker did not take every notice in 10 s; snapshot anyway")
-    rt.store.save_snapshot(engine.snapshot())  # the journal before it was the old set's
+    if rt.link is None or rt.link.wait_published(10.0):
+        rt._snapshot()                        # the old set's journal ends here
+    else:
+        log.warning("reload: the broker did not take every notice in 10 s; the journal keeps "
+                    "the reload, and a restart makes it again")
     stats.done(d, resolved)
     stats.last_digest = new.digest
     counts = {k: v for k, v in d.counts().items() if v}
     log.info("reload (%s) done: digest %s → %s; %s; %d incidents resolved by it; %d open go on",
              source, old.digest, new.digest, counts or "no rule, threshold, route or sensor "
-             "changed", resolved, len(engine.book.open))
+             "changed", resolved, len(rt.engine.book.open))
     return {"result": "ok", "digest": new.digest, "previous": old.digest, "changes": counts,
-            "resolved": resolved, "open": len(engine.book.open), "diff": d.text()}
+            "resolved": resolved, "open": len(rt.engine.book.open), "diff": d.text()}
 
 
 def take_requests(rt: Any, apply: Callable[[Any, str], dict[str, Any]]) -> None:

@@ -44,11 +44,12 @@ from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import check_districts
 from pipeline.registry import load as load_registry
 from pipeline.reload import CitySet, ReloadStats, files_digest, watched_files
-from pipeline.reload_runtime import Requests, Watch, apply_live, take_requests
+from pipeline.kept_sets import KeptSets
+from pipeline.reload_runtime import Requests, Watch, apply_live, switch_to, take_requests
 from pipeline.statelock import StateLock
 from pipeline.silence_http import Refused, in_force, listed
 from pipeline.silence_http import command as silence_command
-from pipeline.store import ACKS, ADVANCE, READINGS, SILENCES, StateStore
+from pipeline.store import ACKS, ADVANCE, READINGS, RELOAD, SILENCES, StateStore
 from pipeline.wire import MAX_PAYLOAD_BYTES, OVERSIZE_KEPT, dead_letter, oversize
 from pipeline.yamlfile import ConfigError
 from rules.compiler import load_rules
@@ -93,10 +94,12 @@ class LiveRuntime:
         self.engine = Engine(self.registry, rules, settings.engine)
         self.users = AckUsers(self.registry, settings.acks.users)     # who may acknowledge what
         self.city = CitySet(rules, self.registry, digest)             # what a reload replaces
+        self.start_set = self.city                # the files as read at this start
         self.reloads, self.reload_stats = Requests(), ReloadStats()
         self.engine.clock_bound = True            # one sensor's clock does not move the city's
         self.catching_up = True                   # see run()
         self.store = StateStore(settings.state.path)
+        self.kept = KeptSets.beside(settings.state.path)     # the sets the state was judged by
         # The simulated story replays the same incidents on every start; resumed, they are
         # still open and make no notice. A fresh city tells the whole story again.
         self.fresh = simulate and not resume
@@ -165,7 +168,19 @@ class LiveRuntime:
         self._banner(host, port, protocol)
 
     def _restore(self) -> list[tuple[list, list]]:
+        """The last snapshot, judged again by the set it was made under (kept beside it), the
+        journal replayed as it was judged, reloads included; then, if the files are now
+        another set, a reload to them (pipeline/kept_sets.py)."""
+        current: CitySet = self.city
+        if not self.kept.keep(self.s, current.digest):
+            log.warning("the files changed while they were read at this start; a later restart "
+                        "under other files could not carry this state")
         blob, entries = self.store.load()
+        if blob is None and not self.store.journaled_since_snapshot:
+            self.store.begin_with(current.digest)      # nothing yet: judged by these files
+        made_by = self.store.judged_by()
+        if made_by is not None and made_by != current.digest:
+            self._judge_by(self._kept(made_by))
         if blob is not None:
             lost = self.engine.restore(blob)
             if lost:
@@ -174,15 +189,57 @@ class LiveRuntime:
         n = 0
         poisoned = self.store.poisoned()
         for e in entries:
-            out = self._apply(e.kind, e.at, e.items, e.seq, poisoned.get(e.seq))
+            if e.kind == RELOAD:
+                out = self._judge_by(self._kept(e.items[0]), e.at)
+            else:
+                out = self._apply(e.kind, e.at, e.items, e.seq, poisoned.get(e.seq))
             replayed.append((out.notices, out.dead_letters))
-            if self.history is not None:  # written again: points are idempotent by series and
-                self.history.add(out)     # time, and this recovers what kill -9 took from its buffer
+            # written again: points are idempotent by series and time, and this recovers what
+            # kill -9 took from its buffer (by the history's registry: a journal judged by
+            # another registry numbered its sensors otherwise)
+            if self.history is not None and self.history.registry is self.registry:
+                self.history.add(out)
             n += 1
         if blob is not None or n:
             log.info("state restored: snapshot %s, %d journal entries replayed, %d open incidents",
                      "found" if blob is not None else "none", n, len(self.engine.book.open))
+        if self.city.digest != current.digest:      # the files changed while it was stopped
+            log.warning("the state was judged by the set %s; the files are now %s: reloading to "
+                        "them", self.city.digest, current.digest)
+            now = int(time.time() * 1000)
+            self.store.append(RELOAD, now, [current.digest])
+            out = self._judge_by(current, now)
+            replayed.append((out.notices, out.dead_letters))
+            if self.history is not None:
+                self.history.add(out)
         return replayed
+
+    def _kept(self, digest: str) -> CitySet | None:
+        """The set ``digest`` as the state was judged by it: the files loaded at this start if
+        they are that set, else its kept copy (None, said in the log, if there is none)."""
+        if digest == self.start_set.digest:
+            return self.start_set
+        try:
+            return self.kept.load(digest)
+        except (OSError, ValueError, ConfigError) as exc:
+            log.error("the state was judged by the set %s, whose kept copy does not load (%s): "
+                      "it is restored into the files as they are now, and incidents it cannot "
+                      "carry there end without a resolve notice", digest, exc)
+            return None
+
+    def _judge_by(self, new: CitySet | None, at: int | None = None) -> Output:
+        """From here the runtime judges by ``new``. Before the snapshot is restored (``at``
+        None) it is only swapped in; after, the state is carried (a reload)."""
+        if new is None or new is self.city:
+            return Output()
+        if at is None:
+            self.engine = new.engine(self.s.engine)
+            self.engine.clock_bound = True
+            self.engine.keep_accepted = self.history is not None
+            self.registry, self.users, self.city = \
+                new.registry, AckUsers(new.registry, self.s.acks.users), new
+            return Output()
+        return switch_to(self, new, at)
 
     def _start_simulator(self, host: str, port: int, protocol: int) -> None:
         from pipeline.simulate import Simulator
@@ -469,7 +526,8 @@ class LiveRuntime:
             return True
         if self.link is not None and self.link.unpublished():
             return False
-        self.store.save_snapshot(self.engine.snapshot())
+        self.store.save_snapshot(self.engine.snapshot(), self.city.digest)
+        self.kept.prune({self.city.digest})       # no journal entry names another set now
         self.metrics["snapshots"] += 1
         return True
 

@@ -10,7 +10,7 @@ import re
 import sys
 import urllib.error
 import urllib.request
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,7 @@ def _typed(label: str, v: str) -> Any:
 
 
 def _now() -> int:
-    return int(datetime.now(timezone.utc).timestamp() * 1000)
+    return int(datetime.now(UTC).timestamp() * 1000)
 
 
 def _time(flag: str, text: str) -> int:

@@ -78,7 +78,7 @@ class Schedule(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _length(self) -> "Schedule":
+    def _length(self) -> Schedule:
         if self.from_ == self.to:
             raise ValueError("`from` and `to` are the same time: a window needs a length "
                              "(for a whole day write e.g. from 00:00 to 23:59)")
@@ -141,7 +141,7 @@ class Silence(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _times(self) -> "Silence":
+    def _times(self) -> Silence:
         if self.schedule is None and (self.starts_at is None or self.ends_at is None):
             raise ValueError("a silence needs `starts_at` and `ends_at`; a maintenance window "
                              "needs `schedule`")

@@ -303,7 +303,7 @@ class Simulator:
     def story_of(self, sensor_id: str) -> str | None:
         """The story event a sensor's notice belongs to: the latest one started so far that
         names it, by its first word (燃气泄漏, 暴雨, …); None if the story does not name it."""
-        for at, line, ids, _ in reversed(self._scenes[:self._next_scene]):
+        for _at, line, ids, _ in reversed(self._scenes[:self._next_scene]):
             if sensor_id in ids:
                 return line.split(" ", 1)[0]
         return None

@@ -23,6 +23,7 @@ import msgspec
 
 READINGS, ACKS, ADVANCE = "readings", "acks", "advance"
 SILENCES = "silences"       # made and ended (pipeline/silences.py): journaled like acks
+RELOAD = "reload"           # the set judged by from here on: items [digest] (pipeline/kept_sets.py)
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class Entry:
     seq: int
     kind: str            # readings | acks | advance | silences
     at: int              # the clock (ms) the input was judged by, or the watermark
-    items: list          # readings: [[topic, payload], ...]; acks, silences: [payload, ...]; advance: []
+    items: list          # readings: [[topic, payload], ...]; acks, silences: [payload, ...];
+    #                      advance: []; reload: [digest of the new set]
 
 
 class StateStore:
@@ -48,6 +50,9 @@ class StateStore:
                         " kind TEXT NOT NULL, at INTEGER NOT NULL, body BLOB NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS poison (seq INTEGER NOT NULL,"
                         " item INTEGER NOT NULL, detail TEXT NOT NULL, PRIMARY KEY (seq, item))")
+        # 'set': the digest of the set the snapshot, and the journal after it up to a reload
+        # entry, were judged by (absent: a state from before sets were kept)
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         row = self.db.execute("SELECT max(seq) FROM journal").fetchone()
         snap = self.db.execute("SELECT upto FROM snapshot").fetchone()
         self.seq = max(row[0] or 0, snap[0] if snap else 0)
@@ -87,11 +92,14 @@ class StateStore:
             out.setdefault(seq, {})[item] = detail
         return out
 
-    def save_snapshot(self, blob: bytes) -> None:
-        """The engine state as of everything journaled so far; the journal restarts empty."""
+    def save_snapshot(self, blob: bytes, set_digest: str | None = None) -> None:
+        """The engine state as of everything journaled so far, judged by the set
+        ``set_digest``; the journal restarts empty."""
         self.db.execute("BEGIN")
         self.db.execute("INSERT OR REPLACE INTO snapshot (id, upto, blob) VALUES (1, ?, ?)",
                         (self.seq, blob))
+        if set_digest is not None:
+            self._set(set_digest)
         self.db.execute("DELETE FROM journal WHERE seq <= ?", (self.seq,))
         self.db.execute("DELETE FROM poison WHERE seq <= ?", (self.seq,))
         self.db.execute("COMMIT")
@@ -105,8 +113,21 @@ class StateStore:
         self.db.execute("BEGIN")
         self.db.execute("DELETE FROM snapshot")
         self.db.execute("DELETE FROM journal")
+        self.db.execute("DELETE FROM meta")
         self.db.execute("COMMIT")
         self.journaled_since_snapshot = 0
+
+    def judged_by(self) -> str | None:
+        """The set the state starts with: the snapshot's, else the journal's first entries'."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'set'").fetchone()
+        return row[0] if row else None
+
+    def begin_with(self, set_digest: str) -> None:
+        """A state with nothing in it yet will be judged by ``set_digest``."""
+        self._set(set_digest)
+
+    def _set(self, digest: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('set', ?)", (digest,))
 
     def load(self) -> tuple[bytes | None, Iterator[Entry]]:
         snap = self.db.execute("SELECT upto, blob FROM snapshot").fetchone()

@@ -55,12 +55,14 @@ from pipeline.prom import dead_letters, family, notices_by_tier
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import load as load_registry
 from pipeline.registry_cache import release_pages
-from pipeline.reload import CitySet, ReloadStats, files_digest, watched_files
+from pipeline.kept_sets import KeptSets
+from pipeline.reload import CitySet, ReloadStats, carry, files_digest, watched_files
 from pipeline.reload_kafka import KafkaReload
 from pipeline.reload_runtime import Requests
 from pipeline.runtime import notice_topic as mqtt_notice_topic
 from pipeline.silence_http import in_force
 from pipeline.wire import ack_refusal, dead_letter
+from pipeline.yamlfile import ConfigError
 from rules.compiler import load_rules
 
 log = logging.getLogger("cityops.worker")
@@ -115,6 +117,8 @@ class PartitionState:
         self.digest = ""                          # the set its engine judges by (hot reload)
         self.switch: Any = None                   # an announced reload not reached yet
         self.switch_kept: int | None = None       # its event time, once in a checkpoint
+        self.owed: Output | None = None           # resolves of a restore across sets, to send
+        self.carried = False                      # ... sent: checkpoint the carried state
 
 
 class CityWorker:
@@ -129,6 +133,7 @@ class CityWorker:
         self.city = CitySet(self.rules, self.registry, digest)  # what a reload replaces
         self.reloads, self.reload_stats = Requests(), ReloadStats()
         self.reload = KafkaReload(self)               # pipeline/reload_kafka.py
+        self.kept = KeptSets(s.worker.data_dir / "sets")     # sets checkpoints were made under
         self.names = kt.topic_names(s.kafka.prefix)
         self.parts: dict[int, PartitionState] = {}
         self.counters: dict[str, int] = defaultdict(int)
@@ -255,14 +260,18 @@ class CityWorker:
             log.error("partition %d: checkpoint at offsets %s is incomplete in the changelog; "
                       "starting the partition empty from there", p, head["offsets"])
             self.counters["checkpoints_unreadable"] += 1
+        elif head.get("set", ps.digest) != ps.digest and self._across(ps, snap, head["set"]):
+            pass                        # judged by its set, carried into this worker's
         else:
             lost = ps.engine.restore(snap)
             if lost:
                 log.warning("partition %d: not carried over (registry or rules changed): %s",
                             p, lost)
-        if head.get("set", ps.digest) != ps.digest:     # hot reload: README, Hot reload
-            log.warning("partition %d: its checkpoint was made under the set %s; this worker's "
-                        "files are %s, and judge it from here", p, head["set"], ps.digest)
+            if head.get("set", ps.digest) != ps.digest:     # hot reload: README, Hot reload
+                log.warning("partition %d: its checkpoint was made under the set %s, not kept "
+                            "on this machine; this worker's files are %s, and judge it from "
+                            "here (what they cannot carry ends without a notice)", p,
+                            head["set"], ps.digest)
         ps.offsets = dict(head["offsets"])
         ps.checkpointed = dict(head["offsets"])
         if head.get("switch"):          # announced, not reached: its record is acknowledged
@@ -271,6 +280,36 @@ class CityWorker:
         ps.restored = True
         log.info("partition %d: state restored at offsets %s, %d open incidents", p, ps.offsets,
                  len(ps.engine.book.open))
+
+    def _across(self, ps: PartitionState, snap: bytes, made_by: str) -> bool:
+        """A checkpoint made under another set (the files changed while no worker ran them):
+        restored into that set's engine, from its kept copy, and carried into this worker's
+        as a switch would (pipeline/reload_kafka.py); the resolves go out at the next tick.
+        False without a copy here."""
+        if not self.kept.has(made_by):
+            return False
+        try:
+            old = self.kept.load(made_by)
+        except (OSError, ValueError, ConfigError) as exc:
+            log.error("partition %d: the set %s its checkpoint was made under does not load "
+                      "from its kept copy: %s", ps.p, made_by, exc)
+            return False
+        members = np.flatnonzero(ReadingRouter(old.registry, self.partitions).partition_of == ps.p)
+        engine = Engine(old.registry.subset(members), old.rules, self.s.engine)
+        release_pages(old.registry)
+        engine.keep_accepted, engine.clock_bound = ps.engine.keep_accepted, True
+        lost = engine.restore(snap)
+        if lost:
+            log.warning("partition %d: not carried over from its checkpoint: %s", ps.p, lost)
+        index = self.registry.index
+        ps.owed = carry(engine, ps.engine, int(time.time() * 1000),
+                        in_city=lambda sid: index.get(sid) is not None)
+        resolved = len({n["alert_id"] for n in ps.owed.notices})
+        self.reload_stats.c["resolved"] += resolved
+        log.warning("partition %d: its checkpoint was made under the set %s; the files are now "
+                    "%s: carried into them, %d incidents resolved, %d open go on", ps.p, made_by,
+                    ps.digest, resolved, len(ps.engine.book.open))
+        return True
 
     # ---- agents ---------------------------------------------------------------------------
     async def _readings_batch(self, messages: list) -> None:
@@ -497,6 +536,10 @@ class CityWorker:
             if tp.partition not in self.parts and not self.recovered:
                 continue
             ps = self.partition(tp.partition)
+            if ps.owed is not None:               # a restore across sets: its resolves
+                owed, ps.owed = ps.owed, None
+                await self._emit(owed, ps)
+                ps.carried = True
             if self.reload.due_by_clock(ps, now - self.s.engine.allowed_lateness):
                 await self._emit(self.reload.switch(ps), ps)
             out = self._apply(ps, ps.engine.advance, now - self.s.engine.allowed_lateness)
@@ -533,7 +576,8 @@ class CityWorker:
         every = self.s.worker.checkpoint_every / 1000
         now = time.monotonic()
         due = [ps for ps in list(self.parts.values())
-               if (ps.pending or ps.pending_events) and now - ps.last_checkpoint >= every]
+               if (ps.pending or ps.pending_events or ps.carried)
+               and now - ps.last_checkpoint >= every]
         if due:
             await self.checkpoint(due)
 
@@ -573,6 +617,7 @@ class CityWorker:
                 await stream.ack(event)
             ps.pending.clear()
             ps.pending_events.clear()
+            ps.carried = False
             ps.last_checkpoint = time.monotonic()
             self.counters["checkpoints"] += 1
 
@@ -658,6 +703,8 @@ class CityWorker:
         and the MQTT mirror are up."""
         s = self.s
         s.worker.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.kept.keep(s, self.city.digest):   # for a restore under other files, later
+            self.kept.prune({self.city.digest}, newest=4)
         created = kt.ensure_topics(s.kafka)
         if created:
             log.info("created topics: %s", ", ".join(created))

@@ -59,7 +59,7 @@ class RuleSet:
     routing_doc: Located | None = None
     sources: list[str] = field(default_factory=list)
 
-    def select(self, patterns: Iterable[str] | None) -> "RuleSet":
+    def select(self, patterns: Iterable[str] | None) -> RuleSet:
         """Only the rules whose ids match one of the glob patterns (e.g. ``weather.*``), plus
         the rules a selected correlation rule counts."""
         pats = list(patterns or [])

@@ -41,7 +41,7 @@ class Change:
     __slots__ = ("what", "rule", "subject", "alert_id", "rank", "ts", "started", "value",
                  "threshold", "event", "members", "flapping", "heard", "cleared")
 
-    def __init__(self, what: str, rule: "Evaluator", subject: int | str, aid: str, rank: int,
+    def __init__(self, what: str, rule: Evaluator, subject: int | str, aid: str, rank: int,
                  ts: int, started: int, value: float | None, threshold: float | None,
                  event: str | None = None, members: list[int] | None = None,
                  flapping: bool = False, heard: int | None = None,
@@ -107,7 +107,7 @@ class Track:
                 self.due, self.aid, self.flapping, self.event, self.extra]
 
     @classmethod
-    def load(cls, row: list) -> "Track":
+    def load(cls, row: list) -> Track:
         t = cls(row[0], row[1], row[3], row[4], row[5])
         (t.started, t.due, t.aid, t.flapping, t.event, t.extra) = (row[2], row[6], row[7], row[8],
                                                                      row[9], row[10])

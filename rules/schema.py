@@ -8,7 +8,7 @@ errors. Conditions are expressions of ``rules.expr`` (never Python).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -100,7 +100,7 @@ class _Stateful(_RuleBase):
     flapping: Flapping | None = None
 
     @model_validator(mode="after")
-    def _one_kind_of_clear(self) -> "_Stateful":
+    def _one_kind_of_clear(self) -> _Stateful:
         if self.clear is not None and any(lv.clear for lv in self.levels):
             raise ValueError("give `clear:` per level or once for the rule, not both")
         return self
@@ -126,7 +126,7 @@ class Window(_Strict):
     every: Duration | None = Field(default=None, description="slide step; none = tumbling")
 
     @model_validator(mode="after")
-    def _fits(self) -> "Window":
+    def _fits(self) -> Window:
         step = self.every or self.size
         if self.size <= 0 or step <= 0 or self.size % step:
             raise ValueError("window size must be a positive whole multiple of `every`")
@@ -177,7 +177,7 @@ class CorrelationRule(_RuleBase):
     severity: Severity
 
 
-Rule = Annotated[Union[ThresholdRule, RateRule, WindowRule, AbsenceRule, EventRule, CorrelationRule],
+Rule = Annotated[ThresholdRule | RateRule | WindowRule | AbsenceRule | EventRule | CorrelationRule,
                  Field(discriminator="type")]
 
 
@@ -192,7 +192,7 @@ class Pack(_Strict):
     rules: list[Rule] = []
 
     @model_validator(mode="after")
-    def _ids(self) -> "Pack":
+    def _ids(self) -> Pack:
         for code, values in self.districts.items():
             if not re.fullmatch(r"\d{6}", code):
                 raise ValueError(f"districts: {code!r} is not a 6-digit district code")

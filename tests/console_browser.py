@@ -86,7 +86,7 @@ class Console:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"console did not stop within {timeout} s of SIGTERM\n{self.log()}")
+            raise AssertionError(f"console did not stop within {timeout} s of SIGTERM\n{self.log()}") from None
 
     def log(self) -> str:
         return "".join((self.tmp / f"{self.name}-{i}.stderr").read_text(errors="replace")[-4000:]

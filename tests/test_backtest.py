@@ -185,8 +185,8 @@ def generated(path: Path, seed: int) -> None:
         else:
             lines += [json.dumps(r) for r in batch]
         if rnd.random() < 0.01:
-            lines.append(rnd.choice(['{"sensor_id": "gas-999999-000001", "ts": %d, "value": 1}' % ts,
-                                     '{"sensor_id": ', '{"sensor_id": "%s", "ts": 1, "value": 1}' % gas[0]]))
+            lines.append(rnd.choice([f'{{"sensor_id": "gas-999999-000001", "ts": {ts}, "value": 1}}',
+                                     '{"sensor_id": ', f'{{"sensor_id": "{gas[0]}", "ts": 1, "value": 1}}']))
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -361,7 +361,7 @@ def test_compose_service_settings(service: str, monkeypatch: pytest.MonkeyPatch,
 
     # Kafka: the broker's CLIENT listener, its mechanism, this service's own user and password.
     kafka_env = service_env(c["services"]["kafka"])
-    advertised = dict(l.split("://") for l in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    advertised = dict(x.split("://") for x in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(","))
     assert s.kafka.bootstrap == advertised["CLIENT"]
     protocols = dict(p.split(":") for p in kafka_env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
     assert s.kafka.security_protocol == protocols["CLIENT"] == "SASL_PLAINTEXT"
@@ -544,7 +544,7 @@ def test_the_image_has_every_package_the_code_imports() -> None:
     declared = list(pyproject["project"]["dependencies"])
     for extra in image_extras(pyproject):
         declared += pyproject["project"]["optional-dependencies"][extra]
-    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()                   
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
     declared_names = {norm(re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0]) for d in declared}
     local = {p.rstrip("*").rstrip(".") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
     provides = md.packages_distributions()
@@ -750,7 +750,7 @@ def test_broker_refuses_what_acls_do_not_grant() -> None:
     assert c["services"]["kafka"]["image"].startswith("apache/kafka:")
     protocols = dict(p.split(":") for p in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
     assert set(protocols.values()) == {"SASL_PLAINTEXT"}, "no listener without a login"
-    ports = {l.split("://")[0]: int(l.rsplit(":", 1)[1]) for l in env["KAFKA_LISTENERS"].split(",")}
+    ports = {x.split("://")[0]: int(x.rsplit(":", 1)[1]) for x in env["KAFKA_LISTENERS"].split(",")}
     published = {int(str(p).split(":")[-1]) for p in c["services"]["kafka"]["ports"]}
     for listener in protocols:
         mechanisms = env[f"KAFKA_LISTENER_NAME_{listener}_SASL_ENABLED_MECHANISMS"]
@@ -761,7 +761,7 @@ def test_broker_refuses_what_acls_do_not_grant() -> None:
             assert ports[listener] not in published, f"{listener} (the admin's) is published"
     # The init job logs in on the admin's listener, with PLAIN (acls.sh's default).
     init = service_env(c["services"]["kafka-init"])
-    advertised = dict(l.split("://") for l in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    advertised = dict(x.split("://") for x in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
     (admin_listener,) = [k for k, v in advertised.items() if v == init["KAFKA_ADMIN_BOOTSTRAP"]]
     assert env[f"KAFKA_LISTENER_NAME_{admin_listener}_SASL_ENABLED_MECHANISMS"] == "PLAIN"
     assert "KAFKA_ADMIN_SASL_MECHANISM:-PLAIN" in ACLS.read_text()

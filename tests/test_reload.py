@@ -278,3 +278,30 @@ rules:
     assert [x.split()[0] for x in d.rules_added] == ["hot.c"]
     assert [x.split()[0] for x in d.rules_removed] == ["hot.b"]
     assert d.rules_changed == ["hot.a: title"]
+
+
+# ---- the sets a state was judged by, kept beside it (pipeline/kept_sets.py) ---------------------
+
+def test_a_kept_set_loads_as_the_files_did_after_they_change_and_only_a_true_copy_is_kept(tmp_path):
+    from pipeline.kept_sets import KeptSets
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    write(packs / "hot.yaml", HOT)
+    params = write(tmp_path / "params.yaml", "gas:\n  params: {level1_lel: 30}\n")
+    folder = retire(tmp_path, OTHER)
+    s = load_settings(config(tmp_path, "c.yaml", params=str(params), packs=f"[{packs}]",
+                             registry=str(folder)))
+    before = load_set(s)
+    kept = KeptSets.beside(tmp_path / "state.sqlite")
+    assert not kept.keep(s, "0" * 16)                # files that are not that set: no copy of it
+    assert kept.keep(s, before.digest) and kept.has(before.digest)
+
+    (packs / "hot.yaml").unlink()                    # every part of the set changes ...
+    write(params, "gas:\n  params: {level1_lel: 40}\n")
+    (folder / "sensors.csv").write_text("", encoding="utf-8")
+    again = kept.load(before.digest)                 # ... the copy is the set as it was
+    assert again.digest == before.digest and diff(before, again).empty()
+    assert "hot.gas" in {r.spec.id for r in again.rules.rules}
+    assert len(again.registry) == len(before.registry)
+    kept.prune(set())
+    assert not kept.has(before.digest)

@@ -144,6 +144,56 @@ def test_a_switch_not_reached_moves_with_its_partition_when_a_worker_dies(kafka,
         b.stop()
 
 
+def test_a_worker_restarted_under_changed_files_ends_what_they_end_for_every_tier_told(
+        kafka, tmp_path) -> None:
+    """The files change while no worker runs: a worker restoring the checkpoints judges them by
+    the set they were made under (kept in its data_dir) and carries them into its files, as a
+    switch would: a removed rule's incidents resolve, with the reason, to every tier told."""
+    from tests.test_reload import HOT
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "hot.yaml").write_text(HOT, encoding="utf-8")
+    env = {"CITYOPS_PACKS": json.dumps([str(packs)]), "CITYOPS_WORKER__CHECKPOINT_EVERY": "1s"}
+    a = worker(kafka, tmp_path, "worker-a", **env)
+    b = reader = None
+    try:
+        a.wait_partitions(PARTITIONS)                   # the topics exist: read them
+        reader = TopicReader(kafka.bootstrap, OUT_TOPICS)
+        gas = gas_by_partition()
+        sids = {gas[q][0] for q in range(PARTITIONS)}
+        now = int(time.time() * 1000)
+        produce(kafka.bootstrap, T["readings"], [record(sid, now, 8.0) for sid in sorted(sids)])
+
+        def hot(state: str) -> dict[str, set]:
+            out: dict[str, set] = {}
+            for n in reader.values():
+                if n["rule_id"] == "hot.gas" and n["state"] == state:
+                    out.setdefault(n["sensor_id"], set()).add((n["tier"], n["target"]))
+            return out
+        reader.until(lambda recs: hot("firing").keys() == sids, timeout=60)
+
+        def checkpointed() -> bool:
+            done, read = ({k.partition("{")[2]: v for k, v in a.metric(f"cityops_partition_{m}{{").items()}
+                          for m in ("checkpoint_offset", "offset"))
+            return len(read) == PARTITIONS and done == read and all(read.values())
+        until(checkpointed, 30, "every partition checkpointed with its incident", a)
+        a.stop()
+        firing = hot("firing")
+
+        (packs / "hot.yaml").unlink()                   # the rule is removed while stopped
+        b = worker(kafka, tmp_path, "worker-b", **env)
+        reader.until(lambda recs: hot("resolved") == firing, timeout=90)
+        assert all("规则已删除" in n["summary"] for n in reader.values()
+                   if n["rule_id"] == "hot.gas" and n["state"] == "resolved")
+        assert "carried into them, 1 incidents resolved" in b.log()
+    finally:
+        if reader is not None:
+            reader.close()
+        for w in (a, b):
+            if w is not None:
+                w.stop()
+
+
 def test_a_worker_whose_files_differ_refuses_the_announced_set_and_says_so(kafka, tmp_path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

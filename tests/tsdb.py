@@ -97,7 +97,7 @@ class VictoriaMetrics(ServerProcess):
             labels = dict(series["metric"])
             name = labels.pop("__name__")
             key = tuple(sorted(labels.items()))
-            out += [(name, key, ts, v) for ts, v in zip(series["timestamps"], series["values"])]
+            out += [(name, key, ts, v) for ts, v in zip(series["timestamps"], series["values"], strict=True)]
         return out
 
     def wait_points(self, done: Callable[[list[Point]], bool], timeout: float = 20.0,

@@ -283,7 +283,7 @@ class Store:
         for *keys, n in db.execute(f"SELECT {', '.join(columns)}, COUNT(*) FROM incidents "
                                    f"WHERE {sql_where} GROUP BY 1, 2, 3, 4", args):
             total += n
-            for column, key in zip(columns, keys):
+            for column, key in zip(columns, keys, strict=True):
                 counts[column][key] = counts[column].get(key, 0) + n
         counts = {c: dict(sorted(v.items(), key=lambda kv: -kv[1])) for c, v in counts.items()}
         return [_row(r) for r in rows], total, counts
