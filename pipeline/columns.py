@@ -64,7 +64,7 @@ class Strings(Sequence[str]):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(
-            a == b for a, b in zip(self, other))
+            a == b for a, b in zip(self, other, strict=True))
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -189,7 +189,7 @@ class Records(Sequence[Any]):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(
-            a == b for a, b in zip(self, other))
+            a == b for a, b in zip(self, other, strict=True))
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -236,7 +236,7 @@ class _RowValues(ValuesView):
 
 class _RowItems(ItemsView):
     def __iter__(self) -> Iterator[tuple[str, Any]]:
-        return zip(self._mapping.index, self._mapping.table)
+        return zip(self._mapping.index, self._mapping.table, strict=True)
 
 
 class SparseAttrs:
@@ -273,7 +273,7 @@ class SparseAttrs:
         return iter(self)
 
     def items(self) -> Iterator[tuple[int, dict]]:
-        return ((int(r), self.parse(t)) for r, t in zip(self.rows.tolist(), self.text))
+        return ((int(r), self.parse(t)) for r, t in zip(self.rows.tolist(), self.text, strict=True))
 
     def take(self, rows: Sequence[int]) -> SparseAttrs:
         """The attrs of the given rows, renumbered by their place in ``rows``."""

@@ -114,9 +114,9 @@ class _RosterScopes(dict):
     """Users' scopes: those of the acks.users file, set at start, and the registry's grid
     workers', made when one is first asked for. Grid workers grow with the city (25,261 in the
     synthetic 5,000,000-sensor one); a worker process holds the scopes of those who acknowledge
-    through it (and, once one has, who backs up whom), not a scope for each. Grid workers answer for the grids the router may push
-    them: their own, those of the workers they back up, and as a street's duty officer the
-    whole street."""
+    through it (and, once one has, who backs up whom), not a scope for each. Grid workers
+    answer for the grids the router may push them: their own, those of the workers they back
+    up, and as a street's duty officer the whole street."""
 
     def __init__(self, registry: Registry) -> None:
         super().__init__()

@@ -535,7 +535,7 @@ def check_districts(packs: Iterable[Any], sources: Iterable[str], registry: Regi
                     params: str | Path | None = None) -> None:
     """ConfigError, at the line that names it, for a pack parameter set for a district the
     registry does not hold: a mistyped code would otherwise silently never apply."""
-    for pack, source in zip(packs, sources):
+    for pack, source in zip(packs, sources, strict=False):
         for code in pack.districts:
             if code in registry.districts:
                 continue

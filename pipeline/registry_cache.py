@@ -178,7 +178,7 @@ class GridPlaces(Sequence[Any]):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(
-            a == b for a, b in zip(self, other))
+            a == b for a, b in zip(self, other, strict=True))
 
     __hash__ = None  # type: ignore[assignment]
 

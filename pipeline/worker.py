@@ -330,7 +330,7 @@ class CityWorker:
             return
         payloads, sources = [], []
         topic = self.names[READINGS]
-        for m, where in zip(fresh, self.router.partitions_of_keys([m.key for m in fresh])):
+        for m, where in zip(fresh, self.router.partitions_of_keys([m.key for m in fresh]), strict=True):
             if where == ps.p:
                 payloads.append(m.value)
                 sources.append(f"{topic}[{ps.p}]@{m.offset}")

@@ -342,7 +342,7 @@ def test_duplicate_grid_code_names_the_first_line(tmp_path):
     assert info.value.message == f"code 510104020001001 is used twice (first at line {first})"
 
 
-GOOD_ROW = "gas-510104-000002,gas_household,510104020001001,gw-1,30.651800,104.081800,红星路三段192号,510104020001-b01,,,"
+GOOD_ROW = "gas-510104-000002,gas_household,510104020001001,gw-1,30.651800,104.081800,红星路三段192号,510104020001-b01,,,"  # noqa: E501
 
 # (id, old row text, new row text, message); the error names the line of the new row
 CSV_CASES = [
