@@ -73,15 +73,15 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine_bench import T0, make_payloads
-from runtime_bench import GAS, PROBE_LEL, pct, py_spy, reading, stop_spy
+from engine_bench import T0, make_payloads  # noqa: E402
+from runtime_bench import GAS, PROBE_LEL, pct, py_spy, reading, stop_spy  # noqa: E402
 
-from connectors import kafka as kt
-from pipeline.bridge import ReadingRouter
-from pipeline.config import KafkaSettings
-from pipeline.registry import load as load_registry
-from rules.compiler import load_rules
-from tests.kafka_broker import CityopsProcess, Tansu, tansu_binary
+from connectors import kafka as kt  # noqa: E402
+from pipeline.bridge import ReadingRouter  # noqa: E402
+from pipeline.config import KafkaSettings  # noqa: E402
+from pipeline.registry import load as load_registry  # noqa: E402
+from rules.compiler import load_rules  # noqa: E402
+from tests.kafka_broker import CityopsProcess, Tansu, tansu_binary  # noqa: E402
 
 GAS_LIMIT = 20.0            # gas.leak's level1_lel (rules/packs/gas.yaml): what (a) and (b) check
 STALL_S = 30.0              # no progress for this long: the contender is stuck, not slow
@@ -109,7 +109,7 @@ def make_records(reg, router: ReadingRouter, n: int) -> list[tuple[int, bytes, d
 
 
 def gas_limits(reg) -> dict[str, float]:
-    return {sid: GAS_LIMIT for sid, k in zip(reg.sensor_ids, reg.kind_of) if reg.kinds[k] in GAS}
+    return {sid: GAS_LIMIT for sid, k in zip(reg.sensor_ids, reg.kind_of, strict=True) if reg.kinds[k] in GAS}
 
 
 def kafka_settings(bootstrap: str, prefix: str, partitions: int) -> KafkaSettings:

@@ -7,10 +7,13 @@ Each figure is taken in a fresh process (resident memory is the process's RSS af
 minus before it, imports done):
   - cold: parse registry.yaml + sensors.csv and write the compiled form (pipeline/registry_cache.py);
   - warm: the compiled form present: digest the files, map the columns;
-  - partition: warm load, then what `cityops worker` does for one of ``--partitions`` partitions:
-    route streets to partitions, take that partition's sensors (``Registry.subset``) and build its
-    engine with every built-in pack, then give back the mapped pages the subset touched
-    (``registry_cache.release_pages``, as the worker does).
+  - partition: what `cityops worker` does at start for one of ``--partitions`` partitions: digest
+    the registry's files (the set's digest two workers compare), warm load, route streets to
+    partitions, its acknowledging users, take that partition's sensors (``Registry.subset``) and
+    build its engine with every built-in pack, then give back the mapped pages the subset
+    touched (``registry_cache.release_pages``, as the worker does). Resident is reported after
+    each step, so what grows with the city (the partition map, 2 B a sensor) and what grows
+    with the share (columns, index, engine) show apart.
 """
 
 from __future__ import annotations
@@ -41,22 +44,31 @@ def child(mode: str, folder: Path, partitions: int) -> dict:
 
     from pipeline.bridge import ReadingRouter
     from pipeline.engine import Engine
+    from pipeline.identity import AckUsers
     from pipeline.registry import load
     from pipeline.registry_cache import release_pages
     from rules.compiler import load_rules
+    from pipeline.reload import files_digest
     rules = load_rules()
     before = rss()
     t = time.perf_counter()
+    if mode == "partition":             # CityWorker digests the set's files before loading
+        files_digest([folder / "registry.yaml", folder / "sensors.csv"])
     reg = load(folder, rules.kinds)
     loaded = time.perf_counter() - t
     out = {"sensors": len(reg), "load_s": loaded, "load_rss": rss() - before}
     if mode == "partition":
         router = ReadingRouter(reg, partitions)
+        users = AckUsers(reg)
+        release_pages(reg)              # (for the figure: the map read every sensor's grid)
+        out["router_rss"] = rss() - before
         members = np.flatnonzero(router.partition_of == 0)
         sub = reg.subset(members)
         Engine(sub, rules)
         release_pages(reg)              # as the worker does once its partition is taken
-        out.update(share=len(sub), start_s=time.perf_counter() - t, start_rss=rss() - before)
+        out.update(share=len(sub), start_s=time.perf_counter() - t, start_rss=rss() - before,
+                   grids_held=len(getattr(reg.grid_places, "_made", reg.grid_places)),
+                   grids=len(reg.grid_places), scopes_held=len(dict.keys(users.scopes)))
     return out
 
 
@@ -93,11 +105,21 @@ def main() -> None:
     for name, r in (("cold (parse + compile)", cold), ("warm (compiled, mapped)", warm)):
         print(f"  {name:<24} {r['load_s']:6.2f} s, {r['load_rss'] / n:6.1f} B/sensor resident "
               f"({r['load_rss'] / 2**20:,.0f} MiB)")
-    share = part["share"]
+    share, mib = part["share"], 2**20
+    eighth = cold["load_rss"] / args.partitions
     print(f"  worker, partition 0 of {args.partitions}: {share:,} sensors ({share / n:.1%}), started "
-          f"in {part['start_s']:.2f} s, {part['start_rss'] / 2**20:,.0f} MiB resident = "
+          f"in {part['start_s']:.2f} s, {part['start_rss'] / mib:,.0f} MiB resident = "
           f"{part['start_rss'] / cold['load_rss']:.3f} of the parsed registry's "
-          f"(1/{args.partitions} of it: {cold['load_rss'] / args.partitions / 2**20:,.0f} MiB)")
+          f"(1/{args.partitions} of it: {eighth / mib:,.0f} MiB)")
+    print(f"    after digest + load {part['load_rss'] / mib:,.0f} MiB, + partition map and ack users "
+          f"{(part['router_rss'] - part['load_rss']) / mib:,.0f} MiB "
+          f"({(part['router_rss'] - part['load_rss']) / n:.1f} B per sensor of the city), "
+          f"+ its share {(part['start_rss'] - part['router_rss']) / mib:,.0f} MiB "
+          f"({(part['start_rss'] - part['router_rss']) / share:.0f} B per sensor it owns); "
+          f"grids built {part['grids_held']:,} of {part['grids']:,}, roster scopes {part['scopes_held']}")
+    print(f"    within 1/{args.partitions} of the parsed registry: "
+          f"{'yes' if part['start_rss'] <= eighth else 'no'} "
+          f"({(eighth - part['start_rss']) / mib:+,.0f} MiB to spare)")
 
 
 if __name__ == "__main__":

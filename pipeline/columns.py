@@ -10,9 +10,10 @@ They answer the registry's old list/dict API: ``col[i]``, ``len``, iteration, ``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
 from typing import Any
 
+import msgspec
 import numpy as np
 
 
@@ -64,7 +65,7 @@ class Strings(Sequence[str]):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(
-            a == b for a, b in zip(self, other))
+            a == b for a, b in zip(self, other, strict=True))
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -155,6 +156,90 @@ class SensorIndex:
         return (k.decode() for k in keys.tolist())
 
 
+class Records(Sequence[Any]):
+    """Small records (a city's grids, workers, owners) as msgpack rows in one blob plus offsets:
+    no Python object until a row is read, and then ``make(row)`` builds it. Memory-mapped from
+    the compiled registry, the people and places a worker never meets cost it nothing."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray,
+                 make: Callable[[list], Any] = list) -> None:
+        self.blob, self.offsets, self.make = blob, offsets, make
+
+    @staticmethod
+    def encode(rows: Iterable[Sequence[Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """(blob, offsets) of the rows, for the compiled registry to save."""
+        encoded = [msgspec.msgpack.encode(list(r)) for r in rows]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        return np.frombuffer(b"".join(encoded) or b"\0", dtype=np.uint8), offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: Any) -> Any:
+        n = len(self.offsets) - 1
+        if i.__class__ is slice:
+            return [self[j] for j in range(*i.indices(n))]
+        if not -n <= i < n:
+            raise IndexError("record index out of range")
+        i = int(i) % n
+        return self.make(msgspec.msgpack.decode(self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes()))
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(
+            a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Keyed(Mapping[str, Any]):
+    """A dict's read API (``get``, ``[]``, ``in``, iteration in row order, ``==``) over a
+    SensorIndex: key -> ``table[row]``. The table is Records (a worker by its id, an owner by
+    id or name) or a ``range`` (a grid code -> its number)."""
+
+    def __init__(self, index: SensorIndex, table: Sequence[Any]) -> None:
+        self.index, self.table = index, table
+
+    def __getitem__(self, key: Any) -> Any:
+        row = self.index.get(key)
+        if row is None:
+            raise KeyError(key)
+        return self.table[row]
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        row = self.index.get(key)
+        return default if row is None else self.table[row]
+
+    def __contains__(self, key: object) -> bool:
+        return self.index.get(key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # rows in order, without a search per key (SensorIndex iterates its keys in row order)
+    def values(self) -> ValuesView:
+        return _RowValues(self)
+
+    def items(self) -> ItemsView:
+        return _RowItems(self)
+
+
+class _RowValues(ValuesView):
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._mapping.table)
+
+
+class _RowItems(ItemsView):
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return zip(self._mapping.index, self._mapping.table, strict=True)
+
+
 class SparseAttrs:
     """``attrs`` per sensor number, for the few sensors that have any: the numbers sorted, the
     attrs as ``key=value;...`` text parsed when asked (registry._parse_attrs)."""
@@ -189,7 +274,7 @@ class SparseAttrs:
         return iter(self)
 
     def items(self) -> Iterator[tuple[int, dict]]:
-        return ((int(r), self.parse(t)) for r, t in zip(self.rows.tolist(), self.text))
+        return ((int(r), self.parse(t)) for r, t in zip(self.rows.tolist(), self.text, strict=True))
 
     def take(self, rows: Sequence[int]) -> SparseAttrs:
         """The attrs of the given rows, renumbered by their place in ``rows``."""

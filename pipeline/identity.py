@@ -38,7 +38,7 @@ import hmac
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -110,17 +110,46 @@ class Scope:
         return f"{self.tier.value} {', '.join(codes)}"
 
 
-def _roster_scopes(registry: Registry) -> dict[str, Scope]:
-    """Grid workers answer for the grids the router may push them: their own, those of the
-    workers they back up, and as a street's duty officer the whole street."""
-    grids: dict[str, set[str]] = {w: set(x.grids) for w, x in registry.workers.items()}
-    for w in registry.workers.values():
-        if w.backup in grids:
-            grids[w.backup] |= set(w.grids)
-    streets: dict[str, set[str]] = {}
-    for street, officer in registry.duty_officer.items():
-        streets.setdefault(officer, set()).add(street)
-    return {w: Scope(Tier.grid, frozenset(g), frozenset(streets.get(w, ()))) for w, g in grids.items()}
+class _RosterScopes(dict):
+    """Users' scopes: those of the acks.users file, set at start, and the registry's grid
+    workers', made when one is first asked for. Grid workers grow with the city (25,261 in the
+    synthetic 5,000,000-sensor one); a worker process holds the scopes of those who acknowledge
+    through it (and, once one has, who backs up whom), not a scope for each. Grid workers
+    answer for the grids the router may push them: their own, those of the workers they back
+    up, and as a street's duty officer the whole street."""
+
+    def __init__(self, registry: Registry) -> None:
+        super().__init__()
+        self.registry = registry
+        self._backs_up: dict[str, list[str]] | None = None    # backup -> whom, on first need
+
+    def __missing__(self, user: str) -> Scope:
+        scope = self.get(user)
+        if scope is None:
+            raise KeyError(user)
+        return scope
+
+    def __contains__(self, user: object) -> bool:
+        return self.get(user) is not None
+
+    def get(self, user: Any, default: Any = None) -> Any:
+        scope = dict.get(self, user)
+        if scope is not None:
+            return scope
+        w = self.registry.workers.get(user) if isinstance(user, str) else None
+        if w is None:
+            return default
+        if self._backs_up is None:
+            self._backs_up = {}
+            for x in self.registry.workers.values():
+                if x.backup:
+                    self._backs_up.setdefault(x.backup, []).append(x.id)
+        grids = set(w.grids)
+        for other in self._backs_up.get(user, ()):
+            grids |= set(self.registry.workers[other].grids)
+        streets = frozenset(s for s, officer in self.registry.duty_officer.items() if officer == user)
+        scope = self[user] = Scope(Tier.grid, frozenset(grids), streets)
+        return scope
 
 
 class AckUsers:
@@ -128,7 +157,7 @@ class AckUsers:
 
     def __init__(self, registry: Registry, path: Path | None = None) -> None:
         self.registry = registry
-        self.scopes = _roster_scopes(registry)
+        self.scopes = _RosterScopes(registry)
         self._tokens: list[tuple[bytes, str]] = []      # (SHA-256 of the token, user)
         self.passwords: dict[str, str] = {}             # user -> argon2id hash (web console)
         if path is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import re
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -178,12 +178,15 @@ class Registry:
     districts: dict[str, str]                 # code -> name
     streets: dict[str, tuple[str, str]]       # code -> (name, district code)
     communities: dict[str, tuple[str, str]]   # code -> (name, street code)
-    grid_places: list[Place]                  # dense grid number -> Place
-    grid_index: dict[str, int]
+    # The levels below the streets grow with the city. Parsed, they are lists and dicts; loaded
+    # from the compiled registry, mapped records read on demand (registry_cache.GridPlaces,
+    # GridWorkers; columns.Keyed), so a worker holds only the grids and people it meets.
+    grid_places: Sequence[Place]              # dense grid number -> Place
+    grid_index: Mapping[str, int]
     departments: dict[str, str]               # id -> name
     dept_of_category: dict[str, str]          # category -> department id
-    workers: dict[str, Worker]
-    workers_of_grid: dict[str, list[str]]
+    workers: Mapping[str, Worker]
+    workers_of_grid: Mapping[str, list[str]]
     duty_officer: dict[str, str]              # street code -> worker id
     # sensors, column-wise, indexed by dense sensor number (pipeline/columns.py: no Python
     # object per sensor; memory-mapped from the compiled registry, pipeline/registry_cache.py)
@@ -205,8 +208,8 @@ class Registry:
     attrs: SparseAttrs = field(default_factory=lambda: SparseAttrs(np.zeros(0, np.int64), Strings.of([]),
                                                                     _parse_attrs))
     source: str = ""
-    owners: dict[str, Owner] = field(default_factory=dict)           # owner id -> Owner
-    owner_named: dict[str, Owner] = field(default_factory=dict)      # `owner` cell -> Owner
+    owners: Mapping[str, Owner] = field(default_factory=dict)        # owner id -> Owner
+    owner_named: Mapping[str, Owner] = field(default_factory=dict)   # `owner` cell -> Owner
 
     def __len__(self) -> int:
         return len(self.sensor_ids)
@@ -532,7 +535,7 @@ def check_districts(packs: Iterable[Any], sources: Iterable[str], registry: Regi
                     params: str | Path | None = None) -> None:
     """ConfigError, at the line that names it, for a pack parameter set for a district the
     registry does not hold: a mistyped code would otherwise silently never apply."""
-    for pack, source in zip(packs, sources):
+    for pack, source in zip(packs, sources, strict=False):
         for code in pack.districts:
             if code in registry.districts:
                 continue

@@ -33,6 +33,7 @@ import signal
 import socket
 import time
 from collections import defaultdict
+from operator import attrgetter
 from typing import Any
 
 import faust
@@ -329,8 +330,7 @@ class CityWorker:
             return
         payloads, sources = [], []
         topic = self.names[READINGS]
-        for m in fresh:
-            where = self.router.partition_of_key(m.key)
+        for m, where in zip(fresh, self.router.partitions_of_keys([m.key for m in fresh]), strict=True):
             if where == ps.p:
                 payloads.append(m.value)
                 sources.append(f"{topic}[{ps.p}]@{m.offset}")
@@ -610,9 +610,9 @@ class CityWorker:
             ps.switch_kept = ps.switch.at if ps.switch is not None else None
         await self.app.producer.flush()
         for ps in parts:
-            ack = self.app.consumer.ack
-            for m in ps.pending:
-                ack(m)
+            if ps.pending:      # a committed offset covers every record before it: ack the
+                # newest (acking each of a 5 s checkpoint's ~25,000 held the loop ~0.3 s)
+                self.app.consumer.ack(max(ps.pending, key=attrgetter("offset")))
             for stream, event in ps.pending_events:
                 await stream.ack(event)
             ps.pending.clear()

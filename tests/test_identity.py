@@ -52,6 +52,23 @@ def test_grid_workers_answer_for_their_grids_their_backups_and_as_duty_officer(
     assert users.may_ack(officer, qingyang, "gas") is not None
 
 
+def test_roster_scopes_are_made_when_asked_and_are_the_roster_s(users: AckUsers) -> None:
+    """A worker process holds the scopes of the grid workers who acknowledge through it, not
+    one per grid worker of the city; each, when asked, is its grids, its backups' grids and
+    the streets it is duty officer of."""
+    from pipeline.identity import Scope
+    assert not any(w in dict.keys(users.scopes) for w in REGISTRY.workers)   # none made yet
+    for w in REGISTRY.workers.values():
+        grids = set(w.grids).union(*(x.grids for x in REGISTRY.workers.values() if x.backup == w.id))
+        streets = {s for s, officer in REGISTRY.duty_officer.items() if officer == w.id}
+        assert w.id in users.scopes
+        assert users.scopes[w.id] == users.scopes.get(w.id) == Scope(Tier.grid, frozenset(grids),
+                                                                      frozenset(streets))
+    assert "nobody" not in users.scopes and users.scopes.get("nobody") is None
+    with pytest.raises(KeyError):
+        users.scopes["nobody"]
+
+
 def test_users_of_the_file_answer_for_their_district_street_department_or_city(
         users: AckUsers) -> None:
     jinjiang, qingyang = place("gas-510104-000001"), place("gas-510105-000001")

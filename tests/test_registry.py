@@ -342,7 +342,7 @@ def test_duplicate_grid_code_names_the_first_line(tmp_path):
     assert info.value.message == f"code 510104020001001 is used twice (first at line {first})"
 
 
-GOOD_ROW = "gas-510104-000002,gas_household,510104020001001,gw-1,30.651800,104.081800,红星路三段192号,510104020001-b01,,,"
+GOOD_ROW = "gas-510104-000002,gas_household,510104020001001,gw-1,30.651800,104.081800,红星路三段192号,510104020001-b01,,,"  # noqa: E501
 
 # (id, old row text, new row text, message); the error names the line of the new row
 CSV_CASES = [
@@ -559,3 +559,64 @@ def test_released_pages_are_given_back_and_read_again_unchanged(tmp_path, monkey
     assert release_pages(mapped) > 0
     assert touched - rss_file_pages() > 1_000          # kB: the columns' pages left the process
     same_registry(parsed, mapped)
+
+
+def instances(cls: type) -> int:
+    import gc
+    return sum(1 for o in gc.get_objects() if type(o) is cls)
+
+
+def test_the_compiled_place_tree_is_read_when_asked_not_held_whole(tmp_path, monkeypatch):
+    """Grids, grid workers and owners grow with the city: loaded from the compiled form they
+    are mapped records, so a process holds none of them until it asks, and then only those
+    (a worker: the grids of its partition's sensors, the people its notices name). What it
+    reads is what the parsed registry says, on a partition's subset as on the whole city."""
+    import numpy as np
+
+    from pipeline.bridge import ReadingRouter
+    from pipeline.registry import Owner, Place, Worker
+    monkeypatch.setenv("CITYOPS_CACHE", str(tmp_path / "cache"))
+    from pipeline.registry_gen import generate
+    generate(tmp_path / "city", 20_000, seed=5)
+    parsed = registry.load(tmp_path / "city")
+    before = {cls: instances(cls) for cls in (Place, Worker, Owner)}
+    mapped = registry.load(tmp_path / "city")
+    assert len(mapped.grid_places) == len(parsed.grid_places) > 200
+    assert len(mapped.workers) > 100 and len(mapped.owners) > 100
+    assert {cls: instances(cls) for cls in (Place, Worker, Owner)} == before, "nothing built"
+    router = ReadingRouter(mapped, 8)
+    sub = mapped.subset(np.flatnonzero(router.partition_of == 3))
+    owned = {int(g) for g in np.asarray(sub.grid_of)}
+    for i in range(0, len(sub), 7):
+        whole = mapped.index[sub.sensor_ids[i]]
+        assert sub.place_of(i) == parsed.place_of(whole)
+        assert sub.owner_of(i) == parsed.owner_of(whole)
+        place = sub.place_of(i)
+        at_ms = at(sub, "03:00")
+        assert sub.on_call(place.grid, place.street, at_ms) == parsed.on_call(place.grid, place.street, at_ms)
+    assert set(mapped.grid_places._made) <= owned < set(range(len(parsed.grid_places)))
+    assert mapped.grid_places[1:4] == parsed.grid_places[1:4] and mapped.grid_places[-1] == parsed.grid_places[-1]
+    with pytest.raises(IndexError):
+        mapped.grid_places[len(parsed.grid_places)]
+    assert instances(Place) - before[Place] == len(mapped.grid_places._made)
+    for who in ("workers", "owners", "owner_named", "workers_of_grid", "grid_index"):
+        got, want = getattr(mapped, who), getattr(parsed, who)
+        assert list(got) == list(want) and list(got.values()) == list(want.values()), who
+        assert dict(got.items()) == want and got.get("nope") is None and "nope" not in got, who
+
+
+@pytest.mark.parametrize("people", ["workers and no owners", "neither"])
+def test_a_compiled_registry_without_owners_or_workers_reads_as_parsed(tmp_path, monkeypatch, people):
+    monkeypatch.setenv("CITYOPS_CACHE", str(tmp_path / "cache"))
+    text = REGISTRY_YAML if people != "neither" else (
+        REGISTRY_YAML[:REGISTRY_YAML.index("workers:")] + "sensors: sensors.csv\n").replace(
+            "duty_officer: w-duty", "")
+    path = write_registry(tmp_path / "city", text)
+    parsed, mapped = registry.load(path), registry.load(path)
+    assert not isinstance(mapped.owners, dict) and not mapped.owners and mapped.owner_of(0) is None
+    assert len(mapped.workers) == (5 if people != "neither" else 0)
+    same_registry(parsed, mapped)
+    place = mapped.place_of(0)
+    for hh_mm in ("03:00", "10:00", "21:00"):
+        assert mapped.on_call(place.grid, place.street, at(mapped, hh_mm)) == \
+            parsed.on_call(place.grid, place.street, at(parsed, hh_mm))

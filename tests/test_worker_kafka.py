@@ -502,3 +502,83 @@ def test_workers_started_together_make_each_topic_once_and_none_fails(kafka) -> 
     assert not failed, failed
     created = [n for m in made for n in m]
     assert sorted(created) == sorted(topic_names("race").values())     # each once, by someone
+
+
+def test_a_partition_taken_over_in_a_rebalance_pushes_to_its_own_grid_worker_and_owner(
+        kafka, mosquitto, tmp_path) -> None:
+    """A worker holds the registry's grids and people as it meets them, not the whole city
+    (pipeline/registry_cache.py): one that takes over a partition from a worker that left must
+    still find that partition's on-call grid worker and site owner, and push to them."""
+    reg = load_registry(None, load_rules().kinds)
+    of = sensor_partitions(reg, PARTITIONS)
+    cam = "cam-510108-000001"
+    moved = int(of[reg.index[cam]])
+    now = int(time.time() * 1000)
+    gas, on_call = next(
+        (sid, w) for i, sid in enumerate(reg.sensor_ids)
+        if of[i] == moved and reg.kinds[reg.kind_of[i]] == "gas_household"
+        and (w := reg.on_call(reg.place_of(i).grid, reg.place_of(i).street, now)) is not None)
+    owner = reg.owner_of(reg.index[cam])
+    assert owner is not None
+    push = {"CITYOPS_PUSH__ENABLED": "true", "CITYOPS_PUSH__SECRET": "s" * 40,
+            "CITYOPS_MQTT__URL": mosquitto.url}
+    a = worker(kafka, tmp_path, "worker-a", CITYOPS_MQTT__CLIENT_ID="worker-a", **push)
+    b = worker(kafka, tmp_path, "worker-b", CITYOPS_MQTT__CLIENT_ID="worker-b", **push)
+    phone = Subscriber(mosquitto.url, "cityops/push/+").start()
+    try:
+        deadline = time.monotonic() + 90
+        while not all((w.health() or {}).get("partitions") for w in (a, b)):
+            assert time.monotonic() < deadline, f"no split\n{a.log()}\n{b.log()}"
+            time.sleep(0.3)
+        leaving, staying = (a, b) if moved in a.health()["partitions"] else (b, a)
+        assert moved not in staying.health()["partitions"]
+        leaving.stop()
+        staying.wait_partitions(PARTITIONS, timeout=90)
+        produce(kafka.bootstrap, T["readings"], [
+            (gas.encode(), json.dumps({"sensor_id": gas, "ts": now - 1000, "value": 2.0}).encode()),
+            (gas.encode(), json.dumps({"sensor_id": gas, "ts": now, "value": 30.0}).encode()),
+            (cam.encode(), json.dumps({"sensor_id": cam, "ts": now, "event": "no_helmet"}).encode())])
+        want = {f"cityops/push/{on_call.id}": gas, f"cityops/push/{owner.id}": cam}
+        pushed = phone.wait_for(lambda msgs: set(want) <= {t for t, _ in msgs}, timeout=60)
+        for topic, body in pushed:
+            if topic in want:
+                assert json.loads(body)["sensor_id"] == want[topic], (topic, body)
+        assert sum(staying.metric("cityops_readings_total").values()) >= 3
+    finally:
+        phone.close()
+        a.stop()
+        b.stop()
+
+
+def test_a_checkpoint_commits_every_record_of_its_partitions(kafka, tmp_path, story) -> None:
+    """A checkpoint acknowledges a partition's newest record, not each one: the group's
+    committed offset must still come to the end of every readings partition (records the
+    worker forwarded to their street's partition included), so a restart reads nothing twice
+    and skips nothing."""
+    from kafka import KafkaConsumer, TopicPartition
+    readings, _ = story
+    w = worker(kafka, tmp_path)
+    # the worker's group, only asked for its committed offsets (it never joins the group)
+    group = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id="cityops-worker",
+                          enable_auto_commit=False)
+    try:
+        w.wait_partitions(PARTITIONS)
+        produce(kafka.bootstrap, T["readings"], keyed(readings))
+        topic = TopicReader(kafka.bootstrap, [T["readings"]])
+        forwarded = sum(w.metric("cityops_forwarded_total").values())
+        deadline = time.monotonic() + 90
+        while True:
+            topic.poll(0.2)
+            ends = {}
+            for r in topic.records:
+                ends[r.partition] = max(ends.get(r.partition, 0), r.offset + 1)
+            committed = {p: group.committed(TopicPartition(T["readings"], p)) for p in ends}
+            forwarded = sum(w.metric("cityops_forwarded_total").values())
+            if len(topic.records) == len(readings) + forwarded and committed == ends:
+                break
+            assert time.monotonic() < deadline, f"committed {committed}, ends {ends}\n{w.log()}"
+            time.sleep(0.5)
+        assert forwarded > 0 and len(ends) == PARTITIONS
+    finally:
+        group.close()
+        w.stop()
