@@ -29,6 +29,7 @@ demo: $(STAMP)
 ## test: install what the tests need, then run them all
 test: $(STAMP) test-deps
 	$(VENV)/bin/cityops rules check > /dev/null
+	$(VENV)/bin/ruff check pipeline rules connectors tests bench
 	$(PY) -m pytest -q --durations=15
 
 # What the integration tests start themselves (tests/brokers.py: their own mosquitto on a free

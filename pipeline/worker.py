@@ -467,8 +467,8 @@ class CityWorker:
                     continue
                 ps = self.partition(p)
                 ps.pending_events.extend((stream, e) for e in evs)
-                fresh = self._fresh(ps, ACKS, [e.message for e in evs])
-                for fresh, silent in _runs(fresh):    # acks and silences, in their order
+                for fresh, silent in _runs(self._fresh(ps, ACKS, [e.message for e in evs])):
+                    # acks and silences, in their order
                     if silent:          # silence commands: every partition takes each
                         await self._emit(self._apply_silences(ps, fresh), ps)
                         ps.offsets[ACKS] = fresh[-1].offset + 1

@@ -301,7 +301,8 @@ def test_bridge_carries_mosquitto_readings_to_the_workers_and_back(kafka, mosqui
         street.until(lambda recs: any(json.loads(r.value)["state"] == "firing" for r in recs),
                      timeout=60)
         notice = street.values()[0]
-        assert notice["sensor_id"] == "gas-510104-000001" and notice["severity"] == "orange"   # yellow, raised: 独居老人
+        # yellow, raised to orange: 独居老人
+        assert notice["sensor_id"] == "gas-510104-000001" and notice["severity"] == "orange"
         dead = TopicReader(kafka.bootstrap, [T["deadletter"]])
         dead.until(lambda recs: len(recs) >= 2, timeout=30)
         assert sorted(d["reason"] for d in dead.values()) == ["malformed", "wrong_sender"]
