@@ -260,9 +260,8 @@ class CityWorker:
             log.error("partition %d: checkpoint at offsets %s is incomplete in the changelog; "
                       "starting the partition empty from there", p, head["offsets"])
             self.counters["checkpoints_unreadable"] += 1
-        elif head.get("set", ps.digest) != ps.digest and self._across(ps, snap, head["set"]):
-            pass                        # judged by its set, carried into this worker's
-        else:
+        # made under other files: judged by its set and carried into this worker's, if kept here
+        elif head.get("set", ps.digest) == ps.digest or not self._across(ps, snap, head["set"]):
             lost = ps.engine.restore(snap)
             if lost:
                 log.warning("partition %d: not carried over (registry or rules changed): %s",
