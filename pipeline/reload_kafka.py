@@ -132,22 +132,32 @@ class KafkaReload:
             p = event.message.partition
             if not w._assigned(p):
                 continue
-            ps = w.partition(p)
-            ps.offsets.setdefault(RELOAD, 0)
-            ps.checkpointed.setdefault(RELOAD, 0)
-            ps.pending_events.append((stream, event))
-            if not w._fresh(ps, RELOAD, [event.message]):
-                continue
-            ps.offsets[RELOAD] = event.message.offset + 1
             rec = orjson.loads(event.message.value)
-            if rec["digest"] not in self.loaded and ps.digest != rec["digest"]:
+            if rec["digest"] not in self.loaded and w.city.digest != rec["digest"]:
+                # the files are read while the partitions go on: the announcement is taken
+                # (and may be checkpointed) only once they are (tests/slow_read_seam.py)
                 await asyncio.to_thread(self._read)
-            self.announced(ps, rec)
-            if ps.switch is not None and ps.engine.max_ts >= ps.switch.at:
-                # a reading from `at` on was judged by the old set already
-                log.warning("partition %d: the reload to %s came after its event time passed "
-                            "%d: switching now", p, ps.switch.new.digest, ps.switch.at)
-                await w._emit(self.switch(ps), ps)
+            async with w.turn:
+                await self._take(stream, event, rec)
+            await w._checkpoint_due()
+
+    async def _take(self, stream: Any, event: Any, rec: dict) -> None:
+        w, p = self.w, event.message.partition
+        if not w._assigned(p):
+            return                              # revoked while the files were read
+        ps = w.partition(p)
+        ps.offsets.setdefault(RELOAD, 0)
+        ps.checkpointed.setdefault(RELOAD, 0)
+        ps.pending_events.append((stream, event))
+        if not w._fresh(ps, RELOAD, [event.message]):
+            return
+        ps.offsets[RELOAD] = event.message.offset + 1
+        self.announced(ps, rec)
+        if ps.switch is not None and ps.engine.max_ts >= ps.switch.at:
+            # a reading from `at` on was judged by the old set already
+            log.warning("partition %d: the reload to %s came after its event time passed "
+                        "%d: switching now", p, ps.switch.new.digest, ps.switch.at)
+            await w._emit(self.switch(ps), ps)
 
     @staticmethod
     def pending(ps: Any) -> dict | None:

@@ -141,6 +141,11 @@ class CityWorker:
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self.http_silences: queue.SimpleQueue[bytes] = queue.SimpleQueue()     # POST /silences
         self._ack_misses: dict[bytes, set[int]] = {}     # see _missed
+        # A turn (a fetch of readings, of acks, an announcement, a tick) takes its input, judges
+        # it and sends what it made; a checkpoint must fall between turns, never inside one
+        # (where it would keep state whose notices are not sent, or acknowledge input not
+        # judged yet): each holds this while it touches partitions; it is never held twice.
+        self.turn = asyncio.Lock()
         self.started = time.time()
         self.ready = False
         self.recovered = False
@@ -317,9 +322,10 @@ class CityWorker:
         for m in messages:
             by_p[m.partition].append(m)
         now = int(time.time() * 1000)
-        for p, msgs in by_p.items():
-            if self._assigned(p):
-                await self._readings(self.partition(p), msgs, now)
+        async with self.turn:
+            for p, msgs in by_p.items():
+                if self._assigned(p):
+                    await self._readings(self.partition(p), msgs, now)
         await self._checkpoint_due()
 
     async def _readings(self, ps: PartitionState, messages: list, now: int) -> None:
@@ -461,34 +467,35 @@ class CityWorker:
             by_p: dict[int, list] = defaultdict(list)
             for e in events:
                 by_p[e.message.partition].append(e)
-            for p, evs in by_p.items():
-                if not self._assigned(p):
-                    continue
-                ps = self.partition(p)
-                ps.pending_events.extend((stream, e) for e in evs)
-                for fresh, silent in _runs(self._fresh(ps, ACKS, [e.message for e in evs])):
-                    # acks and silences, in their order
-                    if silent:          # silence commands: every partition takes each
-                        await self._emit(self._apply_silences(ps, fresh), ps)
-                        ps.offsets[ACKS] = fresh[-1].offset + 1
+            async with self.turn:
+                for p, evs in by_p.items():
+                    if not self._assigned(p):
                         continue
-                    # `by` is who the bridge (or the HTTP face) authenticated; the engine
-                    # holding the incident checks that it lies within that user's scope
-                    acks = [m.value for m in fresh]
-                    now = int(time.time() * 1000)
+                    ps = self.partition(p)
+                    ps.pending_events.extend((stream, e) for e in evs)
+                    for fresh, silent in _runs(self._fresh(ps, ACKS, [e.message for e in evs])):
+                        # acks and silences, in their order
+                        if silent:          # silence commands: every partition takes each
+                            await self._emit(self._apply_silences(ps, fresh), ps)
+                            ps.offsets[ACKS] = fresh[-1].offset + 1
+                            continue
+                        # `by` is who the bridge (or the HTTP face) authenticated; the engine
+                        # holding the incident checks that it lies within that user's scope
+                        acks = [m.value for m in fresh]
+                        now = int(time.time() * 1000)
 
-                    def attempt(lo: int, hi: int, out: Output, engine: Engine = ps.engine,
-                                acks: list = acks, now: int = now) -> None:
-                        engine.ack(acks[lo:hi], out=out, now_ms=now, may_ack=self.users.may_ack)
-                    out = self._isolating(ps, attempt, acks,
-                                          [f"{self.names[ACKS]}@{m.offset}" for m in fresh])
-                    ps.offsets[ACKS] = fresh[-1].offset + 1
-                    # Refusals for incidents this partition does not hold are the fan-out's
-                    # doing: an ack is refused only once every partition has missed it (_missed).
-                    out.dead_letters = [d for d in out.dead_letters
-                                        if not d.detail.startswith("no open incident")]
-                    self._missed(ps, fresh, out)
-                    await self._emit(out, ps)
+                        def attempt(lo: int, hi: int, out: Output, engine: Engine = ps.engine,
+                                    acks: list = acks, now: int = now) -> None:
+                            engine.ack(acks[lo:hi], out=out, now_ms=now, may_ack=self.users.may_ack)
+                        out = self._isolating(ps, attempt, acks,
+                                              [f"{self.names[ACKS]}@{m.offset}" for m in fresh])
+                        ps.offsets[ACKS] = fresh[-1].offset + 1
+                        # Refusals for incidents this partition does not hold are the fan-out's
+                        # doing: an ack is refused only once every partition has missed it (_missed).
+                        out.dead_letters = [d for d in out.dead_letters
+                                            if not d.detail.startswith("no open incident")]
+                        self._missed(ps, fresh, out)
+                        await self._emit(out, ps)
             await self._checkpoint_due()
 
     def _missed(self, ps: PartitionState, fresh: list, out: Output) -> None:
@@ -529,20 +536,21 @@ class CityWorker:
         # A partition's state may be made from the table only once the table is recovered
         # (records arrive only then; the clock does not wait): until then only engines that
         # already run move on.
-        for tp in sorted(self.app.assignor.assigned_actives()):
-            if tp.topic != self.names[READINGS]:
-                continue
-            if tp.partition not in self.parts and not self.recovered:
-                continue
-            ps = self.partition(tp.partition)
-            if ps.owed is not None:               # a restore across sets: its resolves
-                owed, ps.owed = ps.owed, None
-                await self._emit(owed, ps)
-                ps.carried = True
-            if self.reload.due_by_clock(ps, now - self.s.engine.allowed_lateness):
-                await self._emit(self.reload.switch(ps), ps)
-            out = self._apply(ps, ps.engine.advance, now - self.s.engine.allowed_lateness)
-            await self._emit(out, ps)
+        async with self.turn:
+            for tp in sorted(self.app.assignor.assigned_actives()):
+                if tp.topic != self.names[READINGS]:
+                    continue
+                if tp.partition not in self.parts and not self.recovered:
+                    continue
+                ps = self.partition(tp.partition)
+                if ps.owed is not None:               # a restore across sets: its resolves
+                    owed, ps.owed = ps.owed, None
+                    await self._emit(owed, ps)
+                    ps.carried = True
+                if self.reload.due_by_clock(ps, now - self.s.engine.allowed_lateness):
+                    await self._emit(self.reload.switch(ps), ps)
+                out = self._apply(ps, ps.engine.advance, now - self.s.engine.allowed_lateness)
+                await self._emit(out, ps)
         await self._checkpoint_due()
 
     # ---- out --------------------------------------------------------------------------------
@@ -581,11 +589,18 @@ class CityWorker:
             await self.checkpoint(due)
 
     async def checkpoint(self, parts: list[PartitionState]) -> None:
-        """Notices out first, then the state that made them, then the inputs it covers."""
+        """Notices out first, then the state that made them, then the inputs it covers; between
+        turns (self.turn)."""
+        async with self.turn:
+            await self._checkpoint(parts)
+
+    async def _checkpoint(self, parts: list[PartitionState]) -> None:
         if self.mirror is not None and self.mirror.unpublished():
             return                      # the MQTT mirror still owes notices: next time
         await self.app.producer.flush()
-        parts = [ps for ps in parts if self.parts.get(ps.p) is ps]     # not revoked meanwhile
+        # not revoked, nor checkpointed by another turn's checkpoint while this one waited
+        parts = [ps for ps in parts if self.parts.get(ps.p) is ps
+                 and (ps.pending or ps.pending_events or ps.carried)]
         # A city partition's snapshot is megabytes; a Kafka record is limited (1 MB by
         # default): the pieces first, then the head that names them, in one changelog
         # partition, so a head that was restored has its pieces before it. The head goes in a

@@ -137,19 +137,24 @@ class TopicReader:
 class CityopsProcess:
     """`cityops worker` or `cityops bridge` as a real subprocess with its own HTTP port."""
 
-    def __init__(self, command: str, workdir: Path, env: dict[str, str], name: str) -> None:
+    def __init__(self, command: str, workdir: Path, env: dict[str, str], name: str,
+                 module: str = "pipeline.cli") -> None:
         self.command = command
+        self.module = module                # or a test seam that runs pipeline.cli
         self.name = name
         self.workdir = workdir
         self.http_port = free_port()
         self.env = {**os.environ, **env, "CITYOPS_HTTP__PORT": str(self.http_port),
                     "PYTHONUNBUFFERED": "1"}
+        if module != "pipeline.cli":        # it runs in workdir: the seam is found from here
+            self.env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> CityopsProcess:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", self.command],
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, self.command],
                                      cwd=self.workdir, env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return self

@@ -55,15 +55,16 @@ def until(predicate, timeout: float, what: str, *workers: CityopsProcess):
     return got
 
 
-def two_workers(kafka, tmp_path: Path, switch_after: str) -> tuple[Path, CityopsProcess, CityopsProcess]:
+def two_workers(kafka, tmp_path: Path, switch_after: str, b_module: str = "pipeline.cli",
+                ) -> tuple[Path, CityopsProcess, CityopsProcess]:
     """Two workers on one params file (gas level 1 at 20 %LEL) that have split the partitions;
-    a city-scope user may POST /reload."""
+    a city-scope user may POST /reload. ``b_module``: worker b run through a test seam."""
     p = params(tmp_path / "params.yaml", 20)
     users = rt_users(tmp_path, {CITY_DUTY: {"scope": "city", "token_sha256": sha256(CITY_TOKEN)}})
     env = {"CITYOPS_PARAMS": str(p), "CITYOPS_ACKS__USERS": str(users),
            "CITYOPS_RELOAD__SWITCH_AFTER": switch_after, "CITYOPS_WORKER__CHECKPOINT_EVERY": "1s"}
     a = worker(kafka, tmp_path, "worker-a", **env)
-    b = worker(kafka, tmp_path, "worker-b", **env)
+    b = worker(kafka, tmp_path, "worker-b", b_module, **env)
     until(lambda: sorted((a.health() or {}).get("partitions", []) +
                          (b.health() or {}).get("partitions", [])) == list(range(PARTITIONS)),
           60, "the two workers split the partitions", a, b)
@@ -125,8 +126,10 @@ def test_two_workers_switch_every_partition_at_the_announced_event_time(kafka, t
 def test_a_switch_not_reached_moves_with_its_partition_when_a_worker_dies(kafka, tmp_path) -> None:
     """The announcement's record is acknowledged with the partition's checkpoint, so the switch
     waiting in it is kept there: kill -9 of worker b, and a, taking b's partitions, switches
-    them at the same event time as its own."""
-    p, a, b = two_workers(kafka, tmp_path, "120s")
+    them at the same event time as its own. Worker b takes 3 s to read the changed files
+    (tests/slow_read_seam.py): the checkpoints it makes meanwhile must not acknowledge the
+    announcement it has not taken yet (they did, and the switch was lost with b)."""
+    p, a, b = two_workers(kafka, tmp_path, "120s", b_module="tests.slow_read_seam")
     try:
         at, digest = announce(p, a, a, b)
         # b's checkpoint may come before or after this line: its health says which it holds

@@ -81,13 +81,14 @@ def within(readings: list[bytes]):
     return lambda n: datetime.fromisoformat(n["ts"]).timestamp() * 1000 <= end
 
 
-def worker(kafka, tmp_path: Path, name: str = "worker", **env: str) -> CityopsProcess:
+def worker(kafka, tmp_path: Path, name: str = "worker", module: str = "pipeline.cli",
+           **env: str) -> CityopsProcess:
     base = {"CITYOPS_KAFKA__BOOTSTRAP": kafka.bootstrap, "CITYOPS_KAFKA__PARTITIONS": str(PARTITIONS),
             "CITYOPS_KAFKA__REPLICATION": "1", "CITYOPS_WORKER__CHECKPOINT_EVERY": "2s",
             # the replay it is compared with waits 60 s for stragglers: the same here
             "CITYOPS_ENGINE__ALLOWED_LATENESS": "60s"}
     base.update(env)
-    return CityopsProcess("worker", tmp_path, base, name).start()
+    return CityopsProcess("worker", tmp_path, base, name, module).start()
 
 
 def collect(kafka, expected: set, timeout: float = 90.0) -> TopicReader:
