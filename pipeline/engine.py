@@ -310,7 +310,7 @@ class Engine:
         self.counters["refused"] += len(out.dead_letters) - screened
         return out
 
-    def _claims(self, senders: list, spans: list) -> tuple[np.ndarray, np.ndarray]:
+    def _claims(self, senders: list, spans: wire.Spans) -> tuple[np.ndarray, np.ndarray]:
         """Per reading: the gateway number and the sensor number its sender vouches for
         (-1: no claim; -2: a sender the registry does not know)."""
         reg = self.registry
@@ -320,12 +320,12 @@ class Engine:
             kind, name = sender if sender else (None, None)
             gw.append(gw_numbers.get(name, -2) if kind == "gateway" else -1)
             sensor.append(reg.index.get(name, -2) if kind == "sensor" else -1)
-        ends = np.array([span[0] for span in spans], dtype=np.int64)
+        ends = np.array(spans.ends, dtype=np.int64)
         counts = np.diff(ends, prepend=0)
         return np.repeat(np.array(gw, dtype=np.int64), counts), np.repeat(np.array(sensor, dtype=np.int64), counts)
 
     def process(self, readings: list, now_ms: int | None = None, out: Output | None = None,
-                ends: list[int] | None = None, _spans: list | None = None,
+                ends: list[int] | None = None, _spans: wire.Spans | None = None,
                 _claims: tuple | None = None) -> Output:
         """Evaluate a batch of decoded readings (``wire.WireReading``, ts in epoch ms).
 
@@ -344,7 +344,7 @@ class Engine:
         out = out if out is not None else Output()
         if readings:
             if ends is None:
-                ends = [span[0] for span in _spans] if _spans else [len(readings)]
+                ends = _spans.ends if _spans else [len(readings)]
             self._screen_and_evaluate(readings, now_ms, out, _spans, _claims, ends)
         self._drain(out)
         self.advance(self.max_ts - self.settings.allowed_lateness, out)
@@ -449,7 +449,7 @@ class Engine:
         return got
 
     def _screen_and_evaluate(self, readings: list, now_ms: int | None, out: Output,
-                             spans: list | None, claims: tuple | None, ends: list[int]) -> None:
+                             spans: wire.Spans | None, claims: tuple | None, ends: list[int]) -> None:
         n = len(readings)
         if n < self.small_batch and self._screen_small(readings, now_ms, out, claims, ends):
             return
@@ -484,7 +484,7 @@ class Engine:
         npay = len(ends)
         # one reading a payload (the common case); not merely as many payloads as readings, as
         # an array of two beside a payload that gave none (malformed) has too
-        single = npay == n and ends == list(range(1, n + 1))
+        single = npay == n and ((spans is not None and spans.one_each) or ends == list(range(1, n + 1)))
         if single:
             pay = np.arange(n, dtype=np.int64)
         else:
@@ -998,7 +998,7 @@ class Engine:
             if self.changes:
                 self._drain(out)
 
-    def _reject_batch(self, readings: list, spans: list | None, out: Output, idx_list: list[int],
+    def _reject_batch(self, readings: list, spans: wire.Spans | None, out: Output, idx_list: list[int],
                       invalid: np.ndarray, wrong_sender: np.ndarray, known: np.ndarray,
                       future: np.ndarray,
                       too_old: np.ndarray, suspect: np.ndarray, bad_value: np.ndarray,
@@ -1042,9 +1042,9 @@ class Engine:
                             f"({self._stale_newest[i]})"))
         self._reject(rejects, readings, spans, out)
 
-    def _reject(self, rejects: list, arrival: list, spans: list | None, out: Output) -> None:
+    def _reject(self, rejects: list, arrival: list, spans: wire.Spans | None, out: Output) -> None:
         where = {id(r): i for i, r in enumerate(arrival)} if spans else {}
-        ends = [span[0] for span in spans] if spans else []
+        ends = spans.ends if spans else []
         arrays: dict[int, wire.GatewayArray] = {}
         for r, reason, detail in rejects:
             self.counters["dead_letters"] += 1

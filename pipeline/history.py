@@ -31,7 +31,7 @@ class Batch:
     before it (``--ack-after`` takes one input per batch)."""
     readings: list
     dead: list = field(default_factory=list)
-    spans: list | None = None
+    spans: wire.Spans | None = None
     ends: list[int] | None = None
     first_ts: int | None = None
 

@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from pipeline import wire
 from pipeline.models import DeadLetter, Reading
 from pipeline.wire import MAX_PAYLOAD_BYTES, decode, decode_batch, digest
 
@@ -431,7 +430,12 @@ PIECES = [GOOD, b'[' + GOOD + b',' + GOOD + b']', b'[]', b' ' + GOOD + b'\n', b'
           b'{"sensor_id": "gas-1"', b'[' + GOOD,
           GOOD + b']', GOOD + b',' + GOOD, b'],[', b'5', b'"x"', b'null', b'', b' ', b'{}', b'[5]',
           b'[' + GOOD + b', 7]', b'\xff\xfe', GOOD[:-1] + b' ' * MAX_PAYLOAD_BYTES + b'}',
-          GOOD + b'],[' + GOOD + b']', b'[' + GOOD]
+          GOOD + b'],[' + GOOD + b']', b'[' + GOOD,
+          # framed, and malformed alone, but a neighbour's missing half: a string left open (its
+          # last brace is in it), one closed by the next payload, a bracket left open in an
+          # unknown field, one closed; and a payload that is two, to keep the count
+          GOOD[:-1] + b', "unit": "}', b'{", "value": 99}', GOOD[:-1] + b', "x": [{}',
+          b'{"y": 1}]}', b'{"x": 1}",' + GOOD[1:]]
 # (what a reading holds is checked by the engine's screen on the fast path, by decode on the
 # slow one: tests/test_engine.py compares those outputs across batchings; here, the framing)
 
@@ -441,25 +445,39 @@ def one_by_one(payloads: list[bytes]) -> tuple[list, list, list]:
     for p in payloads:
         r, d, s = decode_batch([p], "t")
         spans += [(end + len(readings), *rest) for end, *rest in s]
+        assert s.one_each == (len(r) == 1)
         readings += r
         dead += d
     return readings, dead, spans
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from(PIECES), min_size=0, max_size=40), st.sampled_from([0, 3, 64]))
-def test_a_batch_decodes_as_its_payloads_one_by_one(payloads, few):
-    """The one-call fast path (frames judged all at once with numpy, or one by one for a few
-    payloads: ``few``, the number under which they are) and the halving that isolates a bad
-    payload give what decoding each payload alone gives: a malformed payload is never rescued
-    by its neighbours (`[{..}` + `{..}]` joins into valid JSON), a good one never lost."""
-    default, wire._FEW = wire._FEW, few
-    try:
-        got = decode_batch(payloads, "t")
-    finally:
-        wire._FEW = default
+# Runs that are malformed payload by payload and joined make as many valid readings as
+# payloads (the first's value from the second's bytes; a bracket left open in an unknown field).
+CRAFTED = [[GOOD[:-1] + b', "unit": "}', b'{", "value": 99}', GOOD + b',' + GOOD],
+           [GOOD[:-1] + b', "x": [{}', b'{"y": 1}]}', GOOD + b',' + GOOD]]
+
+
+def test_malformed_payloads_are_not_rescued_by_crafted_neighbours():
+    for crafted in CRAFTED:
+        readings, dead, _ = decode_batch(crafted, "t")
+        alone = [d.reason for p in crafted for d in decode_batch([p], "t")[1]]
+        assert readings == [] and [d.reason for d in dead] == alone and len(alone) == 3
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.sampled_from(PIECES).map(lambda p: [p]), st.sampled_from(CRAFTED)),
+                min_size=0, max_size=60).map(lambda runs: [p for run in runs for p in run]))
+def test_a_batch_decodes_as_its_payloads_one_by_one(payloads):
+    """The one-call fast path and the halving that isolates a bad payload give what decoding
+    each payload alone gives: a malformed payload is never rescued by its neighbours (`[{..}` +
+    `{..}]` joins into valid JSON; so do a string or a bracket one leaves open and the next
+    closes), a good one never lost."""
+    got = decode_batch(payloads, "t")
     want = one_by_one(payloads)
     assert [msgspec.structs.asdict(r) for r in got[0]] == [msgspec.structs.asdict(r) for r in want[0]]
     assert [(d.reason, d.detail, d.payload, d.index) for d in got[1]] == \
         [(d.reason, d.detail, d.payload, d.index) for d in want[1]]
-    assert got[2] == want[2]
+    assert list(got[2]) == want[2]
+    # the screen's shortcut: every payload gave exactly one reading
+    assert got[2].one_each == all(end - start == 1 for (start, *_), (end, *_) in
+                                  zip([(0,)] + want[2], want[2], strict=False))
