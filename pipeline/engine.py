@@ -449,9 +449,12 @@ class Engine:
         return got
 
     def _screen_and_evaluate(self, readings: list, now_ms: int | None, out: Output,
-                             spans: wire.Spans | None, claims: tuple | None, ends: list[int]) -> None:
+                             spans: wire.Spans | None, claims: tuple | None, ends: Sequence[int]) -> None:
         n = len(readings)
-        if n < self.small_batch and self._screen_small(readings, now_ms, out, claims, ends):
+        # one reading a payload (the common batch); not merely as many payloads as readings, as
+        # an array of two beside a payload that gave none (malformed) has too
+        single = spans.one_each if spans is not None else ends == list(range(1, n + 1))
+        if n < self.small_batch and self._screen_small(readings, now_ms, out, claims, ends, single):
             return
         s = self.settings
         idx_list = self._numbers(list(map(_SENSOR_ID, readings)))
@@ -463,13 +466,13 @@ class Engine:
                 if r.ts.__class__ is not int:
                     r.ts = int(r.ts.timestamp() * 1000)
             ts = np.fromiter(map(_TS, readings), dtype=np.int64, count=n)
-        val = np.array(list(map(_VALUE, readings)), dtype=np.float64)    # None (an event) -> nan
+        val = np.fromiter(map(_VALUE, readings), dtype=np.float64, count=n)   # None (an event) -> nan
         names = self._event_names   # 0: no event, 1: an event no rule names (a heartbeat), 2: named
-        events = list(map(_EVENT, readings))
-        if events.count(None) == n:         # measurements only (the common batch)
+        if not any(map(_EVENT, readings)):  # measurements only (the common batch)
             event = np.zeros(n, dtype=np.int8)
         else:
-            event = np.array([0 if e is None else 1 + (e in names) for e in events], dtype=np.int8)
+            event = np.array([0 if e is None else 1 + (e in names) for e in map(_EVENT, readings)],
+                             dtype=np.int8)
         has_event = event > 0
         invalid = has_event == ~np.isnan(val)          # both value and event, or neither
         known = (idx >= 0) & ~invalid
@@ -482,9 +485,6 @@ class Engine:
             known &= ~wrong_sender
         kind = self._kind_np[np.where(known, idx, 0)]
         npay = len(ends)
-        # one reading a payload (the common case); not merely as many payloads as readings, as
-        # an array of two beside a payload that gave none (malformed) has too
-        single = npay == n and ((spans is not None and spans.one_each) or ends == list(range(1, n + 1)))
         if single:
             pay = np.arange(n, dtype=np.int64)
         else:
@@ -520,7 +520,10 @@ class Engine:
         # newer than every reading before it, stored or earlier in this batch? Equal is a
         # redelivered duplicate, older is stale.
         pos = np.flatnonzero(fit)
-        order = pos[np.lexsort((ts[pos], pay[pos], idx[pos]))]
+        if single:                          # (payload order is arrival order: pos is in it)
+            order = pos[np.argsort(idx[pos], kind="stable")]
+        else:
+            order = pos[np.lexsort((ts[pos], pay[pos], idx[pos]))]
         g_idx, g_ts = idx[order], ts[order]
         same = np.zeros(len(order), dtype=bool)
         same[1:] = g_idx[1:] == g_idx[:-1]
@@ -582,8 +585,7 @@ class Engine:
         if len(late_pos):       # a late reading may open an incident a later reading here ends
             busy_at = busy_at.copy()
             busy_at[late_pos] = True
-        busy = idx[busy_at]
-        busy = np.unique(busy) if len(busy) > 1 else busy
+        busy = idx[busy_at]                 # (repeats cost isin less than np.unique would)
         if len(busy):
             matter |= measured & np.isin(idx, busy)
         matter |= self._tracked(idx, measured & ~matter, [e.tracks for e in self._quiet_rules])
@@ -603,7 +605,7 @@ class Engine:
         rank = np.empty(n, dtype=np.int64)
         rank[good] = np.arange(len(good))
         self._visit = np.sort(rank[matter]).tolist()
-        self._positions = good.tolist()
+        self._positions = good              # (only the visited few are read)
         self._readings, self._idx_list = readings, idx_list
         self._evaluate(readings, idx_list, out)
         c = self.counters
@@ -614,7 +616,7 @@ class Engine:
                                future, too_old, suspect, bad_value, stale_pos)
 
     def _screen_small(self, readings: list, now_ms: int | None, out: Output,
-                      claims: tuple | None, ends: list[int]) -> bool:
+                      claims: tuple | None, ends: Sequence[int], single: bool) -> bool:
         """The batch screen for a batch of a few readings, reading by reading in plain Python:
         the same answers as ``_screen_and_evaluate`` (both are fuzzed against the reference
         model, tests/test_engine_model.py) without its ~60 numpy calls, whose fixed cost is
@@ -638,7 +640,6 @@ class Engine:
         kind_of, wants_value = self._kind_list, self._wants_value
         kinds = [kind_of[x] for x in idx]
         ceiling = now_ms + s.max_future if now_ms is not None else 1 << 62
-        single = ends == list(range(1, n + 1))      # one reading a payload (the common batch)
         never = -(1 << 62)
         lateness, watermark, max_age = s.allowed_lateness, self.watermark, s.max_age
         last_seen = self.last_seen

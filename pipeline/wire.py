@@ -215,13 +215,15 @@ class Spans:
     __slots__ = ("ends", "payloads", "sources", "positions", "one_each")
 
     def __init__(self) -> None:
-        self.ends: list[int] = []
+        self.ends: list[int] | range = []       # a range: one piece, one reading a payload
         self.payloads: list[bytes] = []
         self.sources: list[str | None] = []
         self.positions: dict[int, list] = {}    # payload number -> its readings' array indexes
         self.one_each = True                    # every payload gave exactly one reading
 
     def add(self, end: int, payload: bytes, source: str | None, positions: list | None) -> None:
+        if self.ends.__class__ is range:
+            self.ends = list(self.ends)
         if end - (self.ends[-1] if self.ends else 0) != 1:
             self.one_each = False
         if positions is not None:
@@ -232,7 +234,10 @@ class Spans:
 
     def add_singles(self, base: int, payloads: list[bytes], sources: list) -> None:
         """Payloads of one object each, whose readings start at ``base``."""
-        self.ends += range(base + 1, base + len(payloads) + 1)
+        if not self.ends:                       # the common batch: no list of n numbers
+            self.ends = range(base + 1, base + len(payloads) + 1)
+        else:
+            self.ends = [*self.ends, *range(base + 1, base + len(payloads) + 1)]
         self.payloads += payloads
         self.sources += sources
 
@@ -265,9 +270,11 @@ def _decode_many(payloads: list[bytes], sources: list, readings: list, dead: lis
     # value or event" and converts RFC 3339 times (see Engine._screen_and_evaluate).
     got = None
     n = len(payloads)
-    if n > 1 and max(map(len, payloads)) <= MAX_PAYLOAD_BYTES:
+    joined = b"[" + _JOIN.join(payloads) + b"]" if n > 1 else b""
+    # none oversize: a payload over the limit is refused unread (the whole is, mostly, under it)
+    if joined and (len(joined) <= MAX_PAYLOAD_BYTES or max(map(len, payloads)) <= MAX_PAYLOAD_BYTES):
         try:
-            got = _batch.decode(b"[" + _JOIN.join(payloads) + b"]")
+            got = _batch.decode(joined)
         except _BAD_BYTES:
             got = None                     # somewhere in here is a bad payload: look closer
     # Each payload one JSON value on its own, an object or an array, or the batch is judged
