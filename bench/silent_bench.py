@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/silent_bench.py                  # 1,000,000 sensors, 1 % ever heard
     .venv/bin/python bench/silent_bench.py --sensors 100000 --readings 500000   # a quick look
+    .venv/bin/python bench/silent_bench.py --paired --rounds 3   # the two side by side, turn by turn
 
 A real registry always holds many sensors that say nothing (new, broken, decommissioned but
 registered). The absence rule (`device.silent`) finds them silent once; after that, what a batch
@@ -23,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -57,6 +60,11 @@ def main() -> None:
                     help="replay --batch sizes to compare (default 20 1000)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of every --batch, one after "
                     "another (interleaved: a load that comes and goes slows both alike)")
+    ap.add_argument("--paired", action="store_true", help="the smallest and the largest --batch "
+                    "side by side in one process, two engines taking the same lines in turns of "
+                    "the largest batch, each timed on its own: a load that comes and goes (a "
+                    "shared machine) slows both alike, which two replays one after the other "
+                    "cannot promise")
     ap.add_argument("--registry-dir", type=Path, default=Path(tempfile.gettempdir()) / "cityops-bench")
     args = ap.parse_args()
 
@@ -76,7 +84,9 @@ def main() -> None:
           f"{len(payloads):,} gateway payloads, {n:,} readings over {args.span} min")
     lo, hi = min(args.batch), max(args.batch)
     try:
-        for r in range(1, args.rounds + 1):
+        for r in range(1, args.rounds + 1 if args.paired else 0):
+            paired(reg, rules, path, n, lo, hi, r)
+        for r in range(1, 0 if args.paired else args.rounds + 1):
             rates, cpu_rates = {}, {}     # wall clock, and the process's CPU time (a shared machine)
             for b in args.batch:
                 run(reg, rules, path, n, b, rates, cpu_rates)
@@ -84,6 +94,39 @@ def main() -> None:
                   f"(wall clock), {cpu_rates[lo] / cpu_rates[hi]:.2f} (CPU time)", flush=True)
     finally:
         path.unlink()
+
+
+def paired(reg, rules, path: Path, n: int, lo: int, hi: int, r: int) -> None:
+    """Two fresh engines on the same lines, as `cityops replay` feeds them (``Engine.ingest``
+    of ``lo`` or ``hi`` lines, every notice written as a JSON line); turn by turn, ``hi``
+    lines to one, then the same lines ``lo`` at a time to the other, each timed in CPU time."""
+    lines = [raw.strip() for raw in path.read_bytes().splitlines() if raw.strip()]
+    source, clock = str(path), int(time.time() * 1000)
+    opt = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
+    engines, sinks = {lo: Engine(reg, rules), hi: Engine(reg, rules)}, {lo: Digest(), hi: Digest()}
+    cpu = dict.fromkeys((lo, hi), 0.0)
+    gc.collect()
+
+    def emit(b: int, out) -> None:
+        for notice in out.notices:
+            sinks[b].write(orjson.dumps(notice, option=opt))
+    for i in range(0, len(lines), hi):
+        turn = lines[i:i + hi]
+        for b in (hi, lo):
+            t = time.process_time()
+            for k in range(0, len(turn), b):
+                emit(b, engines[b].ingest(turn[k:k + b], source=source, now_ms=clock))
+            cpu[b] += time.process_time() - t
+    for b in (lo, hi):                  # history is over: the timers the data reached run out
+        t = time.process_time()
+        emit(b, engines[b].advance(engines[b].max_ts + 1))
+        cpu[b] += time.process_time() - t
+    digests = {b: sinks[b].h.hexdigest()[:16] for b in (lo, hi)}
+    if digests[lo] != digests[hi]:
+        sys.exit(f"--batch {lo} and --batch {hi} made different notices: {digests}")
+    print(f"round {r}, paired: --batch {lo} {cpu[lo]:.1f} CPU-s ({n / cpu[lo]:,.0f} readings/CPU-s), "
+          f"--batch {hi} {cpu[hi]:.1f} CPU-s ({n / cpu[hi]:,.0f} readings/CPU-s): "
+          f"{lo} / {hi} = {cpu[hi] / cpu[lo]:.2f}; notices identical, sha256 {digests[lo]}", flush=True)
 
 
 def run(reg, rules, path: Path, n: int, b: int, rates: dict, cpu_rates: dict) -> None:

@@ -763,40 +763,30 @@ class Engine:
                 hit.update(filter(t.__contains__, idx))
             self._visit = [j for j, x in enumerate(idx) if x in hit] if hit else []
             return self._take_small(readings, idx, n, 0, out)
-        matter = [False] * len(good)
-        # a late reading may open an incident a later reading here ends (as the batch screen)
-        busy = {idx[i] for i in late}
-        for j, i in enumerate(good):
-            v = vals[i]
-            if v is not None:
-                if v >= floor[kinds[i]]:
-                    matter[j] = True
-                    busy.add(idx[i])
-            elif event_rules[kinds[i]] and events[i] in names:
-                matter[j] = True
-        if busy or tracks or silent or battery:
-            battery_tracks = [t for t in (e.tracks for e in self._battery_rules) if t]
-            ceiling_of = self._battery_ceiling_list
-            for j, i in enumerate(good):
-                if matter[j]:
-                    continue
-                x = idx[i]
-                if vals[i] is not None:
-                    if x in busy:
-                        matter[j] = True
-                        continue
-                    for t in tracks:
-                        if x in t:
-                            matter[j] = True
-                            break
-                    if matter[j]:
-                        continue
-                if silent and x in silent:
-                    matter[j] = True
-                elif battery:
-                    b = readings[i].battery
-                    if b is not None and (b <= ceiling_of[kinds[i]] or (
-                            b > ceiling_of[kinds[i]] and any(x in t for t in battery_tracks))):
+        # The same questions reading by reading, asked of sets where they can be: a measurement
+        # matters over its floor, or of a sensor with one over its floor here, or late here (it
+        # may open an incident a later reading ends, as in the batch screen), or with an incident
+        # open; an event, if a rule names it; any reading of a silent sensor; a battery level at
+        # or under its ceiling, or over it with a battery incident open (it was changed).
+        g_vals = [vals[i] for i in good]
+        g_kinds = [kinds[i] for i in good]
+        over = [v is not None and v >= floor[k] for v, k in zip(g_vals, g_kinds, strict=True)]
+        hot = set(compress(g_idx, over))
+        hot.update(idx[i] for i in late)
+        for t in tracks:
+            hot.update(filter(t.__contains__, g_idx))
+        matter = [(x in hot) if v is not None else (event_rules[k] and events[i] in names)
+                  for x, v, k, i in zip(g_idx, g_vals, g_kinds, good, strict=True)]
+        if silent and not silent.isdisjoint(g_idx):
+            matter = [m or x in silent for m, x in zip(matter, g_idx, strict=True)]
+        if battery:
+            bats = [readings[i].battery for i in good]
+            if bats.count(None) < len(bats):
+                battery_tracks = [t for t in (e.tracks for e in self._battery_rules) if t]
+                ceiling_of = self._battery_ceiling_list
+                for j, b in enumerate(bats):
+                    if b is not None and not matter[j] and (b <= ceiling_of[g_kinds[j]] or any(
+                            g_idx[j] in t for t in battery_tracks)):
                         matter[j] = True
         if self.keep_accepted and (good or late):
             kept = sorted(good + late)
