@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from pipeline.models import AlertNotice, DeadLetter
+from pipeline.registry import load as load_registry
 from tests.brokers import Mosquitto, Subscriber, publish
 from tests.test_runtime_mqtt import (Runtime, now_ms, rt_users, runtime,  # noqa: F401 (fixture)
                                      settle)
@@ -27,7 +28,6 @@ pytestmark = pytest.mark.broker
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMUNITY_ROUTING = ROOT / "tests" / "rules" / "routing" / "community.yaml"
-WORKER = "w-510104020001-01"            # on call for 和平社区第1微网格, all day
 COMMUNITY, OTHER_COMMUNITY, STREET = "510104020001", "510104020002", "510104020"
 GAS_ALONE, GAS = "gas-510104-000001", "gas-510104-000002"      # grid 510104020001001
 WATER = "wl-510104-000001"                                      # the same grid
@@ -36,6 +36,13 @@ USERS = {"hp-community": {"scope": "community", "code": COMMUNITY},
          "other-community": {"scope": "community", "code": OTHER_COMMUNITY},
          "duty-510104": {"scope": "district", "code": "510104"}}
 SECRET = "ack-secret-for-the-community-tests-0123456789"
+GRID = "510104020001001"                # 和平社区第1微网格: 张敏 08:00-20:00, 罗川 the night
+
+
+@pytest.fixture
+def worker() -> str:
+    """The grid worker on call now, Beijing time (the runtime pushes to whom its clock says)."""
+    return load_registry().on_call(GRID, "510104020", now_ms()).id
 
 
 def notices(msgs: list[tuple[str, bytes]], topic_part: str = "") -> list[dict]:
@@ -77,7 +84,7 @@ def blue_water(broker: Mosquitto, sub: Subscriber) -> dict:
     return n
 
 
-def test_a_blue_waterlogging_alert_reaches_the_community_not_the_street(
+def test_a_blue_waterlogging_alert_reaches_the_community_not_the_street(worker: str,
         mosquitto: Mosquitto, runtime) -> None:
     runtime(mosquitto.url, "community", args=["--routing", str(COMMUNITY_ROUTING)])
     with Subscriber(mosquitto.url, *FILTERS) as sub:
@@ -87,12 +94,12 @@ def test_a_blue_waterlogging_alert_reaches_the_community_not_the_street(
     assert n["community_name"] == "和平社区" and "道路积水" in n["title"]
     fired = told("firing")(msgs)
     assert {x["tier"] for x in fired} == {"community", "grid"}
-    assert [x["worker_id"] for x in fired if x["tier"] == "grid"] == [WORKER]
+    assert [x["worker_id"] for x in fired if x["tier"] == "grid"] == [worker]
     assert not [t for t, _ in msgs if t.startswith("cityops/alerts/street/")], \
         "the street is not told a blue waterlogging alert on this route"
 
 
-def test_a_gas_alarm_climbs_grid_community_street_while_nobody_is_on_site(
+def test_a_gas_alarm_climbs_grid_community_street_while_nobody_is_on_site(worker: str,
         mosquitto: Mosquitto, runtime, tmp_path: Path) -> None:
     tree = yaml.safe_load(COMMUNITY_ROUTING.read_text(encoding="utf-8"))
     route = tree["routes"][0]
@@ -107,8 +114,8 @@ def test_a_gas_alarm_climbs_grid_community_street_while_nobody_is_on_site(
         got = sub.wait_for(lambda m: told("firing", "/push/")(m))
         [fired] = told("firing", "/push/")(got)
         aid = fired["alert_id"]
-        assert (fired["severity"], fired["worker_id"]) == ("orange", WORKER)
-        send(mosquitto, WORKER, {"alert_id": aid, "ts": now_ms()})      # acknowledged, not there
+        assert (fired["severity"], fired["worker_id"]) == ("orange", worker)
+        send(mosquitto, worker, {"alert_id": aid, "ts": now_ms()})      # acknowledged, not there
         sub.wait_for(lambda m: told("acknowledged", "/push/")(m))
         got = sub.wait_for(lambda m: told("escalated", f"/street/{STREET}")(m), timeout=20)
         # the community hears both climbs (its own, then the street's); the street the second
@@ -120,23 +127,23 @@ def test_a_gas_alarm_climbs_grid_community_street_while_nobody_is_on_site(
         assert "无人到场，已升级至街镇" in to_street["summary"]
         assert not [t for t, _ in got if t.startswith("cityops/alerts/district/")]
 
-        send(mosquitto, WORKER, {"alert_id": aid, "ts": now_ms(), "state": "on_site"})
+        send(mosquitto, worker, {"alert_id": aid, "ts": now_ms(), "state": "on_site"})
         got = sub.wait_for(lambda m: {n["tier"] for n in told("on_site")(m)} ==
                            {"grid", "dept", "community", "street"})
     on_site = told("on_site")(got)
-    assert all(n["state_by"] == WORKER and n["state_tier"] == "grid" and
+    assert all(n["state_by"] == worker and n["state_tier"] == "grid" and
                n["previous_state"] == "escalated" and "·已到场" in n["title"] for n in on_site)
 
 
-def test_a_workers_push_reply_marks_on_site_then_handled(mosquitto: Mosquitto, runtime) -> None:
+def test_a_workers_push_reply_marks_on_site_then_handled(worker: str, mosquitto: Mosquitto, runtime) -> None:
     runtime(mosquitto.url, "reply", env={"CITYOPS_PUSH__ENABLED": "true",
                                          "CITYOPS_PUSH__SECRET": SECRET})
     with Subscriber(mosquitto.url, *FILTERS) as sub:
         reading(mosquitto, GAS, 27.5)
-        got = sub.wait_for(lambda m: told("firing", f"/push/{WORKER}")(m))
-        [push] = told("firing", f"/push/{WORKER}")(got)
+        got = sub.wait_for(lambda m: told("firing", f"/push/{worker}")(m))
+        [push] = told("firing", f"/push/{worker}")(got)
         token, aid = push["ack_token"], push["alert_id"]
-        reply = f"cityops/push/{WORKER}/ack"
+        reply = f"cityops/push/{worker}/ack"
 
         assert publish(mosquitto.url, reply, json.dumps({"token": token, "state": "on_site"})) == 0
         got = sub.wait_for(lambda m: told("on_site", "/street/")(m))
@@ -149,8 +156,8 @@ def test_a_workers_push_reply_marks_on_site_then_handled(mosquitto: Mosquitto, r
     [on_site] = told("on_site", "/street/")(got)
     [handled] = told("handled", "/street/")(got)
     for n in (on_site, handled):
-        assert (n["alert_id"], n["state_by"], n["state_tier"]) == (aid, WORKER, "grid")
-        assert n["acked_by"] == WORKER            # on site acknowledges too: one notice, not two
+        assert (n["alert_id"], n["state_by"], n["state_tier"]) == (aid, worker, "grid")
+        assert n["acked_by"] == worker            # on site acknowledges too: one notice, not two
     assert handled["previous_state"] == "on_site" and handled["note"] == "已关阀、已通知燃气公司"
     assert "已处置：已关阀、已通知燃气公司" in handled["summary"]
     assert not told("acknowledged")(got)
@@ -158,14 +165,14 @@ def test_a_workers_push_reply_marks_on_site_then_handled(mosquitto: Mosquitto, r
     assert bad.reason == "bad_ack" and "state one of" in bad.detail
 
 
-def test_closing_needs_the_owning_tiers_scope(mosquitto: Mosquitto, runtime,
+def test_closing_needs_the_owning_tiers_scope(worker: str, mosquitto: Mosquitto, runtime,
                                              tmp_path: Path) -> None:
     runtime(mosquitto.url, "close", args=["--routing", str(COMMUNITY_ROUTING)],
             env=users(tmp_path))
     with Subscriber(mosquitto.url, *FILTERS) as sub:
         aid = blue_water(mosquitto, sub)["alert_id"]          # community + grid: the community's
         reason = {"alert_id": aid, "state": "closed", "note": "传感器故障，已报修"}
-        send(mosquitto, WORKER, {**reason, "ts": now_ms()})                    # not the grid
+        send(mosquitto, worker, {**reason, "ts": now_ms()})                    # not the grid
         send(mosquitto, "other-community", {**reason, "ts": now_ms()})       # not another's
         send(mosquitto, "hp-community", {"alert_id": aid, "state": "closed", "ts": now_ms()})
         got = sub.wait_for(lambda m: len(dead(m)) == 3)
@@ -183,18 +190,18 @@ def test_closing_needs_the_owning_tiers_scope(mosquitto: Mosquitto, runtime,
                for n in closed)
 
 
-def test_handling_states_survive_kill_9(mosquitto: Mosquitto, runtime, tmp_path: Path) -> None:
+def test_handling_states_survive_kill_9(worker: str, mosquitto: Mosquitto, runtime, tmp_path: Path) -> None:
     rt: Runtime = runtime(mosquitto.url, "kill9", env=users(tmp_path))
     with Subscriber(mosquitto.url, *FILTERS) as sub:
         reading(mosquitto, GAS, 27.5)                  # yellow: street, grid, district
         got = sub.wait_for(lambda m: told("firing", "/district/")(m))
         aid = told("firing", "/district/")(got)[0]["alert_id"]
-        send(mosquitto, WORKER, {"alert_id": aid, "ts": now_ms(), "state": "on_site"})
+        send(mosquitto, worker, {"alert_id": aid, "ts": now_ms(), "state": "on_site"})
         sub.wait_for(lambda m: told("on_site", "/district/")(m))
 
         rt.kill()
         rt.start()
-        send(mosquitto, WORKER, {"alert_id": aid, "ts": now_ms(), "state": "handled",
+        send(mosquitto, worker, {"alert_id": aid, "ts": now_ms(), "state": "handled",
                                  "note": "已关阀"})
         got = sub.wait_for(lambda m: told("handled", "/district/")(m))
         [handled] = told("handled", "/district/")(got)
