@@ -142,10 +142,11 @@ class CityWorker:
         self.http_silences: queue.SimpleQueue[bytes] = queue.SimpleQueue()     # POST /silences
         self._ack_misses: dict[bytes, set[int]] = {}     # see _missed
         # A turn (a fetch of readings, of acks, an announcement, a tick) takes its input, judges
-        # it and sends what it made; a checkpoint must fall between turns, never inside one
-        # (where it would keep state whose notices are not sent, or acknowledge input not
+        # it and sends what it made; a checkpoint takes the state between turns, never inside
+        # one (where it would keep state whose notices are not sent, or acknowledge input not
         # judged yet): each holds this while it touches partitions; it is never held twice.
         self.turn = asyncio.Lock()
+        self.checkpointing = False        # one checkpoint at a time: it writes while turns go on
         self.started = time.time()
         self.ready = False
         self.recovered = False
@@ -589,15 +590,23 @@ class CityWorker:
             await self.checkpoint(due)
 
     async def checkpoint(self, parts: list[PartitionState]) -> None:
-        """Notices out first, then the state that made them, then the inputs it covers; between
-        turns (self.turn)."""
-        async with self.turn:
-            await self._checkpoint(parts)
+        """The state and the inputs it covers, taken between turns (self.turn) and at once;
+        written while the turns go on: the pieces, then the head that names them, then the
+        inputs acknowledged. What turns take meanwhile waits for the next checkpoint."""
+        if self.checkpointing:
+            return
+        self.checkpointing = True
+        try:
+            async with self.turn:
+                taken = self._take_checkpoint(parts)
+            if taken:
+                await self._write_checkpoint(taken)
+        finally:
+            self.checkpointing = False
 
-    async def _checkpoint(self, parts: list[PartitionState]) -> None:
+    def _take_checkpoint(self, parts: list[PartitionState]) -> list[tuple]:
         if self.mirror is not None and self.mirror.unpublished():
-            return                      # the MQTT mirror still owes notices: next time
-        await self.app.producer.flush()
+            return []                   # the MQTT mirror still owes notices: next time
         # not revoked, nor checkpointed by another turn's checkpoint while this one waited
         parts = [ps for ps in parts if self.parts.get(ps.p) is ps
                  and (ps.pending or ps.pending_events or ps.carried)]
@@ -606,32 +615,37 @@ class CityWorker:
         # partition, so a head that was restored has its pieces before it. The head goes in a
         # batch of its own: tansu's "latest offset" is wrong after a multi-record batch
         # (INFRA.md), and a table restored one record short would lose exactly the head.
-        heads = {}
+        taken = []
         for ps in parts:
             snap = ps.engine.snapshot()
             size = self.s.worker.checkpoint_piece
             pieces = [snap[i:i + size] for i in range(0, len(snap), size)]
             for k, piece in enumerate(pieces):
                 self.table[f"{ps.p}/{k}"] = piece
-            heads[ps.p] = msgspec.msgpack.encode({
+            head = msgspec.msgpack.encode({
                 "offsets": ps.offsets, "chunks": len(pieces), "at": int(time.time() * 1000),
                 "set": ps.digest, "switch": self.reload.pending(ps),
                 "digest": hashlib.blake2b(snap, digest_size=16).digest()})
+            # the inputs this state covers; a turn from here on fills new lists
+            taken.append((ps, head, dict(ps.offsets), ps.switch.at if ps.switch is not None else None,
+                          ps.pending, ps.pending_events))
+            ps.pending, ps.pending_events, ps.carried = [], [], False
+        return taken
+
+    async def _write_checkpoint(self, taken: list[tuple]) -> None:
+        # every notice sent before the state was taken is delivered with its pieces, before the
+        # head that makes the state the one a restart restores
         await self.app.producer.flush()
-        for ps in parts:
-            self.table[str(ps.p)] = heads[ps.p]
-            ps.checkpointed = dict(ps.offsets)
-            ps.switch_kept = ps.switch.at if ps.switch is not None else None
+        for ps, head, offsets, switch_at, _, _ in taken:
+            self.table[str(ps.p)] = head
+            ps.checkpointed, ps.switch_kept = offsets, switch_at
         await self.app.producer.flush()
-        for ps in parts:
-            if ps.pending:      # a committed offset covers every record before it: ack the
+        for ps, _, _, _, pending, pending_events in taken:
+            if pending:         # a committed offset covers every record before it: ack the
                 # newest (acking each of a 5 s checkpoint's ~25,000 held the loop ~0.3 s)
-                self.app.consumer.ack(max(ps.pending, key=attrgetter("offset")))
-            for stream, event in ps.pending_events:
+                self.app.consumer.ack(max(pending, key=attrgetter("offset")))
+            for stream, event in pending_events:
                 await stream.ack(event)
-            ps.pending.clear()
-            ps.pending_events.clear()
-            ps.carried = False
             ps.last_checkpoint = time.monotonic()
             self.counters["checkpoints"] += 1
 
