@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline import silences, wire
-from pipeline.lifecycle import LIFECYCLE, SILENCE, AlertBook
+from pipeline.lifecycle import LIFECYCLE, SILENCE, AlertBook, IncidentState
 from pipeline.models import Ack, DeadLetter
 from pipeline.registry import Registry
 from pipeline.routing import Router
@@ -46,7 +46,25 @@ from rules.compiler import RuleSet, compile_rules
 from rules.schema import Duration
 
 SCAN = -2                  # timer owner number of the absence scan
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2        # 2: tracks and incidents by name (rules.evaluators.TrackState,
+#                             pipeline.lifecycle.IncidentState); 1: positional lists
+
+
+def _named(state: dict) -> dict:
+    """Version 1 -> 2: a track or an incident was a list, now a map of its fields by name."""
+    fields = ev.TrackState.__struct_fields__
+    for rule in state["rules"].values():
+        rule["tracks"] = [[key, dict(zip(fields, row, strict=True))] for key, row in rule.get("tracks", [])]
+    book = state["book"]
+    for bucket in ("open", "resolved", "closable"):
+        if bucket in book:
+            book[bucket] = [IncidentState.from_row(row) for row in book[bucket]]
+    return state
+
+
+# A snapshot of an older version is brought forward one version at a time: MIGRATIONS[v] takes
+# a decoded snapshot of version v to v + 1. A change of the format adds one here.
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _named}
 NEVER = 1 << 62
 EARLIEST = 946_684_800_000  # 2000-01-01T00:00:00Z: an earlier ts is epoch seconds or an unset clock
 _EMPTY = np.zeros(0, dtype=np.int64)
@@ -1337,8 +1355,15 @@ class Engine:
     def restore(self, blob: bytes) -> dict[str, int]:
         """Load a snapshot into this (fresh) engine; returns what could not be restored."""
         state = msgspec.msgpack.decode(blob)
-        if state.get("version") != SNAPSHOT_VERSION:
-            raise ValueError(f"snapshot version {state.get('version')} is not {SNAPSHOT_VERSION}")
+        version = state.get("version") if isinstance(state, dict) else None
+        if not isinstance(version, int) or version < 1:
+            raise ValueError(f"snapshot version {version!r}: not a cityops engine snapshot")
+        if version > SNAPSHOT_VERSION:
+            raise ValueError(f"snapshot version {version} is newer than this engine's "
+                             f"({SNAPSHOT_VERSION}): restore it with the cityops that made it")
+        while version < SNAPSHOT_VERSION:
+            state = MIGRATIONS[version](state)
+            version += 1
         reg = self.registry
         lost: Counter[str] = Counter()
         same = state["registry"] == self._fingerprint()

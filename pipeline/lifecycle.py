@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import heapq
 from typing import Any
+
+import msgspec
 from collections.abc import Callable
 
 from pipeline import notices as nt
@@ -29,6 +31,48 @@ _TOLD_WHILE_MUTED = frozenset((State.resolved, State.acknowledged, State.dispatc
 SILENCE = -3            # ... and of the silences' edges (a silence starts or stops muting)
 
 
+class IncidentState(msgspec.Struct):
+    """An incident as a snapshot keeps it, by name (snapshot version 2; version 1 was a list in
+    this order, shorter in older snapshots: ``from_row``). A field added later takes its default
+    when an older snapshot lacks it."""
+
+    aid: str
+    rule: str
+    subject: Any
+    idx: Any
+    members: Any
+    rank: Any
+    state: str
+    started: Any
+    seq: Any
+    sent: list                  # [tier, target, worker id or None]
+    value: Any
+    threshold: Any
+    event: Any
+    flapping: Any
+    escalation: Any
+    acked_by: Any
+    acked_tier: Any
+    reminders: Any
+    last_ts: Any
+    district_at: Any
+    gen: Any
+    fired: Any = 0              # older than these: any link's seq is good
+    muted: Any = None
+    muted_at: Any = 0
+    paused: Any = 0
+    held: Any = False
+    times: dict = {}            # older than these: not handled yet
+    dispatched_to: Any = None
+    community_at: Any = None
+    street_at: Any = None
+
+    @classmethod
+    def from_row(cls, row: list) -> dict:
+        """A version 1 row (21, 22, 26 or 30 values) by name; the fields it lacks are left out."""
+        return dict(zip(cls.__struct_fields__, row, strict=False))
+
+
 class Incident:
     __slots__ = ("aid", "rule", "subject", "idx", "members", "rank", "state", "started", "seq",
                  "sent", "route", "value", "threshold", "event", "flapping", "escalation",
@@ -36,15 +80,16 @@ class Incident:
                  "fired", "muted", "muted_at", "paused", "held", "times", "dispatched_to",
                  "community_at", "street_at")
 
-    def dump(self, sid: Callable[[Any], Any]) -> list:
-        return [self.aid, self.rule, sid(self.subject), sid(self.idx) if self.idx is not None else None,
-                [sid(m) for m in self.members] if self.members else None, self.rank,
-                self.state.value, self.started, self.seq,
-                [[t.tier.value, t.target, t.worker.id if t.worker else None] for t in self.sent],
-                self.value, self.threshold, self.event, self.flapping, self.escalation,
-                self.acked_by, self.acked_tier, self.reminders, self.last_ts, self.district_at,
-                self.gen, self.fired, self.muted, self.muted_at, self.paused, self.held,
-                self.times, self.dispatched_to, self.community_at, self.street_at]
+    def dump(self, sid: Callable[[Any], Any]) -> IncidentState:
+        return IncidentState(
+            self.aid, self.rule, sid(self.subject), sid(self.idx) if self.idx is not None else None,
+            [sid(m) for m in self.members] if self.members else None, self.rank,
+            self.state.value, self.started, self.seq,
+            [[t.tier.value, t.target, t.worker.id if t.worker else None] for t in self.sent],
+            self.value, self.threshold, self.event, self.flapping, self.escalation,
+            self.acked_by, self.acked_tier, self.reminders, self.last_ts, self.district_at,
+            self.gen, self.fired, self.muted, self.muted_at, self.paused, self.held,
+            self.times, self.dispatched_to, self.community_at, self.street_at)
 
 
 class _FactsOnAsk(dict):
@@ -485,8 +530,8 @@ class AlertBook(Handling):
                              ("closable", state.get("closable", []))):
             for row in rows:
                 # one incident both flapping-resolved and awaiting its closing stays one object
-                inc = self.resolved.get(row[0]) if bucket == "closable" else None
-                inc = inc or self._load_one(row, sidx)
+                inc = self.resolved.get(row["aid"]) if bucket == "closable" else None
+                inc = inc or self._load_one(msgspec.convert(row, IncidentState), sidx)
                 if inc is None:
                     lost += 1
                 else:
@@ -495,10 +540,13 @@ class AlertBook(Handling):
         self.silences.gen, self.silences.due = state.get("silence_plan", (0, NEVER))
         return lost
 
-    def _load_one(self, row: list, sidx: Callable[[Any], Any]) -> Incident | None:
+    def _load_one(self, row: IncidentState, sidx: Callable[[Any], Any]) -> Incident | None:
         (aid, rule, subject, idx, members, rank, state, started, seq, sent, value, threshold,
          event, flapping, escalation, acked_by, acked_tier, reminders, last_ts, district_at,
-         gen) = row[:21]
+         gen) = (row.aid, row.rule, row.subject, row.idx, row.members, row.rank, row.state,
+                 row.started, row.seq, row.sent, row.value, row.threshold, row.event, row.flapping,
+                 row.escalation, row.acked_by, row.acked_tier, row.reminders, row.last_ts,
+                 row.district_at, row.gen)
         if rule not in self.rules:
             return None
         inc = Incident()
@@ -511,11 +559,10 @@ class AlertBook(Handling):
         inc.value, inc.threshold, inc.event, inc.flapping = value, threshold, event, flapping
         inc.escalation, inc.acked_by, inc.acked_tier = escalation, acked_by, acked_tier
         inc.reminders, inc.last_ts, inc.district_at, inc.gen = reminders, last_ts, district_at, gen
-        inc.fired = row[21] if len(row) > 21 else 0       # older snapshots: any link's seq is good
-        inc.muted, inc.muted_at, inc.paused, inc.held = row[22:26] if len(row) > 25 else (None, 0, 0, False)
-        inc.times, inc.dispatched_to, inc.community_at, inc.street_at = \
-            (row[26:30] if len(row) > 29 else [{}, None, None, None])   # older: not handled yet
-        inc.times = dict(inc.times)
+        inc.fired, inc.muted, inc.muted_at, inc.paused, inc.held = (row.fired, row.muted,
+                                                                    row.muted_at, row.paused, row.held)
+        inc.times, inc.dispatched_to, inc.community_at, inc.street_at = (
+            dict(row.times), row.dispatched_to, row.community_at, row.street_at)
         inc.route = self.router.route(self._labels(inc))
         inc.sent = []
         for tier, target, worker in sent:

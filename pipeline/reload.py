@@ -145,7 +145,7 @@ def carry(old: Engine, new: Engine, at: int,
         book = state["book"]
         for bucket in ("open", "resolved", "closable"):       # incidents, by rule
             if bucket in book:
-                book[bucket] = [row for row in book[bucket] if row[1] not in reshaped]
+                book[bucket] = [row for row in book[bucket] if row["rule"] not in reshaped]
     new.restore(msgspec.msgpack.encode(state))
     new.clock_bound, new.keep_accepted = old.clock_bound, old.keep_accepted
     out = Output()

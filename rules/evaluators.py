@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import numpy as np
 
 PENDING, FIRING, CLEARING, RESOLVED = 1, 2, 3, 4
@@ -90,6 +91,23 @@ class Timers:
         return None
 
 
+class TrackState(msgspec.Struct):
+    """A Track as a snapshot keeps it, by name (snapshot version 2; version 1 was this list, in
+    this order): a field added later takes its default when an older snapshot lacks it."""
+
+    phase: int
+    since: int
+    started: int
+    rank: int
+    value: Any = None
+    threshold: Any = None
+    due: int = 0
+    aid: str = ""
+    flapping: Any = False
+    event: Any = None
+    extra: Any = None
+
+
 class Track:
     """The life of one (rule, subject) while it is not quiet."""
 
@@ -102,15 +120,16 @@ class Track:
         self.value, self.threshold, self.due, self.aid = value, threshold, 0, ""
         self.flapping, self.event, self.extra = False, None, None
 
-    def dump(self) -> list:
-        return [self.phase, self.since, self.started, self.rank, self.value, self.threshold,
-                self.due, self.aid, self.flapping, self.event, self.extra]
+    def dump(self) -> TrackState:
+        return TrackState(self.phase, self.since, self.started, self.rank, self.value,
+                          self.threshold, self.due, self.aid, self.flapping, self.event, self.extra)
 
     @classmethod
-    def load(cls, row: list) -> Track:
-        t = cls(row[0], row[1], row[3], row[4], row[5])
-        (t.started, t.due, t.aid, t.flapping, t.event, t.extra) = (row[2], row[6], row[7], row[8],
-                                                                     row[9], row[10])
+    def load(cls, named: dict) -> Track:
+        s = msgspec.convert(named, TrackState)
+        t = cls(s.phase, s.since, s.rank, s.value, s.threshold)
+        t.started, t.due, t.aid, t.flapping, t.event, t.extra = (s.started, s.due, s.aid,
+                                                                 s.flapping, s.event, s.extra)
         return t
 
 
@@ -766,8 +785,8 @@ class Correlation(Evaluator):
     def dump(self, sid: Callable[[int | str], Any]) -> dict:
         d = super().dump(sid)
         d["members"] = {g: [[sid(s), t] for s, t in m.items()] for g, m in self.members.items()}
-        for row in d["tracks"]:
-            row[1][10] = [sid(s) for s in row[1][10]]
+        for _, track in d["tracks"]:
+            track.extra = [sid(s) for s in track.extra]
         return d
 
     def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:

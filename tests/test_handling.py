@@ -67,14 +67,18 @@ def test_a_resolved_incident_awaiting_its_closing_survives_a_snapshot_unchanged(
 
 
 def test_a_snapshot_from_before_the_handling_states_restores() -> None:
-    """Rows of older snapshots end at `fired` (22 fields) and have no `closable` bucket."""
+    """Rows of older snapshots (version 1, positional) end at `fired` (22 fields) and have no
+    `closable` bucket."""
     e = engine()
     e.advance(T0)
     e.ingest(readings(T0 + 2 * MIN, NEIGHBOURS))
     out = e.advance(T0 + 6 * MIN)
     [aid] = {n["alert_id"] for n in out.notices}
     state = msgspec.msgpack.decode(e.snapshot())
-    state["book"]["open"] = [row[:22] for row in state["book"]["open"]]
+    state["book"]["open"] = [list(row.values())[:22] for row in state["book"]["open"]]
+    for rule in state["rules"].values():
+        rule["tracks"] = [[key, list(track.values())] for key, track in rule.get("tracks", [])]
+    state["version"] = 1
     old = engine()
     assert old.restore(msgspec.msgpack.encode(state)) == {}
     closed = old.ack([Ack(alert_id=aid, by="chunxi", tier="street", ts=T0 + 7 * MIN,

@@ -179,11 +179,15 @@ def test_a_snapshot_keeps_silences_and_what_they_hold(engine, chengdu, rules):
 
 
 def test_a_snapshot_written_before_silences_restores(engine, chengdu, rules):
-    """main's snapshots have shorter incident rows and no silences: they restore, unmuted."""
+    """Snapshots from before silences (version 1: positional rows) have shorter incident rows
+    and no silences: they restore, unmuted."""
     fired = gas(engine, GAS, T0, 27.5)
     state = msgspec.msgpack.decode(engine.snapshot())
     book = state["book"]
-    book["open"] = [row[:22] for row in book["open"]]
+    book["open"] = [list(row.values())[:22] for row in book["open"]]
+    for rule in state["rules"].values():
+        rule["tracks"] = [[key, list(track.values())] for key, track in rule.get("tracks", [])]
+    state["version"] = 1
     del book["silences"], book["silence_plan"]
     restored = Engine(chengdu, rules)
     assert restored.restore(msgspec.msgpack.encode(state)) == {}
