@@ -147,6 +147,7 @@ class CityWorker:
         # judged yet): each holds this while it touches partitions; it is never held twice.
         self.turn = asyncio.Lock()
         self.checkpointing = False        # one checkpoint at a time: it writes while turns go on
+        self._writing: asyncio.Future | None = None     # the checkpoint being written
         self.started = time.time()
         self.ready = False
         self.recovered = False
@@ -595,12 +596,17 @@ class CityWorker:
         inputs acknowledged. What turns take meanwhile waits for the next checkpoint."""
         if self.checkpointing:
             return
-        self.checkpointing = True
+        async with self.turn:
+            taken = self._take_checkpoint(parts)
+        if taken:               # off the turns' path: readings go on while the broker takes it
+            self.checkpointing = True
+            self._writing = asyncio.ensure_future(self._written(taken))
+
+    async def _written(self, taken: list[tuple]) -> None:
         try:
-            async with self.turn:
-                taken = self._take_checkpoint(parts)
-            if taken:
-                await self._write_checkpoint(taken)
+            await self._write_checkpoint(taken)
+        except Exception:       # its inputs stay unacknowledged: a restart replays them
+            log.exception("checkpoint of partitions %s not written", [t[0].p for t in taken])
         finally:
             self.checkpointing = False
 
