@@ -55,3 +55,16 @@ def small_registry(folder: Path, rs, kinds: Mapping[str, int], gateways: int = 2
                         f"户主{n},,{attrs.get(sid, '')}")
     (folder / "sensors.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return registry.load(folder, rs.kinds)
+
+
+def as_version_1(state: dict, incident_fields: int = 30) -> dict:
+    """A decoded snapshot of today's format written as version 1 was: a track or an incident a
+    list (an incident's first ``incident_fields`` values: older snapshots had fewer)."""
+    book = state["book"]
+    for bucket in ("open", "resolved", "closable"):
+        if bucket in book:
+            book[bucket] = [list(row.values())[:incident_fields] for row in book[bucket]]
+    for rule in state["rules"].values():
+        rule["tracks"] = [[key, list(track.values())] for key, track in rule.get("tracks", [])]
+    state["version"] = 1
+    return state

@@ -15,6 +15,7 @@ from pipeline.engine import Engine, EngineSettings
 from pipeline.models import Ack
 from pipeline.registry import load as load_registry
 from rules.compiler import load_rules
+from tests.engine_fixtures import as_version_1
 from tests.test_runtime_mqtt import ROOT
 
 T0 = 1_782_885_600_000          # 2026-07-01T14:00:00+08:00
@@ -75,10 +76,7 @@ def test_a_snapshot_from_before_the_handling_states_restores() -> None:
     out = e.advance(T0 + 6 * MIN)
     [aid] = {n["alert_id"] for n in out.notices}
     state = msgspec.msgpack.decode(e.snapshot())
-    state["book"]["open"] = [list(row.values())[:22] for row in state["book"]["open"]]
-    for rule in state["rules"].values():
-        rule["tracks"] = [[key, list(track.values())] for key, track in rule.get("tracks", [])]
-    state["version"] = 1
+    as_version_1(state, incident_fields=22)
     old = engine()
     assert old.restore(msgspec.msgpack.encode(state)) == {}
     closed = old.ack([Ack(alert_id=aid, by="chunxi", tier="street", ts=T0 + 7 * MIN,

@@ -13,6 +13,7 @@ import pytest
 from pipeline.engine import Engine
 from pipeline.models import AlertNotice
 from pipeline.silences import Schedule, Silence
+from tests.engine_fixtures import as_version_1
 
 SH = ZoneInfo("Asia/Shanghai")
 MIN = 60_000
@@ -184,10 +185,7 @@ def test_a_snapshot_written_before_silences_restores(engine, chengdu, rules):
     fired = gas(engine, GAS, T0, 27.5)
     state = msgspec.msgpack.decode(engine.snapshot())
     book = state["book"]
-    book["open"] = [list(row.values())[:22] for row in book["open"]]
-    for rule in state["rules"].values():
-        rule["tracks"] = [[key, list(track.values())] for key, track in rule.get("tracks", [])]
-    state["version"] = 1
+    as_version_1(state, incident_fields=22)
     del book["silences"], book["silence_plan"]
     restored = Engine(chengdu, rules)
     assert restored.restore(msgspec.msgpack.encode(state)) == {}
