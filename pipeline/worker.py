@@ -147,7 +147,9 @@ class CityWorker:
         # judged yet): each holds this while it touches partitions; it is never held twice.
         self.turn = asyncio.Lock()
         self.checkpointing = False        # one checkpoint at a time: it writes while turns go on
-        self._writing: asyncio.Future | None = None     # the checkpoint being written
+        # the checkpoint being written: held here, as the loop keeps only a weak reference to a
+        # task and one nobody holds may be collected before it is done
+        self._writing: asyncio.Future | None = None
         self.started = time.time()
         self.ready = False
         self.recovered = False
