@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 ## the operations-centre console beside it (http://127.0.0.1:8080, demo logins printed)
 # The console is a second process: stopped with the pipeline (Ctrl-C), whatever way it ends.
 # Both take the demo users, so an acknowledgement made in the console is accepted.
-DEMO_USERS := pipeline/opscentre/demo_users.yaml
+DEMO_USERS := pipeline/runtimes/opscentre/demo_users.yaml
 run: $(STAMP)
 	@CITYOPS_ACKS__USERS=$(DEMO_USERS) $(VENV)/bin/cityops console --demo --db .run/console.sqlite & \
 	console=$$!; trap 'kill $$console 2>/dev/null; wait $$console' EXIT INT TERM; \

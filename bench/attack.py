@@ -42,9 +42,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtime_bench import ROOT, Runtime, _client, bench_config  # noqa: E402
 
-from pipeline.engine import Engine, EngineSettings  # noqa: E402
-from pipeline.identity import AckUsers  # noqa: E402
-from pipeline.registry import load as load_registry  # noqa: E402
+from pipeline.core.engine import Engine, EngineSettings  # noqa: E402
+from pipeline.core.identity import AckUsers  # noqa: E402
+from pipeline.core.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402
 
@@ -188,7 +188,7 @@ class Attack:
 
     def acks(self, sent: list[tuple[str, bytes]]) -> None:
         """Acks as (login, payload), each on that login's topic; the replay makes them the
-        runtime's way: the sender's identity, then its scope (pipeline/identity.py)."""
+        runtime's way: the sender's identity, then its scope (pipeline/core/identity.py)."""
         self.wire.send([(f"{ACKS}/{user}", p) for user, p in sent])
         made = []
         for user, p in sent:

@@ -7,10 +7,10 @@ For each history it times, alternating, best of ``--rounds``:
 
 - decoding alone: what a plain replay spends reading and decoding the history (the CSV rows
   into readings; the JSONL lines through ``wire.decode_batch``), nothing evaluated;
-- plain replay: ``pipeline.replay.replay`` of the CURRENT rules, and of the NEW ones (a fresh
+- plain replay: ``pipeline.core.replay.replay`` of the CURRENT rules, and of the NEW ones (a fresh
   engine each; notices written, as JSON lines, to a sink that keeps their digest): the two
   replays a backtest answers for;
-- backtest: ``pipeline.backtest.backtest`` of NEW against CURRENT (both engines built inside
+- backtest: ``pipeline.core.backtest.backtest`` of NEW against CURRENT (both engines built inside
   the timing) and its text report, in one process (``--jobs 1``: one decode for both engines)
   and in two (``--jobs 2``: the new rules' engine in a forked process on the other CPU);
 
@@ -48,13 +48,14 @@ sys.path.insert(0, str(ROOT))
 
 from engine_bench import make_payloads  # noqa: E402  the engine bench's reading mix
 from silent_bench import Digest  # noqa: E402  a notices sink that keeps their digest
-from pipeline import history, wire  # noqa: E402
-from pipeline.backtest import Side, backtest  # noqa: E402
-from pipeline.backtest_report import text  # noqa: E402
-from pipeline.engine import Engine, EngineSettings  # noqa: E402
-from pipeline.registry import load as load_registry  # noqa: E402
-from pipeline.registry_gen import generate  # noqa: E402
-from pipeline.replay import DEMO_CSV, DEMO_MAP, ReplayStats, csv_readings, load_mapping, replay  # noqa: E402
+from pipeline.core import history  # noqa: E402
+from pipeline.core import wire
+from pipeline.core.backtest import Side, backtest  # noqa: E402
+from pipeline.tools.backtest_report import text  # noqa: E402
+from pipeline.core.engine import Engine, EngineSettings  # noqa: E402
+from pipeline.core.registry import load as load_registry  # noqa: E402
+from pipeline.tools.registry_gen import generate  # noqa: E402
+from pipeline.core.replay import DEMO_CSV, DEMO_MAP, ReplayStats, csv_readings, load_mapping, replay  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
 
 

@@ -5,7 +5,7 @@
 
 A real Mosquitto (tests/brokers.py, a free port of 127.0.0.1), `cityops console` as a
 subprocess, Debian's Chromium driven by Playwright. Inputs: notices as the pipeline writes them
-(pipeline.models.AlertNotice), for incidents spread over every grid of the fixture registry.
+(pipeline.core.models.AlertNotice), for incidents spread over every grid of the fixture registry.
 
   (1) load: --incidents open incidents published on their street topics; the console's view
       holds them all before anything is measured.
@@ -45,7 +45,7 @@ import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-from pipeline.registry import load as load_registry  # noqa: E402
+from pipeline.core.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
 from tests.brokers import Mosquitto, host_port, publish_many  # noqa: E402
 from tests.console_browser import CHROMIUM, CHROMIUM_ARGS, Console, login, users_file  # noqa: E402

@@ -16,7 +16,7 @@ with event times rebased to the minutes before each load (the engine refuses rea
 behind its wall-clock watermark). The fixture is what `cityops worker` loads by default; the cost
 measured here is per Kafka record, which a bigger registry does not change much (the engine
 bench covers 1,000,000 sensors: --registry takes another). Every record goes to its street's
-partition (pipeline/bridge.py ReadingRouter, as `cityops bridge` produces them), so (c) measures
+partition (pipeline/runtimes/bridge.py ReadingRouter, as `cityops bridge` produces them), so (c) measures
 evaluation, not the worker forwarding misrouted records (cityops_forwarded_total is reported and
 should stay 0). The generator's few malformed payloads are left out: every record is a reading,
 so the three contenders count the same thing. The records are loaded BEFORE the contender
@@ -77,9 +77,9 @@ from engine_bench import T0, make_payloads  # noqa: E402
 from runtime_bench import GAS, PROBE_LEL, pct, py_spy, reading, stop_spy  # noqa: E402
 
 from connectors import kafka as kt  # noqa: E402
-from pipeline.bridge import ReadingRouter  # noqa: E402
-from pipeline.config import KafkaSettings  # noqa: E402
-from pipeline.registry import load as load_registry  # noqa: E402
+from pipeline.runtimes.bridge import ReadingRouter  # noqa: E402
+from pipeline.shared.config import KafkaSettings  # noqa: E402
+from pipeline.core.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
 from tests.kafka_broker import CityopsProcess, Tansu, tansu_binary  # noqa: E402
 

@@ -36,9 +36,9 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.engine import Engine  # noqa: E402
-from pipeline.registry import load as load_registry  # noqa: E402
-from pipeline.registry_gen import generate  # noqa: E402
+from pipeline.core.engine import Engine  # noqa: E402
+from pipeline.core.registry import load as load_registry  # noqa: E402
+from pipeline.tools.registry_gen import generate  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
 
 T0 = 1_782_000_000_000

@@ -5,7 +5,7 @@
 
 Each figure is taken in a fresh process (resident memory is the process's RSS after the step
 minus before it, imports done):
-  - cold: parse registry.yaml + sensors.csv and write the compiled form (pipeline/registry_cache.py);
+  - cold: parse registry.yaml + sensors.csv and write the compiled form (pipeline/core/registry_cache.py);
   - warm: the compiled form present: digest the files, map the columns;
   - partition: what `cityops worker` does at start for one of ``--partitions`` partitions: digest
     the registry's files (the set's digest two workers compare), warm load, route streets to
@@ -42,13 +42,13 @@ def rss() -> int:
 def child(mode: str, folder: Path, partitions: int) -> dict:
     import numpy as np  # noqa: F401  imports before the first RSS reading
 
-    from pipeline.bridge import ReadingRouter
-    from pipeline.engine import Engine
-    from pipeline.identity import AckUsers
-    from pipeline.registry import load
-    from pipeline.registry_cache import release_pages
+    from pipeline.runtimes.bridge import ReadingRouter
+    from pipeline.core.engine import Engine
+    from pipeline.core.identity import AckUsers
+    from pipeline.core.registry import load
+    from pipeline.core.registry_cache import release_pages
     from rules.compiler import load_rules
-    from pipeline.reload import files_digest
+    from pipeline.core.reload import files_digest
     rules = load_rules()
     before = rss()
     t = time.perf_counter()
@@ -93,7 +93,7 @@ def main() -> None:
         return
     folder = args.registry_dir / f"registry-{args.sensors}"
     if not (folder / "registry.yaml").exists():
-        from pipeline.registry_gen import generate
+        from pipeline.tools.registry_gen import generate
         print(f"generating a {args.sensors:,}-sensor registry in {folder} …", flush=True)
         generate(folder, args.sensors, seed=1)
     with tempfile.TemporaryDirectory(prefix="cityops-cache-") as cache:

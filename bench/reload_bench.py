@@ -1,4 +1,4 @@
-"""How long a hot reload takes, and what it holds the runtime's loop for (pipeline/reload.py).
+"""How long a hot reload takes, and what it holds the runtime's loop for (pipeline/core/reload.py).
 
     .venv/bin/python bench/reload_bench.py                     # the fixture, then 100,000 sensors
     .venv/bin/python bench/reload_bench.py --sensors 1000000   # a Chengdu-sized city
@@ -31,10 +31,10 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_settings  # noqa: E402
-from pipeline.engine import EngineSettings  # noqa: E402
-from pipeline.registry_gen import generate  # noqa: E402
-from pipeline.reload import carry, diff, load_set  # noqa: E402
+from pipeline.shared.config import load_settings  # noqa: E402
+from pipeline.core.engine import EngineSettings  # noqa: E402
+from pipeline.tools.registry_gen import generate  # noqa: E402
+from pipeline.core.reload import carry, diff, load_set  # noqa: E402
 
 
 def best(fn, repeat: int):

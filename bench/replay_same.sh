@@ -12,11 +12,11 @@ py=${PY:-.venv/bin/python}
 tmp=$(mktemp -d)
 trap 'git worktree remove --force "$tmp/base" >/dev/null 2>&1; rm -rf "$tmp"' EXIT
 git worktree add -q --detach "$tmp/base" "$base"
-"$py" -m pipeline.registry_gen "$tmp/city" --sensors "$sensors" --seed 1 >/dev/null
+"$py" -m pipeline.tools.registry_gen "$tmp/city" --sensors "$sensors" --seed 1 >/dev/null
 PYTHONPATH="$PWD/bench:$PWD" "$py" - "$tmp/city" "$tmp/city.jsonl" <<'PY'
 import random, sys
 from engine_bench import make_payloads
-from pipeline.registry import load
+from pipeline.core.registry import load
 from rules.compiler import load_rules
 reg = load(sys.argv[1], load_rules().kinds)
 heard = sorted(random.Random(3).sample(range(len(reg)), len(reg) // 20))   # 95 % never heard

@@ -72,7 +72,7 @@ from paho.mqtt.properties import Properties
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.registry import load as load_registry  # noqa: E402
+from pipeline.core.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
 from tests.brokers import Mosquitto, free_port, host_port  # noqa: E402
 

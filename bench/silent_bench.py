@@ -8,7 +8,7 @@ A real registry always holds many sensors that say nothing (new, broken, decommi
 registered). The absence rule (`device.silent`) finds them silent once; after that, what a batch
 costs must depend on the batch, not on how many sensors are silent. This replays the same
 readings of the heard sensors (gateway payloads, every built-in pack, absence notices included)
-through ``pipeline.replay.replay`` once per ``--batch`` size, each with a fresh engine on the same
+through ``pipeline.core.replay.replay`` once per ``--batch`` size, each with a fresh engine on the same
 registry, and prints readings/s (wall clock and CPU time: the process's own, which other load
 on a shared machine slows less), the ratio of the smallest batch to the largest (the silent work
 per batch shows as a ratio far under 1), and a digest of the notices: batching never changes them.
@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine_bench import make_payloads  # noqa: E402  the engine bench's reading mix
-from pipeline.engine import Engine  # noqa: E402
-from pipeline.registry import load as load_registry  # noqa: E402
-from pipeline.registry_gen import generate  # noqa: E402
-from pipeline.replay import replay  # noqa: E402
+from pipeline.core.engine import Engine  # noqa: E402
+from pipeline.core.registry import load as load_registry  # noqa: E402
+from pipeline.tools.registry_gen import generate  # noqa: E402
+from pipeline.core.replay import replay  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
 
 

@@ -39,7 +39,7 @@ from runtime_bench import (  # noqa: E402  (the same broker, runtime and reading
     topics_of,
 )
 
-from pipeline.registry import load as load_registry  # noqa: E402
+from pipeline.core.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from pipeline.yamlfile import ConfigError
+from rules.yamlfile import ConfigError
 
 SCHEMES = {"influx": "http", "influx+http": "http", "influx+https": "https"}
 # What a recorded event is called when it comes back: the sink kept its count, not its name, so

@@ -48,8 +48,8 @@ from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
 
 from connectors.lineproto import DownSampler, ReadingLines, notice_line
-from pipeline.config import InfluxSettings
-from pipeline.registry import Registry
+from pipeline.shared.config import InfluxSettings
+from pipeline.core.registry import Registry
 
 log = logging.getLogger("cityops.influx")
 

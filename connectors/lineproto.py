@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from connectors import numtext
-from pipeline.close_figures import FIELDS, steps
-from pipeline.registry import Registry
+from pipeline.core.close_figures import FIELDS, steps
+from pipeline.core.registry import Registry
 
 ALERTS = "alerts"
 READING_TAGS = ("community", "district", "grid", "street", "sensor")
@@ -90,7 +90,7 @@ def notice_line(n: dict) -> str:
     ts = to_ms(n["ts"])
     if n.get("state") == "acknowledged" and n.get("started_at") is not None:
         fields.append(f"ack_seconds={(ts - to_ms(n['started_at'])) / 1000!r}")
-    elif n.get("state") == "closed":      # time to close, step by step (pipeline/close_figures.py)
+    elif n.get("state") == "closed":      # time to close, step by step (pipeline/core/close_figures.py)
         fields += [f"{FIELDS[s]}={float(v)!r}" for s, v in steps(n).items() if s in FIELDS]
     return f"{ALERTS}{tags} {','.join(fields)} {ts}"
 

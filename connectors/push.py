@@ -1,6 +1,6 @@
 """Push channels: how one notice reaches one person (or one group chat).
 
-Every channel has the same small contract, so the dispatcher (pipeline/delivery.py) can retry,
+Every channel has the same small contract, so the dispatcher (pipeline/shared/delivery.py) can retry,
 dead-letter and receipt them alike:
 
     channel.send(delivery)    returns once the far end has taken it, or raises
@@ -37,7 +37,7 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from pipeline.notices import render
+from pipeline.core.notices import render
 
 log = logging.getLogger("cityops.push")
 

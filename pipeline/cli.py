@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.console import SHOWN, pad
-from pipeline.yamlfile import ConfigError
+from pipeline.shared.console import SHOWN, pad
+from rules.yamlfile import ConfigError
 
 EPILOG = """\
 examples:
@@ -200,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     acl.add_argument("--prefix", default="cityops", help="the pipeline's mqtt.prefix")
     _common(acl)
 
-    from pipeline import silence_cli          # cityops silence add|list|end
+    from pipeline.tools import silence_cli          # cityops silence add|list|end
     silence_cli.add_parser(sub)
     return p
 
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "registry" and args.registry_command == "acl":
             return _gateway_acl(args)
         if args.command == "silence":
-            from pipeline import silence_cli
+            from pipeline.tools import silence_cli
             return silence_cli.run(args)
     except ConfigError as exc:
         print(f"cityops: error: {exc}", file=sys.stderr)
@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_settings, session_named
-    from pipeline.runtime import serve
+    from pipeline.shared.config import load_settings, session_named
+    from pipeline.runtimes.live import serve
     s = load_settings(args.config, registry=args.registry and Path(args.registry),
                       packs=[Path(p) for p in args.packs], params=args.params and Path(args.params),
                       routing=args.routing and Path(args.routing), console=args.console or None)
@@ -266,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _broker_url(text: str) -> str:
-    from pipeline.config import MqttSettings
+    from pipeline.shared.config import MqttSettings
     try:
         return MqttSettings.model_validate({"url": text}).url
     except ValidationError as exc:     # its message, not pydantic's whole report
@@ -275,7 +275,7 @@ def _broker_url(text: str) -> str:
 
 
 def _distributed(args: argparse.Namespace) -> int:
-    from pipeline.config import KafkaSettings, load_settings
+    from pipeline.shared.config import KafkaSettings, load_settings
     s = load_settings(args.config, registry=args.registry and Path(args.registry),
                       packs=[Path(p) for p in args.packs], params=args.params and Path(args.params),
                       routing=args.routing and Path(args.routing))
@@ -293,20 +293,20 @@ def _distributed(args: argparse.Namespace) -> int:
         if s.mqtt.url is None:
             raise ConfigError("mqtt.url", None, "the bridge reads from your MQTT broker: give "
                               "--broker mqtt://host:port or CITYOPS_MQTT__URL")
-        from pipeline.bridge import serve as serve_bridge
+        from pipeline.runtimes.bridge import serve as serve_bridge
         return serve_bridge(s)
     if s.worker.mirror_mqtt and s.mqtt.url is None:
         raise ConfigError("worker.mirror_mqtt", None, "mirroring notices onto MQTT needs mqtt.url")
     if s.push.enabled and s.mqtt.url is None:
         raise ConfigError("push.enabled", None, "a worker pushes and records receipts over MQTT: "
                           "set mqtt.url (CITYOPS_MQTT__URL) to your broker")
-    from pipeline.worker import serve as serve_worker
+    from pipeline.runtimes.worker import serve as serve_worker
     return serve_worker(s)
 
 
 def _load(args: argparse.Namespace, select: list[str] | None = None):
-    from pipeline.registry import check_districts
-    from pipeline.registry import load as load_registry
+    from pipeline.core.registry import check_districts
+    from pipeline.core.registry import load as load_registry
     from rules.compiler import load_rules
     rs = load_rules(args.packs, args.routing, params=args.params)
     reg = load_registry(args.registry, rs.kinds)
@@ -333,8 +333,8 @@ def replay_knobs(args: argparse.Namespace, quorum: int) -> tuple[int | None, int
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from pipeline.engine import Engine, EngineSettings
-    from pipeline.replay import DEMO_CSV, DEMO_MAP, load_mapping, replay
+    from pipeline.core.engine import Engine, EngineSettings
+    from pipeline.core.replay import DEMO_CSV, DEMO_MAP, load_mapping, replay
     if args.demo:
         args.file = args.file or DEMO_CSV
         args.csv_map = args.csv_map or DEMO_MAP
@@ -436,7 +436,7 @@ def _backtest_parser(sub) -> None:
 
 
 def _backtest(args: argparse.Namespace) -> int:
-    from pipeline.backtest_cli import run
+    from pipeline.tools.backtest_cli import run
     return run(args)
 
 
@@ -464,7 +464,7 @@ def _print_per_tier(notices: list[dict]) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from pipeline.engine import Engine
+    from pipeline.core.engine import Engine
     rs, reg = _load(args)
     engine = Engine(reg, rs)   # compiling binds every rule to the registry: per-sensor thresholds etc.
     print(f"ok: {len(rs.rules)} rules in {len(rs.packs)} packs, {len(rs.kinds)} sensor kinds, "
@@ -473,14 +473,14 @@ def _check(args: argparse.Namespace) -> int:
           f"{len(reg.workers)} workers")
     for r in rs.rules:
         print(f"  {r.spec.id:34} {r.spec.type:12} {r.spec.name}")
-    from pipeline.routing import unreachable_owners
+    from pipeline.core.routing import unreachable_owners
     for line in unreachable_owners(rs, reg, {e.id: e.selected for e in engine.evaluators}):
         print(f"warning: {line}", file=sys.stderr)
     return 0
 
 
 def _test(args: argparse.Namespace) -> int:
-    from rules.testing import run
+    from pipeline.tools.rule_tests import run
     passed, failed, lines = run(args.files)
     print("\n".join(lines))
     print(f"{passed} passed, {failed} failed")
@@ -502,17 +502,17 @@ def _rules_diff_parser(rsub: Any) -> None:
 
 
 def _rules_diff(args: argparse.Namespace) -> int:
-    from pipeline.config import load_settings
-    from pipeline.reload import diff, load_set
+    from pipeline.shared.config import load_settings
+    from pipeline.core.reload import diff, load_set
     old, new = (load_set(load_settings(p)) for p in (args.old, args.new))
     print(diff(old, new).text(args.limit))
     return 0
 
 
 def _route(args: argparse.Namespace) -> int:
-    from pipeline.models import Severity
-    from pipeline.notices import tier_cn
-    from pipeline.routing import Router
+    from pipeline.core.models import Severity
+    from pipeline.core.notices import tier_cn
+    from pipeline.core.routing import Router
     from rules.schema import format_duration
     rs, reg = _load(args)
     rule = next((r for r in rs.rules if r.spec.id == args.rule), None)
@@ -526,7 +526,7 @@ def _route(args: argparse.Namespace) -> int:
         raise ConfigError("--sensor", None, f"{args.sensor} is a {kind} sensor; {args.rule} "
                           f"watches {', '.join(rule.spec.sensors)} sensors")
     at = _local_time(args.at, reg.tz)
-    from pipeline.engine import Engine
+    from pipeline.core.engine import Engine
     engine = Engine(reg, rs.select([args.rule]))
     e = engine.by_id[args.rule]
     if args.severity:
@@ -539,7 +539,7 @@ def _route(args: argparse.Namespace) -> int:
         sev = Severity.of_rank(base + e.bump.get(idx, 0))
     at_ms = int(at.timestamp() * 1000)
     router = Router(rs.routing, reg)
-    from pipeline.lifecycle import Incident
+    from pipeline.core.lifecycle import Incident
     inc = Incident()
     inc.rule, inc.idx, inc.rank = args.rule, idx, sev.rank
     labels = engine.book._labels(inc)
@@ -614,8 +614,8 @@ def _local_time(text: str | None, tz) -> datetime:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from pipeline.config import load_settings
-    from pipeline.tail import Filter, tail
+    from pipeline.shared.config import load_settings
+    from pipeline.tools.tail import Filter, tail
     s = load_settings(args.config)
     m = s.mqtt.model_copy(update={"url": _broker_url(args.broker)}) if args.broker else s.mqtt
     host, port = (m.host, m.port) if m.url else (s.embedded.host, s.embedded.port)
@@ -628,7 +628,7 @@ def _console(args: argparse.Namespace) -> int:
     if args.hash_password:
         import getpass
 
-        from pipeline.opscentre.auth import hash_password
+        from pipeline.runtimes.opscentre.auth import hash_password
         password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline()
         password = password.rstrip("\n")
         if len(password) < 8:
@@ -636,8 +636,8 @@ def _console(args: argparse.Namespace) -> int:
                               "(typed, or one line on standard input)")
         print(hash_password(password))
         return 0
-    from pipeline.config import KafkaSettings
-    from pipeline.opscentre.server import serve
+    from pipeline.shared.config import KafkaSettings
+    from pipeline.runtimes.opscentre.server import serve
     s = _settings_of(args)
     part = {"db": args.db, "port": args.port}
     update = {"opscentre": s.opscentre.model_copy(update={k: v for k, v in part.items() if v})}
@@ -653,14 +653,14 @@ def _console(args: argparse.Namespace) -> int:
 
 
 def _settings_of(args: argparse.Namespace):
-    from pipeline.config import load_settings
+    from pipeline.shared.config import load_settings
     return load_settings(args.config, registry=args.registry and Path(args.registry),
                          packs=[Path(p) for p in args.packs], params=args.params and Path(args.params),
                          routing=args.routing and Path(args.routing))
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pipeline.registry_gen import generate
+    from pipeline.tools.registry_gen import generate
     start = time.perf_counter()
 
     def progress(n: int) -> None:

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.registry import Registry
-from pipeline.yamlfile import ConfigError, Located, load_yaml, pydantic_error
+from pipeline.core.registry import Registry
+from rules.yamlfile import ConfigError, Located, load_yaml, pydantic_error
 from rules import evaluators as ev
 from rules.expr import ExprError, Node, evaluate, parse
 from rules.schema import (MATCH_LABELS, AbsenceRule, CorrelationRule, EventRule, Pack, RateRule,

@@ -2,7 +2,7 @@
 
 Every evaluator keeps state only for what is active (a pending or firing incident, an open
 window), keyed by the dense sensor number, so a million quiet sensors cost nothing here. It
-reports what changed as ``Change`` records; the lifecycle (``pipeline.lifecycle``) turns those
+reports what changed as ``Change`` records; the lifecycle (``pipeline.core.lifecycle``) turns those
 into notices for the tiers.
 
 Time is event time in epoch milliseconds. A transition that becomes due between two readings

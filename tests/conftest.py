@@ -9,13 +9,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from pipeline import registry
+from pipeline.core import registry
 from rules.compiler import load_rules
 from tests.brokers import Mosquitto, MosquittoMissing
 from tests.kafka_broker import Tansu, TansuMissing
 from tests.tsdb import VictoriaMetrics, VictoriaMetricsMissing
 
-# compiled registries (pipeline/registry_cache.py) of this run, and of the processes it starts,
+# compiled registries (pipeline/core/registry_cache.py) of this run, and of the processes it starts,
 # go to a folder of its own, not the user's cache
 os.environ.setdefault("CITYOPS_CACHE", tempfile.mkdtemp(prefix="cityops-test-cache-"))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.opscentre.auth import hash_password
+from pipeline.runtimes.opscentre.auth import hash_password
 from tests.brokers import free_port
 from tests.test_runtime_mqtt import wait_until  # noqa: F401  (the tests' one wait)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline import registry
-from pipeline.models import Category
+from pipeline.core import registry
+from pipeline.core.models import Category
 
 STREETS = ("510104020", "510104021")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.engine import Engine
+from pipeline.core.engine import Engine
 
 POISON_VALUE = 66.6          # %LEL: over the gas floor, so the rules visit it
 _evaluate = Engine._evaluate

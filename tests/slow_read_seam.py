@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from pipeline.reload_kafka import KafkaReload
+from pipeline.runtimes.reload_kafka import KafkaReload
 
 READ_SECONDS = 3.0
 _read = KafkaReload._read

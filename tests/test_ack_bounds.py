@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from pipeline.engine import Engine
-from pipeline.models import Ack, Tier
-from pipeline.registry import load as load_registry
+from pipeline.core.engine import Engine
+from pipeline.core.models import Ack, Tier
+from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
 
 GAS_ALONE = "gas-510104-000001"

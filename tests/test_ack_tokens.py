@@ -1,4 +1,4 @@
-"""Acknowledge tokens (pipeline/ack_tokens.py) and the push configuration that guards them.
+"""Acknowledge tokens (pipeline/core/ack_tokens.py) and the push configuration that guards them.
 
 A token acknowledges one firing (the seq of its notice) of one alert, for one tier, as one
 recipient, until it expires: one made with
@@ -14,9 +14,9 @@ import hmac
 
 import pytest
 
-from pipeline.ack_tokens import MAX_TOKEN, AckTokens, BadToken
-from pipeline.config import load_settings
-from pipeline.yamlfile import ConfigError
+from pipeline.core.ack_tokens import MAX_TOKEN, AckTokens, BadToken
+from pipeline.shared.config import load_settings
+from rules.yamlfile import ConfigError
 
 SECRET = b"k" * 32
 NOW = 1_782_885_780_000                  # 2026-07-01T14:03:00+08:00
@@ -119,9 +119,9 @@ def test_a_link_acknowledges_only_the_firing_it_came_with() -> None:
     a snapshot and restore."""
     import json
 
-    from pipeline.engine import Engine
-    from pipeline.models import Ack, Tier
-    from pipeline.registry import load as load_registry
+    from pipeline.core.engine import Engine
+    from pipeline.core.models import Ack, Tier
+    from pipeline.core.registry import load as load_registry
     from rules.compiler import load_rules
 
     rules = load_rules()

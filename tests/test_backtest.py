@@ -2,7 +2,7 @@
 
 Differential: the backtest runs once (history read once, two rule sets); `cityops replay` runs
 once per rule set; the counts are worked out from the replays' notices here, by code that shares
-nothing with pipeline/backtest.py, and every count is compared: incidents and notices per rule,
+nothing with pipeline/core/backtest.py, and every count is compared: incidents and notices per rule,
 district, tier and day, pushes per grid worker per night, dead letters. On the real Chengdu data
 (UCI, 2010-2015, every built-in pack) and on generated histories at two batch sizes, with and
 without acknowledgements; the recorded history of a VictoriaMetrics the sink wrote to gives what
@@ -43,7 +43,7 @@ def cityops(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
     return done
 
 
-# ---- counting the replays' notices (independent of pipeline/backtest.py) ------------------
+# ---- counting the replays' notices (independent of pipeline/core/backtest.py) ------------------
 def counted(notices: list[dict], dead_letters: int) -> dict:
     """Incidents (distinct alert_id) and notices per rule, district, tier (incidents: those
     that told the tier) and day (incidents: by the local date they started; notices: sent);
@@ -158,7 +158,7 @@ def test_html_report_opens_offline(chengdu_run) -> None:
 def generated(path: Path, seed: int) -> None:
     """Six hours of a few dozen sensors of the fixture registry: gas alarms rising through the
     thresholds, waterlogging, site cameras, gateway arrays, the odd bad line."""
-    from pipeline.registry import load as load_registry
+    from pipeline.core.registry import load as load_registry
     from rules.compiler import load_rules
     reg = load_registry(None, load_rules().kinds)
     rnd = random.Random(seed)
@@ -249,9 +249,9 @@ def test_recorded_history_gives_what_the_same_readings_from_a_file_give(
     """Readings written by the real sink and read back through VictoriaMetrics' export API,
     against the same readings as a JSONL file in event-time order."""
     from connectors.influx import InfluxSink
-    from pipeline.config import InfluxSettings
-    from pipeline.engine import Engine
-    from pipeline.registry import load as load_registry
+    from pipeline.shared.config import InfluxSettings
+    from pipeline.core.engine import Engine
+    from pipeline.core.registry import load as load_registry
     from rules.compiler import load_rules
     history = tmp_path / "history.jsonl"
     generated(history, 5)
@@ -374,7 +374,7 @@ def notice(aid: str, state: str, ts: str, started: str, subject: str = "gas-5101
 
 
 def test_incidents_pair_by_rule_subject_and_overlap() -> None:
-    from pipeline.backtest import Result, Side, Tally, compare
+    from pipeline.core.backtest import Result, Side, Tally, compare
     from rules.compiler import load_rules
     rs = load_rules()
     t = "2026-07-01T{}:00+08:00".format

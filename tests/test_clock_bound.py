@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from pipeline.engine import Engine, EngineSettings
-from pipeline.registry import load as load_registry
+from pipeline.core.engine import Engine, EngineSettings
+from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
 
 GAS_ALONE, NEIGHBOUR = "gas-510104-000001", "gas-510104-000002"

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.models import AlertNotice, DeadLetter
-from pipeline.registry import load as load_registry
+from pipeline.core.models import AlertNotice, DeadLetter
+from pipeline.core.registry import load as load_registry
 from tests.brokers import Mosquitto, Subscriber, publish
 from tests.test_runtime_mqtt import (Runtime, now_ms, rt_users, runtime,  # noqa: F401 (fixture)
                                      settle)

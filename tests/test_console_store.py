@@ -1,4 +1,4 @@
-"""The console's materialized view (pipeline/opscentre/store.py) and its logins, on notices
+"""The console's materialized view (pipeline/runtimes/opscentre/store.py) and its logins, on notices
 the real engine makes: idempotent under redelivery, reminders and old copies change nothing,
 what a scope sees in SQL is what Scope.covers says, and Kafka positions commit with the data."""
 
@@ -9,13 +9,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pipeline.engine import Engine
-from pipeline.identity import AckUsers, Scope
-from pipeline.models import Tier
-from pipeline.opscentre.auth import check_password, hash_password
-from pipeline.opscentre.store import Filters, Store
-from pipeline.registry import load as load_registry
-from pipeline.yamlfile import ConfigError
+from pipeline.core.engine import Engine
+from pipeline.core.identity import AckUsers, Scope
+from pipeline.core.models import Tier
+from pipeline.runtimes.opscentre.auth import check_password, hash_password
+from pipeline.runtimes.opscentre.store import Filters, Store
+from pipeline.core.registry import load as load_registry
+from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
 
 T0 = 1782885780000          # 2026-07-01 14:03 +08:00

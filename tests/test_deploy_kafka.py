@@ -1,6 +1,6 @@
 """deploy/ cannot drift from the code. Docker cannot run here, so the compose file, the Kubernetes
 manifests, the Dockerfile and deploy/kafka/acls.sh are checked against what the code really
-reads: every CITYOPS_* variable names a setting of pipeline.config.Settings and validates to the
+reads: every CITYOPS_* variable names a setting of pipeline.shared.config.Settings and validates to the
 value written; the config files pass load_settings(); every container runs a real `cityops`
 subcommand with real flags; probes and healthchecks hit http.port; the topics and ACLs cover
 connectors.kafka.topic_names() exactly; no secret value is committed; published ports are
@@ -31,7 +31,7 @@ from pydantic import BaseModel, SecretStr
 
 from connectors.kafka import topic_names
 from pipeline.cli import _parser
-from pipeline.config import Settings, load_settings
+from pipeline.shared.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -172,7 +172,7 @@ def settings_path(var: str) -> tuple[str, ...]:
         fields = model.model_fields
         where = ".".join(parts[:i + 1])
         if part not in fields:
-            raise LookupError(f"{var}: `{where}` is not a setting (pipeline/config.py "
+            raise LookupError(f"{var}: `{where}` is not a setting (pipeline/shared/config.py "
                               f"{model.__name__} has {', '.join(sorted(fields))})")
         sub = model_of(fields[part].annotation)
         if i < len(parts) - 1:
@@ -459,8 +459,8 @@ def test_k8s_workload_settings(index: int, monkeypatch: pytest.MonkeyPatch,
     assert volumes[cfg["name"]]["configMap"]["name"] == "cityops-config"
     assert config.name == key
     if s.acks.users is not None:        # next to the config, in the ConfigMap, and it loads
-        from pipeline.identity import AckUsers
-        from pipeline.registry import load as load_registry
+        from pipeline.core.identity import AckUsers
+        from pipeline.core.registry import load as load_registry
         from rules.compiler import load_rules
         assert s.acks.users.parent == config.parent
         users_key, users_text = configmap_file(s.acks.users.name)

@@ -293,7 +293,7 @@ def test_pipeline_shared_subscription(broker: Mosquitto) -> None:
 def test_full_size_gateway_batch_passes_the_broker(broker: Mosquitto, pipeline: Subscriber) -> None:
     """A payload right at the pipeline's 256 KiB limit must reach the pipeline (which decides),
     not be cut off by max_packet_size."""
-    from pipeline.wire import MAX_PAYLOAD_BYTES
+    from pipeline.core.wire import MAX_PAYLOAD_BYTES
     topic = "cityops/gateways/gw-510104-0001"
     big = b"[" + b" " * (MAX_PAYLOAD_BYTES - 2) + b"]"
     assert publish(broker.url, topic, big, **as_user("gw-510104-0001")) == 0

@@ -1,4 +1,4 @@
-"""The engine (pipeline.engine.Engine) at its edges: bad input becomes dead letters and counters,
+"""The engine (pipeline.core.engine.Engine) at its edges: bad input becomes dead letters and counters,
 never an exception; the output does not depend on batching; a snapshot restores exactly."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import random
 import msgspec
 import pytest
 
-from pipeline import registry
-from pipeline.engine import Engine, EngineSettings, Output
-from pipeline.models import Ack, AlertNotice, DeadLetter
-from pipeline.wire import WireReading
+from pipeline.core import registry
+from pipeline.core.engine import Engine, EngineSettings, Output
+from pipeline.core.models import Ack, AlertNotice, DeadLetter
+from pipeline.core.wire import WireReading
 from rules.compiler import load_rules
 
 T0 = 1_782_000_000_000          # 2026-06-21 08:00:00 +08:00, a Sunday morning in Chengdu
@@ -673,7 +673,7 @@ def test_an_unknown_sender_vouches_for_nothing(engine):
 
 def test_runtime_settings_defaults_are_the_documented_durations():
     """Durations read bare numbers as seconds: defaults must be written as durations."""
-    from pipeline.config import Settings
+    from pipeline.shared.config import Settings
     s = Settings()
     assert (s.tick, s.max_wait, s.state.snapshot_every, s.engine.allowed_lateness,
             s.mqtt.session_expiry) == (1_000, 20, 30_000, 10_000, 7 * 86_400_000)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from pipeline import registry
-from pipeline.engine import Engine
+from pipeline.core import registry
+from pipeline.core.engine import Engine
 from rules.compiler import load_rules
 
 T0 = 1_782_000_000_000          # 2026-06-21 08:00:00 +08:00
@@ -239,7 +239,7 @@ def test_per_level_clear_steps_down_then_resolves(tmp_path):
 
 
 def test_per_level_and_rule_clear_together_is_an_error(tmp_path):
-    from pipeline.yamlfile import ConfigError
+    from rules.yamlfile import ConfigError
     packs = tmp_path / "packs"
     packs.mkdir()
     (packs / "gauge.yaml").write_text(GAUGE_PACK + '    clear: "value < 1.5"\n', encoding="utf-8")

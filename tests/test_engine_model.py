@@ -1,4 +1,4 @@
-"""The engine against its reference model (pipeline/reference.py), on generated cities.
+"""The engine against its reference model (pipeline/core/reference.py), on generated cities.
 
 Hypothesis draws a registry (streets, grids, gateways, buildings, sensors with attributes), a
 rule pack of every rule type with its parameters, durations and clears, a routing tree, engine
@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 
 import pytest
 
-from pipeline.engine import SMALL_BATCH, Engine, EngineSettings
-from pipeline.reference import ReferenceEngine
-from pipeline.silences import DAYS
+from pipeline.core.engine import SMALL_BATCH, Engine, EngineSettings
+from pipeline.core.reference import ReferenceEngine
+from pipeline.core.silences import DAYS
 from rules.compiler import load_rules
 from tests.engine_fixtures import small_registry
 
@@ -136,7 +136,7 @@ def routings(draw) -> dict:
         r["routes"] = [{"name": "cams", "match": {"rule_id": "fz.cam"},
                         "tiers": {"yellow": ["street", "dept"]}, "remind_every": "1m",
                         "notify": draw(st.sampled_from([[], ["owner"]]))}]
-    if draw(st.booleans()):          # the community tier and chain (pipeline/handling.py)
+    if draw(st.booleans()):          # the community tier and chain (pipeline/core/handling.py)
         chain: dict = {"name": "community", "match": {"sensor.alone": True},
                        "tiers": {"blue": draw(st.sampled_from([["community", "grid"], ["grid"]])),
                                  "yellow": draw(st.sampled_from([["grid", "dept"],
@@ -324,7 +324,7 @@ def compare(rs, reg, eng_settings: EngineSettings, ops: list, splits: list[int],
             _, k, tier, at, state, note = op
             aid = alerts[k] if k < len(alerts) else "0000000000000000"
             ack = {"alert_id": aid, "by": f"w-{k}", "tier": tier, "ts": at}
-            if state:                        # a handling state (pipeline/handling.py)
+            if state:                        # a handling state (pipeline/core/handling.py)
                 ack.update(state=state, note=note)
             raw = json.dumps(ack).encode()
             model.ack(raw)

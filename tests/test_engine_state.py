@@ -2,7 +2,7 @@
 
 ``tests/data/snapshot_v1/`` was made by the engine at b2cd0d8, whose snapshots were version 1
 (a track or an incident a positional list): the simulator's first 15 minutes of the fixture city
-(``pipeline.simulate.Simulator``, seed 7, a step every 5 s from 1782000000 s), the first half of
+(``pipeline.shared.simulate.Simulator``, seed 7, a step every 5 s from 1782000000 s), the first half of
 its payloads taken 50 at a time, three incidents acknowledged at the street tier (one as on
 site), then ``Engine.snapshot()``. Today's engine restores it through the migration hook and
 must be the engine that took the same input itself: the same state, the same notices after.
@@ -17,7 +17,7 @@ import msgspec
 import orjson
 import pytest
 
-from pipeline.engine import SNAPSHOT_VERSION, Engine
+from pipeline.core.engine import SNAPSHOT_VERSION, Engine
 from rules.evaluators import TrackState
 
 DATA = Path(__file__).parent / "data" / "snapshot_v1"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Settings, session_named
-from pipeline.console import pad, width
+from pipeline.shared.config import Settings, session_named
+from pipeline.shared.console import pad, width
 from tests.brokers import free_port, publish
 
 CITYOPS = str(Path(sys.executable).parent / "cityops")   # the script `pip install` made

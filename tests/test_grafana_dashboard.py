@@ -1,6 +1,6 @@
 """The Grafana dashboard (deploy/grafana/dashboards/cityops.json) asks only for what the history
 sink writes: every measurement, field and tag its Flux queries name, and every state, tier and
-severity they compare with, is checked against connectors/lineproto.py and pipeline/models.py,
+severity they compare with, is checked against connectors/lineproto.py and pipeline/core/models.py,
 so a rename on either side fails here instead of leaving an empty panel."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from connectors.lineproto import ALERT_FIELDS, ALERT_TAGS, ALERTS, READING_FIELDS, READING_TAGS
-from pipeline.models import Severity, State, Tier
+from pipeline.core.models import Severity, State, Tier
 
 DASHBOARD = (Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards"
              / "cityops.json")

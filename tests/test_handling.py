@@ -1,4 +1,4 @@
-"""The handling states in the engine (pipeline/handling.py) where a rule test cannot reach: a
+"""The handling states in the engine (pipeline/core/handling.py) where a rule test cannot reach: a
 snapshot between the resolve and the closing, a snapshot written before the handling states
 existed, the time-to-close figures and the push reply's forms."""
 
@@ -9,11 +9,11 @@ import json
 import msgspec
 import pytest
 
-from pipeline.ack_tokens import BadToken, read_reply
-from pipeline.close_figures import CloseFigures, steps
-from pipeline.engine import Engine, EngineSettings
-from pipeline.models import Ack
-from pipeline.registry import load as load_registry
+from pipeline.core.ack_tokens import BadToken, read_reply
+from pipeline.core.close_figures import CloseFigures, steps
+from pipeline.core.engine import Engine, EngineSettings
+from pipeline.core.models import Ack
+from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
 from tests.engine_fixtures import as_version_1
 from tests.test_runtime_mqtt import ROOT

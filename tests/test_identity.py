@@ -1,4 +1,4 @@
-"""Who may acknowledge what (pipeline/identity.py), on the Chengdu fixture: the roster's scopes,
+"""Who may acknowledge what (pipeline/core/identity.py), on the Chengdu fixture: the roster's scopes,
 the users file checked at load (file:line), bearer tokens, and the engine refusing an ack
 outside its sender's scope as `forbidden`."""
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.engine import Engine
-from pipeline.identity import AckUsers
-from pipeline.models import Ack, AckRequest, Tier
-from pipeline.registry import load as load_registry
-from pipeline.yamlfile import ConfigError
+from pipeline.core.engine import Engine
+from pipeline.core.identity import AckUsers
+from pipeline.core.models import Ack, AckRequest, Tier
+from pipeline.core.registry import load as load_registry
+from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
 
 TS = 1_782_885_780_000
@@ -56,7 +56,7 @@ def test_roster_scopes_are_made_when_asked_and_are_the_roster_s(users: AckUsers)
     """A worker process holds the scopes of the grid workers who acknowledge through it, not
     one per grid worker of the city; each, when asked, is its grids, its backups' grids and
     the streets it is duty officer of."""
-    from pipeline.identity import Scope
+    from pipeline.core.identity import Scope
     assert not any(w in dict.keys(users.scopes) for w in REGISTRY.workers)   # none made yet
     for w in REGISTRY.workers.values():
         grids = set(w.grids).union(*(x.grids for x in REGISTRY.workers.values() if x.backup == w.id))

@@ -28,11 +28,11 @@ import numpy as np
 import pytest
 
 from connectors.influx import InfluxSink
-from pipeline.config import HttpSettings, InfluxSettings, MqttSettings, StateSettings, load_settings
-from pipeline.engine import Engine
-from pipeline.registry import Registry
-from pipeline.registry import load as load_registry
-from pipeline.yamlfile import ConfigError
+from pipeline.shared.config import HttpSettings, InfluxSettings, MqttSettings, StateSettings, load_settings
+from pipeline.core.engine import Engine
+from pipeline.core.registry import Registry
+from pipeline.core.registry import load as load_registry
+from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
 from tests.brokers import Mosquitto, Subscriber, free_port, publish
 from tests.tsdb import Point, VictoriaMetrics
@@ -361,7 +361,7 @@ def test_history_is_off_without_a_url() -> None:
 def test_live_runtime_writes_readings_and_alerts_and_keeps_alerting_through_an_outage(
         mosquitto: Mosquitto, victoria_metrics: VictoriaMetrics, registry: Registry,
         monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    from pipeline.runtime import LiveRuntime
+    from pipeline.runtimes.live import LiveRuntime
 
     vm = victoria_metrics
     for k, v in {"URL": vm.url, "TOKEN": "test-token", "FLUSH_INTERVAL": "100ms",
@@ -422,7 +422,7 @@ def test_live_runtime_writes_readings_and_alerts_and_keeps_alerting_through_an_o
 def test_a_closed_incident_is_stored_with_its_time_to_close(victoria_metrics: VictoriaMetrics,
                                                             rules, registry: Registry) -> None:
     """快速处置: the closed notice's points carry the seconds from firing to on site, handled
-    and closed (pipeline/close_figures.py), tagged with the tier that closed it."""
+    and closed (pipeline/core/close_figures.py), tagged with the tier that closed it."""
     engine = Engine(registry, rules)
     sink = InfluxSink(quick(victoria_metrics.url), registry)
     fired = engine.ingest([json.dumps({"sensor_id": GAS_ALONE, "ts": T0, "value": 55.0}).encode()])

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import registry
-from pipeline.ack_tokens import AckTokens
-from pipeline.engine import Engine
-from pipeline.identity import AckUsers
-from pipeline.models import AlertNotice
-from pipeline.tail import Filter, line_for
-from pipeline.yamlfile import ConfigError
+from pipeline.core import registry
+from pipeline.core.ack_tokens import AckTokens
+from pipeline.core.engine import Engine
+from pipeline.core.identity import AckUsers
+from pipeline.core.models import AlertNotice
+from pipeline.tools.tail import Filter, line_for
+from rules.yamlfile import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "pipeline" / "fixtures" / "chengdu"
@@ -203,8 +203,8 @@ def test_tail_shows_an_owners_reply_as_the_owners() -> None:
 
 
 def test_the_synthetic_city_names_every_sites_owner(tmp_path: Path, rules) -> None:
-    from pipeline.registry_gen import generate
-    from pipeline.routing import unreachable_owners
+    from pipeline.tools.registry_gen import generate
+    from pipeline.core.routing import unreachable_owners
     reg = registry.load(generate(tmp_path, 3000), rules.kinds)
     sites = reg.sensors_of_kinds(["site_camera", "tower_crane", "dust_monitor"])
     assert sites and all(reg.owner_of(i) is not None for i in sites)

@@ -28,16 +28,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ack_tokens import AckTokens
-from pipeline.config import (
+from pipeline.core.ack_tokens import AckTokens
+from pipeline.shared.config import (
     HttpSettings,
     MqttSettings,
     PushSettings,
     Settings,
     StateSettings,
 )
-from pipeline.models import AlertNotice, DeadLetter
-from pipeline.runtime import LiveRuntime
+from pipeline.core.models import AlertNotice, DeadLetter
+from pipeline.runtimes.live import LiveRuntime
 from tests.brokers import Mosquitto, Subscriber, free_port, publish
 
 pytestmark = pytest.mark.broker

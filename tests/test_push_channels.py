@@ -33,10 +33,10 @@ from connectors.push import (
     WeCom,
     verify_webhook,
 )
-from pipeline.ack_tokens import AckTokens
-from pipeline.engine import Engine
-from pipeline.models import AlertNotice
-from pipeline.registry import load as load_registry
+from pipeline.core.ack_tokens import AckTokens
+from pipeline.core.engine import Engine
+from pipeline.core.models import AlertNotice
+from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
 from tests.brokers import Mosquitto, Subscriber, free_port
 from tests.push_endpoints import Endpoints

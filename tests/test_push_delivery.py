@@ -1,4 +1,4 @@
-"""Push delivery (pipeline/delivery.py): the right worker, each channel once, retries, dead
+"""Push delivery (pipeline/shared/delivery.py): the right worker, each channel once, retries, dead
 letters, receipts — against a local HTTP server and a real Mosquitto.
 
 A small registry of its own: one micro-grid with a day worker (08:00-20:00, webhook) whose
@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from pipeline.config import (
+from pipeline.shared.config import (
     HttpSettings,
     MqttSettings,
     PushSettings,
@@ -31,11 +31,11 @@ from pipeline.config import (
     StateSettings,
     WebhookPushSettings,
 )
-from pipeline.delivery import PushDispatcher
-from pipeline.engine import Engine
-from pipeline.models import AlertNotice, DeadLetter
-from pipeline.registry import Registry
-from pipeline.registry import load as load_registry
+from pipeline.shared.delivery import PushDispatcher
+from pipeline.core.engine import Engine
+from pipeline.core.models import AlertNotice, DeadLetter
+from pipeline.core.registry import Registry
+from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
 from tests.brokers import Mosquitto, Subscriber
 from tests.push_endpoints import Endpoints

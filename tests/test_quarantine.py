@@ -1,4 +1,4 @@
-"""Poison isolation (pipeline/quarantine.py) in the live runtime, in process: a payload the
+"""Poison isolation (pipeline/shared/quarantine.py) in the live runtime, in process: a payload the
 engine fails on is dead-lettered `poison`, the rest of its batch is evaluated (a gas alarm
 next to it still fires), and the journal replay after a restart passes it over.
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Settings, StateSettings
-from pipeline.runtime import LiveRuntime
-from pipeline.store import ACKS, READINGS
+from pipeline.shared.config import Settings, StateSettings
+from pipeline.runtimes.live import LiveRuntime
+from pipeline.shared.store import ACKS, READINGS
 from tests import poison_seam
 
 GAS_ALONE = "gas-510104-000001"
@@ -25,7 +25,7 @@ NEIGHBOUR = "gas-510104-000002"
 
 @pytest.fixture
 def seam(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pipeline.engine.Engine._evaluate", poison_seam._evaluate_with_a_bug)
+    monkeypatch.setattr("pipeline.core.engine.Engine._evaluate", poison_seam._evaluate_with_a_bug)
 
 
 def runtime(state: Path) -> LiveRuntime:

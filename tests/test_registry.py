@@ -1,4 +1,4 @@
-"""The city registry (pipeline.registry, docs/registry.md): the Chengdu fixture, on-call
+"""The city registry (pipeline.core.registry, docs/registry.md): the Chengdu fixture, on-call
 resolution, and errors that name the file and the line."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import registry
-from pipeline.models import Category
-from pipeline.registry import SENSOR_COLUMNS, Registry
-from pipeline.yamlfile import ConfigError
+from pipeline.core import registry
+from pipeline.core.models import Category
+from pipeline.core.registry import SENSOR_COLUMNS, Registry
+from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
 
 CHENGDU = registry.FIXTURE.parent
@@ -470,7 +470,7 @@ def test_config_error_attributes():
     assert str(ConfigError("a/b.yaml", None, "x")) == "a/b.yaml: x"
 
 
-# ---- the compiled registry (pipeline/registry_cache.py) --------------------------------------
+# ---- the compiled registry (pipeline/core/registry_cache.py) --------------------------------------
 
 COLUMNS = ("sensor_ids", "kind_of", "grid_of", "gateway_of", "lat", "lon", "address", "building",
            "owner", "owner_contact")
@@ -544,10 +544,10 @@ def rss_file_pages() -> int:
 def test_released_pages_are_given_back_and_read_again_unchanged(tmp_path, monkeypatch):
     """A worker gives back the mapped pages its partition's subset touched: the process's
     file-backed resident memory falls, and the registry reads the same afterwards."""
-    from pipeline.registry_cache import release_pages
+    from pipeline.core.registry_cache import release_pages
     monkeypatch.setenv("CITYOPS_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "city"
-    from pipeline.registry_gen import generate
+    from pipeline.tools.registry_gen import generate
     generate(folder, 60_000, seed=3)
     parsed = registry.load(folder)
     mapped = registry.load(folder)
@@ -573,10 +573,10 @@ def test_the_compiled_place_tree_is_read_when_asked_not_held_whole(tmp_path, mon
     reads is what the parsed registry says, on a partition's subset as on the whole city."""
     import numpy as np
 
-    from pipeline.bridge import ReadingRouter
-    from pipeline.registry import Owner, Place, Worker
+    from pipeline.runtimes.bridge import ReadingRouter
+    from pipeline.core.registry import Owner, Place, Worker
     monkeypatch.setenv("CITYOPS_CACHE", str(tmp_path / "cache"))
-    from pipeline.registry_gen import generate
+    from pipeline.tools.registry_gen import generate
     generate(tmp_path / "city", 20_000, seed=5)
     parsed = registry.load(tmp_path / "city")
     before = {cls: instances(cls) for cls in (Place, Worker, Owner)}

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import registry
-from pipeline.engine import Engine
-from pipeline.yamlfile import ConfigError
+from pipeline.core import registry
+from pipeline.core.engine import Engine
+from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
 from tests.test_registry import REGISTRY_YAML, SENSORS_CSV, write_registry
 

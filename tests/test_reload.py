@@ -1,4 +1,4 @@
-"""Hot reload in the engine's terms (pipeline/reload.py): state carried into an engine built from
+"""Hot reload in the engine's terms (pipeline/core/reload.py): state carried into an engine built from
 the new set; what cannot go on resolves with its reason to every tier told; an identical set
 changes nothing; `rules diff` says what a reload would change."""
 
@@ -12,12 +12,12 @@ import orjson
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import load_settings
-from pipeline.engine import Engine, EngineSettings
-from pipeline.registry import FIXTURE
-from pipeline.reload import (RULE_CHANGED, RULE_GONE, SENSOR_GONE, carry, diff, load_set,
+from pipeline.shared.config import load_settings
+from pipeline.core.engine import Engine, EngineSettings
+from pipeline.core.registry import FIXTURE
+from pipeline.core.reload import (RULE_CHANGED, RULE_GONE, SENSOR_GONE, carry, diff, load_set,
                              watched_files, files_digest)
-from pipeline.yamlfile import ConfigError
+from rules.yamlfile import ConfigError
 
 T0 = 1_782_885_780_000            # 2026-07-01 in event time
 LEAK = "gas-510104-000001"        # 独居老人: orange at 20 %LEL (a modifier raises yellow)
@@ -280,10 +280,10 @@ rules:
     assert d.rules_changed == ["hot.a: title"]
 
 
-# ---- the sets a state was judged by, kept beside it (pipeline/kept_sets.py) ---------------------
+# ---- the sets a state was judged by, kept beside it (pipeline/shared/kept_sets.py) ---------------------
 
 def test_a_kept_set_loads_as_the_files_did_after_they_change_and_only_a_true_copy_is_kept(tmp_path):
-    from pipeline.kept_sets import KeptSets
+    from pipeline.shared.kept_sets import KeptSets
     packs = tmp_path / "packs"
     packs.mkdir()
     write(packs / "hot.yaml", HOT)

@@ -1,4 +1,4 @@
-"""Hot reload on Kafka (pipeline/reload_kafka.py), end to end on a real Kafka-protocol broker
+"""Hot reload on Kafka (pipeline/runtimes/reload_kafka.py), end to end on a real Kafka-protocol broker
 (tansu) with two `cityops worker` processes splitting the partitions: one is asked, every
 partition switches at the announced event time — readings stamped before it judged by the old
 threshold, after it by the new one, in both workers — and a worker whose files differ refuses
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bridge import sensor_partitions
-from pipeline.registry import load as load_registry
+from pipeline.runtimes.bridge import sensor_partitions
+from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
 from tests.kafka_broker import CityopsProcess, TopicReader, produce
 from tests.test_reload_mqtt import CITY_DUTY, CITY_TOKEN, params, post_reload

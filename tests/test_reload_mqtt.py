@@ -165,9 +165,9 @@ def test_history_names_sensors_by_the_new_registry_after_a_reload(
     """The history sink numbers sensors as its registry does: a sensor retired before another
     renumbers it, and a sink kept from before the reload would write its readings under the
     retired sensor's name."""
-    from pipeline.config import HttpSettings, MqttSettings, StateSettings, load_settings
-    from pipeline.registry import load as load_registry
-    from pipeline.runtime import LiveRuntime
+    from pipeline.shared.config import HttpSettings, MqttSettings, StateSettings, load_settings
+    from pipeline.core.registry import load as load_registry
+    from pipeline.runtimes.live import LiveRuntime
     from rules.compiler import load_rules
     from tests.test_influx_sink import reading_point
     from tests.test_reload import OTHER, retire

@@ -1,4 +1,4 @@
-"""A restart of `cityops run` under changed files is a reload (pipeline/kept_sets.py): the state
+"""A restart of `cityops run` under changed files is a reload (pipeline/shared/kept_sets.py): the state
 is judged again by the set it was made under, kept beside it, and what the new files end is
 resolved, with its reason, to every tier told — whether the files changed while it was stopped
 or a kill -9 came between a reload and the snapshot after it. Real Mosquitto, the runtime as a

@@ -230,7 +230,7 @@ def test_replay_does_not_depend_on_batching(replay_runs: tuple[bytes, bytes],
 
 
 def test_every_notice_is_a_valid_chinese_alert(notices: list[dict]) -> None:
-    from pipeline.models import AlertNotice
+    from pipeline.core.models import AlertNotice
 
     assert {n["rule_id"] for n in notices} == {RAIN, PM25}
     for n in notices:

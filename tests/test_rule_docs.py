@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.engine import Engine
-from pipeline.registry import Registry
-from pipeline.registry import load as load_registry
-from rules import testing
+from pipeline.core.engine import Engine
+from pipeline.core.registry import Registry
+from pipeline.core.registry import load as load_registry
+from pipeline.tools import rule_tests as testing
 from rules.compiler import load_rules
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,7 +204,7 @@ def _fields(*models: Any) -> set[str]:
 def test_every_field_is_documented():
     """A field added to the rule language, the rule tests, the engine settings or the routing
     tree, or a template field, is a field the pages must name."""
-    from pipeline.engine import EngineSettings
+    from pipeline.core.engine import EngineSettings
     from rules import schema as s
     from rules.compiler import TEMPLATE_FIELDS
 

@@ -1,4 +1,4 @@
-"""Rule unit tests written as data (tests/rules/*.yaml, run by rules.testing like `promtool test
+"""Rule unit tests written as data (tests/rules/*.yaml, run by pipeline.tools.rule_tests like `promtool test
 rules`): each file is its own pytest case, and `cityops rules test tests/rules/` runs them all.
 
 Test-only rule packs live in tests/rules/packs/ (named by a test file's `packs:`); they are not
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from pipeline.registry import Registry
-from rules.testing import run_file
+from pipeline.core.registry import Registry
+from pipeline.tools.rule_tests import run_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE_TESTS = ROOT / "tests" / "rules"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import registry
-from pipeline.engine import Engine
-from pipeline.models import Severity
-from pipeline.yamlfile import ConfigError
+from pipeline.core import registry
+from pipeline.core.engine import Engine
+from pipeline.core.models import Severity
+from rules.yamlfile import ConfigError
 from rules.compiler import PACKS, ROUTING, load_rules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -398,9 +398,9 @@ JINNIU_GAS = "gas-510106-000001"   # a household gas alarm in 金牛区
 
 def test_a_city_params_file_overrides_pack_values_per_district(tmp_path):
     """--params: the city's own thresholds without copying a pack; a district may differ."""
-    from pipeline.engine import Engine
-    from pipeline.registry import load as load_registry
-    from pipeline.wire import WireReading
+    from pipeline.core.engine import Engine
+    from pipeline.core.registry import load as load_registry
+    from pipeline.core.wire import WireReading
 
     path = tmp_path / "params.yaml"
     path.write_text('gas:\n  params: {level1_lel: 25}\n  districts: {"510104": {level1_lel: 12}}\n',

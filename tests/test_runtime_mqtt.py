@@ -44,9 +44,9 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from pipeline.engine import Engine
-from pipeline.models import AlertNotice, DeadLetter
-from pipeline.registry import load as load_registry
+from pipeline.core.engine import Engine
+from pipeline.core.models import AlertNotice, DeadLetter
+from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
 from tests.brokers import (
     CliSubscriber,
@@ -886,7 +886,7 @@ def test_sigterm_with_notices_in_flight_exits_cleanly_with_a_snapshot(
 
 def test_broker_flag_keeps_the_configured_session_expiry(mosquitto: Mosquitto, runtime) -> None:
     """mqtt.session_expiry: "how long the broker keeps readings for this pipeline while it is
-    away" (pipeline/config.py). Given as CITYOPS_MQTT__SESSION_EXPIRY, with the broker given
+    away" (pipeline/shared/config.py). Given as CITYOPS_MQTT__SESSION_EXPIRY, with the broker given
     as `--broker URL`: 2 s after the runtime left, its session must be gone."""
     rt = runtime(mosquitto.url, "expiry", env={"CITYOPS_MQTT__SESSION_EXPIRY": "2s"})
     assert rt.stop() == 0

@@ -1,4 +1,4 @@
-"""Silences and maintenance windows in the engine (pipeline/silences.py, pipeline/lifecycle.py):
+"""Silences and maintenance windows in the engine (pipeline/core/silences.py, pipeline/core/lifecycle.py):
 what a silence holds back, what still goes out, and when the held notices are told."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
-from pipeline.engine import Engine
-from pipeline.models import AlertNotice
-from pipeline.silences import Schedule, Silence
+from pipeline.core.engine import Engine
+from pipeline.core.models import AlertNotice
+from pipeline.core.silences import Schedule, Silence
 from tests.engine_fixtures import as_version_1
 
 SH = ZoneInfo("Asia/Shanghai")

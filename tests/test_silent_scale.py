@@ -15,9 +15,9 @@ import tracemalloc
 
 import pytest
 
-from pipeline import registry
-from pipeline.engine import SMALL_BATCH, Engine
-from pipeline.registry_gen import generate
+from pipeline.core import registry
+from pipeline.core.engine import SMALL_BATCH, Engine
+from pipeline.tools.registry_gen import generate
 from rules.compiler import load_rules
 
 T0 = 1_782_885_600_000          # 2026-07-01T14:00:00+08:00

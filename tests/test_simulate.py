@@ -1,4 +1,4 @@
-"""The gateway simulator (pipeline/simulate.py) against the real engine and the fixture registry."""
+"""The gateway simulator (pipeline/shared/simulate.py) against the real engine and the fixture registry."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pipeline import wire
-from pipeline.engine import Engine
-from pipeline.registry import load as load_registry
-from pipeline.simulate import QUIET, Simulator
+from pipeline.core import wire
+from pipeline.core.engine import Engine
+from pipeline.core.registry import load as load_registry
+from pipeline.shared.simulate import QUIET, Simulator
 from rules.compiler import load_rules
 
 # 2026-07-01 14:00 Asia/Shanghai: the day-shift grid workers are on duty

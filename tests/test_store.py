@@ -1,11 +1,11 @@
-"""The runtime's state file (pipeline/store.py) stays bounded: a snapshot truncates the
+"""The runtime's state file (pipeline/shared/store.py) stays bounded: a snapshot truncates the
 journal and the SQLite WAL (issue 12, item 11: the WAL grew 12.7 MB/h in a soak)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.store import READINGS, StateStore
+from pipeline.shared.store import READINGS, StateStore
 
 
 def test_a_snapshot_truncates_the_wal_and_counts_bytes_from_zero(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""The hot-path reading decoder (pipeline.wire.decode) against the documented contract
-(pipeline.models.Reading): "an equivalent msgspec decoder ... a property test keeps the two in
-agreement" (pipeline/models.py)."""
+"""The hot-path reading decoder (pipeline.core.wire.decode) against the documented contract
+(pipeline.core.models.Reading): "an equivalent msgspec decoder ... a property test keeps the two in
+agreement" (pipeline/core/models.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from pipeline.models import DeadLetter, Reading
-from pipeline.wire import MAX_PAYLOAD_BYTES, decode, decode_batch, digest
+from pipeline.core.models import DeadLetter, Reading
+from pipeline.core.wire import MAX_PAYLOAD_BYTES, decode, decode_batch, digest
 
 FIELDS = ("sensor_id", "ts", "value", "event", "unit", "seq", "battery", "gateway_id")
 ID_CHARS = string.ascii_letters + string.digits + "_.:-"

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from connectors.kafka import topic_names
-from pipeline.bridge import sensor_partitions
-from pipeline.registry import load as load_registry
-from pipeline.simulate import Simulator
+from pipeline.runtimes.bridge import sensor_partitions
+from pipeline.core.registry import load as load_registry
+from pipeline.shared.simulate import Simulator
 from rules.compiler import load_rules
 from tests.brokers import Subscriber, mosquitto_pub, publish_many
 from tests.kafka_broker import CityopsProcess, TopicReader, produce
@@ -483,7 +483,7 @@ def test_workers_started_together_make_each_topic_once_and_none_fails(kafka) -> 
     """Found by the two-worker test under load: both workers saw the topics missing, both asked
     to create them, and the second died of TopicAlreadyExistsError."""
     from connectors.kafka import ensure_topics
-    from pipeline.config import KafkaSettings
+    from pipeline.shared.config import KafkaSettings
     settings = KafkaSettings(bootstrap=kafka.bootstrap, prefix="race", partitions=2, replication=1)
     go = threading.Barrier(4)
     made: list[list[str]] = []
@@ -509,7 +509,7 @@ def test_workers_started_together_make_each_topic_once_and_none_fails(kafka) -> 
 def test_a_partition_taken_over_in_a_rebalance_pushes_to_its_own_grid_worker_and_owner(
         kafka, mosquitto, tmp_path) -> None:
     """A worker holds the registry's grids and people as it meets them, not the whole city
-    (pipeline/registry_cache.py): one that takes over a partition from a worker that left must
+    (pipeline/core/registry_cache.py): one that takes over a partition from a worker that left must
     still find that partition's on-call grid worker and site owner, and push to them."""
     reg = load_registry(None, load_rules().kinds)
     of = sensor_partitions(reg, PARTITIONS)

@@ -19,7 +19,7 @@ ADMIN_USER=${KAFKA_ADMIN_USER:-admin}
 ADMIN_MECHANISM=${KAFKA_ADMIN_SASL_MECHANISM:-PLAIN}
 ADMIN_PROTOCOL=${KAFKA_ADMIN_SECURITY_PROTOCOL:-SASL_PLAINTEXT}
 
-# The same names and defaults as the cityops settings (pipeline/config.py), so the workers and
+# The same names and defaults as the cityops settings (pipeline/shared/config.py), so the workers and
 # this script agree on topic names, partitions and the workers' group.
 PREFIX=${CITYOPS_KAFKA__PREFIX:-cityops}
 PARTITIONS=${CITYOPS_KAFKA__PARTITIONS:-12}
@@ -106,7 +106,7 @@ acl() {
         "--$type" "$name" --resource-pattern-type "$pattern"
 }
 
-# bridge: MQTT into Kafka (pipeline/bridge.py). The only way readings come in: gateways never
+# bridge: MQTT into Kafka (pipeline/runtimes/bridge.py). The only way readings come in: gateways never
 # write to Kafka (README.md: a Kafka ACL cannot keep a producer to its own keys; Mosquitto's ACL
 # keeps a gateway to its own topic). It also forwards the acknowledgements that grid workers'
 # apps publish on MQTT; what it cannot decode goes to the dead letters.
@@ -114,7 +114,7 @@ acl bridge Write,Describe topic "$PREFIX.readings"
 acl bridge Write,Describe topic "$PREFIX.acks"
 acl bridge Write,Describe topic "$PREFIX.deadletter"
 
-# worker: the engine (pipeline/worker.py). Readings and acknowledgements in, notices and dead
+# worker: the engine (pipeline/runtimes/worker.py). Readings and acknowledgements in, notices and dead
 # letters out; its consumer group is its app id. It also writes readings (a record that arrived
 # on the wrong partition is sent on to its street's) and acknowledgements (POST /acks on its
 # HTTP port).
