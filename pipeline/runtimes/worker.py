@@ -239,6 +239,12 @@ class CityWorker:
                 # not acknowledged past its checkpoint: the next owner takes it from there
                 del self.parts[tp.partition]
 
+    def _table_ready(self) -> bool:
+        """The table holds the assigned partitions' state: told so by Faust's signal, or seen in
+        its own flags (no rebalance, no recovery in flight) — a signal out of order across two
+        quick rebalances must not keep a partition without readings from being taken."""
+        return self.recovered or not (self.app.rebalancing or self.app.in_recovery)
+
     def _assigned(self, p: int) -> bool:
         return TP(self.names[READINGS], p) in self.app.assignor.assigned_actives()
 
@@ -544,7 +550,7 @@ class CityWorker:
             for tp in sorted(self.app.assignor.assigned_actives()):
                 if tp.topic != self.names[READINGS]:
                     continue
-                if tp.partition not in self.parts and not self.recovered:
+                if tp.partition not in self.parts and not self._table_ready():
                     continue
                 ps = self.partition(tp.partition)
                 if ps.owed is not None:               # a restore across sets: its resolves
