@@ -72,7 +72,8 @@ def float_text(v: np.ndarray) -> np.ndarray:
     a = np.abs(v)
     decimals = np.full(n, -1, dtype=np.int64)
     for d in range(MAX_DECIMALS + 1):
-        exact = (decimals < 0) & (np.round(a * _SCALE[d]) / _SCALE[d] == a)
+        with np.errstate(over="ignore"):      # a huge value times 10**d is inf: not exact, repr
+            exact = (decimals < 0) & (np.round(a * _SCALE[d]) / _SCALE[d] == a)
         decimals[exact] = d
         if not (decimals < 0).any():
             break
