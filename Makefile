@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo test test-deps check fuzz bench bench-quick bench-silent bench-peer bench-backtest bench-registry bench-runtime bench-kafka bench-sink bench-history bench-console soak attack clean
+.PHONY: run demo test test-deps typecheck check fuzz bench bench-quick bench-silent bench-peer bench-backtest bench-registry bench-runtime bench-kafka bench-sink bench-history bench-console soak attack clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ demo: $(STAMP)
 test: $(STAMP) test-deps
 	$(VENV)/bin/cityops rules check > /dev/null
 	$(VENV)/bin/ruff check pipeline rules connectors tests bench
+	$(MAKE) --no-print-directory typecheck
 	$(PY) -m pytest -q --durations=15
+
+## typecheck: mypy on the core (its modules and settings: [tool.mypy] in pyproject.toml)
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 # What the integration tests start themselves (tests/brokers.py: their own mosquitto on a free
 # port of 127.0.0.1 with their own config; never the system service, never port 1883;
@@ -121,4 +126,4 @@ soak: $(STAMP) test-deps
 	$(PY) bench/soak.py --minutes 20
 
 clean:
-	rm -rf $(VENV) .run bench/out .pytest_cache cityops-demo-notices.jsonl
+	rm -rf $(VENV) .run bench/out .pytest_cache .mypy_cache cityops-demo-notices.jsonl

@@ -73,7 +73,7 @@ def parse(text: str) -> Node:
             raise ExprError(text, pos + 1, f"unexpected character {text[pos]!r}")
         kind = m.lastgroup
         if kind != "ws":
-            tokens.append((kind, m.group(), pos + 1))
+            tokens.append((kind, m.group(), pos + 1))  # type: ignore[arg-type]  # str: every _TOKEN branch is named
         pos = m.end()
     parser = _Parser(text, tokens)
     node = parser.or_()

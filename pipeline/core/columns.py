@@ -23,7 +23,8 @@ class Strings(Sequence[str]):
     def __init__(self, blob: np.ndarray, offsets: np.ndarray, codes: np.ndarray | None = None) -> None:
         self.blob, self.offsets, self.codes = blob, offsets, codes
         self._starts = offsets.tolist() if len(offsets) < 1 << 16 else None   # small tables: no numpy per get
-        self._bytes = memoryview(blob)      # a string cut from it without a numpy call
+        # (ignored: numpy declares ndarray's buffer protocol, __buffer__, for Python 3.12+ only)
+        self._bytes = memoryview(blob)  # type: ignore[arg-type]  # a string cut from it without a numpy call
 
     @classmethod
     def of(cls, strings: Iterable[str], intern: bool = False) -> Strings:
@@ -69,7 +70,7 @@ class Strings(Sequence[str]):
 
     __hash__ = None  # type: ignore[assignment]
 
-    def take(self, rows: Sequence[int]) -> Strings:
+    def take(self, rows: Sequence[int] | np.ndarray) -> Strings:
         """The rows given, in that order (a partition's share)."""
         rows = np.asarray(rows, dtype=np.int64)
         if self.codes is not None:
@@ -231,11 +232,15 @@ class Keyed(Mapping[str, Any]):
 
 
 class _RowValues(ValuesView):
+    _mapping: Keyed             # (MappingView's)
+
     def __iter__(self) -> Iterator[Any]:
         return iter(self._mapping.table)
 
 
 class _RowItems(ItemsView):
+    _mapping: Keyed
+
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         return zip(self._mapping.index, self._mapping.table, strict=True)
 
@@ -276,7 +281,7 @@ class SparseAttrs:
     def items(self) -> Iterator[tuple[int, dict]]:
         return ((int(r), self.parse(t)) for r, t in zip(self.rows.tolist(), self.text, strict=True))
 
-    def take(self, rows: Sequence[int]) -> SparseAttrs:
+    def take(self, rows: Sequence[int] | np.ndarray) -> SparseAttrs:
         """The attrs of the given rows, renumbered by their place in ``rows``."""
         rows = np.asarray(rows, dtype=np.int64)
         pos = np.searchsorted(self.rows, rows)

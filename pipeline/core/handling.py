@@ -115,7 +115,7 @@ class Handling:
         why = book._may(inc, ack, may_ack)
         if why:
             return why
-        state = ack.state
+        state: str = ack.state  # type: ignore[assignment]  # not None: ack() hands on a handling state only
         if RANK[state] <= stage(inc.times):
             return None                      # already that far: changes nothing
         told = {t.tier for t in inc.sent}

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -196,8 +197,10 @@ class AckUsers:
             raise doc.error(where, f"user {user!r}: scope {tier.value} needs `code:` (which "
                             f"{'department' if tier is Tier.dept else tier.value})")
         reg = self.registry
-        known = {Tier.district: reg.districts, Tier.street: reg.streets, Tier.dept: reg.departments,
-                 Tier.grid: reg.grid_index, Tier.community: reg.communities}[tier]
+        scopes: dict[Tier, Container[str]] = {
+            Tier.district: reg.districts, Tier.street: reg.streets, Tier.dept: reg.departments,
+            Tier.grid: reg.grid_index, Tier.community: reg.communities}
+        known = scopes[tier]
         for code in codes:
             if code not in known:
                 raise doc.error(where, f"user {user!r}: {tier.value} {code!r} is not in the registry")

@@ -18,7 +18,7 @@ from pipeline.core import notices as nt
 from pipeline.core.handling import Handling, still_to_come
 from pipeline.core.models import Ack, Category, Severity, State, Tier
 from pipeline.core.registry import Registry
-from pipeline.core.routing import Router, Target, sensor_labels
+from pipeline.core.routing import RouteOptions, Router, Target, sensor_labels
 from pipeline.core.silences import NEVER, Silence, SilenceBook
 from rules.compiler import modifier_notes
 from rules.evaluators import DOWNGRADE, FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers
@@ -79,6 +79,38 @@ class Incident:
                  "acked_by", "acked_tier", "reminders", "base", "last_ts", "district_at", "gen",
                  "fired", "muted", "muted_at", "paused", "held", "times", "dispatched_to",
                  "community_at", "street_at")
+    aid: str
+    rule: str                       # the rule's id
+    subject: int | str              # a sensor's index, or a group (a gateway "gw:...", a correlation's)
+    idx: int | None                 # the sensor whose place and kind it has (None: none)
+    members: list[int] | None
+    rank: int
+    state: State
+    started: int
+    seq: int
+    sent: list[Target]
+    route: RouteOptions
+    value: float | None
+    threshold: float | None
+    event: str | None
+    flapping: bool
+    escalation: int
+    acked_by: str | None
+    acked_tier: str | None
+    reminders: int
+    base: dict[str, Any]            # the notice as nt.base_notice made it (_rebase)
+    last_ts: int
+    district_at: int | None
+    gen: int
+    fired: int
+    muted: str | None               # the silence that mutes it
+    muted_at: int
+    paused: int
+    held: bool
+    times: dict[str, int]
+    dispatched_to: str | None
+    community_at: int | None
+    street_at: int | None
 
     def dump(self, sid: Callable[[Any], Any]) -> IncidentState:
         return IncidentState(
@@ -95,6 +127,10 @@ class Incident:
 class _FactsOnAsk(dict):
     """Labels whose `sensor.*` entries (``routing.sensor_labels``) are read from the registry
     when first asked for, by ``get`` (all that ``Router.route`` calls)."""
+
+    registry: Registry
+    idx: int
+    facts: dict[str, Any] | None
 
     def __init__(self, registry: Registry, idx: int, labels: dict[str, Any]) -> None:
         super().__init__(labels)
@@ -276,7 +312,9 @@ class AlertBook(Handling):
             if nxt in told:
                 return
             place = self.registry.place_of(inc.idx) if inc.idx is not None else None
-            target = self.router.target(nxt.value, place, self._category(inc).value, due)
+            # (ignored: a place is None only for an incident without a sensor, which
+            # none is: a group's is its first member, _fire; city and dept do not read it)
+            target = self.router.target(nxt.value, place, self._category(inc).value, due)  # type: ignore[arg-type]
             inc.escalation += 1
             prev = inc.state
             inc.state = State.escalated
@@ -298,8 +336,8 @@ class AlertBook(Handling):
             self._send(inc, State.reminder, prev, due, out, [],
                        f"第{step}次提醒：尚未{still_to_come(inc.route.escalate_until)}。", only=targets)
             inc.state = prev
-            if step < inc.route.max_reminders:
-                self.timers.push_after(due + inc.route.remind_every, LIFECYCLE, (aid, "rem", gen, step + 1))
+            if step < inc.route.max_reminders:      # (remind_every is set: _remind_from planned step 1)
+                self.timers.push_after(due + inc.route.remind_every, LIFECYCLE, (aid, "rem", gen, step + 1))  # type: ignore[operator]
 
     # ---- silences (pipeline/core/silences.py) -----------------------------------------------
     # A muted incident is kept and judged as any other, but what it would tell the tiers is
@@ -408,7 +446,7 @@ class AlertBook(Handling):
             due = inc.street_at + r.escalate_street if inc.street_at is not None \
                 else street_since + r.escalate_street + inc.paused
         elif Tier.district in told and Tier.city not in told and r.escalate_district:
-            due = inc.district_at + r.escalate_district
+            due = inc.district_at + r.escalate_district  # type: ignore[operator]  # district_at: set above
         else:
             return
         self.timers.push_after(max(due, now), LIFECYCLE, (inc.aid, "esc", inc.gen))
@@ -462,7 +500,7 @@ class AlertBook(Handling):
         notes = (modifier_notes(e.loaded, reg, idx)
                  if spec.modifiers and idx is not None and isinstance(inc.subject, int) else [])
         extra: dict[str, Any] = {}
-        group = None
+        group: str | None = None
         members = [reg.sensor_ids[m] for m in inc.members] if inc.members else None
         out_kind = kind
         if isinstance(spec, AbsenceRule):
@@ -475,14 +513,14 @@ class AlertBook(Handling):
                 group, out_kind = inc.subject.removeprefix("gw:"), "gateway"
                 notes = notes + [f"网关{group}下{len(members or ())}个传感器全部失联"]
         elif isinstance(spec, CorrelationRule):
-            group, out_kind = inc.subject, spec.group_by
+            group, out_kind = inc.subject, spec.group_by  # type: ignore[assignment]  # a group's name: str
         inc.base = nt.base_notice(
             alert_id=inc.aid, rule_id=inc.rule, rule_name=spec.name, rule_type=spec.type,
             sensor_id=reg.sensor_ids[idx] if idx is not None else str(inc.subject), kind=out_kind,
             kind_name=k.name if k else kind,
             unit=k.unit if k and not isinstance(spec, (AbsenceRule, CorrelationRule)) else "",
             category=self._category(inc), severity=Severity.of_rank(inc.rank),
-            place=reg.place_of(idx), registry=reg, idx=idx, value=inc.value,
+            place=reg.place_of(idx), registry=reg, idx=idx, value=inc.value,  # type: ignore[arg-type]  # idx: on_timer
             threshold=inc.threshold, event=inc.event,
             event_name=k.events.get(inc.event, inc.event) if k and inc.event else None,
             started_ms=inc.started, title_t=spec.title, summary_t=spec.summary, notes=notes,

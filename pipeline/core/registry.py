@@ -327,9 +327,18 @@ def _places(doc: Located, spec: RegistrySpec) -> Registry:
         raise doc.error(("timezone",), f"unknown time zone {spec.timezone!r}; use e.g. Asia/Shanghai") from None
     if not re.fullmatch(r"\d{6}", spec.city.code):
         raise doc.error(("city", "code"), "city code must be 6 digits (GB/T 2260), e.g. \"510100\"")
+    # built here, read-only (Mapping, Sequence) once made: a compiled registry's are columns
+    grid_places: list[Place] = []
+    grid_index: dict[str, int] = {}
+    workers: dict[str, Worker] = {}
+    workers_of_grid: dict[str, list[str]] = {}
+    owners: dict[str, Owner] = {}
+    owner_named: dict[str, Owner] = {}
     reg = Registry(city_code=spec.city.code, city_name=spec.city.name, tz=tz, districts={},
-                   streets={}, communities={}, grid_places=[], grid_index={}, departments={},
-                   dept_of_category={}, workers={}, workers_of_grid={}, duty_officer={})
+                   streets={}, communities={}, grid_places=grid_places, grid_index=grid_index,
+                   departments={}, dept_of_category={}, workers=workers,
+                   workers_of_grid=workers_of_grid, duty_officer={}, owners=owners,
+                   owner_named=owner_named)
     seen: dict[str, tuple] = {}
 
     def unique(code: str, loc: tuple) -> None:
@@ -366,9 +375,9 @@ def _places(doc: Located, spec: RegistrySpec) -> Registry:
                         raise doc.error(gloc, f"grid code {g.code} must have 15 digits and start "
                                         f"with its community code {c.code}")
                     unique(g.code, gloc)
-                    reg.grid_index[g.code] = len(reg.grid_places)
-                    reg.grid_places.append(Place(d.code, d.name, s.code, s.name, c.code, c.name,
-                                                 g.code, g.name))
+                    grid_index[g.code] = len(grid_places)
+                    grid_places.append(Place(d.code, d.name, s.code, s.name, c.code, c.name,
+                                             g.code, g.name))
     for i, dep in enumerate(spec.departments):
         if dep.id in reg.departments:
             raise doc.error(("departments", i, "id"), f"department {dep.id} is listed twice")
@@ -382,14 +391,14 @@ def _places(doc: Located, spec: RegistrySpec) -> Registry:
     for i, w in enumerate(spec.workers):
         if w.id in reg.workers:
             raise doc.error(("workers", i, "id"), f"worker {w.id} is listed twice")
-        m = _SHIFT.match(w.shift)
-        reg.workers[w.id] = Worker(w.id, w.name, w.phone, tuple(w.grids),
-                                   int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4]),
-                                   w.backup, tuple(w.channels))
+        m = _SHIFT.match(w.shift)       # (ignored below: never None, WorkerSpec._shift matched it)
+        workers[w.id] = Worker(w.id, w.name, w.phone, tuple(w.grids),
+                               int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4]),  # type: ignore[index]
+                               w.backup, tuple(w.channels))
         for gi, g in enumerate(w.grids):
             if g not in reg.grid_index:
                 raise doc.error(("workers", i, "grids", gi), f"worker {w.id} covers unknown grid {g}")
-            reg.workers_of_grid.setdefault(g, []).append(w.id)
+            workers_of_grid.setdefault(g, []).append(w.id)
     for i, w in enumerate(spec.workers):
         if w.backup and w.backup not in reg.workers:
             raise doc.error(("workers", i, "backup"), f"backup {w.backup} is not a listed worker")
@@ -402,8 +411,8 @@ def _places(doc: Located, spec: RegistrySpec) -> Registry:
         if o.name in reg.owner_named:
             raise doc.error(("owners", i, "name"), f"owner name {o.name} is used twice (by "
                             f"{reg.owner_named[o.name].id}): sensors name their owner by it")
-        reg.owners[o.id] = reg.owner_named[o.name] = Owner(o.id, o.name, o.contact, o.phone,
-                                                           tuple(o.channels))
+        owners[o.id] = owner_named[o.name] = Owner(o.id, o.name, o.contact, o.phone,
+                                                   tuple(o.channels))
     for di, d in enumerate(spec.districts):
         for si, s in enumerate(d.streets):
             if s.duty_officer and s.duty_officer not in reg.workers:

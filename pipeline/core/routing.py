@@ -15,13 +15,13 @@ from typing import Any
 
 from pipeline.core.models import Severity, Tier
 from pipeline.core.registry import Place, Registry, Worker
-from rules.schema import Route, Routing
+from rules.schema import Route, Routing, TierName
 
 
 @dataclass(frozen=True)
 class RouteOptions:
     name: str
-    tiers: dict[Severity, list[str]]
+    tiers: dict[Severity, list[TierName]]
     escalate_street: int | None
     escalate_district: int | None
     remind_every: int | None
@@ -149,9 +149,9 @@ def unreachable_owners(rules: Any, registry: Registry, selected: dict[str, Any] 
                 missing.setdefault((name, gap[0]), []).append(f"{sid} ({gap[1]})" if gap[1] else sid)
     out = []
     doc = rules.routing_doc
-    for (name, gap), sensors in sorted(missing.items()):
+    for (name, gap_kind), sensors in sorted(missing.items()):
         sensors = sorted(set(sensors))
-        why, fix = _GAPS[gap]
+        why, fix = _GAPS[gap_kind]
         where = ""
         if doc is not None:
             i = next((i for i, r in enumerate(rules.routing.routes) if r.name == name), None)

@@ -12,7 +12,7 @@ import base64
 import hashlib
 import secrets
 from datetime import datetime
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Annotated
 
 import msgspec
@@ -107,10 +107,10 @@ def normalise(r: WireReading) -> str | None:
     if (r.value is None) == (r.event is None):
         return "a reading carries exactly one of `value` or `event`"
     ts = r.ts
-    if ts.__class__ is not int:
-        ms = int(ts.timestamp() * 1000)
+    if ts.__class__ is not int:         # (a datetime: mypy does not narrow on __class__, hence the ignores)
+        ms = int(ts.timestamp() * 1000)  # type: ignore[union-attr]
         if not 0 <= ms <= MAX_TS_MS:
-            return f"ts {ts.isoformat()} is before 1970 or after 9999"
+            return f"ts {ts.isoformat()} is before 1970 or after 9999"  # type: ignore[union-attr]
         r.ts = ms
     return None
 
@@ -154,7 +154,7 @@ def decode(payload: bytes, source: str | None = None, readings: list | None = No
         dead.append(oversize(payload[:OVERSIZE_KEPT], len(payload), source))
         return readings, dead
     is_array = payload.lstrip()[:1] == b"["
-    items: list[tuple[int | None, WireReading]] = []
+    items: Sequence[tuple[int | None, WireReading]] | None = []
     try:
         if is_array:
             items = list(enumerate(_many.decode(payload)))
@@ -176,7 +176,7 @@ def decode(payload: bytes, source: str | None = None, readings: list | None = No
             if positions is not None:
                 positions.append(i)
         elif array is not None:
-            dead.append(array.dead_letter("invalid", problem, i, source))
+            dead.append(array.dead_letter("invalid", problem, i, source))  # type: ignore[arg-type]  # an array's: int
         else:
             dead.append(dead_letter("invalid", problem, payload, source=source))
     return readings, dead
@@ -222,13 +222,13 @@ class Spans:
         self.one_each = True                    # every payload gave exactly one reading
 
     def add(self, end: int, payload: bytes, source: str | None, positions: list | None) -> None:
-        if self.ends.__class__ is range:
+        if self.ends.__class__ is range:    # (a list after this: mypy does not narrow on __class__)
             self.ends = list(self.ends)
         if end - (self.ends[-1] if self.ends else 0) != 1:
             self.one_each = False
         if positions is not None:
             self.positions[len(self.ends)] = positions
-        self.ends.append(end)
+        self.ends.append(end)  # type: ignore[union-attr]
         self.payloads.append(payload)
         self.sources.append(source)
 
