@@ -302,7 +302,7 @@ def _drive(sides: list[Side], batches: Iterator[Batch], clock: int, shared_into:
     """The batches through these sides' engines, then the end of history (as replay ends it).
     The first side's notices of ``shared`` rules also count into ``shared_into``."""
     first = sides[0]
-    live = [s for s in sides if s.engine is not None]
+    live = [(s, s.engine) for s in sides if s.engine is not None]
 
     def take(side: Side, o: Output) -> None:
         side.tally.add(o.notices, side.counted)
@@ -313,15 +313,15 @@ def _drive(sides: list[Side], batches: Iterator[Batch], clock: int, shared_into:
             side.acks.watch(o)
 
     def settle(ts: int | None) -> None:
-        for side in live:
+        for side, engine in live:
             if side.acks is not None and ts is not None:
-                for o in side.acks.due_by(side.engine, ts):
+                for o in side.acks.due_by(engine, ts):
                     take(side, o)
 
     for b in batches:
         settle(b.first_ts)
-        for side in live:
-            take(side, b.feed(side.engine, clock))
+        for side, engine in live:
+            take(side, b.feed(engine, clock))
         if b.readings:                                 # their times are epoch ms by now
             if result.first_ms is None:
                 result.first_ms = min(r.ts for r in b.readings)
@@ -330,12 +330,12 @@ def _drive(sides: list[Side], batches: Iterator[Batch], clock: int, shared_into:
             result.inputs = seen.lines
             progress(result)
     # History is over: every timer the data reached runs out
-    for side in live:
-        end = side.engine.max_ts + 1
+    for side, engine in live:
+        end = engine.max_ts + 1
         if side.acks is not None:
-            for o in side.acks.due_by(side.engine, end):
+            for o in side.acks.due_by(engine, end):
                 take(side, o)
-        take(side, side.engine.advance(end))
+        take(side, engine.advance(end))
 
 
 # ---- the comparison -----------------------------------------------------------------------
