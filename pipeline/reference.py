@@ -51,8 +51,14 @@ from rules.compiler import RuleSet, params_for
 from rules.evaluators import (AFTER, DOWNGRADE, FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers,
                               alert_id)
 from rules.expr import evaluate, parse
-from rules.schema import (AbsenceRule, CorrelationRule, EventRule, RateRule, ThresholdRule,
-                          WindowRule, format_duration)
+from rules.schema import format_duration
+from rules.types.absence import AbsenceRule
+from rules.types.base import TYPES
+from rules.types.correlation import CorrelationRule
+from rules.types.events import EventRule
+from rules.types.rate import RateRule
+from rules.types.threshold import ThresholdRule
+from rules.types.window import WindowRule
 
 OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
        "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
@@ -91,6 +97,12 @@ class View:
 
     def __init__(self, loaded: Any) -> None:
         self.spec, self.loaded, self.id, self.tracks = loaded.spec, loaded, loaded.spec.id, {}
+        self.shows_unit = TYPES[self.spec.type].shows_unit
+
+    def notice_facts(self, subject: Any, heard: int | None, kind: str, members: int,
+                     fmt_time: Any) -> tuple:
+        return TYPES[self.spec.type].notice_facts(self.spec, subject, heard or 0, kind, members,
+                                                  fmt_time)
 
 
 class Rule:
