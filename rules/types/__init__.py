@@ -12,7 +12,7 @@ from pydantic import Field
 from rules import schema
 from rules.types.base import TYPES
 
-MODULES = ("threshold", "rate", "window", "absence", "events", "correlation")
+MODULES = ("threshold", "rate", "window", "absence", "events", "correlation", "stuck")
 for _name in MODULES:
     import_module(f"rules.types.{_name}")
 
