@@ -46,7 +46,7 @@ from rules.compiler import RuleSet, compile_rules
 from rules.schema import Duration
 
 if TYPE_CHECKING:
-    from rules.types.absence import Absence
+    from rules.types.base import WatchesSilence
 
 SCAN = -2                  # timer owner number of the absence scan
 SNAPSHOT_VERSION = 2        # 2: tracks and incidents by name (rules.evaluators.TrackState,
@@ -221,7 +221,7 @@ class Engine:
         self._battery_rules = [e for e in self.evaluators if e.reads == "battery"]
         self._battery_ceiling_np = np.array(ceilings or [0.0])
         self._event_names = frozenset(name for e in self.evaluators for name in e.event_names())
-        self.absence: list[Absence] = [e for e in self.evaluators if e.scans_silence]  # type: ignore[misc]
+        self.absence: list[WatchesSilence] = [e for e in self.evaluators if e.scans_silence]  # type: ignore[misc]
         self._listeners: dict[str, list[ev.Evaluator]] = {}
         for e in self.evaluators:
             for rid in e.hears():
@@ -246,7 +246,7 @@ class Engine:
                 tuple(e.late for e in event if e.takes_late), quiet, floor,
                 max((e.battery_ceiling() for e in battery), default=-np.inf))
 
-    def _members_by_gateway(self, a: Absence) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def _members_by_gateway(self, a: WatchesSilence) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Per gateway, the sensors the rule watches behind it, computed once: (how many,
         where each gateway's run starts in the third array, the sensors in gateway order)."""
         gw = a.gateway_of

@@ -150,7 +150,7 @@ class Evaluator:
     type = ""
     reads = "value"          # which part of a reading it observes: value, battery, event, none
     takes_late = False       # whether a late reading can act on it (``late``; README "Late readings")
-    scans_silence = False    # whether the engine's absence scan drives it (absence rules)
+    scans_silence = False    # whether the engine's absence scan drives it (rules.types.base.WatchesSilence)
 
     def __init__(self, spec: Any, b: Binding) -> None:
         self.spec = spec

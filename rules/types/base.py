@@ -49,6 +49,25 @@ class SensorRegistry(Protocol):
     def place_of(self, idx: int) -> Any: ...
 
 
+class WatchesSilence(Protocol):
+    """What the engine's absence scan (vectorised over every sensor, in the engine) drives in
+    a rule whose ``scans_silence`` is true: per sensor the silence that counts (``absent_ms``,
+    0: not watched) and its gateway (``gateway_of``, None: no gateway incidents); the silent
+    sensors (``silent``: sensor -> subject of its incident, "" itself; ``silent_mask``), the
+    incidents (``tracks``); ``mark`` a sensor silent, ``fire`` an incident, ``recover`` a
+    sensor that reported (the sensors no longer silent by it)."""
+
+    absent_ms: Any                  # numpy int64 per sensor
+    gateway_of: Any                 # numpy int32 per sensor, -1: none; or None
+    silent: dict[int, str]
+    silent_mask: Any                # numpy bool per sensor
+    tracks: dict
+
+    def mark(self, s: int, subject: str) -> None: ...
+    def fire(self, s: int | str, ts: int, last: int, members: list[int] | None) -> None: ...
+    def recover(self, s: int, ts: int) -> list[int]: ...
+
+
 @dataclass
 class Binding:
     """What one rule is compiled with: the registry, its place in the engine (timer owner), the
