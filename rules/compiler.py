@@ -17,15 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.core.registry import Registry
 from rules.yamlfile import ConfigError, Located, load_yaml, pydantic_error
 from rules import evaluators as ev
-from rules.expr import ExprError, Node, evaluate, parse
-from rules.schema import (MATCH_LABELS, AbsenceRule, CorrelationRule, EventRule, Pack, RateRule,
-                          Routing, SensorKind, ThresholdRule, WindowRule)
+from rules.expr import Node, evaluate, parse
+from rules.schema import MATCH_LABELS, Pack, Routing, SensorKind
+from rules.types.base import (TYPES, Binding, SensorRegistry, check_names, comparison, expr,
+                              lookup, params_for)
+
+# what other modules take from here
+__all__ = ["TYPES", "LoadedRule", "RuleSet", "comparison", "compile_rules", "load_rules",
+           "modifier_notes", "params_for"]
 
 PACKS = Path(__file__).parent / "packs"
 ROUTING = Path(__file__).parent / "routing.yaml"
@@ -69,7 +72,7 @@ class RuleSet:
         if not chosen:
             raise ConfigError("--rules", None, f"no rule id matches {', '.join(pats)}; "
                               "`cityops rules check` lists them")
-        need = {o for r in chosen if isinstance(r.spec, CorrelationRule) for o in r.spec.of}
+        need = {o for r in chosen for o in r.spec.counts()}
         ids = {r.spec.id for r in chosen}
         chosen += [r for r in self.rules if r.spec.id in need and r.spec.id not in ids]
         return RuleSet(self.packs, self.kinds, chosen, self.routing, self.routing_doc, self.sources)
@@ -174,299 +177,81 @@ def _override_params(path: Path, files: dict[str, tuple[Path, Located, Pack]]) -
         files[name] = (src, pdoc, merged)
 
 
-def _quantities(spec: Any) -> set[str]:
-    if isinstance(spec, ThresholdRule):
-        return {"value", "battery"}
-    if isinstance(spec, RateRule):
-        return {"rise", "fall"}
-    if isinstance(spec, WindowRule):
-        return set(spec.windows)
-    return set()
-
-
-def _expr(r: LoadedRule, loc: tuple, text: str) -> Node:
-    try:
-        return parse(text)
-    except ExprError as exc:
-        raise r.doc.error(r.loc + loc, f"rule {r.spec.id}: {exc}") from None
-
-
-def _comparison(r: LoadedRule, loc: tuple, text: str) -> tuple[str, str, Node]:
-    """`QUANTITY OP expression` -> (quantity, op, right side); flips `50 <= value`."""
-    node = _expr(r, loc, text)
-    quantities = _quantities(r.spec)
-    flip = {">=": "<=", "<=": ">=", ">": "<", "<": ">", "==": "==", "!=": "!="}
-    if node.op == "cmp":
-        op, a, b = node.args
-        if a.op == "name" and a.args[0] in quantities:
-            q, rhs = a.args[0], b
-        elif b.op == "name" and b.args[0] in quantities:
-            q, rhs, op = b.args[0], a, flip[op]
-        else:
-            q = None
-        if q is not None:
-            bad = rhs.names() & quantities
-            if bad:
-                raise r.doc.error(r.loc + loc, f"rule {r.spec.id}: compare one quantity with a "
-                                  f"threshold; {sorted(bad)} on both sides of {text!r}")
-            _check_names(r, loc, rhs, allow_sensor=True)
-            return q, op, rhs
-    raise r.doc.error(r.loc + loc, f"rule {r.spec.id}: {text!r} must compare one of "
-                      f"{sorted(quantities)} with a threshold, e.g. `{sorted(quantities)[0]} >= 25`")
-
-
-def _check_names(r: LoadedRule, loc: tuple, node: Node, allow_sensor: bool) -> None:
-    for name in node.names():
-        root, _, rest = name.partition(".")
-        if root == "params":
-            if rest not in r.pack.params:
-                raise r.doc.error(r.loc + loc, f"rule {r.spec.id}: unknown parameter {name}; "
-                                  f"pack {r.pack.pack} declares {sorted(r.pack.params) or 'none'}")
-        elif root == "sensor" and rest and allow_sensor:
-            continue
-        elif root == "place" and rest in ("district", "street", "community", "grid"):
-            continue
-        else:
-            raise r.doc.error(r.loc + loc, f"rule {r.spec.id}: unknown name {name!r}; use "
-                              "params.<name>, sensor.<attr> or place.district|street|community|grid")
-
-
 def _check_rule(r: LoadedRule, kinds: dict[str, SensorKind], ids: dict[str, str]) -> None:
     spec = r.spec
+    rtype = TYPES[spec.type]
+    want = rtype.reading(spec)
     for i, k in enumerate(spec.sensors):
         if k not in kinds:
             raise r.doc.error(r.loc + ("sensors", i), f"rule {spec.id}: unknown sensor kind {k!r}; "
                               f"declared kinds: {', '.join(sorted(kinds))}")
-        want = "event" if isinstance(spec, EventRule) else "value"
-        if isinstance(spec, (ThresholdRule, RateRule, WindowRule, EventRule)) and kinds[k].reading != want:
-            if not (isinstance(spec, ThresholdRule) and any("battery" in lv.when for lv in spec.levels)):
-                raise r.doc.error(r.loc + ("sensors", i), f"rule {spec.id}: kind {k} reports "
-                                  f"`{kinds[k].reading}` readings, a {spec.type} rule needs `{want}`")
+        if want is not None and kinds[k].reading != want:
+            raise r.doc.error(r.loc + ("sensors", i), f"rule {spec.id}: kind {k} reports "
+                              f"`{kinds[k].reading}` readings, a {spec.type} rule needs `{want}`")
     if spec.where:
-        _check_names(r, ("where",), _expr(r, ("where",), spec.where), allow_sensor=True)
+        check_names(r, ("where",), expr(r, ("where",), spec.where), allow_sensor=True)
     for i, m in enumerate(spec.modifiers):
-        _check_names(r, ("modifiers", i, "if"), _expr(r, ("modifiers", i, "if"), m.if_), True)
+        check_names(r, ("modifiers", i, "if"), expr(r, ("modifiers", i, "if"), m.if_), True)
+    fields = TEMPLATE_FIELDS | rtype.template_fields
     for fld in ("title", "summary", "instruction"):
         text = getattr(spec, fld)
         for name in _PLACEHOLDER.findall(text or ""):
-            if name not in TEMPLATE_FIELDS:
+            if name not in fields:
                 raise r.doc.error(r.loc + (fld,), f"rule {spec.id}: unknown template field "
-                                  f"{{{name}}}; use one of {sorted(TEMPLATE_FIELDS)}")
-    if hasattr(spec, "levels"):
-        qs = set()
-        for i, lv in enumerate(spec.levels):
-            qs.add(_comparison(r, ("levels", i, "when"), lv.when)[0])
-        ranks = [lv.severity.rank for lv in spec.levels]
-        if ranks != sorted(set(ranks)):
-            raise r.doc.error(r.loc + ("levels",), f"rule {spec.id}: list levels from low to high "
-                              "severity, one per severity")
-        if isinstance(spec, ThresholdRule) and len(qs) > 1:
-            raise r.doc.error(r.loc + ("levels",), f"rule {spec.id}: a threshold rule watches one "
-                              "quantity (value or battery); make two rules")
-        if spec.clear:
-            _comparison(r, ("clear",), spec.clear)
-        for i, lv in enumerate(spec.levels):
-            if lv.clear:
-                _comparison(r, ("levels", i, "clear"), lv.clear)
-    if isinstance(spec, EventRule):
-        allowed = set().union(*(kinds[k].events for k in spec.sensors))
-        for name in list(spec.events) + spec.clear_events:
-            if allowed and name not in allowed:
-                raise r.doc.error(r.loc + ("events",), f"rule {spec.id}: event {name!r} is not one "
-                                  f"its sensor kinds report ({', '.join(sorted(allowed))})")
-    if isinstance(spec, AbsenceRule) and isinstance(spec.absent_for, dict):
-        for k in spec.absent_for:
-            if k not in spec.sensors:
-                raise r.doc.error(r.loc + ("absent_for", k), f"rule {spec.id}: absent_for names "
-                                  f"kind {k}, which is not in its sensors")
-    if isinstance(spec, CorrelationRule):
-        for i, other in enumerate(spec.of):
-            if other not in ids:
-                raise r.doc.error(r.loc + ("of", i), f"rule {spec.id}: counts unknown rule {other}")
+                                  f"{{{name}}}; use one of {sorted(fields)}")
+    rtype.check(r, kinds, ids)
 
 
 # ---- binding to a registry -----------------------------------------------------------------
 
-def params_for(pack: Pack, district: str | None) -> dict[str, float]:
-    p = dict(pack.params)
-    if district and district in pack.districts:
-        p.update(pack.districts[district])
-    return p
-
-
-def _lookup(pack: Pack, reg: Registry, idx: int | None, params: dict[str, float]) -> Callable[[str], Any]:
-    facts = reg.sensor_facts(idx) if idx is not None else {}
-    place = reg.place_of(idx) if idx is not None else None
-
-    def look(name: str) -> Any:
-        root, _, rest = name.partition(".")
-        if root == "params":
-            return params[rest]
-        if root == "sensor":
-            if rest not in facts:
-                raise KeyError(name)
-            return facts[rest]
-        if root == "place" and place is not None:
-            return getattr(place, rest)
-        raise KeyError(name)
-    return look
-
-
-def compile_rules(rs: RuleSet, reg: Registry, sink: list, timers: ev.Timers,
+def compile_rules(rs: RuleSet, reg: SensorRegistry, sink: list, timers: ev.Timers,
                   subject_name: Callable[[int | str], str]) -> list[ev.Evaluator]:
-    out: list[ev.Evaluator] = []
-    for number, r in enumerate(rs.rules):
-        e = _compile_one(r, rs, reg, number, sink, timers, subject_name)
-        e.loaded = r
-        out.append(e)
-    return out
+    return [_compile_one(r, reg, number, sink, timers, subject_name)
+            for number, r in enumerate(rs.rules)]
 
 
-def _sensors(r: LoadedRule, reg: Registry) -> list[int]:
-    return reg.sensors_of_kinds(r.spec.sensors)
-
-
-def _per_sensor(r: LoadedRule, reg: Registry, nodes: list[Node], sensors: list[int],
-                what: str) -> tuple[tuple, dict[int, tuple]]:
-    """Thresholds (or any per-sensor constants) for ``nodes``: a default and the sensors whose
-    district override or registry facts make them differ."""
-    pack = r.pack
-    base = params_for(pack, None)
-    needs_sensor = any(n.startswith("sensor.") or n.startswith("place.") for node in nodes for n in node.names())
-
-    def values(idx: int | None, params: dict[str, float]) -> tuple:
-        look = _lookup(pack, reg, idx, params)
-        out = []
-        for node in nodes:
-            try:
-                v = evaluate(node, look)
-            except KeyError as exc:
-                sid = reg.sensor_ids[idx] if idx is not None else "?"
-                raise r.doc.error(r.loc, f"rule {r.spec.id}: sensor {sid} has no {exc.args[0]}; "
-                                  f"add it to the sensor's attrs in {Path(reg.source).parent / 'sensors.csv'} "
-                                  f"(line {idx + 2 if idx is not None else '?'}) or narrow the rule "
-                                  "with `where:`") from None
-            except (TypeError, ZeroDivisionError) as exc:
-                raise r.doc.error(r.loc, f"rule {r.spec.id}: {what}: {exc}") from None
-            # 4.6 - 0.2 is 4.3999999999999995 in binary: thresholds are decimal numbers
-            out.append(round(v, 9) if isinstance(v, float) else v)
-        return tuple(out)
-
-    if not needs_sensor:
-        default = values(None, base)
-        special: dict[int, tuple] = {}
-        if pack.districts:
-            by_district = {d: values(None, params_for(pack, d)) for d in pack.districts}
-            for idx in sensors:
-                t = by_district.get(reg.place_of(idx).district)
-                if t is not None and t != default:
-                    special[idx] = t
-        return default, special
-    default = tuple(float("nan") for _ in nodes)
-    special = {}
-    for idx in sensors:
-        special[idx] = values(idx, params_for(pack, reg.place_of(idx).district))
-    return default, special
-
-
-def _compile_one(r: LoadedRule, rs: RuleSet, reg: Registry, number: int, sink: list,
+def _compile_one(r: LoadedRule, reg: SensorRegistry, number: int, sink: list,
                  timers: ev.Timers, subject_name: Callable[[int | str], str]) -> ev.Evaluator:
+    """The rule's type compiles it; what every type has (``where:``, modifiers) is worked out
+    here first and handed over in the ``Binding``."""
     spec = r.spec
-    sensors = _sensors(r, reg)
-    common = (spec, number, sink, timers, subject_name)
-    if isinstance(spec, (ThresholdRule, RateRule, WindowRule)):
-        comps = [_comparison(r, ("levels", i, "when"), lv.when) for i, lv in enumerate(spec.levels)]
-        clear = _comparison(r, ("clear",), spec.clear) if spec.clear else None
-        own = [(i, _comparison(r, ("levels", i, "clear"), lv.clear))
-               for i, lv in enumerate(spec.levels) if lv.clear]
-        nodes = [c[2] for c in comps] + ([clear[2]] if clear else []) + [c[2] for _, c in own]
-        if isinstance(spec, ThresholdRule):
-            order = ["value" if comps[0][0] == "value" else "battery"]
-        elif isinstance(spec, RateRule):
-            order = ["rise", "fall"]
-        else:
-            order = list(spec.windows)
-        default, special = _per_sensor(r, reg, nodes, sensors, "threshold")
-        levels = [(order.index(q), op, i) for i, (q, op, _) in enumerate(comps)]
-        clear_t = (order.index(clear[0]), clear[1], len(comps)) if clear else None
-        first_own = len(comps) + (1 if clear else 0)
-        level_clears: list = [None] * len(comps)
-        for n, (i, (q, op, _)) in enumerate(own):
-            level_clears[i] = (order.index(q), op, first_own + n)
-        ranks = [lv.severity.rank for lv in spec.levels]
-        args = common + (levels, ranks, clear_t, default, special)
-        if isinstance(spec, ThresholdRule):
-            e: ev.Evaluator = ev.Threshold(*args, level_clears=level_clears)
-            e.reads = order[0]
-        elif isinstance(spec, RateRule):
-            e = ev.Rate(*args, level_clears=level_clears, over=spec.over)
-        else:
-            first = next(iter(spec.windows.values()))
-            step = first.every or first.size
-            e = ev.Windowed(*args, level_clears=level_clears, step=step,
-                            tumbling=first.every is None,
-                            windows=[(w.fn, w.size // step) for w in spec.windows.values()])
-            e.type = "window"
-    elif isinstance(spec, EventRule):
-        e = ev.Events(*common)
-    elif isinstance(spec, AbsenceRule):
-        absent = np.zeros(len(reg), dtype=np.int64)
-        kind_of = np.frombuffer(reg.kind_of, dtype=np.uint8) if len(reg) else np.zeros(0, np.uint8)
-        for k in spec.sensors:
-            if k in reg.kinds:
-                ms = spec.absent_for[k] if isinstance(spec.absent_for, dict) and k in spec.absent_for \
-                    else (spec.absent_for if not isinstance(spec.absent_for, dict) else 0)
-                if ms:
-                    absent[kind_of == reg.kinds.index(k)] = ms
-        gw = np.frombuffer(reg.gateway_of, dtype=np.int32) if len(reg) else np.zeros(0, np.int32)
-        e = ev.Absence(*common, absent_ms=absent, gateway_of=gw if spec.group_by_gateway else None)
-    elif isinstance(spec, CorrelationRule):
-        e = ev.Correlation(*common, group_of=_group_of(reg, spec.group_by))
-    else:  # pragma: no cover - the schema admits no other type
-        raise AssertionError(spec)
+    sensors = reg.sensors_of_kinds(spec.sensors)
+    b = Binding(reg, number, sink, timers, subject_name, r, sensors)
     if spec.where:
         node = parse(spec.where)
         mask = bytearray(len(reg))
         for idx in _candidates(reg, sensors, [node]):
             mask[idx] = bool(_holds(r, reg, idx, node))
-        e.selected = mask
-        if isinstance(e, ev.Absence):
-            e.absent_ms[np.frombuffer(bytes(mask), dtype=np.uint8) == 0] = 0
+        b.selected = mask
     if spec.modifiers:
         mods = [(parse(m.if_), m.raise_) for m in spec.modifiers]
         for idx in _candidates(reg, sensors, [n for n, _ in mods]):
             bump = sum(up for node, up in mods if _holds(r, reg, idx, node))
             if bump:
-                e.bump[idx] = bump
-    return e
+                b.bump[idx] = bump
+    return TYPES[spec.type].compile(r, b)
 
 
-def _candidates(reg: Registry, sensors: list[int], nodes: list[Node]) -> list[int]:
+def _candidates(reg: SensorRegistry, sensors: list[int], nodes: list[Node]) -> list[int]:
     """Sensors for which a `where:`/`if:` expression can be true. A sensor lacking a name the
     expression reads does not match; when it reads only per-sensor attrs, only sensors with
     attrs can match (most of a million sensors have none)."""
     names = {n for node in nodes for n in node.names()}
-    attrs_only = all(n.startswith("sensor.") and n[7:] not in Registry.BASE_FACTS for n in names)
+    attrs_only = all(n.startswith("sensor.") and n[7:] not in reg.BASE_FACTS for n in names)
     if attrs_only and names:
         having = set(reg.attrs.keys())
         return [i for i in sensors if i in having]
     return sensors
 
 
-def _holds(r: LoadedRule, reg: Registry, idx: int, node: Node) -> bool:
-    look = _lookup(r.pack, reg, idx, params_for(r.pack, reg.place_of(idx).district))
+def _holds(r: LoadedRule, reg: SensorRegistry, idx: int, node: Node) -> bool:
+    look = lookup(r.pack, reg, idx, params_for(r.pack, reg.place_of(idx).district))
     try:
         return bool(evaluate(node, look))
     except KeyError:
         return False
 
 
-def _group_of(reg: Registry, by: str) -> Callable[[int], str | None]:
-    if by == "building":
-        return lambda idx: reg.building[idx] or None
-    return lambda idx: getattr(reg.place_of(idx), by)
-
-
-def modifier_notes(r: LoadedRule, reg: Registry, idx: int) -> list[str]:
+def modifier_notes(r: LoadedRule, reg: SensorRegistry, idx: int) -> list[str]:
     """The `note` of each modifier that applies to sensor ``idx`` (said in the summary)."""
     return [m.note for m in r.spec.modifiers if m.note and _holds(r, reg, idx, parse(m.if_))]

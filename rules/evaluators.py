@@ -1,4 +1,6 @@
-"""Where a rule decides: the compiled, running form of each rule type.
+"""Where a rule decides: what the running form of every rule type shares. ``Evaluator`` is the
+interface the engine and the lifecycle ask of a compiled rule; ``Stateful`` the levels machinery
+of threshold, rate and window rules; each type's own evaluator is in its module (rules/types/).
 
 Every evaluator keeps state only for what is active (a pending or firing incident, an open
 window), keyed by the dense sensor number, so a million quiet sensors cost nothing here. It
@@ -15,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import heapq
 import operator
-from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-import numpy as np
+
+if TYPE_CHECKING:
+    from rules.types.base import Binding
 
 PENDING, FIRING, CLEARING, RESOLVED = 1, 2, 3, 4
 FIRE, UPGRADE, DOWNGRADE, RESOLVE, REOPEN = "fire", "upgrade", "downgrade", "resolve", "reopen"
@@ -134,25 +137,33 @@ class Track:
 
 
 class Evaluator:
-    """Base of all rule types. ``number`` is the rule's place in the engine (timer owner)."""
+    """A compiled rule: the interface the engine and the lifecycle ask of every rule type
+    (``rules/types/``). ``number`` is the rule's place in the engine (timer owner).
+
+    The engine's screening asks, once, when it is built: ``reads``, ``takes_late``,
+    ``quiet_floor``, ``battery_ceiling``, ``event_names``, ``hears`` and ``scans_silence``; then
+    it calls ``observe`` (readings in order), ``late`` (late readings), ``on_timer`` (a timer
+    the rule set fell due) and ``on_change`` (a change of a rule it ``hears``). The lifecycle
+    asks ``shows_unit`` and ``notice_facts`` when it words a notice; a snapshot ``dump``s and
+    ``load``s the state (``tracks``: one ``Track`` per subject that is not quiet)."""
 
     type = ""
     reads = "value"          # which part of a reading it observes: value, battery, event, none
     takes_late = False       # whether a late reading can act on it (``late``; README "Late readings")
+    scans_silence = False    # whether the engine's absence scan drives it (rules.types.base.WatchesSilence)
 
-    def __init__(self, spec: Any, number: int, sink: list, timers: Timers,
-                 subject_name: Callable[[int | str], str]) -> None:
+    def __init__(self, spec: Any, b: Binding) -> None:
         self.spec = spec
         self.id: str = spec.id
-        self.number = number
-        self.out = sink               # the engine's list of Changes
-        self.timers = timers
-        self.subject_name = subject_name
+        self.number = b.number
+        self.out = b.sink             # the engine's list of Changes
+        self.timers = b.timers
+        self.subject_name = b.subject_name
         self.tracks: dict[int | str, Track] = {}
-        self.bump: dict[int, int] = {}        # sensor -> severity levels added by modifiers
+        self.bump: dict[int, int] = b.bump    # sensor -> severity levels added by modifiers
         self.bump_all = 0
-        self.selected: bytearray | None = None   # `where:` mask by sensor number, None = all
-        self.loaded: Any = None                  # the LoadedRule (pack, file) it came from
+        self.selected: bytearray | None = b.selected   # `where:` mask by sensor number, None = all
+        self.loaded: Any = b.loaded              # the LoadedRule (pack, file) it came from
         # sensor -> when its last incident of this rule ended: a late reading older than that
         # fell inside that incident (or is its redelivery) and must not open another one
         self.ended: dict[int | str, int] = {}
@@ -168,8 +179,46 @@ class Evaluator:
         tr.aid = alert_id(self.id, self.subject_name(s), tr.started)
         self._emit(FIRE, s, tr, ts)
 
+    # -- what the engine's screening asks, once --------------------------------------------
+    def quiet_floor(self) -> tuple[float, dict] | None:
+        """A value under which a reading of a sensor with no track open changes nothing, the
+        same for every sensor it watches, and its tracks; None: it cannot say (the engine then
+        asks it of every reading of its kinds)."""
+        return None
+
+    def battery_ceiling(self) -> float:
+        """For a battery rule: the level over which a sensor with no track open changes
+        nothing (+inf: it cannot say)."""
+        return float("inf")
+
+    def event_names(self) -> frozenset[str]:
+        """The event names it acts on (an event no rule names is a heartbeat)."""
+        return frozenset()
+
+    def hears(self) -> list[str]:
+        """The rules whose changes it is told of (``on_change``)."""
+        return self.spec.counts()
+
+    # -- evaluation -------------------------------------------------------------------------
+    def observe(self, s: int, ts: int, x: Any) -> None:
+        """A reading (the part ``reads`` names) of sensor ``s`` at event time ``ts``, in order."""
+
+    def on_change(self, ch: Change) -> None:
+        """An incident of a rule it ``hears`` changed."""
+
     def on_timer(self, due: int, key: Any) -> None:  # pragma: no cover - every type overrides
         raise AssertionError(f"{self.id}: unexpected timer")
+
+    # -- what a notice says (the type says it; see ``rules.types.base.RuleType``) ------------
+    @property
+    def shows_unit(self) -> bool:
+        from rules.types.base import TYPES      # (the types import this module)
+        return TYPES[self.spec.type].shows_unit
+
+    def notice_facts(self, subject: int | str, heard: int | None, kind: str, members: int,
+                     fmt_time: Callable[[int], str]) -> tuple[dict, str | None, str | None, list[str]]:
+        from rules.types.base import TYPES
+        return TYPES[self.spec.type].notice_facts(self.spec, subject, heard, kind, members, fmt_time)
 
     def late(self, s: int, ts: int, x: Any) -> None:
         """A reading older than the sensor's newest, within ``allowed_lateness``. Only the
@@ -184,6 +233,14 @@ class Evaluator:
         if self.ended:
             d["ended"] = [[sid(s), ts] for s, ts in self.ended.items()]
         return d
+
+    @staticmethod
+    def by_subject(rows: list, sidx: Callable[[Any], int | str | None]) -> Iterator[tuple[int | str, Any]]:
+        """A snapshot's ``[subject key, value]`` rows, of the subjects the registry still has."""
+        for key, value in rows:
+            s = sidx(key)
+            if s is not None:
+                yield s, value
 
     def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
         lost = 0
@@ -210,12 +267,11 @@ class Stateful(Evaluator):
     incident steps down a level when that level's clear holds (Kapacitor's warnReset/critReset).
     """
 
-    def __init__(self, spec: Any, number: int, sink: list, timers: Timers,
-                 subject_name: Callable[[int | str], str], levels: list[tuple[int, str, int]],
+    def __init__(self, spec: Any, b: Binding, levels: list[tuple[int, str, int]],
                  ranks: list[int], clear: tuple[int, str, int] | None,
                  default: tuple[float, ...], thresholds: dict[int, tuple[float, ...]],
                  level_clears: list[tuple[int, str, int] | None] | None = None) -> None:
-        super().__init__(spec, number, sink, timers, subject_name)
+        super().__init__(spec, b)
         self.spec_levels = levels                # as written: (quantity, "op", slot)
         self.levels = [(q, OPS[op], slot) for q, op, slot in levels]
         self.ranks = ranks
@@ -376,425 +432,3 @@ class Stateful(Evaluator):
             self._resolve(s, tr, due)
         elif tr.phase == RESOLVED:
             del self.tracks[s]
-
-
-class Threshold(Stateful):
-    type = "threshold"
-
-    @property
-    def takes_late(self) -> bool:          # type: ignore[override]
-        return self.for_ms == 0 and self.reads == "value"
-
-    def observe(self, s: int, ts: int, v: float) -> None:
-        if self.selected is not None and not self.selected[s]:
-            return
-        if self.rising and s not in self.tracks:
-            floor = self.floor.get(s, self.floor_default) if self.floor else self.floor_default
-            if v < floor:
-                return
-        self.update(s, ts, (v,))
-
-    def late(self, s: int, ts: int, v: float) -> None:
-        """A late value can open an incident, reopen it in its flapping window, step it up or
-        stop its clearing, never lower or end one: the readings after it were judged already."""
-        if self.selected is not None and not self.selected[s]:
-            return
-        rank, at, value = self.rank_of(s, (v,))
-        if rank < 0:
-            return
-        tr = self.tracks.get(s)
-        if tr is not None and tr.phase == CLEARING and ts >= tr.due:
-            self._resolve(s, tr, tr.due)             # it was over before this reading
-            tr = self.tracks.get(s)
-        if tr is not None and tr.phase == RESOLVED and ts >= tr.due:
-            del self.tracks[s]                       # the flapping window is over
-            tr = None
-        if tr is None:
-            if ts >= self.ended.get(s, -(1 << 62)):
-                tr = self.tracks[s] = Track(PENDING, ts, rank, value, at)
-                self._new_incident(s, tr, ts)
-            return
-        if tr.phase == RESOLVED:
-            if ts >= tr.due - self.flap_ms:          # after the resolve, within the window
-                tr.phase, tr.flapping, tr.value, tr.threshold = FIRING, True, value, at
-                tr.rank = max(rank, tr.rank)
-                self._emit(REOPEN, s, tr, ts)
-            return
-        if self.per_level:                           # its steps down were judged in order
-            return
-        if tr.phase == CLEARING and ts > tr.since:
-            tr.phase = FIRING                        # clear_for starts again at the next clear
-        if rank > tr.rank:
-            tr.rank, tr.value, tr.threshold = rank, value, at
-            self._emit(UPGRADE, s, tr, ts)
-
-
-class Windowed(Stateful):
-    """Window rules (sum/avg/min/max/count, sliding or tumbling) and rate-of-change rules.
-
-    Per sensor a ring of ``n`` step-buckets ``[bucket, sum, count, min, max] * n``. Sliding
-    windows are evaluated on every reading over the trailing buckets; tumbling windows when a
-    reading opens the next bucket (at the closed bucket's end time).
-    """
-
-    def __init__(self, *args: Any, step: int, windows: list[tuple[str, int]], tumbling: bool,
-                 **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.step = step
-        self.windows = windows            # (fn, steps) per quantity, in quantity order
-        self.n = max(steps for _, steps in windows)
-        self.tumbling = tumbling
-        self.rings: dict[int, list] = {}
-
-    def observe(self, s: int, ts: int, v: float) -> None:
-        if self.selected is not None and not self.selected[s]:
-            return
-        b = ts // self.step
-        ring = self.rings.get(s)
-        if ring is None:
-            ring = self.rings[s] = [-1, 0.0, 0, 0.0, 0.0] * self.n
-        if self.tumbling:
-            if ring[0] != b:
-                if ring[0] >= 0 and ring[0] < b:
-                    closed_end = (ring[0] + 1) * self.step
-                    q = self._quantities(ring, ring[0], None)
-                    self.update(s, closed_end, q)
-                elif ring[0] > b:
-                    return                   # a reading for a window already closed
-                ring[0:5] = [b, v, 1, v, v]
-            else:
-                ring[1] += v
-                ring[2] += 1
-                if v < ring[3]:
-                    ring[3] = v
-                if v > ring[4]:
-                    ring[4] = v
-            return
-        i = (b % self.n) * 5
-        if ring[i] != b:
-            if ring[i] > b:
-                return                       # older than the ring: already slid out
-            ring[i:i + 5] = [b, v, 1, v, v]
-        else:
-            ring[i + 1] += v
-            ring[i + 2] += 1
-            if v < ring[i + 3]:
-                ring[i + 3] = v
-            if v > ring[i + 4]:
-                ring[i + 4] = v
-        self.update(s, ts, self._quantities(ring, b, v))
-
-    def _quantities(self, ring: list, b: int, v: float | None) -> tuple:
-        out = []
-        n = self.n
-        for fn, steps in self.windows:
-            total, count, lo, hi = 0.0, 0, None, None
-            for bb in range(b - steps + 1, b + 1):
-                i = (bb % n) * 5
-                if ring[i] == bb:
-                    total += ring[i + 1]
-                    count += ring[i + 2]
-                    lo = ring[i + 3] if lo is None or ring[i + 3] < lo else lo
-                    hi = ring[i + 4] if hi is None or ring[i + 4] > hi else hi
-            if fn == "sum":
-                out.append(round(total, 6))
-            elif fn == "avg":
-                out.append(round(total / count, 6) if count else 0.0)
-            elif fn == "count":
-                out.append(float(count))
-            elif fn == "min":
-                out.append(lo if lo is not None else 0.0)
-            elif fn == "max":
-                out.append(hi if hi is not None else 0.0)
-        return tuple(out)
-
-    def dump(self, sid: Callable[[int | str], Any]) -> dict:
-        d = super().dump(sid)
-        d["rings"] = [[sid(s), r] for s, r in self.rings.items()]
-        return d
-
-    def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
-        lost = super().load(state, sidx)
-        for key, ring in state.get("rings", []):
-            s = sidx(key)
-            if s is not None:
-                self.rings[s] = ring
-        return lost
-
-
-class Rate(Stateful):
-    """Rate of change: ``rise`` is the value minus the lowest of the sensor's readings in the
-    closed window [t - over, t] and ``fall`` the highest minus the value, exactly, whatever the
-    reporting interval (the reading made exactly ``over`` before counts: "0.4 m in 1 h").
-
-    Per sensor two monotonic queues of (ts, value): the lows ascending and the highs descending,
-    so each reading costs O(1) however many readings the window holds."""
-
-    type = "rate"
-
-    def __init__(self, *args: Any, over: int, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.over = over
-        self.lows: dict[int, deque] = {}
-        self.highs: dict[int, deque] = {}
-
-    def observe(self, s: int, ts: int, v: float) -> None:
-        if self.selected is not None and not self.selected[s]:
-            return
-        lows = self.lows.get(s)
-        if lows is None:
-            lows, highs = self.lows[s], self.highs[s] = deque(), deque()
-        else:
-            highs = self.highs[s]
-        start = ts - self.over
-        while lows and lows[0][0] < start:
-            lows.popleft()
-        while highs and highs[0][0] < start:
-            highs.popleft()
-        while lows and lows[-1][1] >= v:
-            lows.pop()
-        lows.append((ts, v))
-        while highs and highs[-1][1] <= v:
-            highs.pop()
-        highs.append((ts, v))
-        self.update(s, ts, (round(v - lows[0][1], 6), round(highs[0][1] - v, 6)))
-
-    def dump(self, sid: Callable[[int | str], Any]) -> dict:
-        d = super().dump(sid)
-        d["window"] = [[sid(s), list(self.lows[s]), list(self.highs[s])] for s in self.lows]
-        return d
-
-    def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
-        lost = super().load(state, sidx)
-        for key, lows, highs in state.get("window", []):
-            s = sidx(key)
-            if s is not None:
-                self.lows[s] = deque((t, v) for t, v in lows)
-                self.highs[s] = deque((t, v) for t, v in highs)
-        return lost
-
-
-class Events(Evaluator):
-    """Discrete events (camera violations, crane alarms, door magnets): one incident per sensor
-    while events keep coming; it resolves after ``resolve_after`` of quiet or on a clear event."""
-
-    type = "event"
-    reads = "event"
-    takes_late = True
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.severity_of = {e: sev.rank for e, sev in self.spec.events.items()}
-        self.clear_events = set(self.spec.clear_events)
-        self.quiet = self.spec.resolve_after
-
-    def observe(self, s: int, ts: int, event: str) -> None:
-        if self.selected is not None and not self.selected[s]:
-            return
-        rank = self.severity_of.get(event)
-        tr = self.tracks.get(s)
-        if rank is None:
-            if tr is not None and event in self.clear_events:
-                self._end(s, tr, ts)
-            return
-        if tr is not None and ts >= tr.due:          # the old incident went quiet before this
-            self._end(s, tr, tr.due)
-            tr = None
-        if tr is None:
-            self._open(s, ts, event, rank)
-            return
-        tr.extra += 1                                # repeats are one incident, counted
-        self._repeat(s, tr, ts, event, rank)
-
-    def late(self, s: int, ts: int, event: str) -> None:
-        """A late named event acts as it would have in order, but a clear event ends nothing
-        (a newer event may have raised it again) and a late repeat is not counted."""
-        if self.selected is not None and not self.selected[s]:
-            return
-        rank = self.severity_of.get(event)
-        if rank is None:
-            return
-        tr = self.tracks.get(s)
-        if tr is not None and ts >= tr.due:
-            self._end(s, tr, tr.due)
-            tr = None
-        if tr is None:
-            if ts >= self.ended.get(s, -(1 << 62)):
-                self._open(s, ts, event, rank)
-            return
-        self._repeat(s, tr, ts, event, rank)
-
-    def _open(self, s: int, ts: int, event: str, rank: int) -> None:
-        tr = self.tracks[s] = Track(FIRING, ts, rank, None, None)
-        tr.event, tr.extra = event, 1
-        tr.due = ts + self.quiet
-        self._new_incident(s, tr, ts)
-        self.timers.push(tr.due, self.number, s)
-
-    def _repeat(self, s: int, tr: Track, ts: int, event: str, rank: int) -> None:
-        tr.due = max(tr.due, ts + self.quiet)
-        if rank > tr.rank:
-            tr.rank, tr.event = rank, event
-            self._emit(UPGRADE, s, tr, ts)
-
-    def _end(self, s: int | str, tr: Track, ts: int) -> None:
-        self._emit(RESOLVE, s, tr, ts)
-        del self.tracks[s]
-        self._ended(s, ts)
-
-    def on_timer(self, due: int, s: Any) -> None:
-        tr = self.tracks.get(s)
-        if tr is None:
-            return
-        if tr.due > due:
-            self.timers.push(tr.due, self.number, s)   # extended by a repeat: look again then
-            return
-        self._end(s, tr, tr.due)
-
-
-class Absence(Evaluator):
-    """Dead-man: a sensor silent for ``absent_for`` (never heard from counts, from the time the
-    engine started watching) raises an incident; when every watched sensor behind a gateway is
-    silent, one gateway incident stands for all of them. The scan is vectorised by the engine;
-    this class keeps the incidents."""
-
-    type = "absence"
-    reads = "none"
-
-    def __init__(self, *args: Any, absent_ms: Any, gateway_of: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.absent_ms = absent_ms      # numpy int64 per sensor, 0 = not watched by this rule
-        self.gateway_of = gateway_of    # numpy int32 per sensor, -1 = none
-        self.silent: dict[int, str] = {}  # sensor -> subject of its incident (itself or gateway)
-        # the same, as a mask per sensor and per gateway subject: a city has many silent
-        # sensors, and neither a scan nor a gateway coming back may walk all of them
-        self.silent_mask = np.zeros(len(absent_ms), dtype=bool)
-        self.members: dict[str, set[int]] = {}
-
-    def mark(self, s: int, subject: str) -> None:
-        """Sensor ``s`` is silent, in its own incident (``subject`` "") or its gateway's."""
-        self.silent[s] = subject
-        self.silent_mask[s] = True
-        if subject:
-            self.members.setdefault(subject, set()).add(s)
-
-    def fire(self, s: int | str, ts: int, last: int, members: list[int] | None) -> None:
-        tr = self.tracks[s] = Track(FIRING, ts, self.spec.severity.rank, None, None)
-        tr.extra = last                 # last heard from (0 = never)
-        tr.aid = alert_id(self.id, self.subject_name(s), ts)
-        rank = self.spec.severity.rank
-        self.out.append(Change(FIRE, self, s, tr.aid, rank, ts, ts, None, None, members=members,
-                               heard=last))
-
-    def recover(self, s: int, ts: int) -> list[int]:
-        """Sensor ``s`` reported at ``ts``; returns the sensors no longer silent by it."""
-        subject = self.silent.get(s)
-        if subject is None:
-            return []
-        key: int | str = s if subject == "" else subject
-        tr = self.tracks.get(key)
-        if tr is not None and ts < tr.started - int(self.absent_ms[s]):
-            return []   # older than the silence the incident stands for: it goes on (README)
-        del self.silent[s]
-        self.silent_mask[s] = False
-        freed = [s]
-        if subject:
-            self.members[subject].discard(s)
-        tr = self.tracks.pop(key, None)
-        if tr is None:
-            return freed
-        if key != s:   # a gateway is back: its other sensors are looked at again by the next scan
-            others = sorted(self.members.pop(subject))
-            for m in others:
-                del self.silent[m]
-            self.silent_mask[others] = False
-            freed += others
-        self.out.append(Change(RESOLVE, self, key, tr.aid, tr.rank, ts, tr.started, None, None,
-                               heard=tr.extra))
-        return freed
-
-    def dump(self, sid: Callable[[int | str], Any]) -> dict:
-        d = super().dump(sid)
-        d["silent"] = [[sid(s), subj] for s, subj in self.silent.items()]
-        return d
-
-    def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
-        lost = super().load(state, sidx)
-        for key, subj in state.get("silent", []):
-            s = sidx(key)
-            if s is not None:
-                self.mark(s, subj)
-        return lost
-
-
-class Correlation(Evaluator):
-    """N distinct sensors of the same building / grid / community / street with incidents of the
-    watched rules started within T: one group incident at a raised severity. It resolves when
-    the last member incident resolves."""
-
-    type = "correlation"
-    reads = "none"
-
-    def __init__(self, *args: Any, group_of: Callable[[int], str | None], **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.group_of = group_of
-        self.members: dict[str, dict[int, int]] = {}   # group -> {sensor: incident start}
-
-    def on_change(self, ch: Change) -> None:
-        if not isinstance(ch.subject, int):
-            return
-        g = self.group_of(ch.subject)
-        if g is None:
-            return
-        members = self.members.get(g)
-        if ch.what in (FIRE, REOPEN):
-            if members is None:
-                members = self.members[g] = {}
-            members[ch.subject] = ch.ts
-            if g in self.tracks:
-                return
-            at = self._reached(members)
-            if at is not None:
-                recent = sorted(m for m, t in members.items() if at - self.spec.within <= t <= at)
-                tr = self.tracks[g] = Track(FIRING, at, self.spec.severity.rank, None, None)
-                tr.aid = alert_id(self.id, g, at)
-                tr.extra = recent
-                self.out.append(Change(FIRE, self, g, tr.aid, tr.rank, at, at, None,
-                                       float(self.spec.min_sensors), members=recent))
-        elif ch.what == RESOLVE and members is not None:
-            members.pop(ch.subject, None)
-            if not members:
-                del self.members[g]
-                tr = self.tracks.pop(g, None)
-                if tr is not None:
-                    self.out.append(Change(RESOLVE, self, g, tr.aid, tr.rank, ch.ts, tr.started,
-                                           None, None, members=tr.extra))
-
-    def _reached(self, members: dict[int, int]) -> int | None:
-        """The event time at which `min_sensors` members had started within `within`, if they
-        have. Judged on the start times, not on the order their alarms arrived in, so a member
-        that comes late (another Kafka partition's forwarding, a gateway's backlog) names the
-        group incident as it would have been named had everything come in order."""
-        n, within = self.spec.min_sensors, self.spec.within
-        times = sorted(members.values())
-        for j in range(n - 1, len(times)):
-            if times[j] - times[j - n + 1] <= within:
-                return times[j]
-        return None
-
-    def dump(self, sid: Callable[[int | str], Any]) -> dict:
-        d = super().dump(sid)
-        d["members"] = {g: [[sid(s), t] for s, t in m.items()] for g, m in self.members.items()}
-        for _, track in d["tracks"]:
-            track.extra = [sid(s) for s in track.extra]
-        return d
-
-    def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
-        lost = super().load(state, sidx)
-        for tr in self.tracks.values():
-            tr.extra = [x for x in (sidx(k) for k in tr.extra) if x is not None]
-        for g, rows in state.get("members", {}).items():
-            m = {s: t for s, t in ((sidx(k), t) for k, t in rows) if s is not None}
-            if m:
-                self.members[g] = m
-        return lost

@@ -8,7 +8,7 @@ errors. Conditions are expressions of ``rules.expr`` (never Python).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -79,6 +79,8 @@ class Flapping(_Strict):
 
 
 class _RuleBase(_Strict):
+    if TYPE_CHECKING:
+        type: str                   # each type's model says its own Literal (rules/types/*.py)
     id: RuleId
     name: str = Field(description="short Chinese name, the default title")
     sensors: list[str] = Field(min_length=1, description="sensor kinds the rule watches")
@@ -89,6 +91,14 @@ class _RuleBase(_Strict):
     instruction: str | None = Field(default=None, description="what the sensor's owner is asked "
                                     "to do: ends the owner's push (a template)")
     modifiers: list[Modifier] = []
+
+    def counts(self) -> list[str]:
+        """The rules whose incidents this rule counts (a correlation rule's ``of``)."""
+        return []
+
+    def state_shape(self) -> tuple:
+        """What this rule's saved state means: a new rule with another shape cannot read it."""
+        return (self.type,)
 
 
 class _Stateful(_RuleBase):
@@ -106,79 +116,8 @@ class _Stateful(_RuleBase):
         return self
 
 
-class ThresholdRule(_Stateful):
-    type: Literal["threshold"]
-
-
-class RateRule(_Stateful):
-    """Quantities `rise` (value minus the lowest in the closed window [t - over, t]) and `fall`
-    (the highest in it minus value), over the sensor's own readings, exactly."""
-
-    type: Literal["rate"]
-    over: Duration
-    resolution: int = Field(default=12, ge=2, le=120, description="accepted for old packs; no "
-                            "effect: the window is exact")
-
-
-class Window(_Strict):
-    fn: Literal["sum", "avg", "min", "max", "count"]
-    size: Duration
-    every: Duration | None = Field(default=None, description="slide step; none = tumbling")
-
-    @model_validator(mode="after")
-    def _fits(self) -> Window:
-        step = self.every or self.size
-        if self.size <= 0 or step <= 0 or self.size % step:
-            raise ValueError("window size must be a positive whole multiple of `every`")
-        if self.size // step > 168:
-            raise ValueError("at most 168 steps in a window (e.g. 7d every 1h)")
-        return self
-
-
-class WindowRule(_Stateful):
-    type: Literal["window"]
-    windows: dict[str, Window] = Field(min_length=1)
-
-    @field_validator("windows")
-    @classmethod
-    def _names(cls, v: dict[str, Window]) -> dict[str, Window]:
-        for name in v:
-            if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ("value", "battery", "rise", "fall"):
-                raise ValueError(f"window name {name!r}: lower-case, and not a reading field")
-        steps = {w.every or w.size for w in v.values()}
-        if len(steps) != 1:
-            raise ValueError("all windows of one rule share one step (`every`, or the size when tumbling)")
-        if len({w.every is None for w in v.values()}) != 1:
-            raise ValueError("a rule's windows are all tumbling or all sliding")
-        return v
-
-
-class AbsenceRule(_RuleBase):
-    type: Literal["absence"]
-    absent_for: Duration | dict[str, Duration] = Field(
-        description="silence that counts as absence; one duration, or one per sensor kind")
-    severity: Severity = Severity.blue
-    group_by_gateway: bool = True
-
-
-class EventRule(_RuleBase):
-    type: Literal["event"]
-    events: dict[str, Severity] = Field(min_length=1, description="event name -> severity")
-    clear_events: list[str] = []
-    resolve_after: Duration = Field(default=1_800_000, description="quiet after the last event")
-
-
-class CorrelationRule(_RuleBase):
-    type: Literal["correlation"]
-    of: list[RuleId] = Field(min_length=1, description="rules whose incidents are counted")
-    group_by: Literal["building", "grid", "community", "street"]
-    min_sensors: int = Field(ge=2)
-    within: Duration
-    severity: Severity
-
-
-Rule = Annotated[ThresholdRule | RateRule | WindowRule | AbsenceRule | EventRule | CorrelationRule,
-                 Field(discriminator="type")]
+if TYPE_CHECKING:
+    Rule = Any      # the union of the rule types' schemas, made by rules.types when they are loaded
 
 
 class Pack(_Strict):
@@ -189,7 +128,7 @@ class Pack(_Strict):
     params: dict[str, float] = {}
     districts: dict[str, dict[str, float]] = Field(
         default={}, description="per-district parameter overrides, by 6-digit district code")
-    rules: list[Rule] = []
+    rules: list[Rule] = []      # the union of the registered types (rules.types fills it)
 
     @model_validator(mode="after")
     def _ids(self) -> Pack:
@@ -261,3 +200,7 @@ class Routing(_Strict):
 
 
 MATCH_LABELS = {"rule_id", "category", "severity", "kind", "district", "street", "community", "grid"}
+
+# The rule types (rules/types/*.py) use the shared pieces above; importing them registers each
+# type and makes ``Rule``, the union ``Pack.rules`` takes, out of the registered ones.
+import rules.types  # noqa: E402,F401

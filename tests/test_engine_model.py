@@ -105,6 +105,13 @@ def packs(draw) -> dict:
                       "of": ["fz.level"], "group_by": draw(st.sampled_from(["building", "grid"])),
                       "min_sensors": 2, "within": draw(st.sampled_from(["1m", "10m"])),
                       "severity": "red"})
+    if draw(st.booleans()):
+        stuck: dict = {"id": "fz.stuck", "name": "读数不变", "type": "stuck", "sensors": ["lv"],
+                       "for": draw(st.sampled_from(["30s", "1m", "5m"])),
+                       "tolerance": draw(st.sampled_from([0, 0.5, 5]))}
+        if draw(st.booleans()):
+            stuck["where"] = "sensor.zone != 2"
+        rules.append(stuck)
     pack = {"pack": "fz", "title": "fuzz",
             "kinds": {"lv": {"name": "液位计", "unit": "cm", "category": "gas"},
                       "cam": {"name": "摄像头", "category": "construction", "reading": "event",

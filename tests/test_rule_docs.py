@@ -24,11 +24,12 @@ from pipeline.core.registry import Registry
 from pipeline.core.registry import load as load_registry
 from pipeline.tools import rule_tests as testing
 from rules.compiler import load_rules
+from rules.types.base import TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 EXAMPLE_DOCS = [DOCS / "rules.md", DOCS / "routing.md"]
-RULE_TYPES = {"threshold", "rate", "window", "absence", "event", "correlation"}
+RULE_TYPES = set(TYPES)          # every registered rule type
 
 _FENCE = re.compile(r"^(`{3,})([^\n`]*)\n(.*?)^\1[ \t]*$", re.M | re.S)
 
@@ -207,12 +208,13 @@ def test_every_field_is_documented():
     from pipeline.core.engine import EngineSettings
     from rules import schema as s
     from rules.compiler import TEMPLATE_FIELDS
+    from rules.types.window import Window
 
     rules_words = _code_words(DOCS / "rules.md")
-    want = _fields(s.Pack, s.SensorKind, s.Level, s.Modifier, s.Flapping, s.ThresholdRule,
-                   s.RateRule, s.Window, s.WindowRule, s.AbsenceRule, s.EventRule,
-                   s.CorrelationRule, EngineSettings, testing.RuleTest, testing.Step,
+    want = _fields(s.Pack, s.SensorKind, s.Level, s.Modifier, s.Flapping, Window,
+                   *(t.schema for t in TYPES.values()), EngineSettings, testing.RuleTest, testing.Step,
                    testing.TestReading, testing.TestAck, testing.Expect) | TEMPLATE_FIELDS
+    want |= {f for t in TYPES.values() for f in t.template_fields}
     assert not want - rules_words, f"docs/rules.md does not name {sorted(want - rules_words)}"
     routing_words = _code_words(DOCS / "routing.md")
     want = _fields(s.Routing, s.Route, s.Escalation) | s.MATCH_LABELS

@@ -30,7 +30,6 @@ from pipeline.core.history import Batch, Progress
 from pipeline.core.registry import Registry
 from pipeline.core.replay import AckAfter
 from rules.compiler import LoadedRule, RuleSet
-from rules.schema import CorrelationRule
 
 NIGHT = (22, 7)                 # a night: 22:00 to 07:00 local time, named by its evening's date
 DIMENSIONS = ("rule", "district", "tier", "day")
@@ -197,8 +196,7 @@ def differing(current: RuleSet, new: RuleSet) -> set[str]:
     while grew:
         grew = False
         for r in current.rules + new.rules:
-            if isinstance(r.spec, CorrelationRule) and r.spec.id not in out \
-                    and out.intersection(r.spec.of):
+            if r.spec.id not in out and out.intersection(r.spec.counts()):
                 out.add(r.spec.id)
                 grew = True
     return out
@@ -207,8 +205,7 @@ def differing(current: RuleSet, new: RuleSet) -> set[str]:
 def only(rs: RuleSet, ids: set[str]) -> RuleSet:
     """``rs`` with these rules and the rules their correlation rules count."""
     need = set(ids)
-    need |= {o for r in rs.rules if r.spec.id in ids and isinstance(r.spec, CorrelationRule)
-             for o in r.spec.of}
+    need |= {o for r in rs.rules if r.spec.id in ids for o in r.spec.counts()}
     return RuleSet(rs.packs, rs.kinds, [r for r in rs.rules if r.spec.id in need], rs.routing,
                    rs.routing_doc, rs.sources)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from itertools import compress
 from math import isfinite
 from operator import attrgetter, ge, gt
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
@@ -46,6 +46,9 @@ from pipeline.core.routing import Router
 from rules import evaluators as ev
 from rules.compiler import RuleSet, compile_rules
 from rules.schema import Duration
+
+if TYPE_CHECKING:
+    from rules.types.base import WatchesSilence
 
 SCAN = -2                  # timer owner number of the absence scan
 SNAPSHOT_VERSION = 2        # 2: tracks and incidents by name (rules.evaluators.TrackState,
@@ -151,42 +154,9 @@ class Engine:
         self.by_id = {e.id: e for e in self.evaluators}
         self.book = AlertBook(registry, Router(rules.routing, registry), self.timers, self.by_id,
                               rules.kinds, self._subject_name)
-        kinds = registry.kinds
-        wants_value = [rules.kinds[k].reading == "value" if k in rules.kinds else True for k in kinds]
-        self._wants_value = bytes(wants_value)
-        self._value = [tuple(e.observe for e in self.evaluators
-                             if e.reads == "value" and k in e.spec.sensors) for k in kinds]
-        self._battery = [tuple(e.observe for e in self.evaluators
-                               if e.reads == "battery" and k in e.spec.sensors) for k in kinds]
-        self._event = [tuple(e.observe for e in self.evaluators
-                             if e.reads == "event" and k in e.spec.sensors) for k in kinds]
-        # what a late reading can act on, per kind (README "Late readings")
-        self._late_value = [tuple(e.late for e in self.evaluators if e.reads == "value"
-                                  and e.takes_late and k in e.spec.sensors) for k in kinds]
-        self._late_event = [tuple(e.late for e in self.evaluators if e.reads == "event"
-                                  and e.takes_late and k in e.spec.sensors) for k in kinds]
-        # Quiet readings of a kind whose only value rule is a plain rising threshold (gas: the
-        # bulk of a city's sensors) need no call at all: under the lowest threshold and with no
-        # incident open, nothing can happen. (floor, that rule's tracks) per kind, else None.
-        self._quiet = [self._quiet_path(hs) for hs in self._value]
-        # per kind: the value under which a reading can change nothing (+inf: no value rule,
-        # -inf: every reading matters, e.g. windows), and whether event/battery rules exist
-        self._floor_np = np.array([np.inf if not hs else (q[0] if q else -np.inf)
-                                   for hs, q in zip(self._value, self._quiet, strict=True)] or [0.0])
-        self._quiet_rules = [hs[0].__self__ for hs, q in zip(self._value, self._quiet, strict=True) if q]
-        self._has_event_rules_np = np.array([bool(h) for h in self._event] or [False])
-        self._has_battery_rules_np = np.array([bool(h) for h in self._battery] or [False])
-        self._battery_kinds_any = any(self._battery)
-        # battery rules fire on low levels: above every kind's highest threshold, with no
-        # incident open, a battery level changes nothing (+inf: look at every level)
-        self._battery_rules = [e for e in self.evaluators if e.reads == "battery"]
-        self._battery_ceiling_np = np.array(
-            [self._battery_ceiling(hs) for hs in self._battery] or [0.0])
+        self._ask_rules(registry.kinds, rules)
         self._id_numbers: dict[str, int] = {}     # sensor id -> number, of the sensors heard
-        self._event_names = frozenset(
-            name for e in self.evaluators if isinstance(e, ev.Events)
-            for name in (*e.severity_of, *e.clear_events))
-        self._wants_value_np = np.array(wants_value or [True], dtype=bool)
+        self._wants_value_np = np.array(list(self._wants_value) or [True], dtype=bool)
         self._kind_np = np.frombuffer(registry.kind_of, dtype=np.uint8) if n else np.zeros(1, np.uint8)
         self._gateway_np = np.frombuffer(registry.gateway_of, dtype=np.int32) if n else np.zeros(1, np.int32)
         self._gateway_numbers = registry.gateway_index
@@ -203,12 +173,6 @@ class Engine:
         self._source_np = np.where(self._gateway_np >= 0, self._gateway_np,
                                    len(registry.gateways) + np.arange(max(n, 1))) if n else self._gateway_np
         self._quorum = _Quorum()
-        self.absence = [e for e in self.evaluators if isinstance(e, ev.Absence)]
-        self._listeners: dict[str, list[ev.Correlation]] = {}
-        for e in self.evaluators:
-            if isinstance(e, ev.Correlation):
-                for rid in e.spec.of:
-                    self._listeners.setdefault(rid, []).append(e)
         self.silent: set[int] = set()       # sensors in an absence incident (any absence rule)
         self._silent_np = np.zeros(max(n, 1), dtype=bool)     # the same, as a mask
         self._gateway_members = [self._members_by_gateway(a) for a in self.absence]
@@ -240,7 +204,51 @@ class Engine:
         self.watch_start = 0                # when absence watching began (event time)
         self.counters: Counter[str] = Counter()
 
-    def _members_by_gateway(self, a: ev.Absence) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def _ask_rules(self, kinds: Sequence[str], rules: RuleSet) -> None:
+        """What the screening asks of the rules, once, per sensor kind (``_ask_kind``), and of
+        every rule: the event names they act on, whom they hear, which the absence scan drives."""
+        self._wants_value = bytes(rules.kinds[k].reading == "value" if k in rules.kinds else True
+                                  for k in kinds)
+        asked = [self._ask_kind(k) for k in kinds]
+        (self._value, self._battery, self._event, self._late_value, self._late_event,
+         self._quiet, floors, ceilings) = (list(col) for col in zip(*asked, strict=True)) if asked \
+            else ([] for _ in range(8))
+        # per kind: the value under which a reading can change nothing (+inf: no value rule,
+        # -inf: every reading matters, e.g. windows), and whether event/battery rules exist
+        self._floor_np = np.array(floors or [0.0])
+        self._quiet_tracks = [q[1] for q in self._quiet if q]
+        self._has_event_rules_np = np.array([bool(h) for h in self._event] or [False])
+        self._has_battery_rules_np = np.array([bool(h) for h in self._battery] or [False])
+        self._battery_kinds_any = any(self._battery)
+        self._battery_rules = [e for e in self.evaluators if e.reads == "battery"]
+        self._battery_ceiling_np = np.array(ceilings or [0.0])
+        self._event_names = frozenset(name for e in self.evaluators for name in e.event_names())
+        self.absence: list[WatchesSilence] = [e for e in self.evaluators if e.scans_silence]  # type: ignore[misc]
+        self._listeners: dict[str, list[ev.Evaluator]] = {}
+        for e in self.evaluators:
+            for rid in e.hears():
+                self._listeners.setdefault(rid, []).append(e)
+
+    def _ask_kind(self, kind: str) -> tuple:
+        """The rules watching ``kind``: what a value, a battery level and an event of it are
+        given to, in order and late (README "Late readings"); its quiet floor (readings of a
+        kind whose only value rule names one, a plain rising threshold (gas: the bulk of a
+        city's sensors), need no call at all: under the floor, with no incident open, nothing
+        can happen): (floor, that rule's tracks) or None, and the floor as the screen uses it;
+        its battery ceiling (battery rules fire on low levels: over every rule's highest
+        threshold, with no incident open, a level changes nothing; +inf: look at every level)."""
+        watching = [e for e in self.evaluators if kind in e.spec.sensors]
+        value = [e for e in watching if e.reads == "value"]
+        battery = [e for e in watching if e.reads == "battery"]
+        event = [e for e in watching if e.reads == "event"]
+        quiet = value[0].quiet_floor() if len(value) == 1 else None
+        floor = np.inf if not value else (quiet[0] if quiet else -np.inf)
+        return (tuple(e.observe for e in value), tuple(e.observe for e in battery),
+                tuple(e.observe for e in event), tuple(e.late for e in value if e.takes_late),
+                tuple(e.late for e in event if e.takes_late), quiet, floor,
+                max((e.battery_ceiling() for e in battery), default=-np.inf))
+
+    def _members_by_gateway(self, a: WatchesSilence) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Per gateway, the sensors the rule watches behind it, computed once: (how many,
         where each gateway's run starts in the third array, the sensors in gateway order)."""
         gw = a.gateway_of
@@ -251,29 +259,6 @@ class Engine:
         starts = np.zeros(len(total) + 1, dtype=np.int64)
         np.cumsum(total, out=starts[1:])
         return total, starts, watched[np.argsort(gw[watched], kind="stable")]
-
-    @staticmethod
-    def _quiet_path(handlers: tuple) -> tuple[float, dict] | None:
-        if len(handlers) != 1:
-            return None
-        e = handlers[0].__self__
-        if type(e) is not ev.Threshold or not e.rising or e.floor or e.selected is not None:
-            return None
-        return e.floor_default, e.tracks
-
-    @staticmethod
-    def _battery_ceiling(handlers: tuple) -> float:
-        if not handlers:
-            return -np.inf
-        top = -np.inf
-        for h in handlers:
-            e = h.__self__
-            ops = {op for _, op, _ in e.spec_levels}
-            if type(e) is not ev.Threshold or e.thresholds or e.selected is not None \
-                    or not ops <= {"<=", "<"}:
-                return np.inf
-            top = max(top, max(e.default[slot] for _, _, slot in e.levels))
-        return top
 
     # ---- time is never moved by one sensor ----------------------------------------------
     @property
@@ -617,7 +602,7 @@ class Engine:
         busy = idx[busy_at]                 # (repeats cost isin less than np.unique would)
         if len(busy):
             matter |= measured & np.isin(idx, busy)
-        matter |= self._tracked(idx, measured & ~matter, [e.tracks for e in self._quiet_rules])
+        matter |= self._tracked(idx, measured & ~matter, self._quiet_tracks)
         if self.silent:                     # any reading of a silent sensor ends its silence
             matter |= ok & self._silent_np[idx]
         if self._battery_kinds_any:
@@ -779,7 +764,7 @@ class Engine:
         self._horizons = horizons
         # which taken readings can change anything (the batch screen's `matter`)
         floor, event_rules, names = self._floor_list, self._has_event_rules_list, self._event_names
-        tracks = [t for t in (e.tracks for e in self._quiet_rules) if t]
+        tracks = [t for t in self._quiet_tracks if t]
         silent = self.silent
         battery = self._battery_kinds_any
         if len(good) == n and single and None not in vals and not self.keep_accepted and (

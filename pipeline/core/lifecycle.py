@@ -22,7 +22,7 @@ from pipeline.core.routing import RouteOptions, Router, Target, sensor_labels
 from pipeline.core.silences import NEVER, Silence, SilenceBook
 from rules.compiler import modifier_notes
 from rules.evaluators import DOWNGRADE, FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers
-from rules.schema import AbsenceRule, CorrelationRule, format_duration
+from rules.schema import format_duration
 
 LIFECYCLE = -1          # timer owner number of the AlertBook
 # what a silence never holds: the end of what the tiers were told, and people taking it in hand
@@ -499,38 +499,22 @@ class AlertBook(Handling):
         k = self.kinds.get(kind)
         notes = (modifier_notes(e.loaded, reg, idx)
                  if spec.modifiers and idx is not None and isinstance(inc.subject, int) else [])
-        extra: dict[str, Any] = {}
-        group: str | None = None
         members = [reg.sensor_ids[m] for m in inc.members] if inc.members else None
-        out_kind = kind
-        if isinstance(spec, AbsenceRule):
-            # last heard from: the change says it (a resolve comes after the track is gone)
-            last = self.rules[inc.rule].tracks.get(inc.subject)
-            last_ms = ch.heard if ch.heard is not None else (last.extra if last is not None else 0)
-            extra = {"last_seen": nt.fmt_time(last_ms, reg.tz) if last_ms else "自接入以来从未上报",
-                     "absent_for": format_duration(self._absent_ms(spec, kind))}
-            if isinstance(inc.subject, str):
-                group, out_kind = inc.subject.removeprefix("gw:"), "gateway"
-                notes = notes + [f"网关{group}下{len(members or ())}个传感器全部失联"]
-        elif isinstance(spec, CorrelationRule):
-            group, out_kind = inc.subject, spec.group_by  # type: ignore[assignment]  # a group's name: str
+        extra, group, as_kind, more = e.notice_facts(inc.subject, ch.heard, kind, len(members or ()),
+                                                     lambda ms: nt.fmt_time(ms, reg.tz))
+        out_kind = as_kind or kind
+        notes = notes + more
         inc.base = nt.base_notice(
             alert_id=inc.aid, rule_id=inc.rule, rule_name=spec.name, rule_type=spec.type,
             sensor_id=reg.sensor_ids[idx] if idx is not None else str(inc.subject), kind=out_kind,
             kind_name=k.name if k else kind,
-            unit=k.unit if k and not isinstance(spec, (AbsenceRule, CorrelationRule)) else "",
+            unit=k.unit if k and e.shows_unit else "",
             category=self._category(inc), severity=Severity.of_rank(inc.rank),
             place=reg.place_of(idx), registry=reg, idx=idx, value=inc.value,  # type: ignore[arg-type]  # idx: on_timer
             threshold=inc.threshold, event=inc.event,
             event_name=k.events.get(inc.event, inc.event) if k and inc.event else None,
             started_ms=inc.started, title_t=spec.title, summary_t=spec.summary, notes=notes,
             group=group, members=members, extra=extra, instruction_t=spec.instruction)
-
-    @staticmethod
-    def _absent_ms(spec: AbsenceRule, kind: str) -> int:
-        if isinstance(spec.absent_for, dict):
-            return spec.absent_for.get(kind, 0)
-        return spec.absent_for
 
     def _send(self, inc: Incident, state: State, prev: State | None, ts: int, out: list[dict],
               new: list[Target], extra_summary: str = "", only: list[Target] | None = None,

@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 from pipeline.core.models import Category, Severity, State
 from pipeline.core.registry import Place, Registry
+from rules.types.base import TYPES
 
 _FIELD = re.compile(r"\{([a-z_]+)\}")
 _STATE_MARK = {State.firing: "", State.escalated: "·升级", State.acknowledged: "·已确认",
@@ -22,23 +23,8 @@ _STATE_MARK = {State.firing: "", State.escalated: "·升级", State.acknowledged
 _TIER_CN = {"street": "街镇", "district": "区级", "city": "市级", "dept": "部门", "grid": "网格员",
            "owner": "责任方", "community": "社区"}
 
-DEFAULT_SUMMARY = {
-    "threshold": "{address}：{kind_name}读数{value}{unit}，达到阈值{threshold}{unit}（{level}级）。{notes}",
-    "window": "{address}：{kind_name}{rule_name}，统计值{value}{unit}，达到阈值{threshold}{unit}（{level}级）。{notes}",
-    "rate": "{address}：{kind_name}变化{value}{unit}，达到阈值{threshold}{unit}（{level}级）。{notes}",
-    "event": "{address}：{kind_name}报告“{event_name}”（{owner}）。{notes}",
-    "absence": "{address}：{kind_name}已{absent_for}未上报数据（最后上报：{last_seen}）。{notes}",
-    "correlation": "{place}：{members_count}个传感器在短时间内相继报警（{group}），预警级别上调。{notes}",
-}
-
-
-# The owner's push (tier `owner`) says what happened, where and when, and what to do; the rule's
-# `instruction` (a template) says the last, this the rest.
-OWNER_WHAT = {
-    "event": "{kind_name}报告“{event_name}”",
-    "absence": "{kind_name}已{absent_for}未上报数据",
-    "correlation": "{members_count}个传感器相继报警",
-}
+# a summary the rule does not give, and what an owner is told happened, are its type's
+# (rules/types/*.py: `summary`, `owner_what`)
 OWNER_WHAT_DEFAULT = "{rule_name}：{kind_name}读数{value}{unit}，达到{threshold}{unit}"
 DEFAULT_INSTRUCTION = "请立即核查处置，处置完毕后点击链接确认。"
 
@@ -109,7 +95,7 @@ def base_notice(*, alert_id: str, rule_id: str, rule_name: str, rule_type: str, 
         "category_cn": category.chinese, **extra,
     }
     title = render(title_t or "{place}{rule_name}", fields)
-    summary = render(summary_t or DEFAULT_SUMMARY[rule_type], fields).replace("（）", "")
+    summary = render(summary_t or TYPES[rule_type].summary, fields).replace("（）", "")
     o = registry.owner_named.get(owner) if owner else None     # registry.owner_of, read once
     private = {"_owner_summary": owner_summary(o, fields, started, rule_type,
                                                instruction_t)} if o is not None else {}
@@ -132,7 +118,7 @@ def owner_summary(owner: Any, fields: dict[str, Any], started: datetime,
     """To the responsible party: who it is for, when and where, what, and what to do."""
     who = f"{owner.name}负责人{owner.contact}" if owner.contact else owner.name
     when = started.strftime("%m月%d日%H:%M")
-    what = render(OWNER_WHAT.get(rule_type, OWNER_WHAT_DEFAULT), fields)
+    what = render(TYPES[rule_type].owner_what or OWNER_WHAT_DEFAULT, fields)
     return (f"{who}：{when}，{fields['address']}，{what}。"
             + render(instruction_t or DEFAULT_INSTRUCTION, fields))
 

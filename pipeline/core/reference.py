@@ -51,8 +51,15 @@ from rules.compiler import RuleSet, params_for
 from rules.evaluators import (AFTER, DOWNGRADE, FIRE, REOPEN, RESOLVE, UPGRADE, Change, Timers,
                               alert_id)
 from rules.expr import evaluate, parse
-from rules.schema import (AbsenceRule, CorrelationRule, EventRule, RateRule, ThresholdRule,
-                          WindowRule, format_duration)
+from rules.schema import format_duration
+from rules.types.absence import AbsenceRule
+from rules.types.base import TYPES
+from rules.types.correlation import CorrelationRule
+from rules.types.events import EventRule
+from rules.types.rate import RateRule
+from rules.types.stuck import StuckRule
+from rules.types.threshold import ThresholdRule
+from rules.types.window import WindowRule
 
 OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
        "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
@@ -91,6 +98,12 @@ class View:
 
     def __init__(self, loaded: Any) -> None:
         self.spec, self.loaded, self.id, self.tracks = loaded.spec, loaded, loaded.spec.id, {}
+        self.shows_unit = TYPES[self.spec.type].shows_unit
+
+    def notice_facts(self, subject: Any, heard: int | None, kind: str, members: int,
+                     fmt_time: Any) -> tuple:
+        return TYPES[self.spec.type].notice_facts(self.spec, subject, heard or 0, kind, members,
+                                                  fmt_time)
 
 
 class Rule:
@@ -102,6 +115,7 @@ class Rule:
         self.kinds = set(self.spec.sensors)
         self.tracks: dict[Any, dict] = {}
         self.ended: dict[Any, int] = {}         # subject -> when its last incident ended
+        self.runs: dict[int, list] = {}         # stuck: a sensor's readings of its current run
         self._facts: dict[int, Any] = {}
 
     def lookup(self, idx: int | None):
@@ -311,6 +325,8 @@ class ReferenceEngine:
                 self._rate(rule, idx, ts, r.value)
             elif isinstance(spec, WindowRule) and r.value is not None:
                 self._window(rule, idx, ts, r.value)
+            elif isinstance(spec, StuckRule) and r.value is not None:
+                self._stuck(rule, idx, ts, r.value)
             self._drain()
 
     def _late(self, idx: int, ts: int, r: Any) -> None:
@@ -794,6 +810,26 @@ class ReferenceEngine:
             self._emit(UPGRADE, rule, s, tr, ts)
 
     # ---- absence ---------------------------------------------------------------------------
+    def _stuck(self, rule: Rule, s: int, ts: int, v: float) -> None:
+        """A stuck sensor: its readings since the first of its run (the first that differed
+        from the run before by more than ``tolerance``) all within ``tolerance`` of that first
+        one, for ``for`` or longer. A reading that differs ends the incident and the run."""
+        spec = rule.spec
+        run = rule.runs.setdefault(s, [])
+        if run and round(abs(v - run[0][1]), 6) > spec.tolerance:
+            tr = rule.tracks.pop(s, None)
+            if tr is not None:
+                tr["value"] = v
+                self._emit(RESOLVE, rule, s, tr, ts)
+            run.clear()
+        run.append((ts, v))
+        first_ts, first_v = run[0]
+        if len(run) > 1 and s not in rule.tracks and ts - first_ts >= spec.for_:
+            tr = rule.tracks[s] = {"phase": "firing", "started": ts, "rank": spec.severity.rank,
+                                   "value": first_v, "threshold": None, "due": 0, "aid": "",
+                                   "flapping": False}
+            self._fire(rule, s, tr, ts)
+
     def _absent_ms(self, rule: Rule, idx: int) -> int:
         spec = rule.spec
         kind = self.reg.kinds[self.reg.kind_of[idx]]

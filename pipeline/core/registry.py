@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -227,7 +227,7 @@ class Registry:
         kind_of = np.frombuffer(self.kind_of, dtype=np.uint8)
         return np.flatnonzero(np.isin(kind_of, wanted)).tolist()
 
-    BASE_FACTS = ("id", "kind", "building", "owner", "gateway")
+    BASE_FACTS: ClassVar[tuple[str, ...]] = ("id", "kind", "building", "owner", "gateway")
 
     def sensor_facts(self, idx: int) -> dict[str, Any]:
         """What a rule may read as `sensor.*`: its attrs plus the registry columns."""

@@ -31,9 +31,8 @@ from pipeline.core.engine import Engine, EngineSettings, Output
 from pipeline.core.models import State
 from pipeline.core.registry import FIXTURE, Registry, check_districts
 from pipeline.core.registry import load as load_registry
-from rules.compiler import PACKS, ROUTING, RuleSet, _comparison, load_rules, params_for
+from rules.compiler import PACKS, ROUTING, RuleSet, comparison, load_rules, params_for
 from rules.expr import evaluate
-from rules.schema import RateRule, WindowRule
 
 RULE_GONE = "规则已删除"
 RULE_CHANGED = "规则已更改"
@@ -122,11 +121,7 @@ def load_set(s: Any, compile_check: bool = True) -> CitySet:
 
 def state_shape(spec: Any) -> tuple:
     """What a rule's saved state means: a new rule with another shape cannot read it."""
-    if isinstance(spec, WindowRule):
-        return spec.type, tuple((k, w.fn, w.size, w.every) for k, w in spec.windows.items())
-    if isinstance(spec, RateRule):
-        return spec.type, spec.over
-    return (spec.type,)
+    return spec.state_shape()
 
 
 def carry(old: Engine, new: Engine, at: int,
@@ -246,7 +241,7 @@ def _levels(r: Any, district: str | None) -> list[tuple[str, Any]]:
     params = params_for(r.pack, district)
     out = []
     for i, lv in enumerate(spec.levels):
-        q, op, rhs = _comparison(r, ("levels", i, "when"), lv.when)
+        q, op, rhs = comparison(r, ("levels", i, "when"), lv.when)
         try:
             v = evaluate(rhs, lambda name: params[name.partition(".")[2]]
                          if name.startswith("params.") else _no(name))
