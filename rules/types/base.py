@@ -19,6 +19,7 @@ here, so the rule language does not depend on the pipeline's registry.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -91,8 +92,10 @@ class Binding:
     bump: dict[int, int] = field(default_factory=dict)
 
 
-class RuleType:
-    """One rule type. Subclasses set ``name`` and ``schema`` and implement ``compile``."""
+class RuleType(ABC):
+    """One rule type: the extension point. A type is one module under rules/types/ with one
+    subclass of this (``name``, ``schema``, ``compile`` and what it changes of the defaults below),
+    registered by ``register`` and listed in ``rules.types.MODULES``."""
 
     name: ClassVar[str]
     schema: ClassVar[type[_RuleBase]]
@@ -119,10 +122,13 @@ class RuleType:
         return set()
 
     def check(self, r: LoadedRule, kinds: dict[str, SensorKind], ids: dict[str, str]) -> None:
-        """What is wrong with this rule beyond the schema and the checks every type shares."""
+        """What is wrong with this rule beyond the schema and the checks every type shares
+        (raises ConfigError with the rule's file and line); by default nothing more."""
+        return None
 
+    @abstractmethod
     def compile(self, r: LoadedRule, b: Binding) -> Evaluator:
-        raise NotImplementedError
+        """The rule bound to a registry: its evaluator (rules.evaluators.Evaluator)."""
 
 
 TYPES: dict[str, RuleType] = {}
