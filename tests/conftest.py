@@ -1,5 +1,5 @@
-"""Fixtures for integration tests against a real Mosquitto (see tests/brokers.py) and a real
-VictoriaMetrics for the history sink (tests/tsdb.py)."""
+"""Fixtures for integration tests against a real Mosquitto (see bench/harness/brokers.py) and a real
+VictoriaMetrics for the history sink (bench/harness/tsdb.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 
 from pipeline import registry
 from rules.compiler import load_rules
-from tests.brokers import Mosquitto, MosquittoMissing
-from tests.kafka_broker import Tansu, TansuMissing
-from tests.tsdb import VictoriaMetrics, VictoriaMetricsMissing
+from bench.harness.brokers import Mosquitto, MosquittoMissing
+from bench.harness.kafka_broker import Tansu, TansuMissing
+from bench.harness.tsdb import VictoriaMetrics, VictoriaMetricsMissing
 
 # compiled registries (pipeline/registry_cache.py) of this run, and of the processes it starts,
 # go to a folder of its own, not the user's cache
@@ -52,7 +52,7 @@ def mosquitto_factory(
         broker.stop()
 
 
-# ---- a real time-series database for the history sink (see tests/tsdb.py) -------------------
+# ---- a real time-series database for the history sink (see bench/harness/tsdb.py) -------------------
 
 def _new_vm(tmp_path_factory: pytest.TempPathFactory, **kw) -> VictoriaMetrics:
     try:

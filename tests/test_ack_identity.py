@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from connectors.kafka import topic_names
-from tests.brokers import Mosquitto, Subscriber, publish
-from tests.kafka_broker import CityopsProcess, TopicReader
+from bench.harness.brokers import Mosquitto, Subscriber, publish
+from bench.harness.kafka_broker import CityopsProcess, TopicReader
 from tests.test_deploy_mosquitto import DEPLOY, NOT_AUTHORIZED, deploy_broker
 from tests.test_runtime_mqtt import Runtime, runtime  # noqa: F401  (the fixture)
 

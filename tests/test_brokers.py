@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.brokers import (
+from bench.harness.brokers import (
     TEST_CONFIG,
     CliSubscriber,
     Mosquitto,

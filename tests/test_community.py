@@ -20,7 +20,7 @@ import yaml
 
 from pipeline.models import AlertNotice, DeadLetter
 from pipeline.registry import load as load_registry
-from tests.brokers import Mosquitto, Subscriber, publish
+from bench.harness.brokers import Mosquitto, Subscriber, publish
 from tests.test_runtime_mqtt import (Runtime, now_ms, rt_users, runtime,  # noqa: F401 (fixture)
                                      settle)
 

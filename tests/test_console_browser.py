@@ -21,12 +21,12 @@ import pytest
 import yaml
 from playwright.sync_api import sync_playwright
 
-from tests.brokers import Mosquitto, Subscriber, mosquitto_pub, publish
-from tests.kafka_broker import CityopsProcess, TopicReader, produce
-from tests.console_browser import (CHROMIUM, CHROMIUM_ARGS, PASSWORD, PHONE, Console, api, login,
-                                   shot, users_file, wait_until)
+from bench.harness.brokers import Mosquitto, Subscriber, mosquitto_pub, publish
+from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
+from bench.harness.console_browser import (CHROMIUM, CHROMIUM_ARGS, PASSWORD, PHONE, Console, api, login,
+                                           shot, users_file)
 from tests.test_runtime_mqtt import (FIXTURE, ROOT, dumps, notices, now_ms, on_shift,
-                                     reading, runtime)  # noqa: F401  (runtime: a fixture)
+                                     reading, runtime, wait_until)  # noqa: F401  (runtime: a fixture)
 
 pytestmark = pytest.mark.broker
 

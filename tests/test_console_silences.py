@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.brokers import Mosquitto, Subscriber, mosquitto_pub
-from tests.console_browser import login, shot, wait_until
+from bench.harness.brokers import Mosquitto, Subscriber, mosquitto_pub
+from bench.harness.console_browser import login, shot
 from tests.test_console_browser import GAS, browser, city  # noqa: F401  (fixtures)
-from tests.test_runtime_mqtt import dumps, notices, now_ms, reading, runtime  # noqa: F401
+from tests.test_runtime_mqtt import dumps, notices, now_ms, reading, runtime, wait_until  # noqa: F401
 
 pytestmark = pytest.mark.broker
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import (
+from bench.harness.brokers import (
     CliSubscriber,
     Mosquitto,
     MosquittoMissing,

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.config import Settings, session_named
 from pipeline.console import pad, width
-from tests.brokers import free_port, publish
+from bench.harness.brokers import free_port, publish
 
 CITYOPS = str(Path(sys.executable).parent / "cityops")   # the script `pip install` made
 TIERS = ("街镇", "区级", "市级", "部门", "网格员")

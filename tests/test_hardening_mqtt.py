@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from tests import poison_seam
-from tests.brokers import Mosquitto, Subscriber, publish, publish_many
+from bench.harness.brokers import Mosquitto, Subscriber, publish, publish_many
 from tests.test_runtime_mqtt import (  # noqa: F401  (runtime: the fixture)
     ACK_TOPIC,
     DEAD_TOPIC,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.brokers import Mosquitto
+from bench.harness.brokers import Mosquitto
 from tests.test_runtime_mqtt import Runtime, runtime  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.broker

@@ -1,4 +1,4 @@
-"""The InfluxDB history sink against a real line-protocol server (VictoriaMetrics, tests/tsdb.py).
+"""The InfluxDB history sink against a real line-protocol server (VictoriaMetrics, bench/harness/tsdb.py).
 
 Everything goes through the real influxdb-client over HTTP and is read back from the server's
 export and compared point by point with what was sent: measurement (``{measurement}_{field}``
@@ -34,8 +34,8 @@ from pipeline.registry import Registry
 from pipeline.registry import load as load_registry
 from pipeline.yamlfile import ConfigError
 from rules.compiler import load_rules
-from tests.brokers import Mosquitto, Subscriber, free_port, publish
-from tests.tsdb import Point, VictoriaMetrics
+from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
+from bench.harness.tsdb import Point, VictoriaMetrics
 
 T0 = 1_782_885_600_000             # 2026-07-01T14:00:00+08:00, on a minute
 GAS_ALONE = "gas-510104-000001"    # lives alone: 55 %LEL is a red alert to every tier

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import free_port
+from bench.harness.brokers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("街镇", "区级", "市级", "部门", "网格员")

@@ -38,7 +38,7 @@ from pipeline.config import (
 )
 from pipeline.models import AlertNotice, DeadLetter
 from pipeline.runtime import LiveRuntime
-from tests.brokers import Mosquitto, Subscriber, free_port, publish
+from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
 
 pytestmark = pytest.mark.broker
 

@@ -38,7 +38,7 @@ from pipeline.engine import Engine
 from pipeline.models import AlertNotice
 from pipeline.registry import load as load_registry
 from rules.compiler import load_rules
-from tests.brokers import Mosquitto, Subscriber, free_port
+from bench.harness.brokers import Mosquitto, Subscriber, free_port
 from tests.push_endpoints import Endpoints
 
 pytestmark = pytest.mark.broker

@@ -37,7 +37,7 @@ from pipeline.models import AlertNotice, DeadLetter
 from pipeline.registry import Registry
 from pipeline.registry import load as load_registry
 from rules.compiler import load_rules
-from tests.brokers import Mosquitto, Subscriber
+from bench.harness.brokers import Mosquitto, Subscriber
 from tests.push_endpoints import Endpoints
 
 pytestmark = pytest.mark.broker

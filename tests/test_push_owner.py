@@ -24,7 +24,7 @@ import pytest
 
 from pipeline.config import SmsPushSettings
 from pipeline.models import AlertNotice
-from tests.brokers import Mosquitto, Subscriber, free_port, publish
+from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
 from tests.push_endpoints import Endpoints
 from tests.test_push_ack import Running, _start, _stop, http, of, settle
 

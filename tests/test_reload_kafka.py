@@ -17,7 +17,7 @@ import pytest
 from pipeline.bridge import sensor_partitions
 from pipeline.registry import load as load_registry
 from rules.compiler import load_rules
-from tests.kafka_broker import CityopsProcess, TopicReader, produce
+from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
 from tests.test_reload_mqtt import CITY_DUTY, CITY_TOKEN, params, post_reload
 from tests.test_runtime_mqtt import rt_users, sha256
 from tests.test_worker_kafka import OUT_TOPICS, PARTITIONS, T, worker

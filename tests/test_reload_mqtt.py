@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.brokers import Mosquitto, Subscriber, publish
+from bench.harness.brokers import Mosquitto, Subscriber, publish
 from tests.test_reload import HOT
 from tests.test_runtime_mqtt import (GAS_ALONE, Runtime, dumps, notices, now_ms, reading,  # noqa: F401
                                      runtime, rt_users, sha256, wait_until)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import Subscriber
+from bench.harness.brokers import Subscriber
 from tests.test_reload import HOT, retire
 from tests.test_reload_mqtt import NEIGHBOURS, firing_of, reloads, send
 from tests.test_runtime_mqtt import GAS_ALONE, notices, runtime, wait_until  # noqa: F401

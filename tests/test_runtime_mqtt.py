@@ -48,7 +48,7 @@ from pipeline.engine import Engine
 from pipeline.models import AlertNotice, DeadLetter
 from pipeline.registry import load as load_registry
 from rules.compiler import load_rules
-from tests.brokers import (
+from bench.harness.brokers import (
     CliSubscriber,
     Mosquitto,
     Subscriber,

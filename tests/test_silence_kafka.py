@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kafka_broker import TopicReader, produce
+from bench.harness.kafka_broker import TopicReader, produce
 from tests.test_runtime_mqtt import ROOT
 from tests.test_silence_runtime import GAS, GAS_QY, TOKENS, users  # noqa: F401  (the fixture)
 from tests.test_worker_kafka import PARTITIONS, T, worker

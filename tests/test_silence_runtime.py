@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import Mosquitto, Subscriber, publish_many
+from bench.harness.brokers import Mosquitto, Subscriber, publish_many
 from tests.test_runtime_mqtt import (  # noqa: F401  (runtime: the fixture)
     NOTICE_FILTERS,
     ROOT,

@@ -24,8 +24,8 @@ from pipeline.bridge import sensor_partitions
 from pipeline.registry import load as load_registry
 from pipeline.simulate import Simulator
 from rules.compiler import load_rules
-from tests.brokers import Subscriber, mosquitto_pub, publish_many
-from tests.kafka_broker import CityopsProcess, TopicReader, produce
+from bench.harness.brokers import Subscriber, mosquitto_pub, publish_many
+from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
 
 pytestmark = pytest.mark.broker
 

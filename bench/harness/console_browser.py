@@ -20,10 +20,9 @@ from pathlib import Path
 import yaml
 
 from pipeline.opscentre.auth import hash_password
-from tests.brokers import free_port
-from tests.test_runtime_mqtt import wait_until  # noqa: F401  (the tests' one wait)
+from bench.harness.brokers import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
-from tests.brokers import ServerProcess, free_port
+from bench.harness.brokers import ServerProcess, free_port
 
 READY_TIMEOUT = 15.0
 _open_readers: list = []        # closed before their broker stops, so they do not retry at a dead port
@@ -148,7 +148,7 @@ class CityopsProcess:
                     "PYTHONUNBUFFERED": "1"}
         if module != "pipeline.cli":        # it runs in workdir: the seam is found from here
             self.env["PYTHONPATH"] = os.pathsep.join(
-                filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+                filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
