@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from bench.harness.brokers import Mosquitto, Subscriber, publish
 from bench.harness.console_browser import Console, api, login, shot, users_file
-from tests.test_console_browser import browser  # noqa: F401  (the fixture)
-from tests.test_runtime_mqtt import ROOT, notices, now_ms, runtime, wait_until  # noqa: F401 (fixture)
+from tests.support import ROOT, notices, now_ms, wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -17,7 +17,7 @@ import yaml
 
 from tests import poison_seam
 from bench.harness.brokers import Mosquitto, Subscriber, publish, publish_many
-from tests.test_runtime_mqtt import (  # noqa: F401  (runtime: the fixture)
+from tests.support import (
     ACK_TOPIC,
     DEAD_TOPIC,
     GAS_ALONE,
@@ -29,7 +29,6 @@ from tests.test_runtime_mqtt import (  # noqa: F401  (runtime: the fixture)
     notices,
     now_ms,
     reading,
-    runtime,
     settle,
     wait_until,
 )

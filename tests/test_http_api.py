@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 
 from bench.harness.brokers import Mosquitto
-from tests.test_runtime_mqtt import Runtime, runtime  # noqa: F401  (the fixture)
+from tests.support import Runtime
 
 pytestmark = pytest.mark.broker
 

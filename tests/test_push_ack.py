@@ -39,6 +39,7 @@ from pipeline.config import (
 from pipeline.models import AlertNotice, DeadLetter
 from pipeline.runtime import LiveRuntime
 from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
+from tests.support import dumps, now_ms, reading, settle
 
 pytestmark = pytest.mark.broker
 
@@ -47,14 +48,6 @@ SECRET = "ack-secret-for-the-e2e-tests-0123456789"
 GATEWAY = "cityops/gateways/gw-510104-0001"     # gas-510104-000001..5, grid 510104020001001
 ANOTHER_WORKER = "w-510104020002-01"
 FILTERS = ("cityops/alerts/#", "cityops/push/+", "cityops/deadletter", "cityops/receipts")
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def reading(sensor: str, value: float) -> bytes:
-    return json.dumps([{"sensor_id": sensor, "ts": now_ms(), "value": value}]).encode()
 
 
 def http(url: str, data: bytes | None = None) -> tuple[int, Message, str]:
@@ -69,17 +62,6 @@ def http(url: str, data: bytes | None = None) -> tuple[int, Message, str]:
 
 def of(msgs: list[tuple[str, bytes]], topic_part: str) -> list[dict]:
     return [json.loads(p) for t, p in msgs if topic_part in t]
-
-
-def settle(sub: Subscriber, quiet: float = 0.6, timeout: float = 10.0) -> list:
-    """Everything received once nothing new came for ``quiet`` seconds (so a message that
-    should NOT come has had its chance)."""
-    deadline, n, since = time.monotonic() + timeout, len(sub.messages), time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - since < quiet:
-        time.sleep(0.05)
-        if len(sub.messages) != n:
-            n, since = len(sub.messages), time.monotonic()
-    return sub.messages
 
 
 class Running:
@@ -128,7 +110,7 @@ def sub(mosquitto: Mosquitto) -> Iterator[Subscriber]:
 
 def fire(mosquitto: Mosquitto, sub: Subscriber, sensor: str) -> dict:
     """A 55 %LEL alarm at ``sensor``; returns the push its on-call worker got."""
-    publish(mosquitto.url, GATEWAY, reading(sensor, 55.0))
+    publish(mosquitto.url, GATEWAY, dumps([reading(sensor, 55.0, ts=now_ms())]))
     got = sub.wait_for(lambda m: any(n["sensor_id"] == sensor for n in of(m, "cityops/push/")))
     [push] = [n for n in of(got, "cityops/push/") if n["sensor_id"] == sensor]
     AlertNotice.model_validate(push)

@@ -16,7 +16,6 @@ import hmac
 import json
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -61,12 +60,6 @@ def notice() -> dict:
     assert n["worker_id"] == WORKER.id
     token = AckTokens(b"a" * 32, 3_600_000).issue(n["alert_id"], "grid", WORKER.id, n["seq"], TS)
     return {**n, "ack_url": f"https://ops.example.cn/cityops/ack?t={token}", "ack_token": token}
-
-
-@pytest.fixture
-def endpoints() -> Iterator[Endpoints]:
-    with Endpoints() as ep:
-        yield ep
 
 
 def delivery(notice: dict, channel: str, attempt: int = 1) -> Delivery:

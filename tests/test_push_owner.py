@@ -26,7 +26,8 @@ from pipeline.config import SmsPushSettings
 from pipeline.models import AlertNotice
 from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
 from tests.push_endpoints import Endpoints
-from tests.test_push_ack import Running, _start, _stop, http, of, settle
+from tests.support import settle
+from tests.test_push_ack import Running, _start, _stop, http, of
 
 pytestmark = pytest.mark.broker
 
@@ -46,12 +47,6 @@ def violation(event: str = "no_helmet") -> bytes:
 def texts(ep: Endpoints) -> list[dict]:
     """The SMS gateway's requests, as {"phone", "text", "idempotency_key"} with the header."""
     return [{**r.json, "header": r.headers["idempotency-key"]} for r in ep.received("/sms")]
-
-
-@pytest.fixture
-def endpoints() -> Iterator[Endpoints]:
-    with Endpoints() as ep:
-        yield ep
 
 
 @pytest.fixture

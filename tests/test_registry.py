@@ -20,11 +20,6 @@ DOCUMENTED_KINDS = {"gas_household", "gas_commercial", "waterlogging", "river_ga
                     "manhole_cover", "door_magnet"}
 
 
-@pytest.fixture(scope="module")
-def chengdu() -> Registry:
-    return registry.load(None, load_rules().kinds)
-
-
 def at(reg: Registry, hh_mm: str, day: str = "2026-07-01") -> int:
     """Epoch ms of a local (registry time zone) wall-clock time."""
     local = datetime.fromisoformat(f"{day}T{hh_mm}").replace(tzinfo=reg.tz)

@@ -38,7 +38,7 @@ rules:
 """
 
 
-def reading(sid: str, ts: int, value: float) -> bytes:
+def reading_bytes(sid: str, ts: int, value: float) -> bytes:
     return orjson.dumps({"sensor_id": sid, "ts": ts, "value": value})
 
 
@@ -68,7 +68,7 @@ def test_a_changed_threshold_keeps_the_open_incident_and_applies_from_the_next_r
     params = write(tmp_path / "params.yaml", "gas:\n  params: {level1_lel: 30}\n")
     new = city(config(tmp_path, "new.yaml", params=str(params)))
     e = engine_of(old)
-    fired = e.ingest([reading(LEAK, T0, 27.5)]).notices
+    fired = e.ingest([reading_bytes(LEAK, T0, 27.5)]).notices
     aid = fired[0]["alert_id"]
     assert {n["state"] for n in fired} == {"firing"}
 
@@ -77,10 +77,10 @@ def test_a_changed_threshold_keeps_the_open_incident_and_applies_from_the_next_r
     assert out.notices == []                                  # nothing ends, nothing is said
     assert list(e2.book.open) == [aid]                        # the same incident goes on
     # the new threshold applies from the next reading: 27.5 no longer opens one elsewhere ...
-    assert e2.ingest([reading(OTHER, T0 + 60_000, 27.5)]).notices == []
-    assert engine_of(old).ingest([reading(OTHER, T0 + 60_000, 27.5)]).notices  # (old: it did)
+    assert e2.ingest([reading_bytes(OTHER, T0 + 60_000, 27.5)]).notices == []
+    assert engine_of(old).ingest([reading_bytes(OTHER, T0 + 60_000, 27.5)]).notices  # (old: it did)
     # ... and the open one ends as it would have, under its own id, to every tier told
-    e2.ingest([reading(LEAK, T0 + 90_000, 2.0)])
+    e2.ingest([reading_bytes(LEAK, T0 + 90_000, 2.0)])
     end = e2.advance(T0 + 90_000 + 3 * 60_000).notices
     assert told(end, "resolved", aid) == told(fired, "firing", aid)
     assert e2.counters["reload_resolved"] == 0
@@ -91,7 +91,7 @@ def test_a_removed_rule_resolves_its_incidents_with_the_reason_to_every_tier_tol
     old = city(config(tmp_path, "old.yaml", packs=f"[{pack}]"))
     new = city(config(tmp_path, "new.yaml"))
     e = engine_of(old)
-    fired = e.ingest([reading(OTHER, T0, 8.0)]).notices
+    fired = e.ingest([reading_bytes(OTHER, T0, 8.0)]).notices
     aid = next(n["alert_id"] for n in fired if n["rule_id"] == "hot.gas")
     e2 = engine_of(new)
     out = carry(e, e2, T0 + 60_000)
@@ -112,7 +112,7 @@ def test_a_rule_whose_state_changes_shape_starts_afresh(tmp_path):
     a = write(tmp_path / "a" / "hot.yaml", old_pack)
     b = write(tmp_path / "b" / "hot.yaml", new_pack)
     e = engine_of(city(config(tmp_path, "old.yaml", packs=f"[{a}]")))
-    fired = e.ingest([reading(OTHER, T0, 8.0)]).notices
+    fired = e.ingest([reading_bytes(OTHER, T0, 8.0)]).notices
     aid = next(n["alert_id"] for n in fired if n["rule_id"] == "hot.gas")
     e2 = engine_of(city(config(tmp_path, "new.yaml", packs=f"[{b}]")))
     out = carry(e, e2, T0 + 1)
@@ -145,7 +145,7 @@ def test_a_retired_sensor_resolves_its_incidents_and_the_others_go_on(tmp_path):
     old = city(config(tmp_path, "old.yaml"))
     new = city(config(tmp_path, "new.yaml", registry=str(retire(tmp_path, OTHER))))
     e = engine_of(old)
-    fired = e.ingest([reading(LEAK, T0, 27.5), reading(OTHER, T0 + 1000, 27.5)]).notices
+    fired = e.ingest([reading_bytes(LEAK, T0, 27.5), reading_bytes(OTHER, T0 + 1000, 27.5)]).notices
     leak, other = (next(n["alert_id"] for n in fired if n["sensor_id"] == s) for s in (LEAK, OTHER))
     e2 = engine_of(new)
     out = carry(e, e2, T0 + 60_000)
@@ -166,9 +166,9 @@ def story(seed: int, n: int = 1500) -> list[bytes]:
     for _ in range(n):
         ts += rng.choice((5_000, 20_000, 60_000, 240_000))
         if rng.random() < 0.7:
-            out.append(reading(rng.choice(gas), ts, rng.choice((0.5, 3.0, 12.0, 22.0, 35.0, 60.0))))
+            out.append(reading_bytes(rng.choice(gas), ts, rng.choice((0.5, 3.0, 12.0, 22.0, 35.0, 60.0))))
         else:
-            out.append(reading(rng.choice(water), ts, rng.choice((2.0, 8.0, 16.0, 30.0, 45.0))))
+            out.append(reading_bytes(rng.choice(water), ts, rng.choice((2.0, 8.0, 16.0, 30.0, 45.0))))
     return out
 
 

@@ -19,7 +19,7 @@ from pipeline.registry import load as load_registry
 from rules.compiler import load_rules
 from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
 from tests.test_reload_mqtt import CITY_DUTY, CITY_TOKEN, params, post_reload
-from tests.test_runtime_mqtt import rt_users, sha256
+from tests.support import rt_users, sha256
 from tests.test_worker_kafka import OUT_TOPICS, PARTITIONS, T, worker
 
 pytestmark = pytest.mark.broker

@@ -18,8 +18,8 @@ import pytest
 
 from bench.harness.brokers import Mosquitto, Subscriber, publish
 from tests.test_reload import HOT
-from tests.test_runtime_mqtt import (GAS_ALONE, Runtime, dumps, notices, now_ms, reading,  # noqa: F401
-                                     runtime, rt_users, sha256, wait_until)
+from tests.support import (GAS_ALONE, Runtime, dumps, notices, now_ms, reading, rt_users, sha256,
+                           wait_until)
 
 pytestmark = pytest.mark.broker
 

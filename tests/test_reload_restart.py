@@ -14,7 +14,7 @@ import pytest
 from bench.harness.brokers import Subscriber
 from tests.test_reload import HOT, retire
 from tests.test_reload_mqtt import NEIGHBOURS, firing_of, reloads, send
-from tests.test_runtime_mqtt import GAS_ALONE, notices, runtime, wait_until  # noqa: F401
+from tests.support import GAS_ALONE, notices, wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from bench.harness.kafka_broker import TopicReader, produce
-from tests.test_runtime_mqtt import ROOT
-from tests.test_silence_runtime import GAS, GAS_QY, TOKENS, users  # noqa: F401  (the fixture)
+from tests.support import DUTY_TOKENS, ROOT
+from tests.test_silence_runtime import GAS, GAS_QY
 from tests.test_worker_kafka import PARTITIONS, T, worker
 
 pytestmark = pytest.mark.broker
@@ -31,7 +31,7 @@ class Cli:
     def __call__(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "pipeline.cli", "silence", *args,
                                "--url", f"http://127.0.0.1:{self.w.http_port}",
-                               "--token", TOKENS["duty-510104"]],
+                               "--token", DUTY_TOKENS["duty-510104"]],
                               cwd=ROOT, capture_output=True, text=True, timeout=30)
 
     def listed(self) -> dict:
@@ -49,8 +49,8 @@ def wait(predicate, timeout: float, what: str):
 
 
 def test_a_silence_travels_like_an_ack_and_holds_a_streets_alerts_on_kafka(
-        kafka, tmp_path: Path, users: Path) -> None:
-    w = worker(kafka, tmp_path, "silences", CITYOPS_ACKS__USERS=str(users),
+        kafka, tmp_path: Path, duty_users: Path) -> None:
+    w = worker(kafka, tmp_path, "silences", CITYOPS_ACKS__USERS=str(duty_users),
                CITYOPS_ENGINE__ALLOWED_LATENESS="10s")
     try:
         w.wait_partitions(PARTITIONS)
