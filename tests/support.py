@@ -216,7 +216,7 @@ class Runtime:
                     return
             except (OSError, ValueError) as exc:       # not listening yet
                 last = exc
-            time.sleep(0.05)
+            time.sleep(0.05)        # polls /healthz (a wait on it, with the last answer kept)
         raise AssertionError(f"{self.name}: /healthz not 200 within {timeout} s (last: {last})\n"
                              + self.logs())
 
@@ -291,17 +291,21 @@ def dead_letters(msgs: list[tuple[str, bytes]]) -> list[DeadLetter]:
 # ---- waits -------------------------------------------------------------------------------------
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               rt: Runtime | None = None, interval: float = 0.05) -> Any:
+               rt: Runtime | None = None, interval: float = 0.05,
+               detail: Callable[[], str] | None = None) -> Any:
     """Poll ``predicate`` until it returns something true, and return that; fail after
-    ``timeout`` seconds saying ``what`` did not happen (with ``rt``'s logs, if given)."""
+    ``timeout`` seconds saying ``what`` did not happen, with ``rt``'s logs and ``detail()``
+    (say, a process's log) if given. A predicate may assert, to fail at once (a process that
+    exited will not get there)."""
     deadline = time.monotonic() + timeout
     while True:
         got = predicate()
         if got:
             return got
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}\n" + (rt.logs() if rt else ""))
-        time.sleep(interval)
+            raise AssertionError(f"not within {timeout} s: {what}\n" + (rt.logs() if rt else "")
+                                 + (detail() if detail else ""))
+        time.sleep(interval)    # the poll interval
 
 
 def settle_count(count: Callable[[], int], quiet: float = 0.5, timeout: float = 10.0) -> None:

@@ -15,7 +15,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from connectors.kafka import topic_names
 from bench.harness.brokers import Mosquitto, Subscriber, publish
 from bench.harness.kafka_broker import CityopsProcess, TopicReader
 from tests.test_deploy_mosquitto import DEPLOY, NOT_AUTHORIZED, deploy_broker
-from tests.support import DUTY_TOKENS, Runtime, dumps, now_ms
+from tests.support import DUTY_TOKENS, Runtime, dumps, now_ms, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -159,10 +158,8 @@ def test_bridge_and_worker_take_acks_only_within_the_senders_scope(broker: Mosqu
         street = TopicReader(kafka.bootstrap, [T["alerts.street"]])
         deadletters = TopicReader(kafka.bootstrap, [T["deadletter"]])
         readers += [street, deadletters]
-        deadline = time.monotonic() + 30
-        while (bridge.health() or {}).get("status") != "ok":
-            assert time.monotonic() < deadline, bridge.log()
-            time.sleep(0.2)
+        wait_until(lambda: (bridge.health() or {}).get("status") == "ok", 30, "the bridge healthy",
+                   detail=bridge.log)
         alarm(broker, JINJIANG_GW, "gas-510104-000004")
         alarm(broker, QINGYANG_GW, "gas-510105-000002")
 

@@ -183,7 +183,8 @@ def test_down_sampling_writes_latest_and_max_per_sensor_and_interval(
     s = 1000
     sink.add_readings([columns(reg, [(gauge, T0, 1.0), (camera, T0 + 5 * s, None),
                                      (gauge, T0 + 20 * s, 5.0), (camera, T0 + 10 * s, None)])])
-    time.sleep(0.3)                 # the writer has taken the first part alone: the same answer
+    wait_until(lambda: sink.stats()["buffered"] == 0, 10.0,      # the same answer either way
+               "the writer has taken the first part alone")
     sink.add_readings([columns(reg, [(gauge, T0 + 40 * s, 2.0), (camera, T0 + 50 * s, None),
                                      (gauge, T0 + 70 * s, 3.0), (camera, T0 + 61 * s, None),
                                      (gauge, T0 + 130 * s, 4.0)])])
@@ -215,7 +216,7 @@ def test_an_outage_mid_run_loses_no_point(victoria_metrics: VictoriaMetrics,
             rows = stream(reg, len(sent), 150)
             sent.extend(rows)
             sink.add_readings([columns(reg, rows)])
-            time.sleep(0.01)
+            time.sleep(0.01)        # paces the feed, as readings come: batches, not one lump
 
     feed(20)
     wait_until(lambda: sink.stats()["written"] == len(sent), 20.0, "the first 3,000 points written")

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -39,7 +38,7 @@ from pipeline.config import (
 from pipeline.models import AlertNotice, DeadLetter
 from pipeline.runtime import LiveRuntime
 from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
-from tests.support import dumps, now_ms, reading, settle
+from tests.support import dumps, now_ms, reading, settle, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -271,15 +270,15 @@ def _start(tmp: Path, broker: Mosquitto, env: dict[str, str], n: int) -> subproc
                                  broker.url, "--state", str(tmp / "state.sqlite")], cwd=ROOT,
                                 env=full, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=err)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def healthy() -> bool:
         assert proc.poll() is None, (tmp / f"run-{n}.stderr").read_text()
         try:
-            if http(f"http://127.0.0.1:{env['CITYOPS_HTTP__PORT']}/healthz")[0] == 200:
-                return proc
+            return http(f"http://127.0.0.1:{env['CITYOPS_HTTP__PORT']}/healthz")[0] == 200
         except OSError:
-            time.sleep(0.05)          # not listening yet
-    raise AssertionError("cityops run did not get healthy in 30 s")
+            return False              # not listening yet
+    wait_until(healthy, 30, "cityops run healthy")
+    return proc
 
 
 def _stop(proc: subprocess.Popen, sig: int) -> None:

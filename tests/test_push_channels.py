@@ -39,6 +39,7 @@ from pipeline.registry import load as load_registry
 from rules.compiler import load_rules
 from bench.harness.brokers import Mosquitto, Subscriber, free_port
 from tests.push_endpoints import Endpoints
+from tests.support import settle
 
 pytestmark = pytest.mark.broker
 
@@ -197,7 +198,7 @@ def test_mqtt_push_reaches_the_worker_topic_once(mosquitto: Mosquitto, notice: d
         try:
             push.send(delivery(notice, "mqtt"))       # returns at the PUBACK
             got = sub.wait_count(1)
-            time.sleep(0.3)                           # a second copy would have arrived by now
+            settle(sub, quiet=0.3)                    # a second copy would have arrived by now
         finally:
             push.close()
     assert len(sub.messages) == 1

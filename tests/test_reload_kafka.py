@@ -19,7 +19,7 @@ from pipeline.registry import load as load_registry
 from rules.compiler import load_rules
 from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
 from tests.test_reload_mqtt import CITY_DUTY, CITY_TOKEN, params, post_reload
-from tests.support import rt_users, sha256
+from tests.support import rt_users, sha256, wait_until
 from tests.test_worker_kafka import OUT_TOPICS, PARTITIONS, T, worker
 
 pytestmark = pytest.mark.broker
@@ -47,12 +47,9 @@ def leaks(reader: TopicReader) -> dict[str, dict]:
 
 
 def until(predicate, timeout: float, what: str, *workers: CityopsProcess):
-    deadline = time.monotonic() + timeout
-    while not (got := predicate()):
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}\n" + \
-            "\n".join(w.log() for w in workers)
-        time.sleep(0.2)
-    return got
+    """wait_until, with the workers' logs if it fails."""
+    return wait_until(predicate, timeout, what, interval=0.2,
+                      detail=lambda: "\n".join(w.log() for w in workers))
 
 
 def two_workers(kafka, tmp_path: Path, switch_after: str, b_module: str = "pipeline.cli",

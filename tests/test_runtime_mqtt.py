@@ -518,8 +518,7 @@ def test_broker_restart_and_runtime_restart_are_survived(mosquitto_factory, runt
              dumps(reading("gas-510104-000007", 45.0, ts=ts))),
             ("cityops/gateways/gw-510104-0004", dumps([reading("gas-510104-000023", 60.0, ts=ts)]))],
             qos=1)
-        time.sleep(0.3)
-        assert not sub.messages          # nobody to make notices yet
+        assert not settle(sub, quiet=0.3)          # nobody to make notices yet
         rt.start()
         sub.wait_for(lambda m: len(notices(m)) >= 8, timeout=15)
         got = notices(settle(sub))

@@ -220,7 +220,7 @@ class ServerProcess(abc.ABC):
                 self.kill()
                 raise RuntimeError(f"{self.name} did not {self.ready_means} on {self.url} within "
                                    f"{timeout:.0f} s\n" + self._diagnostics())
-            time.sleep(0.02)
+            time.sleep(0.02)        # polls ready() (a wait on it; the process checked each time)
 
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM and wait (at most ``timeout``, default ``stop_timeout`` seconds): servers

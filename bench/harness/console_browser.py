@@ -73,7 +73,7 @@ class Console:
                         return self
             except (OSError, urllib.error.HTTPError):
                 pass                    # not answering yet: try again
-            time.sleep(0.1)
+            time.sleep(0.1)             # polls /healthz (a wait on it; the process checked each time)
         raise AssertionError(f"console not healthy within {timeout} s:\n{self.log()}")
 
     def stop(self, timeout: float = 15.0) -> int:

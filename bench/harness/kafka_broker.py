@@ -182,7 +182,7 @@ class CityopsProcess:
             h = self.health()
             if h and h.get("partitions") and (want is None or len(h["partitions"]) == want):
                 return h["partitions"]
-            time.sleep(0.2)
+            time.sleep(0.2)         # polls /healthz (a wait on the partitions; the process checked)
         raise AssertionError(f"{self.name} did not take partitions in {timeout}s: "
                              f"{self.health()}\n{self.log()}")
 

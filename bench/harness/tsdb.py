@@ -108,4 +108,4 @@ class VictoriaMetrics(ServerProcess):
             got = self.points(match)
             if done(got) or time.monotonic() > deadline:
                 return got
-            time.sleep(0.2)
+            time.sleep(0.2)         # polls points() (a wait on done())
