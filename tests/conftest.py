@@ -139,7 +139,6 @@ def runtime(tmp_path: Path) -> Iterator[Callable[..., Runtime]]:
         pytest.fail("\n\n".join(problems), pytrace=False)
 
 
-
 @pytest.fixture
 def duty_users(tmp_path: Path) -> Path:
     """acks.users with the district duty officers of 锦江区 and 青羊区, by their DUTY_TOKENS."""

@@ -13,25 +13,35 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from email.message import Message
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 import yaml
 
-from bench.harness.brokers import Subscriber, free_port
+from bench.harness.brokers import Mosquitto, MosquittoMissing, Subscriber, free_port, mosquitto_passwd, publish
 from bench.harness.console_browser import users_file
+from bench.harness.kafka_broker import CityopsProcess
+from bench.harness.tsdb import Point
+from connectors.kafka import topic_names
+from pipeline.config import HttpSettings, MqttSettings, PushSettings, Settings, StateSettings
 from pipeline.models import AlertNotice, DeadLetter
+from pipeline.registry import Registry
+from pipeline.runtime import LiveRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "pipeline" / "fixtures" / "chengdu"
@@ -195,13 +205,7 @@ class Runtime:
         headers = {"Content-Type": "application/json"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/acks", data=body,
-                                     method="POST", headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=5) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        return post_json(f"http://127.0.0.1:{self.http_port}/acks", body, headers, timeout=5)
 
     def wait_healthy(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -396,3 +400,224 @@ def console_city_files(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     config.write_text(f"engine:\n  allowed_lateness: {CONSOLE_LATENESS_S * 1000}ms\n"
                       f"acks:\n  users: {users}\n")
     return registry, users, tmp_path / "routing.yaml", config
+
+
+# ---- HTTP ----------------------------------------------------------------------------------------
+
+def post_json(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, dict]:
+    """POST ``body``; the status and the JSON answer (of an error status too)."""
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def http(url: str, data: bytes | None = None) -> tuple[int, Message, str]:
+    """Status, headers (names in any case, as HTTP has them) and body."""
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode()
+
+
+# ---- hot reload (tests/test_reload*.py) ----------------------------------------------------------
+
+NEIGHBOURS = [f"gas-510104-{i:06d}" for i in (2, 3, 4)]     # same street as GAS_ALONE
+CITY_DUTY, CITY_TOKEN = "city-duty", "city-duty-token-for-the-reload-tests"
+HOT = """\
+pack: hot
+title: 测试
+rules:
+  - id: hot.gas
+    name: 燃气高读数
+    type: threshold
+    sensors: [gas_household]
+    levels: [{severity: orange, when: "value >= 5"}]
+    title: "{place}燃气读数高"
+    summary: "{address}读数{value}{unit}"
+"""
+
+
+def params(path: Path, level1: float, key: str = "level1_lel") -> Path:
+    path.write_text(f"gas:\n  params:\n    {key}: {level1}\n", encoding="utf-8")
+    return path
+
+
+def retire(tmp_path: Path, sensor: str) -> Path:
+    folder = tmp_path / "registry"
+    shutil.copytree(FIXTURE, folder, ignore=shutil.ignore_patterns("uci_*"))
+    csv = folder / "sensors.csv"
+    lines = csv.read_text(encoding="utf-8").splitlines(keepends=True)
+    csv.write_text("".join(x for x in lines if not x.startswith(sensor + ",")), encoding="utf-8")
+    return folder
+
+
+def send(url: str, sid: str, value: float) -> None:
+    publish(url, f"cityops/readings/{sid}", dumps(reading(sid, value, ts=now_ms())))
+
+
+def firing_of(sub: Subscriber, sid: str, n: int = 1) -> list[dict]:
+    """Wait for ``n`` firing street notices of sensor ``sid``'s gas.leak."""
+    def got() -> list[dict]:
+        return [x for x in notices(sub.messages) if x["sensor_id"] == sid and x["rule_id"] ==
+                "gas.leak" and x["state"] == "firing" and x["tier"] == "street"]
+    wait_until(lambda: len(got()) >= n, 15, f"{n} firing notice(s) of {sid}")
+    return got()
+
+
+def reloads(rt: Runtime, result: str) -> float:
+    return rt.metrics().get(f'cityops_reloads_total{{result="{result}"}}', 0)
+
+
+def post_reload(rt: Runtime | Any, token: str | None) -> tuple[int, dict]:
+    """POST /reload to a `cityops run` or `cityops worker` (anything with an http_port)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return post_json(f"http://127.0.0.1:{rt.http_port}/reload", b"", headers, timeout=60)
+
+
+# ---- Kafka: `cityops worker` processes on tansu (tests/test_*_kafka.py) --------------------------
+
+T = topic_names("cityops")
+OUT_TOPICS = [T["alerts.city"], T["alerts.district"], T["alerts.street"], T["alerts.dept"], T["push"]]
+PARTITIONS = 4                  # of every topic the tests' workers make
+
+
+def worker(kafka, tmp_path: Path, name: str = "worker", module: str = "pipeline.cli",
+           **env: str) -> CityopsProcess:
+    base = {"CITYOPS_KAFKA__BOOTSTRAP": kafka.bootstrap, "CITYOPS_KAFKA__PARTITIONS": str(PARTITIONS),
+            "CITYOPS_KAFKA__REPLICATION": "1", "CITYOPS_WORKER__CHECKPOINT_EVERY": "2s",
+            # the replay it is compared with waits 60 s for stragglers: the same here
+            "CITYOPS_ENGINE__ALLOWED_LATENESS": "60s"}
+    base.update(env)
+    return CityopsProcess("worker", tmp_path, base, name, module).start()
+
+
+# ---- pushes: `cityops run` on a thread or as a process (tests/test_push_*.py) --------------------
+
+PUSH_SECRET = "ack-secret-for-the-e2e-tests-0123456789"
+
+
+def of(msgs: list[tuple[str, bytes]], topic_part: str) -> list[dict]:
+    return [json.loads(p) for t, p in msgs if topic_part in t]
+
+
+class Running:
+    """LiveRuntime on its own thread, as `cityops run` runs it."""
+
+    def __init__(self, broker: Mosquitto, tmp: Path, **push: object) -> None:
+        """``push``: more push settings (channels, tiers)."""
+        self.broker = broker
+        self.port = free_port()
+        self.client_id = f"cityops-push-{uuid.uuid4().hex[:8]}"
+        self.settings = Settings(
+            mqtt=MqttSettings(url=broker.url, client_id=self.client_id),
+            http=HttpSettings(port=self.port), state=StateSettings(path=tmp / "state.sqlite"),
+            push=PushSettings(enabled=True, secret=PUSH_SECRET, backoff="20ms", backoff_cap="100ms",
+                              **push))
+        self.rt = LiveRuntime(self.settings)
+        self.rt.start()
+        self.thread = threading.Thread(target=self.rt.run, name="runtime", daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def metrics(self) -> str:
+        return http(self.url("/metrics"))[2]
+
+    def close(self) -> None:
+        self.rt.stop()
+        self.thread.join(20)
+        assert not self.thread.is_alive(), "the runtime did not stop"
+        Subscriber(self.broker.url, "cityops/test/purge", client_id=self.client_id).start(3).close()
+
+
+def start_run(tmp: Path, broker: Mosquitto, env: dict[str, str], n: int) -> subprocess.Popen:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CITYOPS_")}
+    full.update(env)
+    with open(tmp / f"run-{n}.stderr", "wb") as err:      # the child keeps its own copy
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--broker",
+                                 broker.url, "--state", str(tmp / "state.sqlite")], cwd=ROOT,
+                                env=full, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err)
+
+    def healthy() -> bool:
+        assert proc.poll() is None, (tmp / f"run-{n}.stderr").read_text()
+        try:
+            return http(f"http://127.0.0.1:{env['CITYOPS_HTTP__PORT']}/healthz")[0] == 200
+        except OSError:
+            return False              # not listening yet
+    wait_until(healthy, 30, "cityops run healthy")
+    return proc
+
+
+def stop_run(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        proc.wait(20)
+
+
+# ---- the production Mosquitto config (deploy/mosquitto) -------------------------------------------
+
+DEPLOY = ROOT / "deploy" / "mosquitto"
+NOT_AUTHORIZED = 135          # MQTT 5 reason codes
+
+
+def production_config(tmp: Path) -> str:
+    """deploy/mosquitto/mosquitto.conf with the password and ACL files in ``tmp``."""
+    text = (DEPLOY / "mosquitto.conf").read_text()
+    text, n1 = re.subn(r"(?m)^password_file .*$", f"password_file {tmp / 'passwd'}", text)
+    text, n2 = re.subn(r"(?m)^acl_file .*$", f"acl_file {tmp / 'acl'}", text)
+    assert n1 == n2 == 1, "mosquitto.conf should set password_file and acl_file once each"
+    return text
+
+
+def deploy_broker(tmp: Path, passwords: dict[str, str], acl: str) -> Mosquitto:
+    """Mosquitto with the production config, these accounts (mosquitto_passwd) and this ACL."""
+    (tmp / "acl").write_text(acl)
+    try:
+        for user, password in passwords.items():
+            mosquitto_passwd(tmp / "passwd", user, password)
+        return Mosquitto(tmp / "broker", config=production_config(tmp)).start()
+    except MosquittoMissing as e:       # never a skip: `make test` installs it
+        pytest.fail(str(e), pytrace=False)
+
+
+# ---- history points (VictoriaMetrics) ------------------------------------------------------------
+
+def reading_point(reg: Registry, sensor: str, ts: int, value: float | None) -> Point:
+    """What a reading must look like in VictoriaMetrics: ``{kind}_value`` (or ``_event``, 1),
+    the place's codes and the sensor as labels."""
+    idx = reg.index[sensor]
+    p = reg.place_of(idx)
+    kind = reg.kinds[reg.kind_of[idx]]
+    labels = (("community", p.community), ("district", p.district), ("grid", p.grid),
+              ("sensor", sensor), ("street", p.street))
+    if value is None:
+        return f"{kind}_event", labels, ts, 1.0
+    return f"{kind}_value", labels, ts, value
+
+
+# ---- small registries and rule files written for a test -----------------------------------------
+
+SMALL_REGISTRY = ROOT / "tests" / "data" / "small_registry"       # two streets, five workers
+REGISTRY_YAML = (SMALL_REGISTRY / "registry.yaml").read_text(encoding="utf-8")
+SENSORS_CSV = (SMALL_REGISTRY / "sensors.csv").read_text(encoding="utf-8")
+
+
+def write_registry(folder: Path, yaml_text: str = REGISTRY_YAML, csv_text: str = SENSORS_CSV) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "registry.yaml").write_text(yaml_text, encoding="utf-8")
+    (folder / "sensors.csv").write_text(csv_text, encoding="utf-8")
+    return folder / "registry.yaml"
+
+
+def line_of(text: str, marker: str, occurrence: int = 1) -> int:
+    """1-based line of the n-th line containing ``marker`` (-1: the last)."""
+    hits = [i for i, line in enumerate(text.splitlines(), start=1) if marker in line]
+    assert len(hits) >= abs(occurrence), f"{marker!r} not in the test text"
+    return hits[occurrence - 1] if occurrence > 0 else hits[occurrence]

@@ -23,8 +23,7 @@ import pytest
 from connectors.kafka import topic_names
 from bench.harness.brokers import Mosquitto, Subscriber, publish
 from bench.harness.kafka_broker import CityopsProcess, TopicReader
-from tests.test_deploy_mosquitto import DEPLOY, NOT_AUTHORIZED, deploy_broker
-from tests.support import DUTY_TOKENS, Runtime, dumps, now_ms, wait_until
+from tests.support import DEPLOY, DUTY_TOKENS, NOT_AUTHORIZED, Runtime, deploy_broker, dumps, now_ms, wait_until
 
 pytestmark = pytest.mark.broker
 

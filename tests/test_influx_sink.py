@@ -32,7 +32,7 @@ from pipeline.registry import Registry
 from pipeline.yamlfile import ConfigError
 from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
 from bench.harness.tsdb import Point, VictoriaMetrics
-from tests.support import iso_ms, wait_until
+from tests.support import iso_ms, reading_point, wait_until
 
 T0 = 1_782_885_600_000             # 2026-07-01T14:00:00+08:00, on a minute
 GAS_ALONE = "gas-510104-000001"    # lives alone: 55 %LEL is a red alert to every tier
@@ -45,19 +45,6 @@ def quick(url: str | None, **kw: Any) -> InfluxSettings:
             "batch_size": 200, "flush_interval": "100ms", "retry_initial": "100ms",
             "retry_max": "500ms", "timeout": "2s"}
     return InfluxSettings(**{**base, **kw})
-
-
-def reading_point(reg: Registry, sensor: str, ts: int, value: float | None) -> Point:
-    """What a reading must look like in VictoriaMetrics: ``{kind}_value`` (or ``_event``, 1),
-    the place's codes and the sensor as labels."""
-    idx = reg.index[sensor]
-    p = reg.place_of(idx)
-    kind = reg.kinds[reg.kind_of[idx]]
-    labels = (("community", p.community), ("district", p.district), ("grid", p.grid),
-              ("sensor", sensor), ("street", p.street))
-    if value is None:
-        return f"{kind}_event", labels, ts, 1.0
-    return f"{kind}_value", labels, ts, value
 
 
 def alert_points(n: dict) -> set[Point]:

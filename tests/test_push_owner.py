@@ -26,8 +26,7 @@ from pipeline.config import SmsPushSettings
 from pipeline.models import AlertNotice
 from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
 from tests.push_endpoints import Endpoints
-from tests.support import settle
-from tests.test_push_ack import Running, _start, _stop, http, of
+from tests.support import Running, http, of, settle, start_run, stop_run
 
 pytestmark = pytest.mark.broker
 
@@ -65,7 +64,7 @@ def test_a_no_helmet_event_reaches_the_owner_by_sms_once_across_a_retry_and_a_re
            "CITYOPS_PUSH__BACKOFF": "20ms", "CITYOPS_PUSH__BACKOFF_CAP": "100ms",
            "CITYOPS_HTTP__PORT": str(port), "CITYOPS_MQTT__CLIENT_ID": client_id,
            "CITYOPS_STATE__SNAPSHOT_EVERY": "1h"}      # the journal, not a snapshot, holds it
-    proc = _start(tmp_path, mosquitto, env, 1)
+    proc = start_run(tmp_path, mosquitto, env, 1)
     try:
         publish(mosquitto.url, GATEWAY, violation())
         got = sub.wait_for(lambda m: any(r["tier"] == "owner" for r in of(m, "receipts"))
@@ -90,8 +89,8 @@ def test_a_no_helmet_event_reaches_the_owner_by_sms_once_across_a_retry_and_a_re
         # the owner's notice is a push: not published on a tier topic by the runtime as well
         assert not [t for t, _ in sub.messages if t.startswith(f"cityops/push/{OWNER}")]
 
-        _stop(proc, signal.SIGKILL)
-        proc = _start(tmp_path, mosquitto, env, 2)
+        stop_run(proc, signal.SIGKILL)
+        proc = start_run(tmp_path, mosquitto, env, 2)
         streets = lambda m: [n for n in of(m, "cityops/alerts/street/") if n["alert_id"] == aid]
         sub.wait_for(lambda m: len(streets(m)) == 2)  # the replay made the notices again ...
         settle(sub)
@@ -100,7 +99,7 @@ def test_a_no_helmet_event_reaches_the_owner_by_sms_once_across_a_retry_and_a_re
         assert re.search(r"^cityops_push_duplicates_total [1-9]", metrics, re.M), metrics
         assert 'cityops_notices_total{tier="owner"}' in metrics
     finally:
-        _stop(proc, signal.SIGTERM)
+        stop_run(proc, signal.SIGTERM)
         assert proc.returncode in (0, -signal.SIGKILL)
         Subscriber(mosquitto.url, "cityops/test/purge", client_id=client_id).start(3).close()
 

@@ -5,7 +5,6 @@ changes nothing; `rules diff` says what a reload would change."""
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 
 import orjson
@@ -18,24 +17,11 @@ from pipeline.registry import FIXTURE
 from pipeline.reload import (RULE_CHANGED, RULE_GONE, SENSOR_GONE, carry, diff, load_set,
                              watched_files, files_digest)
 from pipeline.yamlfile import ConfigError
+from tests.support import HOT, retire
 
 T0 = 1_782_885_780_000            # 2026-07-01 in event time
 LEAK = "gas-510104-000001"        # 独居老人: orange at 20 %LEL (a modifier raises yellow)
 OTHER = "gas-510104-000002"
-
-
-HOT = """\
-pack: hot
-title: 测试
-rules:
-  - id: hot.gas
-    name: 燃气高读数
-    type: threshold
-    sensors: [gas_household]
-    levels: [{severity: orange, when: "value >= 5"}]
-    title: "{place}燃气读数高"
-    summary: "{address}读数{value}{unit}"
-"""
 
 
 def reading_bytes(sid: str, ts: int, value: float) -> bytes:
@@ -119,15 +105,6 @@ def test_a_rule_whose_state_changes_shape_starts_afresh(tmp_path):
     assert told(out.notices, "resolved", aid) == told(fired, "firing", aid)
     assert all(RULE_CHANGED in n["summary"] for n in out.notices)
     assert not e2.by_id["hot.gas"].tracks and aid not in e2.book.open
-
-
-def retire(tmp_path: Path, sensor: str) -> Path:
-    folder = tmp_path / "registry"
-    shutil.copytree(FIXTURE.parent, folder, ignore=shutil.ignore_patterns("uci_*"))
-    csv = folder / "sensors.csv"
-    lines = csv.read_text(encoding="utf-8").splitlines(keepends=True)
-    csv.write_text("".join(x for x in lines if not x.startswith(sensor + ",")), encoding="utf-8")
-    return folder
 
 
 def move(folder: Path, sensor: str, grid: str) -> None:

@@ -18,9 +18,8 @@ from pipeline.bridge import sensor_partitions
 from pipeline.registry import load as load_registry
 from rules.compiler import load_rules
 from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
-from tests.test_reload_mqtt import CITY_DUTY, CITY_TOKEN, params, post_reload
-from tests.support import rt_users, sha256, wait_until
-from tests.test_worker_kafka import OUT_TOPICS, PARTITIONS, T, worker
+from tests.support import (CITY_DUTY, CITY_TOKEN, OUT_TOPICS, PARTITIONS, T, params, post_reload, rt_users, sha256,
+                           wait_until, worker)
 
 pytestmark = pytest.mark.broker
 
@@ -149,7 +148,7 @@ def test_a_worker_restarted_under_changed_files_ends_what_they_end_for_every_tie
     """The files change while no worker runs: a worker restoring the checkpoints judges them by
     the set they were made under (kept in its data_dir) and carries them into its files, as a
     switch would: a removed rule's incidents resolve, with the reason, to every tier told."""
-    from tests.test_reload import HOT
+    from tests.support import HOT
     packs = tmp_path / "packs"
     packs.mkdir()
     (packs / "hot.yaml").write_text(HOT, encoding="utf-8")

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.harness.brokers import Subscriber
-from tests.test_reload import HOT, retire
-from tests.test_reload_mqtt import NEIGHBOURS, firing_of, reloads, send
-from tests.support import GAS_ALONE, notices, wait_until
+from tests.support import GAS_ALONE, HOT, NEIGHBOURS, firing_of, notices, reloads, retire, send, wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from bench.harness.kafka_broker import TopicReader, produce
-from tests.support import DUTY_TOKENS, ROOT, wait_until
-from tests.test_silence_runtime import GAS, GAS_QY
-from tests.test_worker_kafka import PARTITIONS, T, worker
+from tests.support import DUTY_TOKENS, PARTITIONS, ROOT, T, wait_until, worker
 
 pytestmark = pytest.mark.broker
+
+GAS = "gas-510104-000002"        # 锦江区 春熙路街道 510104020
+GAS_QY = "gas-510105-000001"     # 青羊区 510105020
 
 
 class Cli:

@@ -26,13 +26,9 @@ from pipeline.simulate import Simulator
 from rules.compiler import load_rules
 from bench.harness.brokers import Subscriber, mosquitto_pub, publish_many
 from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
-from tests.support import wait_until
+from tests.support import OUT_TOPICS, PARTITIONS, T, wait_until, worker
 
 pytestmark = pytest.mark.broker
-
-T = topic_names("cityops")
-OUT_TOPICS = [T["alerts.city"], T["alerts.district"], T["alerts.street"], T["alerts.dept"], T["push"]]
-PARTITIONS = 4
 
 
 def scenario(seconds: int = 110, end_before_now_s: int = 20) -> list[bytes]:
@@ -80,16 +76,6 @@ def within(readings: list[bytes]):
     makes on time (their ts is their deadline) are past what replay can be compared on."""
     end = max(json.loads(r)["ts"] for r in readings) + 1
     return lambda n: datetime.fromisoformat(n["ts"]).timestamp() * 1000 <= end
-
-
-def worker(kafka, tmp_path: Path, name: str = "worker", module: str = "pipeline.cli",
-           **env: str) -> CityopsProcess:
-    base = {"CITYOPS_KAFKA__BOOTSTRAP": kafka.bootstrap, "CITYOPS_KAFKA__PARTITIONS": str(PARTITIONS),
-            "CITYOPS_KAFKA__REPLICATION": "1", "CITYOPS_WORKER__CHECKPOINT_EVERY": "2s",
-            # the replay it is compared with waits 60 s for stragglers: the same here
-            "CITYOPS_ENGINE__ALLOWED_LATENESS": "60s"}
-    base.update(env)
-    return CityopsProcess("worker", tmp_path, base, name, module).start()
 
 
 def split(a: CityopsProcess, b: CityopsProcess, timeout: float) -> None:
