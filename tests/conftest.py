@@ -15,7 +15,7 @@ import pytest
 
 from pipeline import registry
 from rules.compiler import load_rules
-from bench.harness.brokers import Mosquitto, MosquittoMissing
+from bench.harness.brokers import Mosquitto, MosquittoMissing, Subscriber
 from bench.harness.kafka_broker import Tansu, TansuMissing
 from bench.harness.tsdb import VictoriaMetrics, VictoriaMetricsMissing
 from tests.push_endpoints import Endpoints
@@ -59,7 +59,15 @@ def mosquitto_factory(
         broker.stop()
 
 
-# ---- a real time-series database for the history sink (see bench/harness/tsdb.py) -------------------
+@pytest.fixture
+def sub(mosquitto: Mosquitto) -> Iterator[Subscriber]:
+    """Subscribed on the module's Mosquitto to every notice, push, dead letter and receipt."""
+    with Subscriber(mosquitto.url, "cityops/alerts/#", "cityops/push/+", "cityops/deadletter",
+                    "cityops/receipts") as s:
+        yield s
+
+
+# ---- a real time-series database for the history sink (see bench/harness/tsdb.py) ----------------
 
 def _new_vm(tmp_path_factory: pytest.TempPathFactory, **kw) -> VictoriaMetrics:
     try:

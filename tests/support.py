@@ -3,8 +3,9 @@
 `cityops run` as a subprocess (``Runtime``, made by conftest's ``runtime`` fixture); readings,
 notices and dead letters as the runtime takes and sends them; and the waits: ``wait_until``
 polls a condition and fails saying what did not happen, ``settle``/``settle_count`` wait for a
-quiet spell (so that a message that should NOT come has had its chance). The real servers the
-tests talk to are in bench/harness/.
+quiet spell (so that a message that should NOT come has had its chance). Then, by subject: the
+console's city, HTTP, hot reload, Kafka workers, pushes, the production Mosquitto config,
+history points, small registries. The real servers the tests talk to are in bench/harness/.
 """
 
 from __future__ import annotations
@@ -561,7 +562,7 @@ def stop_run(proc: subprocess.Popen, sig: int) -> None:
         proc.wait(20)
 
 
-# ---- the production Mosquitto config (deploy/mosquitto) -------------------------------------------
+# ---- the production Mosquitto config (deploy/mosquitto) ------------------------------------------
 
 DEPLOY = ROOT / "deploy" / "mosquitto"
 NOT_AUTHORIZED = 135          # MQTT 5 reason codes

@@ -29,7 +29,6 @@ pytestmark = pytest.mark.broker
 
 GATEWAY = "cityops/gateways/gw-510104-0001"     # gas-510104-000001..5, grid 510104020001001
 ANOTHER_WORKER = "w-510104020002-01"
-FILTERS = ("cityops/alerts/#", "cityops/push/+", "cityops/deadletter", "cityops/receipts")
 
 
 @pytest.fixture
@@ -37,12 +36,6 @@ def running(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Running]:
     r = Running(mosquitto, tmp_path)
     yield r
     r.close()
-
-
-@pytest.fixture
-def sub(mosquitto: Mosquitto) -> Iterator[Subscriber]:
-    with Subscriber(mosquitto.url, *FILTERS) as s:
-        yield s
 
 
 def fire(mosquitto: Mosquitto, sub: Subscriber, sensor: str) -> dict:

@@ -34,7 +34,6 @@ SECRET = "owner-ack-secret-for-the-e2e-tests-0123"
 GATEWAY = "cityops/gateways/gw-510108-site01"
 CAMERA = "cam-510108-000001"
 OWNER, OWNER_PHONE = "site-510108-wannianchang", "13900000001"
-FILTERS = ("cityops/alerts/#", "cityops/push/+", "cityops/deadletter", "cityops/receipts")
 TIERS = '{"grid": ["mqtt"], "owner": ["sms"]}'
 
 
@@ -46,12 +45,6 @@ def violation(event: str = "no_helmet") -> bytes:
 def texts(ep: Endpoints) -> list[dict]:
     """The SMS gateway's requests, as {"phone", "text", "idempotency_key"} with the header."""
     return [{**r.json, "header": r.headers["idempotency-key"]} for r in ep.received("/sms")]
-
-
-@pytest.fixture
-def sub(mosquitto: Mosquitto) -> Iterator[Subscriber]:
-    with Subscriber(mosquitto.url, *FILTERS) as s:
-        yield s
 
 
 def test_a_no_helmet_event_reaches_the_owner_by_sms_once_across_a_retry_and_a_restart(
