@@ -37,9 +37,9 @@ test: $(STAMP) test-deps
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-# What the integration tests start themselves (tests/brokers.py: their own mosquitto on a free
+# What the integration tests start themselves (bench/harness/brokers.py: their own mosquitto on a free
 # port of 127.0.0.1 with their own config; never the system service, never port 1883;
-# tests/tsdb.py: VictoriaMetrics, which takes InfluxDB line protocol, for the history sink).
+# bench/harness/tsdb.py: VictoriaMetrics, which takes InfluxDB line protocol, for the history sink).
 # Debian puts the broker in /usr/sbin, which is not on a normal user's PATH: look there too.
 # Debian's Chromium: the console's browser tests drive it with Playwright (no browser download),
 # and a Chinese font, without which its screenshots show boxes for every character.

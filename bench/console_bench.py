@@ -3,7 +3,7 @@
     .venv/bin/python bench/console_bench.py            # 10,000 open incidents, 200 notices/s for 60 s
     .venv/bin/python bench/console_bench.py --quick    # a smoke test (1,000 incidents, 10 s)
 
-A real Mosquitto (tests/brokers.py, a free port of 127.0.0.1), `cityops console` as a
+A real Mosquitto (bench/harness/brokers.py, a free port of 127.0.0.1), `cityops console` as a
 subprocess, Debian's Chromium driven by Playwright. Inputs: notices as the pipeline writes them
 (pipeline.core.models.AlertNotice), for incidents spread over every grid of the fixture registry.
 
@@ -47,8 +47,8 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 
 from pipeline.core.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
-from tests.brokers import Mosquitto, host_port, publish_many  # noqa: E402
-from tests.console_browser import CHROMIUM, CHROMIUM_ARGS, Console, login, users_file  # noqa: E402
+from bench.harness.brokers import Mosquitto, host_port, publish_many  # noqa: E402
+from bench.harness.console_browser import CHROMIUM, CHROMIUM_ARGS, Console, login, users_file  # noqa: E402
 
 SEVERITIES = ("blue", "yellow", "orange", "red")
 LEVELS = {"blue": "IV", "yellow": "III", "orange": "II", "red": "I"}

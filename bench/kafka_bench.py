@@ -4,7 +4,7 @@
     .venv/bin/python bench/kafka_bench.py --quick      # a smoke test (< 2 min), figures not meaningful
     .venv/bin/python bench/kafka_bench.py --profile bench/out/kafka-worker.txt   # + py-spy, (c) (d)
 
-One broker for the run: tansu (tests/kafka_broker.py's Tansu: in memory, a free port of
+One broker for the run: tansu (bench/harness/kafka_broker.py's Tansu: in memory, a free port of
 127.0.0.1). Each contender gets topics of its own prefix and its own consumer group, so none sees
 another's records; every input topic has --partitions partitions (4) and ONE consumer process
 takes them all.
@@ -30,7 +30,7 @@ records (never end_offsets(): wrong on tansu, INFRA.md).
   (b) a naive Faust agent (bench/naive_faust_app.py, `faust worker` subprocess): one event at a
       time, stdlib JSON, the sensor's last value into a table, a notice over threshold; only
       --naive-readings records since it is slow. From its first event to its last, as it counts.
-  (c) `python -m pipeline.cli worker` (tests/kafka_broker.py's CityopsProcess) with every built-in
+  (c) `python -m pipeline.cli worker` (bench/harness/kafka_broker.py's CityopsProcess) with every built-in
       pack: readings/s from its /metrics, cityops_readings_total (readings the engines took)
       polled every 100 ms: the readings counted between the first poll that saw any and the first
       that saw them all, over the time between those polls.
@@ -81,7 +81,7 @@ from pipeline.runtimes.bridge import ReadingRouter  # noqa: E402
 from pipeline.shared.config import KafkaSettings  # noqa: E402
 from pipeline.core.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
-from tests.kafka_broker import CityopsProcess, Tansu, tansu_binary  # noqa: E402
+from bench.harness.kafka_broker import CityopsProcess, Tansu, tansu_binary  # noqa: E402
 
 GAS_LIMIT = 20.0            # gas.leak's level1_lel (rules/packs/gas.yaml): what (a) and (b) check
 STALL_S = 30.0              # no progress for this long: the contender is stuck, not slow
@@ -381,7 +381,7 @@ def _paced(bootstrap: str, topic: str, reg, partition_of: list[int], rate: float
 class NoticeClock:
     """A reader of the street tier in a thread: when each gas.leak firing notice arrived.
 
-    Not tests/kafka_broker.py's TopicReader: its consumer keeps kafka-python's 500 ms
+    Not bench/harness/kafka_broker.py's TopicReader: its consumer keeps kafka-python's 500 ms
     fetch_max_wait, and tansu answers a waiting fetch late instead of when a record comes
     (measured here at 1,000 records/s: +130 ms p50 and +270 ms p99 with 500 ms, +16 / +33 ms
     with 20 ms). That would be counted as the worker's latency."""

@@ -7,7 +7,7 @@
 
 One broker for the run: Debian's mosquitto with deploy/mosquitto/mosquitto.conf's tuning
 (persistence, autosave 60 s, 1000 in flight, 1,000,000 queued, TCP_NODELAY) but anonymous, on a
-free port of 127.0.0.1 (started by tests/brokers.py's Mosquitto). Inputs: the fixture registry
+free port of 127.0.0.1 (started by bench/harness/brokers.py's Mosquitto). Inputs: the fixture registry
 (pipeline/fixtures/chengdu, 533 sensors) with every built-in pack; what its gateways publish,
 one payload per gateway with a reading from each sensor behind it (sensors without a gateway
 publish alone on cityops/readings/{id}), current epoch-ms timestamps, mostly quiet values (a
@@ -74,7 +74,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.core.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
-from tests.brokers import Mosquitto, free_port, host_port  # noqa: E402
+from bench.harness.brokers import Mosquitto, free_port, host_port  # noqa: E402
 
 PREFIX = "cityops"
 from engine_bench import EVENTS, NORMAL  # noqa: E402  the same reading mix as the engine bench
@@ -531,7 +531,7 @@ def phase_history(url: str, workdir: Path, payloads, expected: int, publishers: 
                   env: dict[str, str], rounds: int = 2) -> dict:
     """(d) the pipeline's readings/s with the history sink on and off: (b) drain, alternating,
     so that the machine's drift falls on both."""
-    from tests.tsdb import VictoriaMetrics
+    from bench.harness.tsdb import VictoriaMetrics
     vm = VictoriaMetrics(workdir / "victoria-metrics").start()
     try:
         on_env = {**env, "CITYOPS_INFLUX__URL": vm.url}
@@ -699,7 +699,7 @@ def pct(sorted_values: list[float], p: float) -> float:
 
 def bench_config() -> str:
     """deploy/mosquitto/mosquitto.conf's tuning, anonymous (the listener, paths and user are
-    set by tests/brokers.py's Mosquitto)."""
+    set by bench/harness/brokers.py's Mosquitto)."""
     text = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
     text = re.sub(r"(?m)^(password_file|acl_file) ", r"# \1 ", text)
     return re.sub(r"(?m)^allow_anonymous .*$", "allow_anonymous true", text)

@@ -3,7 +3,7 @@
     .venv/bin/python bench/sink_bench.py                       # 20,000 sensors, 400,000 readings
     .venv/bin/python bench/sink_bench.py --sensors 3000 --readings 20000 --points 20000  # a look
 
-Against a VictoriaMetrics it starts itself (InfluxDB's write path, tests/tsdb.py), through the
+Against a VictoriaMetrics it starts itself (InfluxDB's write path, bench/harness/tsdb.py), through the
 real influxdb-client:
 
   (1) points/s written: readings columns handed to the sink as fast as it takes them, timed
@@ -50,7 +50,7 @@ from pipeline.core.engine import Engine  # noqa: E402
 from pipeline.core.registry import load as load_registry  # noqa: E402
 from pipeline.tools.registry_gen import generate  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
-from tests.tsdb import VictoriaMetrics  # noqa: E402
+from bench.harness.tsdb import VictoriaMetrics  # noqa: E402
 
 
 def settings(url: str, every: str = "0s") -> InfluxSettings:

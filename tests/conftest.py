@@ -1,19 +1,26 @@
-"""Fixtures for integration tests against a real Mosquitto (see tests/brokers.py) and a real
-VictoriaMetrics for the history sink (tests/tsdb.py)."""
+"""The fixtures the tests share: a real Mosquitto (see bench/harness/brokers.py), a real
+VictoriaMetrics for the history sink (bench/harness/tsdb.py), tansu for Kafka, `cityops run`
+processes (``runtime``), local push endpoints, a headless Chromium, and the built-in rules with
+the Chengdu fixture registry. Plain helpers are in tests/support.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from pipeline.core import registry
 from rules.compiler import load_rules
-from tests.brokers import Mosquitto, MosquittoMissing
-from tests.kafka_broker import Tansu, TansuMissing
-from tests.tsdb import VictoriaMetrics, VictoriaMetricsMissing
+from bench.harness.brokers import Mosquitto, MosquittoMissing, Subscriber
+from bench.harness.kafka_broker import Tansu, TansuMissing
+from bench.harness.tsdb import VictoriaMetrics, VictoriaMetricsMissing
+from tests.push_endpoints import Endpoints
+from bench.harness.console_browser import CHROMIUM, CHROMIUM_ARGS, Console
+from tests.support import DUTY_TOKENS, Runtime, console_city_files, sha256
 
 # compiled registries (pipeline/core/registry_cache.py) of this run, and of the processes it starts,
 # go to a folder of its own, not the user's cache
@@ -52,7 +59,15 @@ def mosquitto_factory(
         broker.stop()
 
 
-# ---- a real time-series database for the history sink (see tests/tsdb.py) -------------------
+@pytest.fixture
+def sub(mosquitto: Mosquitto) -> Iterator[Subscriber]:
+    """Subscribed on the module's Mosquitto to every notice, push, dead letter and receipt."""
+    with Subscriber(mosquitto.url, "cityops/alerts/#", "cityops/push/+", "cityops/deadletter",
+                    "cityops/receipts") as s:
+        yield s
+
+
+# ---- a real time-series database for the history sink (see bench/harness/tsdb.py) ----------------
 
 def _new_vm(tmp_path_factory: pytest.TempPathFactory, **kw) -> VictoriaMetrics:
     try:
@@ -108,3 +123,65 @@ def rules():
 @pytest.fixture(scope="module")
 def chengdu(rules):
     return registry.load(None, rules.kinds)
+
+
+# ---- `cityops run` as a subprocess (tests/support.py's Runtime) ----------------------------------
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[Callable[..., Runtime]]:
+    """``runtime(url, name="rt", args=[...], env={...}, start=True)``: a `cityops run` process;
+    every one is stopped (SIGTERM, SIGKILL on timeout) when the test ends, and one that does not
+    exit 0 on SIGTERM within 15 s fails the test (stacks of all its threads in the output)."""
+    made: list[Runtime] = []
+
+    def make(url: str, name: str = "rt", args: list[str] | None = None,
+             env: dict[str, str] | None = None, start: bool = True,
+             module: str = "pipeline.cli") -> Runtime:
+        rt = Runtime(tmp_path, url, name, list(args or []), dict(env or {}), module)
+        made.append(rt)
+        return rt.start() if start else rt
+
+    yield make
+    problems = [p for p in (rt.close() for rt in made) if p]
+    if problems:      # SIGTERM is how operators stop it (and Ctrl-C): it must work every time
+        pytest.fail("\n\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def duty_users(tmp_path: Path) -> Path:
+    """acks.users with the district duty officers of 锦江区 and 青羊区, by their DUTY_TOKENS."""
+    path = tmp_path / "users.yaml"
+    path.write_text(json.dumps({"users": {
+        user: {"scope": "district", "code": user.removeprefix("duty-"), "token_sha256": sha256(token)}
+        for user, token in DUTY_TOKENS.items()}}))         # JSON is YAML
+    return path
+
+
+# ---- the local push endpoints (webhook, WeCom, DingTalk, SMS) -----------------------------------
+
+@pytest.fixture
+def endpoints() -> Iterator[Endpoints]:
+    with Endpoints() as ep:
+        yield ep
+
+
+# ---- the console: a headless Chromium, and a city to look at -------------------------------------
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright     # only the browser tests need it
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def console_city(tmp_path: Path, mosquitto: Mosquitto, runtime):
+    """`cityops run` and `cityops console` on the module's Mosquitto."""
+    registry, users, routing, config = console_city_files(tmp_path)
+    common = ["--config", str(config), "--registry", str(registry), "--routing", str(routing)]
+    rt = runtime(mosquitto.url, "console-city", args=common, env={"CITYOPS_TICK": "200ms"})
+    console = Console(tmp_path, ["--broker", mosquitto.url, *common], {}).start()
+    yield rt, console
+    assert console.stop() == 0, console.log()

@@ -21,7 +21,7 @@ _read = KafkaReload._read
 
 def _slow_read(self: KafkaReload) -> None:
     if threading.current_thread() is not threading.main_thread():
-        time.sleep(READ_SECONDS)
+        time.sleep(READ_SECONDS)     # time is the thing: the read is slow, the window wide
     _read(self)
 
 

@@ -11,22 +11,19 @@ names the user; the bare acks topic and a login that may acknowledge nothing are
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from connectors.kafka import topic_names
-from tests.brokers import Mosquitto, Subscriber, publish
-from tests.kafka_broker import CityopsProcess, TopicReader
-from tests.test_deploy_mosquitto import DEPLOY, NOT_AUTHORIZED, deploy_broker
-from tests.test_runtime_mqtt import Runtime, runtime  # noqa: F401  (the fixture)
+from bench.harness.brokers import Mosquitto, Subscriber, publish
+from bench.harness.kafka_broker import CityopsProcess, TopicReader
+from tests.support import DEPLOY, DUTY_TOKENS, NOT_AUTHORIZED, Runtime, deploy_broker, dumps, now_ms, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -36,13 +33,6 @@ JINJIANG_GW, QINGYANG_GW = "gw-510104-0001", "gw-510105-0001"
 PASSWORDS = {"cityops": "pipeline-secret", JINJIANG_GW: "gw1", QINGYANG_GW: "gw2", W1: "w1",
              W2: "w2", "duty-510104": "d1", "duty-510105": "d2", "dashboard-city": "dash",
              "cityops-monitor": "mon"}
-TOKENS = {"duty-510104": "jinjiang-duty-token-0123456789", "duty-510105": "qingyang-duty-token-0123"}
-USERS = {"users": {
-    "duty-510104": {"scope": "district", "code": "510104",
-                    "token_sha256": hashlib.sha256(TOKENS["duty-510104"].encode()).hexdigest()},
-    "duty-510105": {"scope": "district", "code": "510105",
-                    "token_sha256": hashlib.sha256(TOKENS["duty-510105"].encode()).hexdigest()},
-}}
 
 
 def as_user(user: str) -> dict[str, str]:
@@ -58,21 +48,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     b = deploy_broker(tmp, PASSWORDS, (DEPLOY / "acl").read_text() + "\n" + block)
     yield b
     b.stop()
-
-
-@pytest.fixture
-def users_file(tmp_path: Path) -> Path:
-    path = tmp_path / "users.yaml"
-    path.write_text(json.dumps(USERS))             # JSON is YAML
-    return path
-
-
-def dumps(obj: dict) -> bytes:
-    return json.dumps(obj).encode()
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def alarm(broker: Mosquitto, gateway: str, sensor: str) -> None:
@@ -104,10 +79,10 @@ def acked(msgs: list, alert_id: str) -> list[dict]:
 
 
 def test_live_runtime_takes_acks_only_within_the_senders_scope(broker: Mosquitto, runtime,
-                                                                users_file: Path) -> None:
+                                                                duty_users: Path) -> None:
     rt: Runtime = runtime(broker.url, "identity", env={
         "CITYOPS_MQTT__USERNAME": "cityops", "CITYOPS_MQTT__PASSWORD": PASSWORDS["cityops"],
-        "CITYOPS_ACKS__USERS": str(users_file)})
+        "CITYOPS_ACKS__USERS": str(duty_users)})
     with Subscriber(broker.url, "cityops/alerts/#", **as_user("dashboard-city")) as dash, \
             Subscriber(broker.url, "cityops/deadletter", **as_user("cityops-monitor")) as mon:
         alarm(broker, JINJIANG_GW, "gas-510104-000002")
@@ -149,11 +124,11 @@ def test_live_runtime_takes_acks_only_within_the_senders_scope(broker: Mosquitto
         body = {"alert_id": qingyang, "ts": now_ms()}
         assert rt.post_ack(dumps(body), None)[0] == 401
         assert rt.post_ack(dumps(body), "guessed-token")[0] == 401
-        assert rt.post_ack(dumps({**body, "by": "duty-510105"}), TOKENS["duty-510104"])[0] == 403
-        assert rt.post_ack(dumps(body), TOKENS["duty-510104"]) == (202, {"status": "queued"})
+        assert rt.post_ack(dumps({**body, "by": "duty-510105"}), DUTY_TOKENS["duty-510104"])[0] == 403
+        assert rt.post_ack(dumps(body), DUTY_TOKENS["duty-510104"]) == (202, {"status": "queued"})
         refused = mon.wait_for(lambda m: len(dead(m)) >= 5)
         assert dead(refused)[4]["reason"] == "forbidden" and "510104" in dead(refused)[4]["detail"]
-        assert rt.post_ack(dumps(body), TOKENS["duty-510105"])[0] == 202
+        assert rt.post_ack(dumps(body), DUTY_TOKENS["duty-510105"])[0] == 202
         got = dash.wait_for(lambda m: acked(m, qingyang))
         assert {(n["acked_by"], n["acked_tier"]) for n in acked(got, qingyang)} == {
             ("duty-510105", "district")}
@@ -167,9 +142,9 @@ T = topic_names("cityops")
 
 def test_bridge_and_worker_take_acks_only_within_the_senders_scope(broker: Mosquitto, kafka,
                                                                     tmp_path: Path,
-                                                                    users_file: Path) -> None:
+                                                                    duty_users: Path) -> None:
     env = {"CITYOPS_MQTT__URL": broker.url, "CITYOPS_MQTT__USERNAME": "cityops",
-           "CITYOPS_MQTT__PASSWORD": PASSWORDS["cityops"], "CITYOPS_ACKS__USERS": str(users_file),
+           "CITYOPS_MQTT__PASSWORD": PASSWORDS["cityops"], "CITYOPS_ACKS__USERS": str(duty_users),
            "CITYOPS_KAFKA__BOOTSTRAP": kafka.bootstrap, "CITYOPS_KAFKA__PARTITIONS": "4",
            "CITYOPS_KAFKA__REPLICATION": "1", "CITYOPS_WORKER__APP_ID": "identity-worker",
            "CITYOPS_KAFKA__PREFIX": "cityops"}
@@ -182,10 +157,8 @@ def test_bridge_and_worker_take_acks_only_within_the_senders_scope(broker: Mosqu
         street = TopicReader(kafka.bootstrap, [T["alerts.street"]])
         deadletters = TopicReader(kafka.bootstrap, [T["deadletter"]])
         readers += [street, deadletters]
-        deadline = time.monotonic() + 30
-        while (bridge.health() or {}).get("status") != "ok":
-            assert time.monotonic() < deadline, bridge.log()
-            time.sleep(0.2)
+        wait_until(lambda: (bridge.health() or {}).get("status") == "ok", 30, "the bridge healthy",
+                   detail=bridge.log)
         alarm(broker, JINJIANG_GW, "gas-510104-000004")
         alarm(broker, QINGYANG_GW, "gas-510105-000002")
 

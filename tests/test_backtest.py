@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from tests.tsdb import VictoriaMetrics
+from bench.harness.tsdb import VictoriaMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "pipeline" / "fixtures" / "chengdu"

@@ -20,9 +20,8 @@ import yaml
 
 from pipeline.core.models import AlertNotice, DeadLetter
 from pipeline.core.registry import load as load_registry
-from tests.brokers import Mosquitto, Subscriber, publish
-from tests.test_runtime_mqtt import (Runtime, now_ms, rt_users, runtime,  # noqa: F401 (fixture)
-                                     settle)
+from bench.harness.brokers import Mosquitto, Subscriber, publish
+from tests.support import Runtime, now_ms, rt_users, settle
 
 pytestmark = pytest.mark.broker
 
@@ -66,7 +65,7 @@ def send(broker: Mosquitto, user: str, body: dict) -> None:
     assert publish(broker.url, f"cityops/acks/{user}", json.dumps(body, ensure_ascii=False)) == 0
 
 
-def reading(broker: Mosquitto, sensor: str, value: float, ago_ms: int = 0) -> None:
+def send_reading(broker: Mosquitto, sensor: str, value: float, ago_ms: int = 0) -> None:
     body = json.dumps({"sensor_id": sensor, "ts": now_ms() - ago_ms, "value": value})
     assert publish(broker.url, f"cityops/readings/{sensor}", body) == 0
 
@@ -77,8 +76,8 @@ def users(tmp_path: Path) -> dict[str, str]:
 
 def blue_water(broker: Mosquitto, sub: Subscriber) -> dict:
     """18 cm for 2.5 min (the rule's `for: 2m`): a blue alert; its community copy."""
-    reading(broker, WATER, 18.0, ago_ms=150_000)
-    reading(broker, WATER, 18.0)
+    send_reading(broker, WATER, 18.0, ago_ms=150_000)
+    send_reading(broker, WATER, 18.0)
     got = sub.wait_for(lambda m: told("firing", "/community/")(m) and told("firing", "/push/")(m))
     [n] = told("firing", "/community/")(got)
     return n
@@ -110,7 +109,7 @@ def test_a_gas_alarm_climbs_grid_community_street_while_nobody_is_on_site(worker
     fast.write_text(yaml.safe_dump(tree, allow_unicode=True), encoding="utf-8")
     runtime(mosquitto.url, "climb", args=["--routing", str(fast)])
     with Subscriber(mosquitto.url, *FILTERS) as sub:
-        reading(mosquitto, GAS_ALONE, 27.5)
+        send_reading(mosquitto, GAS_ALONE, 27.5)
         got = sub.wait_for(lambda m: told("firing", "/push/")(m))
         [fired] = told("firing", "/push/")(got)
         aid = fired["alert_id"]
@@ -139,7 +138,7 @@ def test_a_workers_push_reply_marks_on_site_then_handled(worker: str, mosquitto:
     runtime(mosquitto.url, "reply", env={"CITYOPS_PUSH__ENABLED": "true",
                                          "CITYOPS_PUSH__SECRET": SECRET})
     with Subscriber(mosquitto.url, *FILTERS) as sub:
-        reading(mosquitto, GAS, 27.5)
+        send_reading(mosquitto, GAS, 27.5)
         got = sub.wait_for(lambda m: told("firing", f"/push/{worker}")(m))
         [push] = told("firing", f"/push/{worker}")(got)
         token, aid = push["ack_token"], push["alert_id"]
@@ -193,7 +192,7 @@ def test_closing_needs_the_owning_tiers_scope(worker: str, mosquitto: Mosquitto,
 def test_handling_states_survive_kill_9(worker: str, mosquitto: Mosquitto, runtime, tmp_path: Path) -> None:
     rt: Runtime = runtime(mosquitto.url, "kill9", env=users(tmp_path))
     with Subscriber(mosquitto.url, *FILTERS) as sub:
-        reading(mosquitto, GAS, 27.5)                  # yellow: street, grid, district
+        send_reading(mosquitto, GAS, 27.5)                  # yellow: street, grid, district
         got = sub.wait_for(lambda m: told("firing", "/district/")(m))
         aid = told("firing", "/district/")(got)[0]["alert_id"]
         send(mosquitto, worker, {"alert_id": aid, "ts": now_ms(), "state": "on_site"})

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_runtime_mqtt import ROOT
+from tests.support import ROOT
 
 ROUTING = ROOT / "tests" / "rules" / "routing" / "community.yaml"
 T0 = 1_782_885_600_000          # 2026-07-01T14:00:00+08:00

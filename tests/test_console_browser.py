@@ -12,83 +12,24 @@ to tests/artifacts/.
 
 from __future__ import annotations
 
-import csv
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import yaml
-from playwright.sync_api import sync_playwright
 
-from tests.brokers import Mosquitto, Subscriber, mosquitto_pub, publish
-from tests.kafka_broker import CityopsProcess, TopicReader, produce
-from tests.console_browser import (CHROMIUM, CHROMIUM_ARGS, PASSWORD, PHONE, Console, api, login,
-                                   shot, users_file, wait_until)
-from tests.test_runtime_mqtt import (FIXTURE, ROOT, dumps, notices, now_ms, on_shift,
-                                     reading, runtime)  # noqa: F401  (runtime: a fixture)
+from bench.harness.brokers import Mosquitto, Subscriber, mosquitto_pub, publish
+from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
+from bench.harness.console_browser import PASSWORD, PHONE, Console, api, login, shot
+from tests.support import (CONSOLE_ESCALATE_S, CONSOLE_GAS, CONSOLE_GAS_GRID, CONSOLE_LATENESS_S, HOSTILE,
+                           console_city_files, dumps, notices, now_ms, on_shift, reading, wait_until)
 
 pytestmark = pytest.mark.broker
 
-GAS = "gas-510104-000002"            # 春熙路街道 (510104020), grid 510104020001001, gw-510104-0001
-GAS_GRID = "510104020001001"
 OTHER_GAS = "gas-510104-000042"      # the neighbour street 510104021, gw-510104-0007 (not alone)
-HOSTILE = '<img src=x id=pwned-address onerror="window.pwned=1">红星路<script>window.pwned=2</script>'
-ESCALATE_S = 12                      # street -> district, district -> city (the test's routing)
-LATENESS_S = 1
 
 
-def city_files(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
-    """The fixture registry with HTML in GAS's address, the users, a routing with short
-    deadlines, and a config: (registry, users, routing, config)."""
-    registry = tmp_path / "registry"
-    shutil.copytree(FIXTURE, registry)
-    rows = list(csv.DictReader((registry / "sensors.csv").open(encoding="utf-8")))
-    for r in rows:
-        if r["sensor_id"] == GAS:
-            r["address"] = HOSTILE
-    with (registry / "sensors.csv").open("w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    roster = yaml.safe_load((FIXTURE / "registry.yaml").read_text())["workers"]
-    users = users_file(tmp_path / "users.yaml", {
-        "chunxi": {"scope": "street", "code": "510104020"},
-        "neighbour": {"scope": "street", "code": "510104021"},
-        "jinjiang": {"scope": "district", "code": "510104"},
-        "city-duty": {"scope": "city"},
-        **{w["id"]: {} for w in roster if GAS_GRID in w["grids"] or w["id"].endswith("-duty")}})
-    routing = yaml.safe_load((ROOT / "rules" / "routing.yaml").read_text())
-    routing.update(escalate_after={"street": f"{ESCALATE_S}s", "district": f"{ESCALATE_S}s"},
-                   remind_every="1h")
-    (tmp_path / "routing.yaml").write_text(yaml.safe_dump(routing, allow_unicode=True))
-    config = tmp_path / "cityops.yaml"
-    config.write_text(f"engine:\n  allowed_lateness: {LATENESS_S * 1000}ms\n"
-                      f"acks:\n  users: {users}\n")
-    return registry, users, tmp_path / "routing.yaml", config
-
-
-@pytest.fixture
-def city(tmp_path: Path, mosquitto: Mosquitto, runtime):
-    """`cityops run` and `cityops console` on the module's Mosquitto."""
-    registry, users, routing, config = city_files(tmp_path)
-    common = ["--config", str(config), "--registry", str(registry), "--routing", str(routing)]
-    rt = runtime(mosquitto.url, "console-city", args=common, env={"CITYOPS_TICK": "200ms"})
-    console = Console(tmp_path, ["--broker", mosquitto.url, *common], {}).start()
-    yield rt, console
-    assert console.stop() == 0, console.log()
-
-
-@pytest.fixture
-def browser():
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-def test_the_console_end_to_end_in_a_browser(city, mosquitto: Mosquitto, browser) -> None:
-    rt, console = city
+def test_the_console_end_to_end_in_a_browser(console_city, mosquitto: Mosquitto, browser) -> None:
+    rt, console = console_city
     url = mosquitto.url
     street = login(browser, console, "chunxi")
     assert street.url.endswith("/incidents")
@@ -102,14 +43,14 @@ def test_the_console_end_to_end_in_a_browser(city, mosquitto: Mosquitto, browser
     # a gas reading, published with the real client: on the street page and the big screen
     with Subscriber(url, "cityops/alerts/#", "cityops/push/#") as sub:
         t0 = now_ms()
-        mosquitto_pub(url, "cityops/gateways/gw-510104-0001", dumps([reading(GAS, 28.0, ts=t0)]))
+        mosquitto_pub(url, "cityops/gateways/gw-510104-0001", dumps([reading(CONSOLE_GAS, 28.0, ts=t0)]))
         mosquitto_pub(url, "cityops/gateways/gw-510104-0007", dumps([reading(OTHER_GAS, 28.0, ts=t0)]))
         row = street.locator("tr.row", has_text="燃气")
         row.first.wait_for(timeout=5000)               # within 5 s of the publish
         big.locator("#open-count", has_text="2").wait_for(timeout=5000)
         seen_s = (now_ms() - t0) / 1000
         print(f"on the street page and the big screen {seen_s:.2f} s after mosquitto_pub")
-        fired = wait_until(lambda: [n for n in notices(sub.messages) if n["sensor_id"] == GAS], 5,
+        fired = wait_until(lambda: [n for n in notices(sub.messages) if n["sensor_id"] == CONSOLE_GAS], 5,
                            "the notices")
         aid = fired[0]["alert_id"]
         other = wait_until(lambda: [n for n in notices(sub.messages)
@@ -157,10 +98,10 @@ def test_the_console_end_to_end_in_a_browser(city, mosquitto: Mosquitto, browser
 
         # the other street's leak, unacknowledged, escalates on time; ours does not
         wait_until(lambda: any(n["alert_id"] == other["alert_id"] and n["state"] == "escalated"
-                               for n in notices(sub.messages)), ESCALATE_S + LATENESS_S + 10,
+                               for n in notices(sub.messages)), CONSOLE_ESCALATE_S + CONSOLE_LATENESS_S + 10,
                    "the unacknowledged leak's escalation")
-        wait_until(lambda: now_ms() > max(acked_at, t0 + 2 * ESCALATE_S * 1000)
-                   + (LATENESS_S + 2) * 1000, 2 * ESCALATE_S + 10, "past both deadlines")
+        wait_until(lambda: now_ms() > max(acked_at, t0 + 2 * CONSOLE_ESCALATE_S * 1000)
+                   + (CONSOLE_LATENESS_S + 2) * 1000, 2 * CONSOLE_ESCALATE_S + 10, "past both deadlines")
         ours = [n for n in notices(sub.messages) if n["alert_id"] == aid]
         assert not [n for n in ours if n["state"] == "escalated"], ours
         assert {n["state"] for n in ours} == {"firing", "acknowledged"}
@@ -170,7 +111,7 @@ def test_the_console_end_to_end_in_a_browser(city, mosquitto: Mosquitto, browser
 
     # the grid worker on their phone: the push, newest first, with its state now
     worker = next(n["target"] for n in fired if n["tier"] == "grid")
-    assert worker in on_shift(GAS_GRID, t0) | {"w-510104020-duty"}
+    assert worker in on_shift(CONSOLE_GAS_GRID, t0) | {"w-510104020-duty"}
     phone = login(browser, console, worker, viewport=PHONE)
     assert phone.url.endswith("/me")
     pushes = phone.locator(f"li.push[data-alert='{aid}']")
@@ -228,8 +169,8 @@ def test_the_console_end_to_end_in_a_browser(city, mosquitto: Mosquitto, browser
     shot(street, "street")
 
 
-def test_security_headers_csrf_and_login(city, browser) -> None:
-    rt, console = city
+def test_security_headers_csrf_and_login(console_city, browser) -> None:
+    rt, console = console_city
     page = browser.new_context().new_page()
     r = page.goto(f"{console.url}/incidents")
     assert page.url.startswith(f"{console.url}/login")            # pages need a login
@@ -267,11 +208,11 @@ def test_security_headers_csrf_and_login(city, browser) -> None:
 def test_the_same_flow_on_the_kafka_runtime(kafka, tmp_path: Path, browser) -> None:
     """`cityops worker` on the Kafka-protocol broker; the console reads the Kafka tier topics
     and sends its acknowledgements to cityops.acks."""
-    registry, users, routing, config = city_files(tmp_path)
+    registry, users, routing, config = console_city_files(tmp_path)
     env = {"CITYOPS_KAFKA__BOOTSTRAP": kafka.bootstrap, "CITYOPS_KAFKA__PARTITIONS": "2",
            "CITYOPS_KAFKA__REPLICATION": "1", "CITYOPS_ACKS__USERS": str(users),
            "CITYOPS_REGISTRY": str(registry), "CITYOPS_ROUTING": str(routing),
-           "CITYOPS_ENGINE__ALLOWED_LATENESS": f"{LATENESS_S}s"}
+           "CITYOPS_ENGINE__ALLOWED_LATENESS": f"{CONSOLE_LATENESS_S}s"}
     w = CityopsProcess("worker", tmp_path, env, "worker").start()
     console = None
     try:
@@ -285,7 +226,7 @@ def test_the_same_flow_on_the_kafka_runtime(kafka, tmp_path: Path, browser) -> N
                        10, "the page's event stream")
         t0 = now_ms()
         produce(kafka.bootstrap, "cityops.readings", [
-            (GAS.encode(), dumps(reading(GAS, 28.0, ts=t0))),
+            (CONSOLE_GAS.encode(), dumps(reading(CONSOLE_GAS, 28.0, ts=t0))),
             (OTHER_GAS.encode(), dumps(reading(OTHER_GAS, 28.0, ts=t0)))])
         row = street.locator("tr.row", has_text="燃气")
         row.first.wait_for(timeout=5000)
@@ -312,9 +253,9 @@ def test_the_same_flow_on_the_kafka_runtime(kafka, tmp_path: Path, browser) -> N
         shot(district, "kafka-district")
 
         # the unacknowledged one escalates (the big screen lists it); ours never does
-        big.locator(".waiting", has_text="燃气").wait_for(timeout=(ESCALATE_S + 15) * 1000)
-        wait_until(lambda: now_ms() > max(acked_at, t0 + 2 * ESCALATE_S * 1000)
-                   + (LATENESS_S + 2) * 1000, 2 * ESCALATE_S + 10, "past both deadlines")
+        big.locator(".waiting", has_text="燃气").wait_for(timeout=(CONSOLE_ESCALATE_S + 15) * 1000)
+        wait_until(lambda: now_ms() > max(acked_at, t0 + 2 * CONSOLE_ESCALATE_S * 1000)
+                   + (CONSOLE_LATENESS_S + 2) * 1000, 2 * CONSOLE_ESCALATE_S + 10, "past both deadlines")
         states = [e["state"] for e in api(district, f"/api/incidents/{aid}")[1]["timeline"]
                   if e["what"] == "notice"]
         assert "escalated" not in states and "acknowledged" in states, states
@@ -336,11 +277,11 @@ def test_the_same_flow_on_the_kafka_runtime(kafka, tmp_path: Path, browser) -> N
 
 
 def test_a_bad_message_on_the_alerts_topics_is_skipped_and_the_console_goes_on(
-        city, mosquitto: Mosquitto, browser) -> None:
+        console_city, mosquitto: Mosquitto, browser) -> None:
     """Only the pipeline may write there (deploy ACL); should anything else arrive, it is
     skipped with a warning, acknowledged like the rest, and what follows still shows."""
-    rt, console = city
-    good = {"alert_id": "0" * 16, "seq": 1, "rule_id": "gas.leak", "sensor_id": GAS,
+    rt, console = console_city
+    good = {"alert_id": "0" * 16, "seq": 1, "rule_id": "gas.leak", "sensor_id": CONSOLE_GAS,
             "kind": "gas_household", "category": "gas", "severity": "yellow", "level": "III",
             "fiware_severity": "medium", "state": "firing", "tier": "street",
             "target": "510104020", "district": "510104", "district_name": "锦江区",

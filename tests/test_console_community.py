@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.brokers import Mosquitto, Subscriber, publish
-from tests.console_browser import Console, api, login, shot, users_file, wait_until
-from tests.test_console_browser import browser  # noqa: F401  (the fixture)
-from tests.test_runtime_mqtt import ROOT, notices, now_ms, runtime  # noqa: F401 (fixture)
+from bench.harness.brokers import Mosquitto, Subscriber, publish
+from bench.harness.console_browser import Console, api, login, shot, users_file
+from tests.support import ROOT, notices, now_ms, wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.brokers import Mosquitto, Subscriber, mosquitto_pub
-from tests.console_browser import login, shot, wait_until
-from tests.test_console_browser import GAS, browser, city  # noqa: F401  (fixtures)
-from tests.test_runtime_mqtt import dumps, notices, now_ms, reading, runtime  # noqa: F401
+from bench.harness.brokers import Mosquitto, Subscriber, mosquitto_pub
+from bench.harness.console_browser import login, shot
+from tests.support import CONSOLE_GAS, dumps, notices, now_ms, reading, wait_until
 
 pytestmark = pytest.mark.broker
 
 
-def test_silences_are_made_seen_and_ended_in_the_console(city, mosquitto: Mosquitto,
+def test_silences_are_made_seen_and_ended_in_the_console(console_city, mosquitto: Mosquitto,
                                                          browser) -> None:
-    rt, console = city
+    rt, console = console_city
     url = mosquitto.url
     district = login(browser, console, "jinjiang")
     district.goto(f"{console.url}/silences")
@@ -42,14 +41,14 @@ def test_silences_are_made_seen_and_ended_in_the_console(city, mosquitto: Mosqui
 
     with Subscriber(url, "cityops/alerts/#", "cityops/push/#") as sub:
         mosquitto_pub(url, "cityops/gateways/gw-510104-0001",
-                      dumps([reading(GAS, 28.0, ts=now_ms())]))
+                      dumps([reading(CONSOLE_GAS, 28.0, ts=now_ms())]))
 
         def muted():
             district.goto(f"{console.url}/silences")
             return district.locator(".muted-incident").count() == 1
         wait_until(muted, 10, "the leak listed under its silence")
         assert "通知暂缓" in district.locator(".muted-incident").inner_text()
-        assert [n for n in notices(sub.messages) if n["sensor_id"] == GAS] == []
+        assert [n for n in notices(sub.messages) if n["sensor_id"] == CONSOLE_GAS] == []
         shot(district, "silences")
 
         # the neighbour street sees it, may not end it, and may not silence 春熙路
@@ -65,7 +64,7 @@ def test_silences_are_made_seen_and_ended_in_the_console(city, mosquitto: Mosqui
 
         district.goto(f"{console.url}/silences")
         district.click("button.end-silence")
-        told = wait_until(lambda: [n for n in notices(sub.messages) if n["sensor_id"] == GAS],
+        told = wait_until(lambda: [n for n in notices(sub.messages) if n["sensor_id"] == CONSOLE_GAS],
                           10, "the held leak told when the silence ended")
     assert {n["state"] for n in told} == {"firing"} and "静默结束" in told[0]["summary"]
 

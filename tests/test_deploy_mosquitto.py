@@ -7,25 +7,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.brokers import (
+from bench.harness.brokers import (
     CliSubscriber,
     Mosquitto,
-    MosquittoMissing,
     MqttRefused,
     Subscriber,
-    mosquitto_passwd,
     mosquitto_pub,
     mosquitto_sub,
     publish,
 )
+from tests.support import DEPLOY, NOT_AUTHORIZED, deploy_broker
 
 pytestmark = pytest.mark.broker
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
 PASSWORDS = {
     "cityops": "pipeline-secret",
     "gw-510104-0001": "gw1-secret",
@@ -37,29 +34,8 @@ PASSWORDS = {
     "duty-510104": "duty-secret",          # an acknowledging user of the pipeline's acks.users
     "cityops-console": "console-secret",   # the web console: acknowledges as its users
 }
-NOT_AUTHORIZED = 135          # MQTT 5 reason codes
 NO_SUBSCRIBERS = 16
 READING = b'{"sensor_id": "gas-510104-000001", "ts": 1782885780000, "value": 27.5}'
-
-
-def production_config(tmp: Path) -> str:
-    """deploy/mosquitto/mosquitto.conf with the password and ACL files in ``tmp``."""
-    text = (DEPLOY / "mosquitto.conf").read_text()
-    text, n1 = re.subn(r"(?m)^password_file .*$", f"password_file {tmp / 'passwd'}", text)
-    text, n2 = re.subn(r"(?m)^acl_file .*$", f"acl_file {tmp / 'acl'}", text)
-    assert n1 == n2 == 1, "mosquitto.conf should set password_file and acl_file once each"
-    return text
-
-
-def deploy_broker(tmp: Path, passwords: dict[str, str], acl: str) -> Mosquitto:
-    """Mosquitto with the production config, these accounts (mosquitto_passwd) and this ACL."""
-    (tmp / "acl").write_text(acl)
-    try:
-        for user, password in passwords.items():
-            mosquitto_passwd(tmp / "passwd", user, password)
-        return Mosquitto(tmp / "broker", config=production_config(tmp)).start()
-    except MosquittoMissing as e:       # never a skip: `make test` installs it
-        pytest.fail(str(e), pytrace=False)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def engine(chengdu, rules) -> Engine:
     return Engine(chengdu, rules)
 
 
-def reading(sensor_id: str, at_ms: int, **fields) -> dict:
+def reading_at(sensor_id: str, at_ms: int, **fields) -> dict:
     return {"sensor_id": sensor_id, "ts": at_ms, **fields}
 
 
@@ -54,7 +54,7 @@ def assert_valid_notices(notices: list[dict]) -> None:
 # ---- bad input: dead letters, not exceptions ---------------------------------------------------
 
 def test_unknown_sensor(engine):
-    p = payload(reading("gas-999999-000001", T0, value=1.0))
+    p = payload(reading_at("gas-999999-000001", T0, value=1.0))
     out = engine.ingest([p], source="cityops/readings/gw-x")
     assert out.notices == []
     [d] = out.dead_letters
@@ -68,18 +68,18 @@ def test_unknown_sensor(engine):
 def test_an_id_the_registry_cannot_hold_is_an_unknown_sensor(engine, odd_id):
     """The registry is the authority on sensor ids (letters, digits, '_.:-'); the decoder does
     not re-check the pattern, so such an id is dead-lettered as unknown, never accepted."""
-    p = payload([reading(GAS, T0, value=1.0), reading(odd_id, T0, value=99.0)])
+    p = payload([reading_at(GAS, T0, value=1.0), reading_at(odd_id, T0, value=99.0)])
     out = engine.ingest([p])
     assert [(d.reason, d.index) for d in out.dead_letters] == [("unknown_sensor", 1)]
     assert out.notices == []
 
 
 def test_unknown_sensor_in_a_gateway_array_names_its_index(engine):
-    p = payload([reading(GAS, T0, value=1.0), reading("nope-1", T0, value=1.0),
-                 reading(GAS_ALONE, T0, value=1.0)])
+    p = payload([reading_at(GAS, T0, value=1.0), reading_at("nope-1", T0, value=1.0),
+                 reading_at(GAS_ALONE, T0, value=1.0)])
     out = engine.ingest([p])
     assert [(d.reason, d.index) for d in out.dead_letters] == [("unknown_sensor", 1)]
-    assert raw(out.dead_letters[0]) == payload(reading("nope-1", T0, value=1.0))   # its element
+    assert raw(out.dead_letters[0]) == payload(reading_at("nope-1", T0, value=1.0))   # its element
     assert out.dead_letters[0].payload_digest == hashlib.blake2b(p, digest_size=16).hexdigest()
     assert engine.last_seen[engine.registry.index[GAS]] == T0          # the good ones were used
     assert engine.last_seen[engine.registry.index[GAS_ALONE]] == T0
@@ -88,11 +88,11 @@ def test_unknown_sensor_in_a_gateway_array_names_its_index(engine):
 def test_engine_dead_letter_index_counts_every_array_element(engine):
     """The index is the position in the gateway's array, also when an element before it was
     already refused by the decoder."""
-    items = [reading(GAS, T0, value="1.0"),                 # invalid: refused by decode
-             reading(GAS_ALONE, T0, value=1.0),
-             reading("nope-1", T0, value=1.0),              # unknown sensor
-             reading(GAS, T0, value=1.0, event="x"),        # invalid: both value and event
-             reading(DOOR, T0, value=1.0)]                  # wrong kind
+    items = [reading_at(GAS, T0, value="1.0"),                 # invalid: refused by decode
+             reading_at(GAS_ALONE, T0, value=1.0),
+             reading_at("nope-1", T0, value=1.0),              # unknown sensor
+             reading_at(GAS, T0, value=1.0, event="x"),        # invalid: both value and event
+             reading_at(DOOR, T0, value=1.0)]                  # wrong kind
     p = payload(items)
     out = engine.ingest([p])
     got = sorted((d.index, d.reason) for d in out.dead_letters)
@@ -101,12 +101,12 @@ def test_engine_dead_letter_index_counts_every_array_element(engine):
 
 
 def test_index_is_within_its_own_payload(engine):
-    first = payload([reading(GAS, T0, value=1.0), reading(GAS_ALONE, T0, value=1.0)])
-    second = payload([reading("gas-510104-000003", T0, value=1.0), reading("nope-2", T0, value=1.0)])
-    single = payload(reading("nope-3", T0, value=1.0))
+    first = payload([reading_at(GAS, T0, value=1.0), reading_at(GAS_ALONE, T0, value=1.0)])
+    second = payload([reading_at("gas-510104-000003", T0, value=1.0), reading_at("nope-2", T0, value=1.0)])
+    single = payload(reading_at("nope-3", T0, value=1.0))
     out = engine.ingest([first, second, single])
     got = {(d.reason, d.index, raw(d), d.payload_digest) for d in out.dead_letters}
-    assert got == {("unknown_sensor", 1, payload(reading("nope-2", T0, value=1.0)),
+    assert got == {("unknown_sensor", 1, payload(reading_at("nope-2", T0, value=1.0)),
                     hashlib.blake2b(second, digest_size=16).hexdigest()),
                    ("unknown_sensor", None, single, None)}
 
@@ -117,7 +117,7 @@ def test_index_is_within_its_own_payload(engine):
     (GAS, {"event": "opened"}, "reports `value` readings"),
 ])
 def test_wrong_kind(engine, sensor, fields, detail):
-    p = payload(reading(sensor, T0, **fields))
+    p = payload(reading_at(sensor, T0, **fields))
     out = engine.ingest([p])
     [d] = out.dead_letters
     assert (d.reason, d.index) == ("wrong_kind", None) and detail in d.detail
@@ -128,7 +128,7 @@ def test_wrong_kind(engine, sensor, fields, detail):
 
 @pytest.mark.parametrize("value", [1e300, -1e300, 1e15, -1e15, 1.7976931348623157e308])
 def test_implausible_value_is_not_finite(engine, value):
-    p = payload(reading(GAS, T0, value=value))
+    p = payload(reading_at(GAS, T0, value=value))
     out = engine.ingest([p])
     assert [(d.reason, d.index) for d in out.dead_letters] == [("not_finite", None)]
     assert raw(out.dead_letters[0]) == p
@@ -154,15 +154,15 @@ def test_non_finite_value_is_refused_on_the_wire_path(engine, literal, reason):
 
 
 def test_large_but_plausible_value_is_used(engine):
-    out = engine.ingest([payload(reading(GAS, T0, value=99_999.0))])
+    out = engine.ingest([payload(reading_at(GAS, T0, value=99_999.0))])
     assert out.dead_letters == []
     assert {n["rule_id"] for n in out.notices} == {"gas.leak"}
 
 
 def test_future_reading_needs_a_clock(engine):
     now = T0
-    late_enough = payload(reading(GAS, now + 300_000, value=1.0))        # exactly max_future ahead
-    too_far = payload(reading(GAS_ALONE, now + 300_001, value=1.0))
+    late_enough = payload(reading_at(GAS, now + 300_000, value=1.0))        # exactly max_future ahead
+    too_far = payload(reading_at(GAS_ALONE, now + 300_001, value=1.0))
     out = engine.ingest([late_enough, too_far], now_ms=now)
     [d] = out.dead_letters
     assert (d.reason, raw(d)) == ("future", too_far)
@@ -171,27 +171,27 @@ def test_future_reading_needs_a_clock(engine):
 
 
 def test_too_old_is_judged_against_the_watermark(engine):
-    engine.ingest([payload(reading(GAS, T0, value=1.0))])
+    engine.ingest([payload(reading_at(GAS, T0, value=1.0))])
     assert engine.watermark == T0 - 60_000
     floor = engine.watermark - 7 * 86_400_000
-    at_floor = payload(reading(GAS_ALONE, floor, value=1.0))
-    below = payload(reading("gas-510104-000003", floor - 1, value=1.0))
+    at_floor = payload(reading_at(GAS_ALONE, floor, value=1.0))
+    below = payload(reading_at("gas-510104-000003", floor - 1, value=1.0))
     out = engine.ingest([at_floor, below])
     assert [(d.reason, raw(d)) for d in out.dead_letters] == [("too_old", below)]
     assert str(floor - 1) in out.dead_letters[0].detail
 
 
 def test_too_old_hints_at_epoch_seconds(engine):
-    engine.ingest([payload(reading(GAS, T0, value=1.0))])
-    out = engine.ingest([payload(reading(GAS_ALONE, T0 // 1000, value=1.0))])
+    engine.ingest([payload(reading_at(GAS, T0, value=1.0))])
+    out = engine.ingest([payload(reading_at(GAS_ALONE, T0 // 1000, value=1.0))])
     [d] = out.dead_letters
     assert d.reason == "too_old" and "epoch seconds? send milliseconds" in d.detail
 
 
 def test_stale_reading_is_dead_lettered(engine):
     """Older than the sensor's newest by more than allowed_lateness (60 s): stale."""
-    engine.ingest([payload(reading(GAS, T0 + 70_000, value=1.0))])
-    p = payload(reading(GAS, T0 + 5_000, value=1.0))
+    engine.ingest([payload(reading_at(GAS, T0 + 70_000, value=1.0))])
+    p = payload(reading_at(GAS, T0 + 5_000, value=1.0))
     out = engine.ingest([p])
     [d] = out.dead_letters
     assert (d.reason, raw(d)) == ("stale", p)
@@ -200,16 +200,16 @@ def test_stale_reading_is_dead_lettered(engine):
 
 
 def test_out_of_order_within_one_gateway_array_is_not_stale(engine):
-    out = engine.ingest([payload([reading(GAS, T0 + 10_000, value=1.0),
-                                  reading(GAS, T0 + 5_000, value=1.0)])])
+    out = engine.ingest([payload([reading_at(GAS, T0 + 10_000, value=1.0),
+                                  reading_at(GAS, T0 + 5_000, value=1.0)])])
     assert out.dead_letters == []
     assert engine.last_seen[engine.registry.index[GAS]] == T0 + 10_000
 
 
 def test_out_of_order_across_payloads_of_one_batch_is_stale_as_one_by_one(engine):
     """A batch is its payloads one after another: the answer is the one of a call each."""
-    late = payload(reading(GAS, T0 + 5_000, value=1.0))
-    out = engine.ingest([payload(reading(GAS, T0 + 70_000, value=1.0)), late])
+    late = payload(reading_at(GAS, T0 + 5_000, value=1.0))
+    out = engine.ingest([payload(reading_at(GAS, T0 + 70_000, value=1.0)), late])
     [d] = out.dead_letters
     assert (d.reason, raw(d)) == ("stale", late)
     assert str(T0 + 70_000) in d.detail
@@ -224,76 +224,76 @@ def street(out: Output) -> list[tuple]:
 
 def test_a_late_alarm_behind_a_newer_normal_reading_fires_at_its_own_time(engine):
     """A broker restart: the normal reading of t+20 s got through, the alarm of t is resent."""
-    engine.ingest([payload(reading(GAS, T0 + 20_000, value=1.0))])
-    out = engine.ingest([payload(reading(GAS, T0, value=30.0))])
+    engine.ingest([payload(reading_at(GAS, T0 + 20_000, value=1.0))])
+    out = engine.ingest([payload(reading_at(GAS, T0, value=30.0))])
     assert out.dead_letters == []
     assert street(out) == [("firing", None, "yellow", 30.0)]
     [n] = [n for n in out.notices if n["tier"] == "street"]
     assert n["started_at"] == n["ts"] and engine.counters["late"] == 1
     assert engine.last_seen[engine.registry.index[GAS]] == T0 + 20_000   # not a last-seen time
     # it stays open until the sensor's next readings clear it (2 min under 10 %LEL)
-    assert street(engine.ingest([payload(reading(GAS, T0 + 30_000, value=1.0))])) == []
+    assert street(engine.ingest([payload(reading_at(GAS, T0 + 30_000, value=1.0))])) == []
     assert street(engine.advance(T0 + 30_000 + 2 * MIN)) == [("resolved", "firing", "yellow", 1.0)]
 
 
 def test_a_late_redelivery_of_an_alarm_whose_incident_ended_opens_none(engine):
     """gas.leak resolves 2 min after the dip; a resent copy of the alarm (now behind the
     sensor's newest reading, within 60 s of it) fell inside that incident: no second one."""
-    alarm = payload(reading(GAS, T0 + 2 * MIN, value=30.0))
-    engine.ingest([payload(reading(GAS, T0, value=30.0)), alarm,
-                   payload(reading(GAS, T0 + 2 * MIN + 1000, value=1.0))])
+    alarm = payload(reading_at(GAS, T0 + 2 * MIN, value=30.0))
+    engine.ingest([payload(reading_at(GAS, T0, value=30.0)), alarm,
+                   payload(reading_at(GAS, T0 + 2 * MIN + 1000, value=1.0))])
     assert street(engine.advance(T0 + 4 * MIN + 1000))[0][0] == "resolved"
-    engine.ingest([payload(reading(GAS, T0 + 2 * MIN + 30_000, value=1.0))])
+    engine.ingest([payload(reading_at(GAS, T0 + 2 * MIN + 30_000, value=1.0))])
     again = engine.ingest([alarm])
     assert again.notices == [] and again.dead_letters == []
     assert engine.counters["late"] == 1
 
 
 def test_a_late_alarm_steps_an_open_incident_up_and_stops_its_clearing(engine):
-    engine.ingest([payload(reading(GAS, T0, value=30.0))])                  # yellow
-    engine.ingest([payload(reading(GAS, T0 + 20_000, value=1.0))])          # clearing from +20 s
-    engine.ingest([payload(reading(GAS, T0 + 40_000, value=1.0))])
-    out = engine.ingest([payload(reading(GAS, T0 + 30_000, value=55.0))])   # late, red
+    engine.ingest([payload(reading_at(GAS, T0, value=30.0))])                  # yellow
+    engine.ingest([payload(reading_at(GAS, T0 + 20_000, value=1.0))])          # clearing from +20 s
+    engine.ingest([payload(reading_at(GAS, T0 + 40_000, value=1.0))])
+    out = engine.ingest([payload(reading_at(GAS, T0 + 30_000, value=55.0))])   # late, red
     assert street(out) == [("firing", "firing", "red", 55.0)]
     # clearing starts again at the next clear reading: not resolved at +20 s + 2 min
     assert street(engine.advance(T0 + 20_000 + 2 * MIN)) == []
-    engine.ingest([payload(reading(GAS, T0 + 3 * MIN, value=1.0))])
+    engine.ingest([payload(reading_at(GAS, T0 + 3 * MIN, value=1.0))])
     assert street(engine.advance(T0 + 5 * MIN - 1)) == []
     assert street(engine.advance(T0 + 5 * MIN))[0][0] == "resolved"
 
 
 def test_a_late_alarm_from_before_the_clearing_began_changes_only_the_severity(engine):
     """In order it came before the dip: the clearing that began after it goes on."""
-    engine.ingest([payload(reading(GAS, T0, value=30.0))])
-    engine.ingest([payload(reading(GAS, T0 + 20_000, value=1.0))])          # clearing from +20 s
-    assert street(engine.ingest([payload(reading(GAS, T0 + 10_000, value=55.0))])) == [
+    engine.ingest([payload(reading_at(GAS, T0, value=30.0))])
+    engine.ingest([payload(reading_at(GAS, T0 + 20_000, value=1.0))])          # clearing from +20 s
+    assert street(engine.ingest([payload(reading_at(GAS, T0 + 10_000, value=55.0))])) == [
         ("firing", "firing", "red", 55.0)]
     assert street(engine.advance(T0 + 20_000 + 2 * MIN))[0][0] == "resolved"
 
 
 def test_a_late_reading_lowers_nothing_and_a_late_clear_event_ends_nothing(engine):
-    engine.ingest([payload(reading(GAS, T0, value=55.0))])                  # red
-    engine.ingest([payload(reading(GAS, T0 + 20_000, value=56.0))])
-    out = engine.ingest([payload(reading(GAS, T0 + 10_000, value=1.0))])    # late, clear
+    engine.ingest([payload(reading_at(GAS, T0, value=55.0))])                  # red
+    engine.ingest([payload(reading_at(GAS, T0 + 20_000, value=56.0))])
+    out = engine.ingest([payload(reading_at(GAS, T0 + 10_000, value=1.0))])    # late, clear
     assert out.notices == []
     assert street(engine.advance(T0 + 10_000 + 2 * MIN)) == []              # still firing
-    engine.ingest([payload(reading(CAMERA, T0 + 20_000, event="no_helmet"))])
-    late = engine.ingest([payload(reading(CAMERA, T0 + 10_000, event="cleared"))])
+    engine.ingest([payload(reading_at(CAMERA, T0 + 20_000, event="no_helmet"))])
+    late = engine.ingest([payload(reading_at(CAMERA, T0 + 10_000, event="cleared"))])
     assert late.notices == [] and late.dead_letters == []
     assert {(i.subject, i.state.value) for i in engine.book.open.values()} == {
         (engine.registry.index[GAS], "firing"), (engine.registry.index[CAMERA], "firing")}
 
 
 def test_a_late_camera_event_opens_an_incident_when_none_is_open(engine):
-    engine.ingest([payload(reading(CAMERA, T0 + 30_000, event="heartbeat"))])
-    out = engine.ingest([payload(reading(CAMERA, T0, event="no_helmet"))])
+    engine.ingest([payload(reading_at(CAMERA, T0 + 30_000, event="heartbeat"))])
+    out = engine.ingest([payload(reading_at(CAMERA, T0, event="no_helmet"))])
     assert [(n["state"], n["event"]) for n in out.notices if n["tier"] == "street"] == [
         ("firing", "no_helmet")]
 
 
 def test_older_than_allowed_lateness_is_stale_and_changes_nothing(engine):
-    engine.ingest([payload(reading(GAS, T0 + 61_000, value=1.0))])
-    out = engine.ingest([payload(reading(GAS, T0, value=55.0))])
+    engine.ingest([payload(reading_at(GAS, T0 + 61_000, value=1.0))])
+    out = engine.ingest([payload(reading_at(GAS, T0, value=55.0))])
     assert out.notices == [] and [d.reason for d in out.dead_letters] == ["stale"]
 
 
@@ -302,10 +302,10 @@ def test_a_snapshot_keeps_when_incidents_ended_so_a_restart_opens_no_second(chen
     when it ended: a redelivered alarm from inside it (the sensor sent nothing since, so the
     alarm is within 60 s of its newest reading) must not open another, before or after a
     restart."""
-    alarm = payload(reading(GAS, T0 + 2 * MIN, value=30.0))
+    alarm = payload(reading_at(GAS, T0 + 2 * MIN, value=30.0))
     before = Engine(chengdu, rules)
-    before.ingest([payload(reading(GAS, T0, value=30.0)), alarm,
-                   payload(reading(GAS, T0 + 2 * MIN + 1000, value=1.0))])
+    before.ingest([payload(reading_at(GAS, T0, value=30.0)), alarm,
+                   payload(reading_at(GAS, T0 + 2 * MIN + 1000, value=1.0))])
     assert street(before.advance(T0 + 4 * MIN + 1000))[0][0] == "resolved"
     before.advance(T0 + 40 * MIN)                      # the flapping window is over
     assert before.by_id["gas.leak"].tracks == {}
@@ -320,7 +320,7 @@ def test_a_snapshot_keeps_when_incidents_ended_so_a_restart_opens_no_second(chen
 
 
 def test_duplicates_are_counted_not_dead_lettered(engine):
-    p = payload(reading(GAS, T0, value=30.0))
+    p = payload(reading_at(GAS, T0, value=30.0))
     first = engine.ingest([p, p])
     again = engine.ingest([p])
     assert first.dead_letters == [] and again.dead_letters == []
@@ -333,19 +333,19 @@ def test_duplicates_are_counted_not_dead_lettered(engine):
 
 
 def test_decoder_dead_letters_are_counted_too(engine):
-    out = engine.ingest([b"not json", payload(reading(GAS, "yesterday", value=1.0))])
+    out = engine.ingest([b"not json", payload(reading_at(GAS, "yesterday", value=1.0))])
     assert sorted(d.reason for d in out.dead_letters) == ["invalid", "malformed"]
     assert engine.counters["dead_letters"] == 2
     assert engine.counters["dead.malformed"] == 1 and engine.counters["dead.invalid"] == 1
 
 
 def test_counters_move_for_a_mixed_batch(engine):
-    good = payload(reading(GAS, T0, value=1.0))
+    good = payload(reading_at(GAS, T0, value=1.0))
     out = engine.ingest([
         good, good,                                             # 1 reading, 1 duplicate
-        payload(reading("nope", T0, value=1.0)),                # unknown_sensor
-        payload(reading(DOOR, T0, value=1.0)),                  # wrong_kind
-        payload(reading(GAS_ALONE, T0, value=1e20)),            # not_finite
+        payload(reading_at("nope", T0, value=1.0)),                # unknown_sensor
+        payload(reading_at(DOOR, T0, value=1.0)),                  # wrong_kind
+        payload(reading_at(GAS_ALONE, T0, value=1e20)),            # not_finite
         b"{",                                                   # malformed
     ])
     assert len(out.dead_letters) == 4
@@ -358,9 +358,9 @@ def test_counters_move_for_a_mixed_batch(engine):
 def test_ingest_decodes_each_payload_on_its_own(engine):
     """Batching payloads into one call must not change how each one is read: two objects
     separated by a comma are not JSON, whatever else is in the batch."""
-    good = payload(reading(GAS, T0, value=1.0))
-    glued = payload(reading(GAS_ALONE, T0, value=1.0)) + b"," + payload(reading(DOOR, T0, event="opened"))
-    other = payload(reading("gas-510104-000003", T0, value=1.0))
+    good = payload(reading_at(GAS, T0, value=1.0))
+    glued = payload(reading_at(GAS_ALONE, T0, value=1.0)) + b"," + payload(reading_at(DOOR, T0, event="opened"))
+    other = payload(reading_at("gas-510104-000003", T0, value=1.0))
     out = engine.ingest([good, glued, other])
     assert [(d.reason, raw(d)) for d in out.dead_letters] == [("malformed", glued)]
     index = engine.registry.index
@@ -378,12 +378,12 @@ HOSTILE = {
     "overflowing-number-in-array": [b'[{"sensor_id": "' + GAS.encode() + b'", "ts": 1782000000000, '
                                     b'"value": 1e999}, {"sensor_id": "' + GAS_ALONE.encode()
                                     + b'", "ts": 1782000000000, "value": 1}]'],
-    "ts-beyond-int64": [payload(reading(GAS, 2**63, value=1.0))],
-    "ts-far-beyond-int64": [payload(reading(GAS, 10**30, value=1.0))],
+    "ts-beyond-int64": [payload(reading_at(GAS, 2**63, value=1.0))],
+    "ts-far-beyond-int64": [payload(reading_at(GAS, 10**30, value=1.0))],
     "deeply-nested": [b"[" * 10_000 + b"]" * 10_000],
     "array-of-arrays": [b"[[1, 2], [3]]"],
     "null": [b"null"],
-    "huge-string": [payload(reading("x" * 100_000, T0, value=1.0))],
+    "huge-string": [payload(reading_at("x" * 100_000, T0, value=1.0))],
     "oversize": [b"[" + b"1," * 200_000 + b"1]"],
     "empty-array": [b"[]"],
 }
@@ -396,7 +396,7 @@ def test_nothing_raises(engine, payloads):
     for d in out.dead_letters:
         assert raw(d) in b"".join(payloads)
     # and the engine still works afterwards
-    after = engine.ingest([payload(reading(GAS_ALONE, T0 + 1, value=1.0))])
+    after = engine.ingest([payload(reading_at(GAS_ALONE, T0 + 1, value=1.0))])
     assert after.dead_letters == []
 
 
@@ -413,12 +413,12 @@ def scenario() -> list[bytes]:
            "gas-510104-000010": [0, 21, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]}
     for n, (sid, values) in enumerate(gas.items()):
         for i, v in enumerate(values):
-            out.append((T0 + i * 5 * MIN + n * 7_000, reading(sid, 0, value=float(v), battery=60.0 - i)))
+            out.append((T0 + i * 5 * MIN + n * 7_000, reading_at(sid, 0, value=float(v), battery=60.0 - i)))
     for i, v in enumerate([0, 18, 30, 45, 41, 20, 8, 5, 3, 2, 1, 0, 0, 0, 0]):
-        out.append((T0 + i * 4 * MIN, reading("wl-510104-000001", 0, value=float(v))))
-        out.append((T0 + i * 4 * MIN + 3_000, reading("wl-510104-000002", 0, value=v / 2)))
+        out.append((T0 + i * 4 * MIN, reading_at("wl-510104-000001", 0, value=float(v))))
+        out.append((T0 + i * 4 * MIN + 3_000, reading_at("wl-510104-000002", 0, value=v / 2)))
     for i, event in enumerate(["no_helmet", "no_helmet", "fence_missing", "smoke_fire"]):
-        out.append((T0 + 100_000 + i * 400_000, reading(CAMERA, 0, event=event)))
+        out.append((T0 + 100_000 + i * 400_000, reading_at(CAMERA, 0, event=event)))
     out.sort(key=lambda item: item[0])
     return [payload({**r, "ts": ts}) for ts, r in out]
 
@@ -428,12 +428,12 @@ def rich_scenario() -> list[bytes]:
     batteries: state of every kind for a snapshot to carry."""
     extra: list[tuple[int, dict]] = []
     for i in range(20):
-        extra.append((T0 + i * 5 * MIN + 11_000, reading("dust-510104-000001", 0, value=140.0 + 10 * i)))
-        extra.append((T0 + i * 5 * MIN + 13_000, reading("rain-510104-000001", 0, value=4.0)))
-        extra.append((T0 + i * 5 * MIN + 17_000, reading("river-510104-000001", 0, value=3.5 + 0.08 * i)))
-    extra += [(T0 + 500_000, reading(DOOR, 0, event="opened")),
-              (T0 + 1_500_000, reading(DOOR, 0, event="closed")),
-              (T0 + 700_000, reading("crane-510104-000001", 0, event="wind_speed_alarm"))]
+        extra.append((T0 + i * 5 * MIN + 11_000, reading_at("dust-510104-000001", 0, value=140.0 + 10 * i)))
+        extra.append((T0 + i * 5 * MIN + 13_000, reading_at("rain-510104-000001", 0, value=4.0)))
+        extra.append((T0 + i * 5 * MIN + 17_000, reading_at("river-510104-000001", 0, value=3.5 + 0.08 * i)))
+    extra += [(T0 + 500_000, reading_at(DOOR, 0, event="opened")),
+              (T0 + 1_500_000, reading_at(DOOR, 0, event="closed")),
+              (T0 + 700_000, reading_at("crane-510104-000001", 0, event="wind_speed_alarm"))]
     items = [(json.loads(p)["ts"], p) for p in scenario()]
     items += [(ts, payload({**r, "ts": ts})) for ts, r in extra]
     items.sort(key=lambda item: item[0])
@@ -516,9 +516,9 @@ def test_reminder_due_between_two_readings_does_not_depend_on_batching(chengdu, 
     """gas.leak at a household: yellow at 0, back under the clear level at 11m, which holds
     for clear_for (2m) so it resolves at 13m. The root route reminds every 10m, so a reminder is
     due at 10m, before the incident resolved: in event time it is sent whatever the batching."""
-    payloads = [payload(reading(GAS, T0, value=25.0)),
-                payload(reading(GAS, T0 + 11 * MIN, value=5.0)),
-                payload(reading(GAS, T0 + 14 * MIN, value=5.0))]
+    payloads = [payload(reading_at(GAS, T0, value=25.0)),
+                payload(reading_at(GAS, T0 + 11 * MIN, value=5.0)),
+                payload(reading_at(GAS, T0 + 14 * MIN, value=5.0))]
     expected = [("firing", 1, "2026-06-21T08:00:00+08:00"),
                 ("reminder", 2, "2026-06-21T08:10:00+08:00"),
                 ("resolved", 3, "2026-06-21T08:13:00+08:00")]
@@ -573,7 +573,7 @@ def test_redelivery_after_restore_tells_nobody_again(chengdu, rules):
 
 def test_restored_engine_takes_acknowledgements_for_open_incidents(chengdu, rules):
     before = Engine(chengdu, rules)
-    fired = before.ingest([payload(reading(GAS, T0, value=30.0))]).notices
+    fired = before.ingest([payload(reading_at(GAS, T0, value=30.0))]).notices
     aid = fired[0]["alert_id"]
     after = Engine(chengdu, rules)
     after.restore(before.snapshot())
@@ -586,7 +586,7 @@ def test_restored_engine_takes_acknowledgements_for_open_incidents(chengdu, rule
 
 def test_restore_into_a_changed_registry_counts_what_is_lost(chengdu, rules, tmp_path):
     before = Engine(chengdu, rules)
-    before.ingest([payload(reading(GAS, T0, value=30.0)), payload(reading(GAS_ALONE, T0, value=1.0))])
+    before.ingest([payload(reading_at(GAS, T0, value=30.0)), payload(reading_at(GAS_ALONE, T0, value=1.0))])
     src = registry.FIXTURE.parent
     (tmp_path / "registry.yaml").write_text((src / "registry.yaml").read_text(encoding="utf-8"),
                                             encoding="utf-8")
@@ -613,7 +613,7 @@ def test_silent_gateway_raises_one_gateway_incident(chengdu, rules):
     """device.silent: when every watched sensor behind a gateway is silent, one gateway
     incident stands for all of them (rules/evaluators.py, Absence)."""
     engine = Engine(chengdu, rules)
-    engine.ingest([payload(reading("wl-510104-000001", T0, value=0.0))])
+    engine.ingest([payload(reading_at("wl-510104-000001", T0, value=0.0))])
     out = engine.advance(T0 + 3 * 60 * MIN)
     gateway = [n for n in out.notices if n["rule_id"] == "device.silent" and n["kind"] == "gateway"]
     assert gateway
@@ -637,7 +637,7 @@ def test_settings_are_validated():
 
 
 def test_dead_letters_are_the_documented_model(engine):
-    out = engine.ingest([b"nope", payload(reading("nope", T0, value=1.0))])
+    out = engine.ingest([b"nope", payload(reading_at("nope", T0, value=1.0))])
     for d in out.dead_letters:
         assert DeadLetter.model_validate(d.model_dump()) == d
 
@@ -648,8 +648,8 @@ def test_a_gateway_may_only_report_the_sensors_behind_it(engine):
     """Topic cityops/gateways/gw-510104-0001 (the broker's ACL ties it to that gateway's login):
     its own sensor counts; another gateway's sensor is refused, so nobody can clear or fake
     another building's gas alarm."""
-    mine = reading("gas-510104-000002", T0, value=30.0)
-    theirs = reading("wl-510104-000001", T0, value=50.0)      # no gateway: not this one's
+    mine = reading_at("gas-510104-000002", T0, value=30.0)
+    theirs = reading_at("wl-510104-000001", T0, value=50.0)      # no gateway: not this one's
     p = payload([mine, theirs])
     out = engine.ingest([p], source="cityops/gateways/gw-510104-0001",
                         senders=[("gateway", "gw-510104-0001")])
@@ -658,15 +658,15 @@ def test_a_gateway_may_only_report_the_sensors_behind_it(engine):
 
 
 def test_a_per_sensor_topic_vouches_for_that_sensor_only(engine):
-    out = engine.ingest([payload(reading("gas-510104-000002", T0, value=30.0))] * 1
-                        + [payload(reading("gas-510104-000003", T0, value=30.0))],
+    out = engine.ingest([payload(reading_at("gas-510104-000002", T0, value=30.0))] * 1
+                        + [payload(reading_at("gas-510104-000003", T0, value=30.0))],
                         senders=[("sensor", "gas-510104-000002"), ("sensor", "gas-510104-000002")])
     assert [d.reason for d in out.dead_letters] == ["wrong_sender"]
     assert {n["sensor_id"] for n in out.notices} == {"gas-510104-000002"}
 
 
 def test_an_unknown_sender_vouches_for_nothing(engine):
-    out = engine.ingest([payload(reading("gas-510104-000002", T0, value=30.0))],
+    out = engine.ingest([payload(reading_at("gas-510104-000002", T0, value=30.0))],
                         senders=[("gateway", "gw-nobody")])
     assert [d.reason for d in out.dead_letters] == ["wrong_sender"] and out.notices == []
 

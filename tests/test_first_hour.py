@@ -19,7 +19,8 @@ import pytest
 
 from pipeline.shared.config import Settings, session_named
 from pipeline.shared.console import pad, width
-from tests.brokers import free_port, publish
+from bench.harness.brokers import free_port, publish
+from tests.support import wait_until
 
 CITYOPS = str(Path(sys.executable).parent / "cityops")   # the script `pip install` made
 TIERS = ("街镇", "区级", "市级", "部门", "网格员")
@@ -68,15 +69,15 @@ class Live:
         return self.out.read_text(encoding="utf-8")
 
     def wait_for(self, done, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def seen() -> list[str]:
             text = self.stdout()
             if done(text):
-                return text
+                return [text]
             assert self.proc.poll() is None, f"exited {self.proc.returncode}\n{text}\n" \
                                              f"{self.err.read_text()}"
-            time.sleep(0.2)
-        raise AssertionError(f"not seen in {timeout} s:\n{self.stdout()}\n{self.err.read_text()}")
+            return []
+        return wait_until(seen, timeout, "seen on the console", interval=0.2,
+                          detail=lambda: f"{self.stdout()}\n{self.err.read_text()}")[0]
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -205,7 +206,7 @@ def _feed_until_done(proc: subprocess.Popen[str], feed, timeout: float = 30) -> 
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
             feed()
-            time.sleep(0.5)
+            time.sleep(0.5)     # paces the publisher: each feed is a fresh chance once it subscribed
         return proc.communicate(timeout=10)
     finally:
         if proc.poll() is None:

@@ -16,7 +16,7 @@ from pipeline.core.models import Ack
 from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
 from tests.engine_fixtures import as_version_1
-from tests.test_runtime_mqtt import ROOT
+from tests.support import ROOT
 
 T0 = 1_782_885_600_000          # 2026-07-01T14:00:00+08:00
 MIN = 60_000

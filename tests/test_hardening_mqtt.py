@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from tests import poison_seam
-from tests.brokers import Mosquitto, Subscriber, publish, publish_many
-from tests.test_runtime_mqtt import (  # noqa: F401  (runtime: the fixture)
+from bench.harness.brokers import Mosquitto, Subscriber, publish, publish_many
+from tests.support import (
     ACK_TOPIC,
     DEAD_TOPIC,
     GAS_ALONE,
@@ -29,7 +29,6 @@ from tests.test_runtime_mqtt import (  # noqa: F401  (runtime: the fixture)
     notices,
     now_ms,
     reading,
-    runtime,
     settle,
     wait_until,
 )
@@ -163,7 +162,7 @@ def test_after_an_outage_longer_than_clear_for_a_leak_still_on_is_not_resolved(
         rt.start()
         wait_until(lambda: rt.health()[1].get("catching_up") is False, 30, "caught up", rt)
         wait_until(lambda: metric(rt, "cityops_inbox_depth") == 0, 10, "backlog in", rt)
-        time.sleep(1.0)                    # several ticks after the backlog
+        time.sleep(1.0)                    # time is the thing: several ticks after the backlog
         msgs = settle(sub)
     # the replay sends its notice again (at-least-once): the same one, not a second firing
     states = sorted({(n["state"], n["seq"]) for n in notices(msgs) if n["tier"] == "street"})
@@ -185,7 +184,7 @@ def test_one_reading_4_minutes_ahead_resolves_nothing_and_sends_no_reminder_earl
         publish(url, f"cityops/readings/{NEIGHBOUR}",
                 dumps(reading(NEIGHBOUR, 1.0, ts=now_ms() + 4 * 60_000)))
         wait_until(lambda: metric(rt, "cityops_payloads_total") == 3, 5, "all three taken", rt)
-        time.sleep(2.0)                    # ten ticks
+        time.sleep(2.0)                    # time is the thing: ten ticks, on the wall clock
         msgs = settle(sub)
     assert not dead_letters(msgs)
     states = {n["state"] for n in notices(msgs)}

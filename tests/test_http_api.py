@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.brokers import Mosquitto
-from tests.test_runtime_mqtt import Runtime, runtime  # noqa: F401  (the fixture)
+from bench.harness.brokers import Mosquitto
+from tests.support import Runtime
 
 pytestmark = pytest.mark.broker
 

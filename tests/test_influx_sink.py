@@ -1,4 +1,4 @@
-"""The InfluxDB history sink against a real line-protocol server (VictoriaMetrics, tests/tsdb.py).
+"""The InfluxDB history sink against a real line-protocol server (VictoriaMetrics, bench/harness/tsdb.py).
 
 Everything goes through the real influxdb-client over HTTP and is read back from the server's
 export and compared point by point with what was sent: measurement (``{measurement}_{field}``
@@ -20,8 +20,6 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -31,26 +29,14 @@ from connectors.influx import InfluxSink
 from pipeline.shared.config import HttpSettings, InfluxSettings, MqttSettings, StateSettings, load_settings
 from pipeline.core.engine import Engine
 from pipeline.core.registry import Registry
-from pipeline.core.registry import load as load_registry
 from rules.yamlfile import ConfigError
-from rules.compiler import load_rules
-from tests.brokers import Mosquitto, Subscriber, free_port, publish
-from tests.tsdb import Point, VictoriaMetrics
+from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
+from bench.harness.tsdb import Point, VictoriaMetrics
+from tests.support import iso_ms, reading_point, wait_until
 
 T0 = 1_782_885_600_000             # 2026-07-01T14:00:00+08:00, on a minute
 GAS_ALONE = "gas-510104-000001"    # lives alone: 55 %LEL is a red alert to every tier
 EVENT_KINDS = {"site_camera", "tower_crane", "manhole_cover", "door_magnet"}
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def rules():
-    return load_rules()
-
-
-@pytest.fixture(scope="module")
-def registry(rules) -> Registry:
-    return load_registry(None, rules.kinds)
 
 
 def quick(url: str | None, **kw: Any) -> InfluxSettings:
@@ -59,23 +45,6 @@ def quick(url: str | None, **kw: Any) -> InfluxSettings:
             "batch_size": 200, "flush_interval": "100ms", "retry_initial": "100ms",
             "retry_max": "500ms", "timeout": "2s"}
     return InfluxSettings(**{**base, **kw})
-
-
-def iso_ms(ts: str) -> int:
-    return (datetime.fromisoformat(ts) - EPOCH) // timedelta(milliseconds=1)
-
-
-def reading_point(reg: Registry, sensor: str, ts: int, value: float | None) -> Point:
-    """What a reading must look like in VictoriaMetrics: ``{kind}_value`` (or ``_event``, 1),
-    the place's codes and the sensor as labels."""
-    idx = reg.index[sensor]
-    p = reg.place_of(idx)
-    kind = reg.kinds[reg.kind_of[idx]]
-    labels = (("community", p.community), ("district", p.district), ("grid", p.grid),
-              ("sensor", sensor), ("street", p.street))
-    if value is None:
-        return f"{kind}_event", labels, ts, 1.0
-    return f"{kind}_value", labels, ts, value
 
 
 def alert_points(n: dict) -> set[Point]:
@@ -115,15 +84,6 @@ def stream(reg: Registry, start: int, n: int, t0: int = T0) -> list[tuple[str, i
     return out
 
 
-def wait_until(what: str, predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (got := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
-    return got
-
-
 def metric(lines: list[str], name: str) -> float:
     return float(next(line for line in lines
                       if line.startswith((name + " ", name + "{"))).rsplit(" ", 1)[1])
@@ -133,8 +93,8 @@ def metric(lines: list[str], name: str) -> float:
 
 @pytest.mark.broker
 def test_readings_and_notices_are_stored_exactly(victoria_metrics: VictoriaMetrics, rules,
-                                                 registry: Registry) -> None:
-    reg = registry
+                                                 chengdu: Registry) -> None:
+    reg = chengdu
     engine = Engine(reg, rules)
     engine.keep_accepted = True
     sink = InfluxSink(quick(victoria_metrics.url), reg)
@@ -188,8 +148,8 @@ def odd_notice() -> dict:
 
 @pytest.mark.broker
 def test_tag_values_with_spaces_commas_and_equals_signs_survive(
-        victoria_metrics: VictoriaMetrics, registry: Registry) -> None:
-    sink = InfluxSink(quick(victoria_metrics.url), registry)
+        victoria_metrics: VictoriaMetrics, chengdu: Registry) -> None:
+    sink = InfluxSink(quick(victoria_metrics.url), chengdu)
     n = odd_notice()
     sink.add_notices([n])
     assert sink.close(10.0)
@@ -202,15 +162,16 @@ def test_tag_values_with_spaces_commas_and_equals_signs_survive(
 
 @pytest.mark.broker
 def test_down_sampling_writes_latest_and_max_per_sensor_and_interval(
-        victoria_metrics: VictoriaMetrics, registry: Registry) -> None:
-    reg = registry
+        victoria_metrics: VictoriaMetrics, chengdu: Registry) -> None:
+    reg = chengdu
     gauge = reg.sensor_ids[reg.sensors_of_kinds(["waterlogging"])[0]]
     camera = reg.sensor_ids[reg.sensors_of_kinds(["site_camera"])[0]]
     sink = InfluxSink(quick(victoria_metrics.url, readings_every="1m"), reg)
     s = 1000
     sink.add_readings([columns(reg, [(gauge, T0, 1.0), (camera, T0 + 5 * s, None),
                                      (gauge, T0 + 20 * s, 5.0), (camera, T0 + 10 * s, None)])])
-    time.sleep(0.3)                 # the writer has taken the first part alone: the same answer
+    wait_until(lambda: sink.stats()["buffered"] == 0, 10.0,      # the same answer either way
+               "the writer has taken the first part alone")
     sink.add_readings([columns(reg, [(gauge, T0 + 40 * s, 2.0), (camera, T0 + 50 * s, None),
                                      (gauge, T0 + 70 * s, 3.0), (camera, T0 + 61 * s, None),
                                      (gauge, T0 + 130 * s, 4.0)])])
@@ -232,8 +193,8 @@ def test_down_sampling_writes_latest_and_max_per_sensor_and_interval(
 
 @pytest.mark.broker
 def test_an_outage_mid_run_loses_no_point(victoria_metrics: VictoriaMetrics,
-                                          registry: Registry) -> None:
-    vm, reg = victoria_metrics, registry
+                                          chengdu: Registry) -> None:
+    vm, reg = victoria_metrics, chengdu
     sink = InfluxSink(quick(vm.url), reg)
     sent: list[tuple[str, int, float | None]] = []
 
@@ -242,14 +203,14 @@ def test_an_outage_mid_run_loses_no_point(victoria_metrics: VictoriaMetrics,
             rows = stream(reg, len(sent), 150)
             sent.extend(rows)
             sink.add_readings([columns(reg, rows)])
-            time.sleep(0.01)
+            time.sleep(0.01)        # paces the feed, as readings come: batches, not one lump
 
     feed(20)
-    wait_until("the first 3,000 points written", lambda: sink.stats()["written"] == len(sent))
+    wait_until(lambda: sink.stats()["written"] == len(sent), 20.0, "the first 3,000 points written")
     vm.stop()
     feed(20)                          # add() keeps returning while nothing can be written
-    wait_until("failed writes counted, points buffered",
-               lambda: sink.stats()["write_failures"] >= 2 and sink.stats()["buffered"] > 0)
+    wait_until(lambda: sink.stats()["write_failures"] >= 2 and sink.stats()["buffered"] > 0,
+               20.0, "failed writes counted, points buffered")
     down = sink.stats()
     assert not down["up"] and down["last_error"] and down["dropped"] == {}
     lines = sink.metrics_lines()
@@ -268,17 +229,17 @@ def test_an_outage_mid_run_loses_no_point(victoria_metrics: VictoriaMetrics,
 
 @pytest.mark.broker
 def test_a_frozen_database_times_out_and_everything_arrives_after(
-        victoria_metrics: VictoriaMetrics, registry: Registry) -> None:
-    vm, reg = victoria_metrics, registry
+        victoria_metrics: VictoriaMetrics, chengdu: Registry) -> None:
+    vm, reg = victoria_metrics, chengdu
     sink = InfluxSink(quick(vm.url, timeout="500ms"), reg)
     sent = stream(reg, 0, 500)
     sink.add_readings([columns(reg, sent[:250])])
-    wait_until("written", lambda: sink.stats()["written"] == 250)
+    wait_until(lambda: sink.stats()["written"] == 250, 20.0, "written")
     assert vm.pid is not None
     os.kill(vm.pid, signal.SIGSTOP)   # slow as can be: accepts connections, answers nothing
     try:
         sink.add_readings([columns(reg, sent[250:])])
-        wait_until("a write timed out", lambda: sink.stats()["write_failures"] >= 1)
+        wait_until(lambda: sink.stats()["write_failures"] >= 1, 20.0, "a write timed out")
         assert "imeout" in sink.stats()["last_error"], sink.stats()["last_error"]
     finally:
         os.kill(vm.pid, signal.SIGCONT)
@@ -289,16 +250,16 @@ def test_a_frozen_database_times_out_and_everything_arrives_after(
 
 @pytest.mark.broker
 def test_a_full_buffer_drops_the_oldest_and_counts_them(victoria_metrics_factory,
-                                                        registry: Registry) -> None:
-    reg = registry
+                                                        chengdu: Registry) -> None:
+    reg = chengdu
     vm = victoria_metrics_factory(start=False)          # nothing listens on its port yet
     sink = InfluxSink(quick(vm.url, batch_size=100, buffer_max=1000, retry_initial="10s"), reg)
     sent = stream(reg, 0, 2500)
     for i in range(0, 2500, 100):
         sink.add_readings([columns(reg, sent[i:i + 100])])
     # the first batch failed (connection refused) and went back to the head: the oldest
-    wait_until("one failed write, 1,000 points held",
-               lambda: sink.stats()["write_failures"] == 1 and sink.stats()["buffered"] == 1000)
+    wait_until(lambda: sink.stats()["write_failures"] == 1 and sink.stats()["buffered"] == 1000,
+               20.0, "one failed write, 1,000 points held")
     assert sink.stats()["dropped"] == {"buffer_full": 1500}
     assert metric(sink.metrics_lines(),
                   'cityops_influx_points_dropped_total{reason="buffer_full"}') == 1500
@@ -309,12 +270,12 @@ def test_a_full_buffer_drops_the_oldest_and_counts_them(victoria_metrics_factory
     assert want == set(vm.wait_points(lambda pts: len(pts) >= 1000))
 
 
-def test_close_with_the_database_away_counts_what_was_not_written(registry: Registry) -> None:
-    sink = InfluxSink(quick(f"http://127.0.0.1:{free_port()}"), registry)
-    sink.add_readings([columns(registry, stream(registry, 0, 300))])
+def test_close_with_the_database_away_counts_what_was_not_written(chengdu: Registry) -> None:
+    sink = InfluxSink(quick(f"http://127.0.0.1:{free_port()}"), chengdu)
+    sink.add_readings([columns(chengdu, stream(chengdu, 0, 300))])
     assert not sink.close(1.0)
     assert sink.stats()["dropped"] == {"shutdown": 300}
-    sink.add_readings([columns(registry, stream(registry, 300, 10))])
+    sink.add_readings([columns(chengdu, stream(chengdu, 300, 10))])
     assert sink.stats()["dropped"] == {"shutdown": 300, "closed": 10}
 
 
@@ -322,7 +283,7 @@ def test_close_with_the_database_away_counts_what_was_not_written(registry: Regi
 
 def test_settings_from_the_environment_and_the_token_is_never_shown(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-        registry: Registry) -> None:
+        chengdu: Registry) -> None:
     secret = f"tok-{uuid.uuid4().hex}"
     dead = f"http://127.0.0.1:{free_port()}"
     for k, v in {"URL": dead, "TOKEN": secret, "ORG": "chengdu", "BUCKET": "history",
@@ -335,9 +296,9 @@ def test_settings_from_the_environment_and_the_token_is_never_shown(
     assert s.token is not None and s.token.get_secret_value() == secret
     assert secret not in repr(s) and secret not in str(load_settings())
     caplog.set_level(logging.DEBUG)
-    sink = InfluxSink(s, registry)
+    sink = InfluxSink(s, chengdu)
     sink.add_notices([odd_notice()])
-    wait_until("a failed write", lambda: sink.stats()["write_failures"] >= 1)
+    wait_until(lambda: sink.stats()["write_failures"] >= 1, 20.0, "a failed write")
     sink.close(0.5)
     assert sink.stats()["last_error"]
     assert secret not in caplog.text and secret not in "\n".join(sink.metrics_lines())
@@ -359,7 +320,7 @@ def test_history_is_off_without_a_url() -> None:
 
 @pytest.mark.broker
 def test_live_runtime_writes_readings_and_alerts_and_keeps_alerting_through_an_outage(
-        mosquitto: Mosquitto, victoria_metrics: VictoriaMetrics, registry: Registry,
+        mosquitto: Mosquitto, victoria_metrics: VictoriaMetrics, chengdu: Registry,
         monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     from pipeline.runtimes.live import LiveRuntime
 
@@ -385,7 +346,7 @@ def test_live_runtime_writes_readings_and_alerts_and_keeps_alerting_through_an_o
             publish(mosquitto.url, "cityops/acks/w-510104020001-01", json.dumps(
                 {"alert_id": fired[0]["alert_id"], "ts": ts + 42_000}).encode())
             sub.wait_count(10, timeout=15)
-            sent = [reading_point(registry, r["sensor_id"], r["ts"], r["value"]) for r in batch]
+            sent = [reading_point(chengdu, r["sensor_id"], r["ts"], r["value"]) for r in batch]
             want = set(sent)
             for n in (json.loads(p) for _, p in sub.messages):
                 want |= alert_points(n)
@@ -401,12 +362,12 @@ def test_live_runtime_writes_readings_and_alerts_and_keeps_alerting_through_an_o
             publish(mosquitto.url, "cityops/readings/gas-510104-000003",
                     json.dumps(later).encode())
             sub.wait_count(3, timeout=15)           # yellow: street, district, grid worker
-            wait_until("the runtime counts failed writes",
-                       lambda: rt.history.stats()["write_failures"] >= 1)
+            wait_until(lambda: rt.history.stats()["write_failures"] >= 1,
+                       20.0, "the runtime counts failed writes")
             text = rt.metrics_text()
             assert "cityops_influx_up 0" in text and "cityops_influx_points_buffered" in text
             vm.start()
-            want.add(reading_point(registry, "gas-510104-000003", ts2, 30.0))
+            want.add(reading_point(chengdu, "gas-510104-000003", ts2, 30.0))
             for n in (json.loads(p) for _, p in sub.messages):
                 want |= alert_points(n)
             got = vm.wait_points(lambda pts: want <= set(pts))
@@ -420,11 +381,11 @@ def test_live_runtime_writes_readings_and_alerts_and_keeps_alerting_through_an_o
 
 @pytest.mark.broker
 def test_a_closed_incident_is_stored_with_its_time_to_close(victoria_metrics: VictoriaMetrics,
-                                                            rules, registry: Registry) -> None:
+                                                            rules, chengdu: Registry) -> None:
     """快速处置: the closed notice's points carry the seconds from firing to on site, handled
     and closed (pipeline/core/close_figures.py), tagged with the tier that closed it."""
-    engine = Engine(registry, rules)
-    sink = InfluxSink(quick(victoria_metrics.url), registry)
+    engine = Engine(chengdu, rules)
+    sink = InfluxSink(quick(victoria_metrics.url), chengdu)
     fired = engine.ingest([json.dumps({"sensor_id": GAS_ALONE, "ts": T0, "value": 55.0}).encode()])
     aid = fired.notices[0]["alert_id"]
     steps = [("on_site", "w-510104020001-01", "grid", 90_000), ("handled", "w-510104020001-01",

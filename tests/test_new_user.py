@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import free_port
+from bench.harness.brokers import free_port
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("街镇", "区级", "市级", "部门", "网格员")
@@ -108,12 +109,14 @@ class MakeRun:
     def wait_for(self, done, timeout: float) -> float:
         """Seconds until ``done(console)`` held."""
         start = time.monotonic()
-        while time.monotonic() - start < timeout:
+
+        def held() -> bool:
             if done(self.text()):
-                return time.monotonic() - start
+                return True
             assert self.proc.poll() is None, f"make run exited {self.proc.returncode}:\n{self.text()}"
-            time.sleep(0.1)
-        raise AssertionError(f"not within {timeout} s:\n{self.text()}")
+            return False
+        wait_until(held, timeout, "seen on the console", interval=0.1, detail=self.text)
+        return time.monotonic() - start
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -126,12 +129,12 @@ class MakeRun:
                 raise AssertionError(f"make run did not stop on Ctrl-C:\n{self.text()}") from None
         # make is gone; what it started (the pipeline, the console) must be gone too, or it
         # would go on running into later tests' ports
-        deadline = time.monotonic() + 30
-        while _group_alive(self.proc.pid):
-            if time.monotonic() > deadline:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                raise AssertionError(f"make run left processes running after Ctrl-C:\n{self.text()}")
-            time.sleep(0.1)
+        try:
+            wait_until(lambda: not _group_alive(self.proc.pid), 30, "what make run started gone",
+                       interval=0.1)
+        except AssertionError:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise AssertionError(f"make run left processes running after Ctrl-C:\n{self.text()}") from None
         assert "Traceback" not in self.text(), self.text()
 
 
@@ -271,11 +274,12 @@ def test_every_readme_command_runs_as_written(clone: Path, ports: dict[str, str]
 def _check_live(cmd: str, sh: Shell, banner: str) -> None:
     """It runs (its banner on stdout or stderr) until Ctrl-C, then exits 0, no traceback."""
     try:
-        deadline = time.monotonic() + 120
-        while banner not in sh.output() and time.monotonic() < deadline:
+        def up() -> bool:
+            if banner in sh.output():
+                return True
             assert sh.proc.poll() is None, f"{cmd} exited {sh.proc.returncode}: {sh.output()}"
-            time.sleep(0.2)
-        assert banner in sh.output(), f"{cmd}: no {banner!r} in 120 s: {sh.output()}"
+            return False
+        wait_until(up, 120, f"{cmd}: {banner!r}", interval=0.2, detail=sh.output)
         sh.interrupt()
         code, out, err = sh.wait(30)
         assert code == 0 and "Traceback" not in out + err, (cmd, code, out + err)

@@ -13,104 +13,22 @@ the tier notices, but the worker is not pushed twice.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from email.message import Message
 from pathlib import Path
 
 import pytest
 
 from pipeline.core.ack_tokens import AckTokens
-from pipeline.shared.config import (
-    HttpSettings,
-    MqttSettings,
-    PushSettings,
-    Settings,
-    StateSettings,
-)
 from pipeline.core.models import AlertNotice, DeadLetter
-from pipeline.runtimes.live import LiveRuntime
-from tests.brokers import Mosquitto, Subscriber, free_port, publish
+from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
+from tests.support import PUSH_SECRET, Running, dumps, http, now_ms, of, reading, settle, start_run, stop_run
 
 pytestmark = pytest.mark.broker
 
-ROOT = Path(__file__).resolve().parents[1]
-SECRET = "ack-secret-for-the-e2e-tests-0123456789"
 GATEWAY = "cityops/gateways/gw-510104-0001"     # gas-510104-000001..5, grid 510104020001001
 ANOTHER_WORKER = "w-510104020002-01"
-FILTERS = ("cityops/alerts/#", "cityops/push/+", "cityops/deadletter", "cityops/receipts")
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def reading(sensor: str, value: float) -> bytes:
-    return json.dumps([{"sensor_id": sensor, "ts": now_ms(), "value": value}]).encode()
-
-
-def http(url: str, data: bytes | None = None) -> tuple[int, Message, str]:
-    """Status, headers (names in any case, as HTTP has them) and body."""
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, r.headers, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read().decode()
-
-
-def of(msgs: list[tuple[str, bytes]], topic_part: str) -> list[dict]:
-    return [json.loads(p) for t, p in msgs if topic_part in t]
-
-
-def settle(sub: Subscriber, quiet: float = 0.6, timeout: float = 10.0) -> list:
-    """Everything received once nothing new came for ``quiet`` seconds (so a message that
-    should NOT come has had its chance)."""
-    deadline, n, since = time.monotonic() + timeout, len(sub.messages), time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - since < quiet:
-        time.sleep(0.05)
-        if len(sub.messages) != n:
-            n, since = len(sub.messages), time.monotonic()
-    return sub.messages
-
-
-class Running:
-    """LiveRuntime on its own thread, as `cityops run` runs it."""
-
-    def __init__(self, broker: Mosquitto, tmp: Path, **push: object) -> None:
-        """``push``: more push settings (channels, tiers)."""
-        self.broker = broker
-        self.port = free_port()
-        self.client_id = f"cityops-push-{uuid.uuid4().hex[:8]}"
-        self.settings = Settings(
-            mqtt=MqttSettings(url=broker.url, client_id=self.client_id),
-            http=HttpSettings(port=self.port), state=StateSettings(path=tmp / "state.sqlite"),
-            push=PushSettings(enabled=True, secret=SECRET, backoff="20ms", backoff_cap="100ms",
-                              **push))
-        self.rt = LiveRuntime(self.settings)
-        self.rt.start()
-        self.thread = threading.Thread(target=self.rt.run, name="runtime", daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def metrics(self) -> str:
-        return http(self.url("/metrics"))[2]
-
-    def close(self) -> None:
-        self.rt.stop()
-        self.thread.join(20)
-        assert not self.thread.is_alive(), "the runtime did not stop"
-        Subscriber(self.broker.url, "cityops/test/purge", client_id=self.client_id).start(3).close()
 
 
 @pytest.fixture
@@ -120,15 +38,9 @@ def running(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Running]:
     r.close()
 
 
-@pytest.fixture
-def sub(mosquitto: Mosquitto) -> Iterator[Subscriber]:
-    with Subscriber(mosquitto.url, *FILTERS) as s:
-        yield s
-
-
 def fire(mosquitto: Mosquitto, sub: Subscriber, sensor: str) -> dict:
     """A 55 %LEL alarm at ``sensor``; returns the push its on-call worker got."""
-    publish(mosquitto.url, GATEWAY, reading(sensor, 55.0))
+    publish(mosquitto.url, GATEWAY, dumps([reading(sensor, 55.0, ts=now_ms())]))
     got = sub.wait_for(lambda m: any(n["sensor_id"] == sensor for n in of(m, "cityops/push/")))
     [push] = [n for n in of(got, "cityops/push/") if n["sensor_id"] == sensor]
     AlertNotice.model_validate(push)
@@ -163,9 +75,9 @@ def test_the_link_shows_a_page_and_its_button_acknowledges(mosquitto: Mosquitto,
     # refused: another key, changed claims, expired, garbage — on the page and on the button
     sig = token.split(".")[1]
     other = AckTokens(b"x" * 40, 3_600_000).issue(aid, "grid", worker, 1, now_ms())
-    tampered = AckTokens(SECRET.encode(), 3_600_000).issue(aid, "grid", ANOTHER_WORKER,
+    tampered = AckTokens(PUSH_SECRET.encode(), 3_600_000).issue(aid, "grid", ANOTHER_WORKER,
                                                           1, now_ms()).split(".")[0] + "." + sig
-    expired = AckTokens(SECRET.encode(), 1000).issue(aid, "grid", worker, 1, now_ms() - 60_000)
+    expired = AckTokens(PUSH_SECRET.encode(), 1000).issue(aid, "grid", worker, 1, now_ms() - 60_000)
     for bad in (other, tampered, expired, "garbage"):
         code, _, page = http(running.url(f"/ack?t={bad}"))
         assert code == 403, bad
@@ -281,40 +193,15 @@ def test_a_link_from_an_earlier_firing_does_not_acknowledge_the_alert_firing_aga
 
 # ---- cityops run, kill -9, start again ---------------------------------------------------------
 
-def _start(tmp: Path, broker: Mosquitto, env: dict[str, str], n: int) -> subprocess.Popen:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("CITYOPS_")}
-    full.update(env)
-    with open(tmp / f"run-{n}.stderr", "wb") as err:      # the child keeps its own copy
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--broker",
-                                 broker.url, "--state", str(tmp / "state.sqlite")], cwd=ROOT,
-                                env=full, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (tmp / f"run-{n}.stderr").read_text()
-        try:
-            if http(f"http://127.0.0.1:{env['CITYOPS_HTTP__PORT']}/healthz")[0] == 200:
-                return proc
-        except OSError:
-            time.sleep(0.05)          # not listening yet
-    raise AssertionError("cityops run did not get healthy in 30 s")
-
-
-def _stop(proc: subprocess.Popen, sig: int) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        proc.wait(20)
-
-
 def test_a_restart_replays_the_journal_but_does_not_push_again(mosquitto: Mosquitto,
                                                                tmp_path: Path,
                                                                sub: Subscriber) -> None:
     client_id = f"cityops-push-kill-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    env = {"CITYOPS_PUSH__ENABLED": "true", "CITYOPS_PUSH__SECRET": SECRET,
+    env = {"CITYOPS_PUSH__ENABLED": "true", "CITYOPS_PUSH__SECRET": PUSH_SECRET,
            "CITYOPS_HTTP__PORT": str(port), "CITYOPS_MQTT__CLIENT_ID": client_id,
            "CITYOPS_STATE__SNAPSHOT_EVERY": "1h"}      # the journal, not a snapshot, holds it
-    proc = _start(tmp_path, mosquitto, env, 1)
+    proc = start_run(tmp_path, mosquitto, env, 1)
     try:
         push = fire(mosquitto, sub, "gas-510104-000003")
         sub.wait_for(lambda m: of(m, "receipts"))
@@ -322,15 +209,15 @@ def test_a_restart_replays_the_journal_but_does_not_push_again(mosquitto: Mosqui
         streets = lambda: [n for n in of(sub.messages, "cityops/alerts/street/")
                            if n["alert_id"] == aid]
         sub.wait_for(lambda m: len(streets()) == 1)
-        _stop(proc, signal.SIGKILL)
+        stop_run(proc, signal.SIGKILL)
 
-        proc = _start(tmp_path, mosquitto, env, 2)
+        proc = start_run(tmp_path, mosquitto, env, 2)
         sub.wait_for(lambda m: len(streets()) == 2)      # the replay published it again ...
         pushes = [n for n in of(settle(sub), "cityops/push/") if n["alert_id"] == aid]
         assert len(pushes) == 1, pushes                   # ... the push went out once
         metrics = http(f"http://127.0.0.1:{port}/metrics")[2]
         assert "cityops_push_duplicates_total 1" in metrics
     finally:
-        _stop(proc, signal.SIGTERM)
+        stop_run(proc, signal.SIGTERM)
         assert proc.returncode in (0, -signal.SIGKILL)
         Subscriber(mosquitto.url, "cityops/test/purge", client_id=client_id).start(3).close()

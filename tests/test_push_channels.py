@@ -16,7 +16,6 @@ import hmac
 import json
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -38,8 +37,9 @@ from pipeline.core.engine import Engine
 from pipeline.core.models import AlertNotice
 from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
-from tests.brokers import Mosquitto, Subscriber, free_port
+from bench.harness.brokers import Mosquitto, Subscriber, free_port
 from tests.push_endpoints import Endpoints
+from tests.support import settle
 
 pytestmark = pytest.mark.broker
 
@@ -61,12 +61,6 @@ def notice() -> dict:
     assert n["worker_id"] == WORKER.id
     token = AckTokens(b"a" * 32, 3_600_000).issue(n["alert_id"], "grid", WORKER.id, n["seq"], TS)
     return {**n, "ack_url": f"https://ops.example.cn/cityops/ack?t={token}", "ack_token": token}
-
-
-@pytest.fixture
-def endpoints() -> Iterator[Endpoints]:
-    with Endpoints() as ep:
-        yield ep
 
 
 def delivery(notice: dict, channel: str, attempt: int = 1) -> Delivery:
@@ -204,7 +198,7 @@ def test_mqtt_push_reaches_the_worker_topic_once(mosquitto: Mosquitto, notice: d
         try:
             push.send(delivery(notice, "mqtt"))       # returns at the PUBACK
             got = sub.wait_count(1)
-            time.sleep(0.3)                           # a second copy would have arrived by now
+            settle(sub, quiet=0.3)                    # a second copy would have arrived by now
         finally:
             push.close()
     assert len(sub.messages) == 1

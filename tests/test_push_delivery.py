@@ -12,7 +12,6 @@ retries, the same notices handed over twice, and a restart on the same outbox.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -37,8 +36,9 @@ from pipeline.core.models import AlertNotice, DeadLetter
 from pipeline.core.registry import Registry
 from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
-from tests.brokers import Mosquitto, Subscriber
+from bench.harness.brokers import Mosquitto, Subscriber
 from tests.push_endpoints import Endpoints
+from tests.support import settle_count
 
 pytestmark = pytest.mark.broker
 
@@ -112,12 +112,6 @@ def incidents(city: tuple[Registry, object], cases: list[tuple[str, str, str, se
     return out
 
 
-@pytest.fixture
-def endpoints() -> Iterator[Endpoints]:
-    with Endpoints() as ep:
-        yield ep
-
-
 class Harness:
     """Settings for a dispatcher on the module's Mosquitto and the local endpoints, each test
     on its own topic prefix and outbox; every dispatcher made is closed at the end."""
@@ -182,16 +176,6 @@ def pushes(ep: Endpoints, sub: Subscriber, prefix: str) -> list[tuple[str, str, 
     return out
 
 
-def settle(count, quiet: float = 0.5, timeout: float = 10.0) -> None:
-    """Wait until ``count()`` has not moved for ``quiet`` seconds: a push that should not come
-    has had its chance."""
-    deadline, last, since = time.monotonic() + timeout, count(), time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - since < quiet:
-        time.sleep(0.05)
-        if count() != last:
-            last, since = count(), time.monotonic()
-
-
 # ---- who gets it ---------------------------------------------------------------------------
 
 def test_the_on_call_worker_gets_each_notice_once_on_each_channel(harness: Harness, city) -> None:
@@ -230,14 +214,14 @@ def test_the_on_call_worker_gets_each_notice_once_on_each_channel(harness: Harne
 
     # the same notices again (a redelivery, a journal replay): nothing more goes out
     d.submit(notices)
-    settle(lambda: len(ep.received()) + len(sub.messages))
+    settle_count(lambda: len(ep.received()) + len(sub.messages))
     assert len(pushes(ep, sub, harness.prefix)) == total
     d.close()
 
     # ... nor after a restart on the same outbox
     again = harness.dispatcher()
     again.submit(notices)
-    settle(lambda: len(ep.received()) + len(sub.messages))
+    settle_count(lambda: len(ep.received()) + len(sub.messages))
     assert len(pushes(ep, sub, harness.prefix)) == total
     metrics = "\n".join(again.metrics_lines())
     assert f"cityops_push_duplicates_total {total}" in metrics
@@ -275,7 +259,7 @@ def test_500_then_200_delivers_once_with_two_attempts(harness: Harness, city) ->
     assert (first.json["attempt"], second.json["attempt"]) == (1, 2)
     assert receipt == {**receipt, "outcome": "delivered", "attempts": 2, "channel": "webhook",
                        "recipient": "w-day", "alert_id": n["alert_id"], "state": "firing"}
-    settle(lambda: len(ep.received()))
+    settle_count(lambda: len(ep.received()))
     assert len(ep.received()) == 2 and not [t for t, _ in sub.messages if t.endswith("deadletter")]
     timeline = d.timeline(n["alert_id"])
     assert [e["event"] for e in timeline] == ["notice", "receipt"]
@@ -309,7 +293,7 @@ def test_a_push_that_cannot_be_delivered_is_a_dead_letter(harness: Harness, city
     payload = json.loads(dead.payload)
     assert payload["alert_id"] == n["alert_id"]
     assert "ack_token" not in payload and "ack_url" not in payload   # operators read dead letters
-    settle(lambda: len(ep.received()))
+    settle_count(lambda: len(ep.received()))
     assert len(ep.received("/webhook")) == attempts
     assert 'cityops_push_dead_letters_total{reason="undeliverable"} 1' in d.metrics_lines()
     sub.close()
@@ -341,7 +325,7 @@ def test_a_restart_sends_what_was_left_once(harness: Harness, city) -> None:
     first.submit([n])
     ep.wait_for(lambda r: len(r) >= 1)
     pending = lambda: [e for e in first.timeline(n["alert_id"]) if e["event"] == "pending"]
-    settle(lambda: pending()[0]["attempts"])
+    settle_count(lambda: pending()[0]["attempts"])
     assert pending()[0]["attempts"] == 1 and pending()[0]["detail"] == "HTTP 503"
     first.close()
 
@@ -350,6 +334,6 @@ def test_a_restart_sends_what_was_left_once(harness: Harness, city) -> None:
     second.submit([n])                          # the replayed notice: already in the outbox
     [receipt] = receipts(sub.wait_for(lambda m: receipts(m)))
     assert (receipt["outcome"], receipt["attempts"]) == ("delivered", 2)
-    settle(lambda: len(ep.received()))
+    settle_count(lambda: len(ep.received()))
     assert [r.json["attempt"] for r in ep.received("/webhook")] == [1, 2]
     sub.close()

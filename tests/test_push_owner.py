@@ -24,9 +24,9 @@ import pytest
 
 from pipeline.shared.config import SmsPushSettings
 from pipeline.core.models import AlertNotice
-from tests.brokers import Mosquitto, Subscriber, free_port, publish
+from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
 from tests.push_endpoints import Endpoints
-from tests.test_push_ack import Running, _start, _stop, http, of, settle
+from tests.support import Running, http, of, settle, start_run, stop_run
 
 pytestmark = pytest.mark.broker
 
@@ -34,7 +34,6 @@ SECRET = "owner-ack-secret-for-the-e2e-tests-0123"
 GATEWAY = "cityops/gateways/gw-510108-site01"
 CAMERA = "cam-510108-000001"
 OWNER, OWNER_PHONE = "site-510108-wannianchang", "13900000001"
-FILTERS = ("cityops/alerts/#", "cityops/push/+", "cityops/deadletter", "cityops/receipts")
 TIERS = '{"grid": ["mqtt"], "owner": ["sms"]}'
 
 
@@ -48,18 +47,6 @@ def texts(ep: Endpoints) -> list[dict]:
     return [{**r.json, "header": r.headers["idempotency-key"]} for r in ep.received("/sms")]
 
 
-@pytest.fixture
-def endpoints() -> Iterator[Endpoints]:
-    with Endpoints() as ep:
-        yield ep
-
-
-@pytest.fixture
-def sub(mosquitto: Mosquitto) -> Iterator[Subscriber]:
-    with Subscriber(mosquitto.url, *FILTERS) as s:
-        yield s
-
-
 def test_a_no_helmet_event_reaches_the_owner_by_sms_once_across_a_retry_and_a_restart(
         mosquitto: Mosquitto, tmp_path: Path, endpoints: Endpoints, sub: Subscriber) -> None:
     endpoints.answer("/sms", 500)                    # the gateway fails once, then takes it
@@ -70,7 +57,7 @@ def test_a_no_helmet_event_reaches_the_owner_by_sms_once_across_a_retry_and_a_re
            "CITYOPS_PUSH__BACKOFF": "20ms", "CITYOPS_PUSH__BACKOFF_CAP": "100ms",
            "CITYOPS_HTTP__PORT": str(port), "CITYOPS_MQTT__CLIENT_ID": client_id,
            "CITYOPS_STATE__SNAPSHOT_EVERY": "1h"}      # the journal, not a snapshot, holds it
-    proc = _start(tmp_path, mosquitto, env, 1)
+    proc = start_run(tmp_path, mosquitto, env, 1)
     try:
         publish(mosquitto.url, GATEWAY, violation())
         got = sub.wait_for(lambda m: any(r["tier"] == "owner" for r in of(m, "receipts"))
@@ -95,8 +82,8 @@ def test_a_no_helmet_event_reaches_the_owner_by_sms_once_across_a_retry_and_a_re
         # the owner's notice is a push: not published on a tier topic by the runtime as well
         assert not [t for t, _ in sub.messages if t.startswith(f"cityops/push/{OWNER}")]
 
-        _stop(proc, signal.SIGKILL)
-        proc = _start(tmp_path, mosquitto, env, 2)
+        stop_run(proc, signal.SIGKILL)
+        proc = start_run(tmp_path, mosquitto, env, 2)
         streets = lambda m: [n for n in of(m, "cityops/alerts/street/") if n["alert_id"] == aid]
         sub.wait_for(lambda m: len(streets(m)) == 2)  # the replay made the notices again ...
         settle(sub)
@@ -105,7 +92,7 @@ def test_a_no_helmet_event_reaches_the_owner_by_sms_once_across_a_retry_and_a_re
         assert re.search(r"^cityops_push_duplicates_total [1-9]", metrics, re.M), metrics
         assert 'cityops_notices_total{tier="owner"}' in metrics
     finally:
-        _stop(proc, signal.SIGTERM)
+        stop_run(proc, signal.SIGTERM)
         assert proc.returncode in (0, -signal.SIGKILL)
         Subscriber(mosquitto.url, "cityops/test/purge", client_id=client_id).start(3).close()
 

@@ -28,7 +28,7 @@ def seam(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("pipeline.core.engine.Engine._evaluate", poison_seam._evaluate_with_a_bug)
 
 
-def runtime(state: Path) -> LiveRuntime:
+def live_runtime(state: Path) -> LiveRuntime:
     return LiveRuntime(Settings(state=StateSettings(path=state, snapshot_every="1h")))
 
 
@@ -45,7 +45,7 @@ def test_a_poison_payload_costs_only_itself_and_is_not_replayed(tmp_path: Path, 
     poison = item(NEIGHBOUR, poison_seam.POISON_VALUE, now - 500)
     quiet = [item(f"gas-510104-00000{i}", 1.0, now) for i in range(3, 6)]
     items = [alarm, *quiet, poison]
-    rt = runtime(tmp_path / "state.sqlite")
+    rt = live_runtime(tmp_path / "state.sqlite")
     [seq] = rt.store.append_many([(READINGS, now, items)])
     out = rt._apply(READINGS, now, items, seq)
 
@@ -61,7 +61,7 @@ def test_a_poison_payload_costs_only_itself_and_is_not_replayed(tmp_path: Path, 
     rt.store.close()
 
     rt.lock.release()                              # kill -9 (the lock dies with the process)
-    again = runtime(tmp_path / "state.sqlite")     # and start: the journal is replayed
+    again = live_runtime(tmp_path / "state.sqlite")     # and start: the journal is replayed
     [(notices, dead)] = again._restore()
     assert again.metrics["engine_errors"] == 0, "the replay ran into the same failure"
     assert {(n["sensor_id"], n["state"], n["tier"]) for n in notices} == fired
@@ -73,7 +73,7 @@ def test_a_poison_ack_costs_only_itself(tmp_path: Path, monkeypatch: pytest.Monk
     """Acks go through the same isolation: one the engine fails on does not take the
     acknowledgement of another incident down with it."""
     now = int(time.time() * 1000)
-    rt = runtime(tmp_path / "state.sqlite")
+    rt = live_runtime(tmp_path / "state.sqlite")
     out = rt._apply(READINGS, now, [item(GAS_ALONE, 55.0, now)])
     alert = out.notices[0]["alert_id"]
     book_ack = rt.engine.book.ack

@@ -13,16 +13,12 @@ from pipeline.core.models import Category
 from pipeline.core.registry import SENSOR_COLUMNS, Registry
 from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
+from tests.support import REGISTRY_YAML, SENSORS_CSV, line_of, write_registry
 
 CHENGDU = registry.FIXTURE.parent
 DOCUMENTED_KINDS = {"gas_household", "gas_commercial", "waterlogging", "river_gauge", "rain_gauge",
                     "air_quality", "dust_monitor", "site_camera", "tower_crane", "billboard_tilt",
                     "manhole_cover", "door_magnet"}
-
-
-@pytest.fixture(scope="module")
-def chengdu() -> Registry:
-    return registry.load(None, load_rules().kinds)
 
 
 def at(reg: Registry, hh_mm: str, day: str = "2026-07-01") -> int:
@@ -116,87 +112,6 @@ def test_fixture_on_call_uses_local_time_not_utc(chengdu):
 
 
 # ---- small registries written for a test -----------------------------------------------------
-
-REGISTRY_YAML = """\
-city: {code: "510100", name: 成都市}
-timezone: Asia/Shanghai
-departments:
-  - id: gas
-    name: 市燃气安全监管分中心
-    categories: [gas]
-districts:
-  - code: "510104"
-    name: 锦江区
-    streets:
-      - code: "510104020"
-        name: 春熙路街道
-        duty_officer: w-duty
-        communities:
-          - code: "510104020001"
-            name: 和平社区
-            grids:
-              - code: "510104020001001"
-                name: 和平社区第1微网格
-              - code: "510104020001002"
-                name: 和平社区第2微网格
-              - code: "510104020001003"
-                name: 和平社区第3微网格
-              - code: "510104020001004"
-                name: 和平社区第4微网格
-      - code: "510104021"
-        name: 书院街街道
-        communities:
-          - code: "510104021001"
-            name: 东风社区
-            grids:
-              - code: "510104021001001"
-                name: 东风社区第1微网格
-workers:
-  - id: w-day
-    name: 张敏
-    grids: ["510104020001001"]
-    shift: "08:00-20:00"
-    backup: w-night
-  - id: w-night
-    name: 罗川
-    grids: ["510104020001001", "510104020001002"]
-    shift: "20:00-08:00"
-  - id: w-office
-    name: 高春燕
-    grids: ["510104020001003"]
-    shift: "09:00-17:00"
-    backup: w-evening
-  - id: w-evening
-    name: 苏国强
-    shift: "17:00-22:00"
-  - id: w-duty
-    name: 曹家豪
-    shift: "00:00-24:00"
-sensors: sensors.csv
-"""
-
-SENSORS_CSV = """\
-sensor_id,kind,grid,gateway_id,lat,lon,address,building,owner,owner_contact,attrs
-gas-510104-000001,gas_household,510104020001001,gw-1,30.651742,104.081720,红星路三段192号,510104020001-b01,独居老人 王秀英,女儿 13700000001,lives_alone=true
-gas-510104-000002,gas_household,510104020001001,gw-1,30.651800,104.081800,红星路三段192号,510104020001-b01,,,
-wl-510104-000001,waterlogging,510104020001002,,30.650000,104.080000,红星路三段路口,,,,
-river-510104-000001,river_gauge,510104021001001,,30.660000,104.070000,府河,,,,warning_level=4.5;guarantee_level=5.2;station=府河站
-"""
-
-
-def write_registry(folder: Path, yaml_text: str = REGISTRY_YAML, csv_text: str = SENSORS_CSV) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "registry.yaml").write_text(yaml_text, encoding="utf-8")
-    (folder / "sensors.csv").write_text(csv_text, encoding="utf-8")
-    return folder / "registry.yaml"
-
-
-def line_of(text: str, marker: str, occurrence: int = 1) -> int:
-    """1-based line of the n-th line containing ``marker`` (-1: the last)."""
-    hits = [i for i, line in enumerate(text.splitlines(), start=1) if marker in line]
-    assert hits, f"{marker!r} not in the test text"
-    return hits[occurrence - 1] if occurrence > 0 else hits[occurrence]
-
 
 @pytest.fixture
 def small(tmp_path) -> Registry:

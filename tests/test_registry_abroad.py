@@ -9,7 +9,7 @@ from pipeline.core import registry
 from pipeline.core.engine import Engine
 from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
-from tests.test_registry import REGISTRY_YAML, SENSORS_CSV, write_registry
+from tests.support import REGISTRY_YAML, SENSORS_CSV, write_registry
 
 BERLIN = (REGISTRY_YAML.replace("timezone: Asia/Shanghai", "timezone: Europe/Berlin")
           .replace("name: 成都市", "name: Berlin"))

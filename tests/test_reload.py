@@ -5,7 +5,6 @@ changes nothing; `rules diff` says what a reload would change."""
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 
 import orjson
@@ -18,27 +17,14 @@ from pipeline.core.registry import FIXTURE
 from pipeline.core.reload import (RULE_CHANGED, RULE_GONE, SENSOR_GONE, carry, diff, load_set,
                              watched_files, files_digest)
 from rules.yamlfile import ConfigError
+from tests.support import HOT, retire
 
 T0 = 1_782_885_780_000            # 2026-07-01 in event time
 LEAK = "gas-510104-000001"        # 独居老人: orange at 20 %LEL (a modifier raises yellow)
 OTHER = "gas-510104-000002"
 
 
-HOT = """\
-pack: hot
-title: 测试
-rules:
-  - id: hot.gas
-    name: 燃气高读数
-    type: threshold
-    sensors: [gas_household]
-    levels: [{severity: orange, when: "value >= 5"}]
-    title: "{place}燃气读数高"
-    summary: "{address}读数{value}{unit}"
-"""
-
-
-def reading(sid: str, ts: int, value: float) -> bytes:
+def reading_bytes(sid: str, ts: int, value: float) -> bytes:
     return orjson.dumps({"sensor_id": sid, "ts": ts, "value": value})
 
 
@@ -68,7 +54,7 @@ def test_a_changed_threshold_keeps_the_open_incident_and_applies_from_the_next_r
     params = write(tmp_path / "params.yaml", "gas:\n  params: {level1_lel: 30}\n")
     new = city(config(tmp_path, "new.yaml", params=str(params)))
     e = engine_of(old)
-    fired = e.ingest([reading(LEAK, T0, 27.5)]).notices
+    fired = e.ingest([reading_bytes(LEAK, T0, 27.5)]).notices
     aid = fired[0]["alert_id"]
     assert {n["state"] for n in fired} == {"firing"}
 
@@ -77,10 +63,10 @@ def test_a_changed_threshold_keeps_the_open_incident_and_applies_from_the_next_r
     assert out.notices == []                                  # nothing ends, nothing is said
     assert list(e2.book.open) == [aid]                        # the same incident goes on
     # the new threshold applies from the next reading: 27.5 no longer opens one elsewhere ...
-    assert e2.ingest([reading(OTHER, T0 + 60_000, 27.5)]).notices == []
-    assert engine_of(old).ingest([reading(OTHER, T0 + 60_000, 27.5)]).notices  # (old: it did)
+    assert e2.ingest([reading_bytes(OTHER, T0 + 60_000, 27.5)]).notices == []
+    assert engine_of(old).ingest([reading_bytes(OTHER, T0 + 60_000, 27.5)]).notices  # (old: it did)
     # ... and the open one ends as it would have, under its own id, to every tier told
-    e2.ingest([reading(LEAK, T0 + 90_000, 2.0)])
+    e2.ingest([reading_bytes(LEAK, T0 + 90_000, 2.0)])
     end = e2.advance(T0 + 90_000 + 3 * 60_000).notices
     assert told(end, "resolved", aid) == told(fired, "firing", aid)
     assert e2.counters["reload_resolved"] == 0
@@ -91,7 +77,7 @@ def test_a_removed_rule_resolves_its_incidents_with_the_reason_to_every_tier_tol
     old = city(config(tmp_path, "old.yaml", packs=f"[{pack}]"))
     new = city(config(tmp_path, "new.yaml"))
     e = engine_of(old)
-    fired = e.ingest([reading(OTHER, T0, 8.0)]).notices
+    fired = e.ingest([reading_bytes(OTHER, T0, 8.0)]).notices
     aid = next(n["alert_id"] for n in fired if n["rule_id"] == "hot.gas")
     e2 = engine_of(new)
     out = carry(e, e2, T0 + 60_000)
@@ -112,22 +98,13 @@ def test_a_rule_whose_state_changes_shape_starts_afresh(tmp_path):
     a = write(tmp_path / "a" / "hot.yaml", old_pack)
     b = write(tmp_path / "b" / "hot.yaml", new_pack)
     e = engine_of(city(config(tmp_path, "old.yaml", packs=f"[{a}]")))
-    fired = e.ingest([reading(OTHER, T0, 8.0)]).notices
+    fired = e.ingest([reading_bytes(OTHER, T0, 8.0)]).notices
     aid = next(n["alert_id"] for n in fired if n["rule_id"] == "hot.gas")
     e2 = engine_of(city(config(tmp_path, "new.yaml", packs=f"[{b}]")))
     out = carry(e, e2, T0 + 1)
     assert told(out.notices, "resolved", aid) == told(fired, "firing", aid)
     assert all(RULE_CHANGED in n["summary"] for n in out.notices)
     assert not e2.by_id["hot.gas"].tracks and aid not in e2.book.open
-
-
-def retire(tmp_path: Path, sensor: str) -> Path:
-    folder = tmp_path / "registry"
-    shutil.copytree(FIXTURE.parent, folder, ignore=shutil.ignore_patterns("uci_*"))
-    csv = folder / "sensors.csv"
-    lines = csv.read_text(encoding="utf-8").splitlines(keepends=True)
-    csv.write_text("".join(x for x in lines if not x.startswith(sensor + ",")), encoding="utf-8")
-    return folder
 
 
 def move(folder: Path, sensor: str, grid: str) -> None:
@@ -145,7 +122,7 @@ def test_a_retired_sensor_resolves_its_incidents_and_the_others_go_on(tmp_path):
     old = city(config(tmp_path, "old.yaml"))
     new = city(config(tmp_path, "new.yaml", registry=str(retire(tmp_path, OTHER))))
     e = engine_of(old)
-    fired = e.ingest([reading(LEAK, T0, 27.5), reading(OTHER, T0 + 1000, 27.5)]).notices
+    fired = e.ingest([reading_bytes(LEAK, T0, 27.5), reading_bytes(OTHER, T0 + 1000, 27.5)]).notices
     leak, other = (next(n["alert_id"] for n in fired if n["sensor_id"] == s) for s in (LEAK, OTHER))
     e2 = engine_of(new)
     out = carry(e, e2, T0 + 60_000)
@@ -166,9 +143,9 @@ def story(seed: int, n: int = 1500) -> list[bytes]:
     for _ in range(n):
         ts += rng.choice((5_000, 20_000, 60_000, 240_000))
         if rng.random() < 0.7:
-            out.append(reading(rng.choice(gas), ts, rng.choice((0.5, 3.0, 12.0, 22.0, 35.0, 60.0))))
+            out.append(reading_bytes(rng.choice(gas), ts, rng.choice((0.5, 3.0, 12.0, 22.0, 35.0, 60.0))))
         else:
-            out.append(reading(rng.choice(water), ts, rng.choice((2.0, 8.0, 16.0, 30.0, 45.0))))
+            out.append(reading_bytes(rng.choice(water), ts, rng.choice((2.0, 8.0, 16.0, 30.0, 45.0))))
     return out
 
 

@@ -17,10 +17,9 @@ import pytest
 from pipeline.runtimes.bridge import sensor_partitions
 from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
-from tests.kafka_broker import CityopsProcess, TopicReader, produce
-from tests.test_reload_mqtt import CITY_DUTY, CITY_TOKEN, params, post_reload
-from tests.test_runtime_mqtt import rt_users, sha256
-from tests.test_worker_kafka import OUT_TOPICS, PARTITIONS, T, worker
+from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
+from tests.support import (CITY_DUTY, CITY_TOKEN, OUT_TOPICS, PARTITIONS, T, params, post_reload, rt_users, sha256,
+                           wait_until, worker)
 
 pytestmark = pytest.mark.broker
 
@@ -47,12 +46,9 @@ def leaks(reader: TopicReader) -> dict[str, dict]:
 
 
 def until(predicate, timeout: float, what: str, *workers: CityopsProcess):
-    deadline = time.monotonic() + timeout
-    while not (got := predicate()):
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}\n" + \
-            "\n".join(w.log() for w in workers)
-        time.sleep(0.2)
-    return got
+    """wait_until, with the workers' logs if it fails."""
+    return wait_until(predicate, timeout, what, interval=0.2,
+                      detail=lambda: "\n".join(w.log() for w in workers))
 
 
 def two_workers(kafka, tmp_path: Path, switch_after: str, b_module: str = "pipeline.cli",
@@ -152,7 +148,7 @@ def test_a_worker_restarted_under_changed_files_ends_what_they_end_for_every_tie
     """The files change while no worker runs: a worker restoring the checkpoints judges them by
     the set they were made under (kept in its data_dir) and carries them into its files, as a
     switch would: a removed rule's incidents resolve, with the reason, to every tier told."""
-    from tests.test_reload import HOT
+    from tests.support import HOT
     packs = tmp_path / "packs"
     packs.mkdir()
     (packs / "hot.yaml").write_text(HOT, encoding="utf-8")

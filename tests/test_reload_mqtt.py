@@ -5,61 +5,20 @@ a removed rule resolves its incident, with the reason, to every tier told."""
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.brokers import Mosquitto, Subscriber, publish
-from tests.test_reload import HOT
-from tests.test_runtime_mqtt import (GAS_ALONE, Runtime, dumps, notices, now_ms, reading,  # noqa: F401
-                                     runtime, rt_users, sha256, wait_until)
+from bench.harness.brokers import Mosquitto, Subscriber, publish
+from tests.support import (CITY_DUTY, CITY_TOKEN, GAS_ALONE, HOT, NEIGHBOURS, dumps, firing_of, notices,
+                           now_ms, params, post_reload, reading, reloads, rt_users, send, sha256, wait_until)
 
 pytestmark = pytest.mark.broker
 
-NEIGHBOURS = [f"gas-510104-{i:06d}" for i in (2, 3, 4)]     # same street as GAS_ALONE
-CITY_DUTY, CITY_TOKEN = "city-duty", "city-duty-token-for-the-reload-tests"
 STREET_DESK, STREET_TOKEN = "desk-510104020", "street-desk-token-for-the-reload-tests"
-
-
-def params(path: Path, level1: float, key: str = "level1_lel") -> Path:
-    path.write_text(f"gas:\n  params:\n    {key}: {level1}\n", encoding="utf-8")
-    return path
-
-
-def send(url: str, sid: str, value: float) -> None:
-    publish(url, f"cityops/readings/{sid}", dumps(reading(sid, value, ts=now_ms())))
-
-
-def firing_of(sub: Subscriber, sid: str, n: int = 1) -> list[dict]:
-    """Wait for ``n`` firing street notices of sensor ``sid``'s gas.leak."""
-    def got() -> list[dict]:
-        return [x for x in notices(sub.messages) if x["sensor_id"] == sid and x["rule_id"] ==
-                "gas.leak" and x["state"] == "firing" and x["tier"] == "street"]
-    wait_until(lambda: len(got()) >= n, 15, f"{n} firing notice(s) of {sid}")
-    return got()
-
-
-def reloads(rt: Runtime, result: str) -> float:
-    return rt.metrics().get(f'cityops_reloads_total{{result="{result}"}}', 0)
-
-
-def post_reload(rt: Runtime | Any, token: str | None) -> tuple[int, dict]:
-    """POST /reload to a `cityops run` or `cityops worker` (anything with an http_port)."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    req = urllib.request.Request(f"http://127.0.0.1:{rt.http_port}/reload", data=b"",
-                                 method="POST", headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_sighup_refuses_a_bad_set_keeps_the_old_rules_then_takes_a_good_one(
@@ -169,10 +128,10 @@ def test_history_names_sensors_by_the_new_registry_after_a_reload(
     from pipeline.core.registry import load as load_registry
     from pipeline.runtimes.live import LiveRuntime
     from rules.compiler import load_rules
-    from tests.test_influx_sink import reading_point
-    from tests.test_reload import OTHER, retire
+    from tests.support import reading_point, retire
 
-    later = "gas-510104-000003"                       # after OTHER in sensors.csv
+    other = "gas-510104-000002"
+    later = "gas-510104-000003"                       # after other in sensors.csv
     folder = retire(tmp_path, "no-such-sensor")       # a copy of the fixture registry
     for k, v in {"URL": victoria_metrics.url, "TOKEN": "test-token",
                  "FLUSH_INTERVAL": "100ms"}.items():
@@ -191,7 +150,7 @@ def test_history_names_sensors_by_the_new_registry_after_a_reload(
         publish(mosquitto.url, f"cityops/readings/{later}", dumps(first))
         victoria_metrics.wait_points(lambda pts: any(p[2] == first["ts"] for p in pts))
 
-        retire(tmp_path / "again", OTHER)             # OTHER goes from the running registry:
+        retire(tmp_path / "again", other)             # other goes from the running registry:
         (folder / "sensors.csv").write_bytes(
             (tmp_path / "again" / "registry" / "sensors.csv").read_bytes())
         reply = rt.reloads.ask("test").result(60)

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import Subscriber
-from tests.test_reload import HOT, retire
-from tests.test_reload_mqtt import NEIGHBOURS, firing_of, reloads, send
-from tests.test_runtime_mqtt import GAS_ALONE, notices, runtime, wait_until  # noqa: F401
+from bench.harness.brokers import Subscriber
+from tests.support import GAS_ALONE, HOT, NEIGHBOURS, firing_of, notices, reloads, retire, send, wait_until
 
 pytestmark = pytest.mark.broker
 

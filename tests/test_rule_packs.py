@@ -15,18 +15,12 @@ from pipeline.core.engine import Engine
 from pipeline.core.models import Severity
 from rules.yamlfile import ConfigError
 from rules.compiler import PACKS, ROUTING, load_rules
+from tests.support import line_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED_KINDS = {"gas_household", "gas_commercial", "waterlogging", "river_gauge", "rain_gauge",
                     "air_quality", "dust_monitor", "site_camera", "tower_crane", "billboard_tilt",
                     "manhole_cover", "door_magnet"}
-
-
-def line_of(text: str, marker: str, occurrence: int = 1) -> int:
-    """1-based line of the n-th line containing ``marker``."""
-    hits = [i for i, line in enumerate(text.splitlines(), start=1) if marker in line]
-    assert len(hits) >= occurrence, f"{marker!r} not in the test text"
-    return hits[occurrence - 1]
 
 
 # ---- the built-in packs -------------------------------------------------------------------------

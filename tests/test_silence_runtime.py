@@ -5,7 +5,6 @@ what it held. Only a user whose scope covers the street may make or end it."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -13,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import Mosquitto, Subscriber, publish_many
-from tests.test_runtime_mqtt import (  # noqa: F401  (runtime: the fixture)
+from bench.harness.brokers import Mosquitto, Subscriber, publish_many
+from tests.support import (
+    DUTY_TOKENS,
     NOTICE_FILTERS,
     ROOT,
     Runtime,
@@ -22,7 +22,6 @@ from tests.test_runtime_mqtt import (  # noqa: F401  (runtime: the fixture)
     notices,
     now_ms,
     reading,
-    runtime,
     settle,
     wait_until,
 )
@@ -31,22 +30,11 @@ pytestmark = pytest.mark.broker
 
 GAS = "gas-510104-000002"        # 锦江区 春熙路街道 510104020
 GAS_QY = "gas-510105-000001"     # 青羊区 510105020
-TOKENS = {"duty-510104": "jinjiang-duty-token-0123456789", "duty-510105": "qingyang-duty-token-0123"}
-
-
-@pytest.fixture
-def users(tmp_path: Path) -> Path:
-    path = tmp_path / "users.yaml"
-    path.write_text(json.dumps({"users": {
-        user: {"scope": "district", "code": user.removeprefix("duty-"),
-               "token_sha256": hashlib.sha256(token.encode()).hexdigest()}
-        for user, token in TOKENS.items()}}))
-    return path
 
 
 def silence(rt: Runtime, user: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", "silence", *args,
-                           "--url", f"http://127.0.0.1:{rt.http_port}", "--token", TOKENS[user]],
+                           "--url", f"http://127.0.0.1:{rt.http_port}", "--token", DUTY_TOKENS[user]],
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
 
 
@@ -57,9 +45,9 @@ def listed(rt: Runtime) -> dict:
 
 
 def test_a_street_silence_holds_its_alerts_survives_kill_9_and_tells_them_when_ended(
-        mosquitto: Mosquitto, runtime, users: Path) -> None:
+        mosquitto: Mosquitto, runtime, duty_users: Path) -> None:
     url = mosquitto.url
-    rt = runtime(url, "silence", env={"CITYOPS_ACKS__USERS": str(users),
+    rt = runtime(url, "silence", env={"CITYOPS_ACKS__USERS": str(duty_users),
                                       "CITYOPS_STATE__SNAPSHOT_EVERY": "1h"})   # the journal keeps it
     # 青羊区's duty desk may not silence a street of 锦江区
     refused = silence(rt, "duty-510105", "add", "--match", "street=510104020", "--for", "1h",
@@ -104,8 +92,8 @@ def test_a_street_silence_holds_its_alerts_survives_kill_9_and_tells_them_when_e
     assert listed(rt) == {}
 
 
-def test_silence_command_errors_read_well(mosquitto: Mosquitto, runtime, users: Path) -> None:
-    rt = runtime(mosquitto.url, "silence-errors", env={"CITYOPS_ACKS__USERS": str(users)})
+def test_silence_command_errors_read_well(mosquitto: Mosquitto, runtime, duty_users: Path) -> None:
+    rt = runtime(mosquitto.url, "silence-errors", env={"CITYOPS_ACKS__USERS": str(duty_users)})
     cases = [
         (["add", "--match", "street", "--for", "1h", "--reason", "x"], "write LABEL=VALUE"),
         (["add", "--match", "planet=mars", "--for", "1h", "--reason", "x"], "unknown label 'planet'"),

@@ -18,16 +18,10 @@ import pytest
 from pipeline.core import registry
 from pipeline.core.engine import SMALL_BATCH, Engine
 from pipeline.tools.registry_gen import generate
-from rules.compiler import load_rules
 
 T0 = 1_782_885_600_000          # 2026-07-01T14:00:00+08:00
 MIN = 60_000
 HEARD = 40                      # gas sensors that report every 10 minutes; the rest never do
-
-
-@pytest.fixture(scope="module")
-def rules():
-    return load_rules()
 
 
 @pytest.fixture(scope="module")

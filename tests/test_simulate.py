@@ -11,25 +11,13 @@ import pytest
 
 from pipeline.core import wire
 from pipeline.core.engine import Engine
-from pipeline.core.registry import load as load_registry
 from pipeline.shared.simulate import QUIET, Simulator
-from rules.compiler import load_rules
 
 # 2026-07-01 14:00 Asia/Shanghai: the day-shift grid workers are on duty
 T0 = datetime(2026, 7, 1, 14, 0, tzinfo=timezone(timedelta(hours=8))).timestamp()
 GATEWAY_TOPIC = re.compile(r"^cityops/gateways/([^/+#]+)$")
 READING_TOPIC = re.compile(r"^cityops/readings/([^/+#]+)$")
 TIERS = {"street", "district", "dept", "city", "grid"}
-
-
-@pytest.fixture(scope="module")
-def rules():
-    return load_rules()
-
-
-@pytest.fixture(scope="module")
-def registry(rules):
-    return load_registry(None, rules.kinds)
 
 
 def simulate(registry, seconds: int = 60, seed: int = 7, speed: float = 1.0):
@@ -49,14 +37,14 @@ def simulate(registry, seconds: int = 60, seed: int = 7, speed: float = 1.0):
 
 
 @pytest.fixture(scope="module")
-def sixty(registry):
-    return simulate(registry, 60)
+def sixty(chengdu):
+    return simulate(chengdu, 60)
 
 
 @pytest.fixture(scope="module")
-def engine_run(registry, rules, sixty):
+def engine_run(chengdu, rules, sixty):
     """Every payload through wire.decode and a real Engine with every built-in rule."""
-    engine = Engine(registry, rules)
+    engine = Engine(chengdu, rules)
     notices: list[tuple[int, dict]] = []
     for t, published, _ in sixty:
         now_ms = int((T0 + t) * 1000)
@@ -81,14 +69,14 @@ def test_every_payload_decodes_without_dead_letters(sixty) -> None:
     assert count > 533                       # every sensor, some twice, plus the scenario
 
 
-def test_topics_follow_the_contract(registry, sixty) -> None:
-    gateway_of = {registry.sensor_ids[i]: (registry.gateways[g] if (g := registry.gateway_of[i]) >= 0
-                                           else None) for i in range(len(registry))}
+def test_topics_follow_the_contract(chengdu, sixty) -> None:
+    gateway_of = {chengdu.sensor_ids[i]: (chengdu.gateways[g] if (g := chengdu.gateway_of[i]) >= 0
+                                           else None) for i in range(len(chengdu))}
     for t, published, _ in sixty:
         for topic, payload in published:
             doc = json.loads(payload)
             if m := GATEWAY_TOPIC.match(topic):
-                assert m[1] in registry.gateways
+                assert m[1] in chengdu.gateways
                 assert isinstance(doc, list) and doc          # a gateway uploads an array
                 assert {gateway_of[r["sensor_id"]] for r in doc} == {m[1]}
             elif m := READING_TOPIC.match(topic):
@@ -102,7 +90,7 @@ def test_topics_follow_the_contract(registry, sixty) -> None:
                 assert ("value" in r) != ("event" in r)
 
 
-def test_background_is_quiet_plausible_and_spread(registry, sixty) -> None:
+def test_background_is_quiet_plausible_and_spread(chengdu, sixty) -> None:
     scenario = {"gas-510104-000001", "gas-510104-000002", "gas-510104-000003",
                 "rain-510104-000001", "wl-510104-000001", "wl-510104-000002", "wl-510104-000003",
                 "cam-510108-000001", "crane-510108-000001", "river-510104-000001",
@@ -118,13 +106,13 @@ def test_background_is_quiet_plausible_and_spread(registry, sixty) -> None:
                 n += 1
         per_step.append(n)
     silent = {"dust-510108-000001"}
-    assert set(registry.sensor_ids) - silent <= set(seen)          # everyone reported in 60 s
-    assert max(per_step) < len(registry) / 5                       # spread, not all at once
+    assert set(chengdu.sensor_ids) - silent <= set(seen)          # everyone reported in 60 s
+    assert max(per_step) < len(chengdu) / 5                       # spread, not all at once
     for sid, rs in seen.items():
         if sid in scenario:
             continue
         assert len(rs) <= 2, sid                                   # every 30-60 s
-        kind = registry.kinds[registry.kind_of[registry.index[sid]]]
+        kind = chengdu.kinds[chengdu.kind_of[chengdu.index[sid]]]
         for r in rs:
             if kind in QUIET:
                 q = QUIET[kind]
@@ -182,23 +170,23 @@ def test_scenario_lines_and_the_silent_sensor(sixty) -> None:
             assert all(b"dust-510108-000001" not in p for _, p in published)
 
 
-def test_deterministic_for_a_seed_and_clock(registry, sixty) -> None:
-    again = simulate(registry, 60)
+def test_deterministic_for_a_seed_and_clock(chengdu, sixty) -> None:
+    again = simulate(chengdu, 60)
     assert again == sixty                                          # same topics, same bytes
-    other = simulate(registry, 60, seed=8)
+    other = simulate(chengdu, 60, seed=8)
     assert [p for _, ps, _ in other for p in ps] != [p for _, ps, _ in sixty for p in ps]
 
 
-def test_speed_compresses_the_scenario(registry) -> None:
-    steps = simulate(registry, 20, speed=2.0)
+def test_speed_compresses_the_scenario(chengdu) -> None:
+    steps = simulate(chengdu, 20, speed=2.0)
     first = next(t for t, _, lines in steps if lines)
     assert first == 1                                              # 1 s / 2, on the next step
 
 
-def test_run_loops_until_stopped(registry) -> None:
+def test_run_loops_until_stopped(chengdu) -> None:
     ticks = iter([T0 + t for t in range(10_000)])
     published: list[tuple[str, bytes]] = []
-    sim = Simulator(registry, lambda topic, payload: published.append((topic, payload)),
+    sim = Simulator(chengdu, lambda topic, payload: published.append((topic, payload)),
                     clock=ticks.__next__)
     stop = threading.Event()
     lines: list[str] = []
@@ -212,9 +200,9 @@ def test_run_loops_until_stopped(registry) -> None:
     assert published
 
 
-def test_story_of_names_the_latest_event_that_names_the_sensor(registry) -> None:
+def test_story_of_names_the_latest_event_that_names_the_sensor(chengdu) -> None:
     ticks = iter([T0 + t for t in (0, 1, 10, 120)])
-    sim = Simulator(registry, lambda topic, payload: None, clock=ticks.__next__)
+    sim = Simulator(chengdu, lambda topic, payload: None, clock=ticks.__next__)
     sim.step()
     assert sim.story_of("gas-510104-000001") is None               # nothing has started yet
     sim.step()

@@ -24,14 +24,11 @@ from pipeline.runtimes.bridge import sensor_partitions
 from pipeline.core.registry import load as load_registry
 from pipeline.shared.simulate import Simulator
 from rules.compiler import load_rules
-from tests.brokers import Subscriber, mosquitto_pub, publish_many
-from tests.kafka_broker import CityopsProcess, TopicReader, produce
+from bench.harness.brokers import Subscriber, mosquitto_pub, publish_many
+from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
+from tests.support import OUT_TOPICS, PARTITIONS, T, wait_until, worker
 
 pytestmark = pytest.mark.broker
-
-T = topic_names("cityops")
-OUT_TOPICS = [T["alerts.city"], T["alerts.district"], T["alerts.street"], T["alerts.dept"], T["push"]]
-PARTITIONS = 4
 
 
 def scenario(seconds: int = 110, end_before_now_s: int = 20) -> list[bytes]:
@@ -81,14 +78,24 @@ def within(readings: list[bytes]):
     return lambda n: datetime.fromisoformat(n["ts"]).timestamp() * 1000 <= end
 
 
-def worker(kafka, tmp_path: Path, name: str = "worker", module: str = "pipeline.cli",
-           **env: str) -> CityopsProcess:
-    base = {"CITYOPS_KAFKA__BOOTSTRAP": kafka.bootstrap, "CITYOPS_KAFKA__PARTITIONS": str(PARTITIONS),
-            "CITYOPS_KAFKA__REPLICATION": "1", "CITYOPS_WORKER__CHECKPOINT_EVERY": "2s",
-            # the replay it is compared with waits 60 s for stragglers: the same here
-            "CITYOPS_ENGINE__ALLOWED_LATENESS": "60s"}
-    base.update(env)
-    return CityopsProcess("worker", tmp_path, base, name, module).start()
+def split(a: CityopsProcess, b: CityopsProcess, timeout: float) -> None:
+    """Until the group has split the partitions between ``a`` and ``b``."""
+    def both() -> bool:
+        pa, pb = (a.health() or {}).get("partitions"), (b.health() or {}).get("partitions")
+        return bool(pa and pb and sorted(pa + pb) == list(range(PARTITIONS)))
+    wait_until(both, timeout, "the partitions split between two workers", interval=0.3,
+               detail=lambda: f"{a.health()} {b.health()}\n{a.log()}\n{b.log()}")
+
+
+def checkpointed(w: CityopsProcess, timeout: float = 30.0) -> None:
+    """Until ``w`` has written a checkpoint (its state is in the changelog)."""
+    wait_until(lambda: sum(w.metric("cityops_checkpoints_total").values()), timeout,
+               f"a checkpoint by {w.name}", interval=0.2, detail=w.log)
+
+
+def bridge_ok(bridge: CityopsProcess, timeout: float = 30.0) -> None:
+    wait_until(lambda: (bridge.health() or {}).get("status") == "ok", timeout, "the bridge healthy",
+               interval=0.1, detail=bridge.log)
 
 
 def collect(kafka, expected: set, timeout: float = 90.0) -> TopicReader:
@@ -142,13 +149,7 @@ def test_two_workers_split_the_partitions_and_make_the_same_notices(kafka, tmp_p
     a = worker(kafka, tmp_path, "worker-a")
     b = worker(kafka, tmp_path, "worker-b")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            pa, pb = (a.health() or {}).get("partitions"), (b.health() or {}).get("partitions")
-            if pa and pb and sorted(pa + pb) == list(range(PARTITIONS)):
-                break
-            assert time.monotonic() < deadline, f"no split: {pa} {pb}\n{a.log()}\n{b.log()}"
-            time.sleep(0.3)
+        split(a, b, 60)
         produce(kafka.bootstrap, T["readings"], keyed(readings))
         reader = collect(kafka, expected)
         got = [identity(n) for n in reader.values() if within(readings)(n)]
@@ -173,10 +174,7 @@ def test_kill_9_mid_stream_loses_no_incident_and_makes_none_twice(kafka, tmp_pat
     produce(kafka.bootstrap, T["readings"], keyed(readings[:half]))
     reader = TopicReader(kafka.bootstrap, OUT_TOPICS)
     reader.until(lambda recs: len(recs) >= 3, timeout=60)
-    deadline = time.monotonic() + 30
-    while not sum(first.metric("cityops_checkpoints_total").values()):   # state in the changelog
-        assert time.monotonic() < deadline, first.log()
-        time.sleep(0.2)
+    checkpointed(first)                            # state in the changelog
     produce(kafka.bootstrap, T["readings"], keyed(readings[half:three_quarters]))
     first.kill()                                   # mid-stream: after a checkpoint, before the next
     produce(kafka.bootstrap, T["readings"], keyed(readings[three_quarters:]))
@@ -212,18 +210,9 @@ def test_a_worker_joining_mid_stream_takes_partitions_with_their_alert_state(kaf
         produce(kafka.bootstrap, T["readings"], keyed(readings[:half]))
         reader = TopicReader(kafka.bootstrap, OUT_TOPICS)
         reader.until(lambda recs: len(recs) >= 3, timeout=60)
-        deadline = time.monotonic() + 30
-        while not sum(a.metric("cityops_checkpoints_total").values()):
-            assert time.monotonic() < deadline, a.log()
-            time.sleep(0.2)
+        checkpointed(a)
         b = worker(kafka, tmp_path, "worker-b")
-        deadline = time.monotonic() + 90
-        while True:                                   # the group has split the partitions
-            pa, pb = (a.health() or {}).get("partitions"), (b.health() or {}).get("partitions")
-            if pa and pb and sorted(pa + pb) == list(range(PARTITIONS)):
-                break
-            assert time.monotonic() < deadline, f"no split: {pa} {pb}\n{a.log()}\n{b.log()}"
-            time.sleep(0.3)
+        split(a, b, 90)
         produce(kafka.bootstrap, T["readings"], keyed(readings[half:]))
         reader.until(lambda recs: expected <= {identity(json.loads(r.value)) for r in recs},
                      timeout=120, quiet=3.0)
@@ -287,10 +276,7 @@ def test_bridge_carries_mosquitto_readings_to_the_workers_and_back(kafka, mosqui
     dashboard = Subscriber(mosquitto.url, "cityops/alerts/#").start()
     try:
         w.wait_partitions(PARTITIONS)
-        deadline = time.monotonic() + 30
-        while (bridge.health() or {}).get("status") != "ok":
-            assert time.monotonic() < deadline, bridge.log()
-            time.sleep(0.2)
+        bridge_ok(bridge)
         now = int(time.time() * 1000)
         batch = [{"sensor_id": "gas-510104-000001", "ts": now, "value": 40.0},
                  {"sensor_id": "gas-510104-000002", "ts": now, "value": 1.0}]
@@ -394,10 +380,7 @@ def test_bridge_killed_mid_stream_loses_no_reading(kafka, mosquitto, tmp_path) -
 
     def start() -> CityopsProcess:
         b = CityopsProcess("bridge", tmp_path, env, "bridge").start()
-        deadline = time.monotonic() + 30
-        while (b.health() or {}).get("status") != "ok":
-            assert time.monotonic() < deadline, b.log()
-            time.sleep(0.1)
+        bridge_ok(b)
         return b
 
     sensors = [f"gas-510104-{i:06d}" for i in range(1, 21)]
@@ -528,10 +511,8 @@ def test_a_partition_taken_over_in_a_rebalance_pushes_to_its_own_grid_worker_and
     b = worker(kafka, tmp_path, "worker-b", CITYOPS_MQTT__CLIENT_ID="worker-b", **push)
     phone = Subscriber(mosquitto.url, "cityops/push/+").start()
     try:
-        deadline = time.monotonic() + 90
-        while not all((w.health() or {}).get("partitions") for w in (a, b)):
-            assert time.monotonic() < deadline, f"no split\n{a.log()}\n{b.log()}"
-            time.sleep(0.3)
+        wait_until(lambda: all((w.health() or {}).get("partitions") for w in (a, b)), 90,
+                   "partitions for both workers", interval=0.3, detail=lambda: f"{a.log()}\n{b.log()}")
         leaving, staying = (a, b) if moved in a.health()["partitions"] else (b, a)
         assert moved not in staying.health()["partitions"]
         leaving.stop()
@@ -567,20 +548,20 @@ def test_a_checkpoint_commits_every_record_of_its_partitions(kafka, tmp_path, st
         w.wait_partitions(PARTITIONS)
         produce(kafka.bootstrap, T["readings"], keyed(readings))
         topic = TopicReader(kafka.bootstrap, [T["readings"]])
-        forwarded = sum(w.metric("cityops_forwarded_total").values())
-        deadline = time.monotonic() + 90
-        while True:
+        seen: dict = {}
+
+        def all_committed() -> bool:
             topic.poll(0.2)
             ends = {}
             for r in topic.records:
                 ends[r.partition] = max(ends.get(r.partition, 0), r.offset + 1)
             committed = {p: group.committed(TopicPartition(T["readings"], p)) for p in ends}
             forwarded = sum(w.metric("cityops_forwarded_total").values())
-            if len(topic.records) == len(readings) + forwarded and committed == ends:
-                break
-            assert time.monotonic() < deadline, f"committed {committed}, ends {ends}\n{w.log()}"
-            time.sleep(0.5)
-        assert forwarded > 0 and len(ends) == PARTITIONS
+            seen.update(ends=ends, committed=committed, forwarded=forwarded)
+            return len(topic.records) == len(readings) + forwarded and committed == ends
+        wait_until(all_committed, 90, "every record of the readings partitions committed", interval=0.5,
+                   detail=lambda: f"committed {seen['committed']}, ends {seen['ends']}\n{w.log()}")
+        assert seen["forwarded"] > 0 and len(seen["ends"]) == PARTITIONS
     finally:
         group.close()
         w.stop()

@@ -11,8 +11,8 @@ Plain module (no pytest in it): tests/conftest.py turns it into fixtures.
     broker.restart()                     # SIGTERM (the DB is written), start again, same port
     broker.stop()
 
-``ServerProcess`` is the process handling it shares with tests/tsdb.py's VictoriaMetrics and
-tests/kafka_broker.py's Tansu (start until ready, SIGTERM or SIGKILL, restart, killed at exit).
+``ServerProcess`` is the process handling it shares with tsdb.py's VictoriaMetrics and
+kafka_broker.py's Tansu (start until ready, SIGTERM or SIGKILL, restart, killed at exit).
 
 The command-line clients: ``mosquitto_pub(url, topic, payload)``, ``mosquitto_sub(url, filter,
 count, timeout)`` (blocking) and ``CliSubscriber`` (subscribed before the test publishes).
@@ -220,7 +220,7 @@ class ServerProcess(abc.ABC):
                 self.kill()
                 raise RuntimeError(f"{self.name} did not {self.ready_means} on {self.url} within "
                                    f"{timeout:.0f} s\n" + self._diagnostics())
-            time.sleep(0.02)
+            time.sleep(0.02)        # polls ready() (a wait on it; the process checked each time)
 
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM and wait (at most ``timeout``, default ``stop_timeout`` seconds): servers
@@ -317,11 +317,11 @@ class Mosquitto(ServerProcess):
         for line in self.body.splitlines():
             words = line.split()
             if words and not words[0].startswith("#") and words[0] in MANAGED:
-                kept.append(f"# (set by tests/brokers.py) {line}")
+                kept.append(f"# (set by bench/harness/brokers.py) {line}")
             else:
                 kept.append(line)
         managed = [
-            "# written by tests/brokers.py",
+            "# written by bench/harness/brokers.py",
             f"listener {self.port} {self.host}",
             f"persistence_location {self.data_dir}/",
             f"log_dest file {self.log_path}",

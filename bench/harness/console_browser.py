@@ -20,10 +20,9 @@ from pathlib import Path
 import yaml
 
 from pipeline.runtimes.opscentre.auth import hash_password
-from tests.brokers import free_port
-from tests.test_runtime_mqtt import wait_until  # noqa: F401  (the tests' one wait)
+from bench.harness.brokers import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -74,7 +73,7 @@ class Console:
                         return self
             except (OSError, urllib.error.HTTPError):
                 pass                    # not answering yet: try again
-            time.sleep(0.1)
+            time.sleep(0.1)             # polls /healthz (a wait on it; the process checked each time)
         raise AssertionError(f"console not healthy within {timeout} s:\n{self.log()}")
 
     def stop(self, timeout: float = 15.0) -> int:

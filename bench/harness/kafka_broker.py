@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
-from tests.brokers import ServerProcess, free_port
+from bench.harness.brokers import ServerProcess, free_port
 
 READY_TIMEOUT = 15.0
 _open_readers: list = []        # closed before their broker stops, so they do not retry at a dead port
@@ -148,7 +148,7 @@ class CityopsProcess:
                     "PYTHONUNBUFFERED": "1"}
         if module != "pipeline.cli":        # it runs in workdir: the seam is found from here
             self.env["PYTHONPATH"] = os.pathsep.join(
-                filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+                filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -182,7 +182,7 @@ class CityopsProcess:
             h = self.health()
             if h and h.get("partitions") and (want is None or len(h["partitions"]) == want):
                 return h["partitions"]
-            time.sleep(0.2)
+            time.sleep(0.2)         # polls /healthz (a wait on the partitions; the process checked)
         raise AssertionError(f"{self.name} did not take partitions in {timeout}s: "
                              f"{self.health()}\n{self.log()}")
 

@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Callable, Collection
 from typing import Any
 
-from tests.brokers import ServerProcess, find_binary
+from bench.harness.brokers import ServerProcess, find_binary
 
 INSTALL_HINT = ("run `make test` (it installs the Debian package victoria-metrics), or: "
                 "apt-get install -y victoria-metrics")
@@ -108,4 +108,4 @@ class VictoriaMetrics(ServerProcess):
             got = self.points(match)
             if done(got) or time.monotonic() > deadline:
                 return got
-            time.sleep(0.2)
+            time.sleep(0.2)         # polls points() (a wait on done())
