@@ -305,9 +305,10 @@ class LiveRuntime:
         link = self.link
         assert link is not None
         last_tick = 0
-        # at once after a start: a runtime restarted more often than snapshot_every would
-        # otherwise replay an ever longer journal
-        last_snapshot = -math.inf
+        # at once after a start that replayed a journal: a runtime restarted more often than
+        # snapshot_every would otherwise replay an ever longer one. A start with nothing
+        # journaled has nothing to save: its first batches are journaled as any others
+        last_snapshot = -math.inf if self.store.journaled_since_snapshot else time.monotonic()
         # After a start or a reconnect the broker may hold readings for us that are older than
         # the wall clock: the clock does not move the watermark until they are in (connected,
         # inbox empty, nothing new for catch_up_quiet), else a leak still on could be resolved
