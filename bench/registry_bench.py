@@ -42,7 +42,7 @@ def rss() -> int:
 def child(mode: str, folder: Path, partitions: int) -> dict:
     import numpy as np  # noqa: F401  imports before the first RSS reading
 
-    from pipeline.bridge import ReadingRouter
+    from pipeline.reading_router import ReadingRouter
     from pipeline.engine import Engine
     from pipeline.identity import AckUsers
     from pipeline.registry import load

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from pipeline.bridge import ReadingRouter
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers
+from pipeline.reading_router import ReadingRouter
 from pipeline.registry_cache import release_pages
 from pipeline.reload import CitySet, carry, diff, load_set, same_sensors, stamp, watched_files
 from pipeline.yamlfile import ConfigError

@@ -17,7 +17,6 @@ lost, no second incident.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -45,25 +44,18 @@ from pipeline.registry import check_districts
 from pipeline.registry import load as load_registry
 from pipeline.reload import CitySet, ReloadStats, files_digest, watched_files
 from pipeline.kept_sets import KeptSets
+from pipeline.logs import setup_logging
 from pipeline.reload_runtime import Requests, Watch, apply_live, switch_to, take_requests
 from pipeline.statelock import StateLock
 from pipeline.silence_http import Refused, in_force, listed
 from pipeline.silence_http import command as silence_command
 from pipeline.store import ACKS, ADVANCE, READINGS, RELOAD, SILENCES, StateStore
+from pipeline.topics import notice_topic
 from pipeline.wire import MAX_PAYLOAD_BYTES, OVERSIZE_KEPT, dead_letter, oversize
 from pipeline.yamlfile import ConfigError
 from rules.compiler import load_rules
 
 log = logging.getLogger("cityops.runtime")
-
-
-def notice_topic(prefix: str, n: dict) -> str:
-    tier, target = n["tier"], n["target"]
-    if tier == "city":
-        return f"{prefix}/alerts/city"
-    if tier in ("grid", "owner"):           # pushes to a person: the worker's, the owner's
-        return f"{prefix}/push/{target}"
-    return f"{prefix}/alerts/{tier}/{target}"
 
 
 class LiveRuntime:
@@ -647,38 +639,6 @@ def _cityops() -> str:
 def _tail_flags(s: Settings, host: str, port: int) -> str:
     flags = "" if (host, port) == ("127.0.0.1", 1883) else f" --broker mqtt://{host}:{port}"
     return flags + ("" if s.mqtt.prefix == "cityops" else f" --prefix {s.mqtt.prefix}")
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: easy to ship, easy to grep."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname.lower(),
-                 "logger": record.name, "msg": record.getMessage()}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def setup_logging(level: str = "INFO", file: Path | None = None) -> None:
-    """JSON lines on stderr; with ``file`` (a console run), the log goes there and stderr
-    keeps only warnings, so the log does not drown the story."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter())
-    handlers: list[logging.Handler] = [handler]
-    if file is not None:
-        handler.setLevel(logging.WARNING)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        to_file = logging.FileHandler(file, encoding="utf-8")
-        to_file.setFormatter(JsonLogFormatter())
-        handlers.append(to_file)
-    root = logging.getLogger()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    # Faust's services log every start and stop under their classes' modules
-    for noisy in ("amqtt", "transitions", "asyncio", "kafka", "aiokafka", "faust", "mode",
-                  "connectors.faust_bulk", "pipeline.worker", "uvicorn"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def serve(settings: Settings, simulate: bool = False, resume: bool = False) -> int:

@@ -44,7 +44,6 @@ from faust.types import TP
 
 from connectors import kafka as kt
 from connectors.faust_bulk import bulk_consumer
-from pipeline.bridge import ReadingRouter
 from pipeline.config import Settings
 from pipeline import silences
 from pipeline.engine import Engine, Output
@@ -52,15 +51,17 @@ from pipeline.identity import AckUsers
 from pipeline.models import Ack
 from pipeline.close_figures import CloseFigures
 from pipeline.prom import dead_letters, family, notices_by_tier
+from pipeline.reading_router import ReadingRouter
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import load as load_registry
 from pipeline.registry_cache import release_pages
 from pipeline.kept_sets import KeptSets
+from pipeline.logs import setup_logging
 from pipeline.reload import CitySet, ReloadStats, carry, files_digest, watched_files
 from pipeline.reload_kafka import KafkaReload
 from pipeline.reload_runtime import Requests
-from pipeline.runtime import notice_topic as mqtt_notice_topic
 from pipeline.silence_http import in_force
+from pipeline.topics import notice_topic as mqtt_notice_topic
 from pipeline.wire import ack_refusal, dead_letter
 from pipeline.yamlfile import ConfigError
 from rules.compiler import load_rules
@@ -774,7 +775,6 @@ class CityWorker:
 
 
 def serve(settings: Settings) -> int:
-    from pipeline.runtime import setup_logging
     setup_logging()
     worker = CityWorker(settings)
     worker.prepare()

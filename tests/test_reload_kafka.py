@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bridge import sensor_partitions
+from pipeline.reading_router import sensor_partitions
 from pipeline.registry import load as load_registry
 from rules.compiler import load_rules
 from tests.kafka_broker import CityopsProcess, TopicReader, produce

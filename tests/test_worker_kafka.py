@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from connectors.kafka import topic_names
-from pipeline.bridge import sensor_partitions
+from pipeline.reading_router import sensor_partitions
 from pipeline.registry import load as load_registry
 from pipeline.simulate import Simulator
 from rules.compiler import load_rules
