@@ -1,6 +1,6 @@
 """History sink: every reading and every notice into InfluxDB 2.x, never in the pipeline's way.
 
-    sink = InfluxSink(settings.influx, registry)   # starts its writer thread
+    sink = InfluxSink(settings.influx, registry, closed_fields)   # starts its writer thread
     engine.keep_accepted = True                     # Output.accepted: the readings taken
     sink.add(output)                                # or add_readings(cols) / add_notices(notices)
     sink.stats(); sink.metrics_lines()              # counters; Prometheus text lines
@@ -40,16 +40,14 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from influxdb_client import InfluxDBClient, WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
 
-from connectors.lineproto import DownSampler, ReadingLines, notice_line
-from pipeline.config import InfluxSettings
-from pipeline.registry import Registry
+from connectors.lineproto import ClosedFields, DownSampler, ReadingLines, SensorTable, notice_line
 
 log = logging.getLogger("cityops.influx")
 
@@ -57,13 +55,34 @@ READINGS, NOTICES, BATCH = "readings", "notices", "batch"       # what the buffe
 REFUSED = (400, 422)        # malformed: the same bytes would be refused again
 
 
+class InfluxOptions(Protocol):
+    """The settings the sink reads (pipeline/config.py's InfluxSettings): durations in ms,
+    ``timeout`` in ms as the client takes it, ``token`` a secret with get_secret_value()."""
+
+    url: str | None
+    org: str
+    bucket: str
+    token: Any
+    timeout: int
+    batch_size: int
+    buffer_max: int
+    flush_interval: int
+    retry_initial: int
+    retry_max: int
+    readings_every: int
+
+
 class InfluxSink:
-    def __init__(self, settings: InfluxSettings, registry: Registry) -> None:
+    def __init__(self, settings: InfluxOptions, registry: SensorTable,
+                 closed_fields: ClosedFields | None = None) -> None:
+        """``closed_fields``: a closed notice's extra fields (pipeline/close_figures.py's
+        closed_fields: its time to close, step by step); none without it."""
         if not settings.url:
             raise ValueError("influx.url is not set: the history sink is off")
         self.s = settings
         self.registry = registry                  # its lines number sensors as this one does
         self.lines = ReadingLines(registry)
+        self.closed_fields = closed_fields
         self.sampler = (DownSampler(settings.readings_every, len(registry))
                         if settings.readings_every else None)
         self._cond = threading.Condition()
@@ -220,7 +239,7 @@ class InfluxSink:
         lines = []
         for n in notices:
             try:
-                lines.append((notice_line(n) + "\n").encode())
+                lines.append((notice_line(n, self.closed_fields) + "\n").encode())
             except (KeyError, TypeError, ValueError):
                 log.exception("a notice the history cannot write; dropped: %r",
                               {k: n.get(k) for k in ("alert_id", "state", "seq", "tier")})

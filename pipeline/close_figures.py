@@ -31,6 +31,12 @@ def steps(n: dict) -> dict[str, float]:
     return {s: (datetime.fromisoformat(str(t[s])) - fired).total_seconds() for s in STEPS if s in t}
 
 
+def closed_fields(n: dict) -> dict[str, float]:
+    """A closed notice's seconds to each step, by the history's field names (FIELDS): what the
+    history sink adds to its point (connectors/lineproto.py)."""
+    return {FIELDS[s]: v for s, v in steps(n).items() if s in FIELDS}
+
+
 class CloseFigures:
     """Closed incidents, aggregated. ``observe`` takes notices as they are emitted (every copy
     of one closed notice is counted once)."""

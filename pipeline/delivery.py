@@ -53,7 +53,7 @@ from connectors.push import (
 from pipeline.ack_tokens import REASONS, REPLY_NOTE, AckClaim, AckTokens, BadToken
 from pipeline.config import PERSONAL_TIERS, Settings
 from pipeline.models import Ack, DeadLetter
-from pipeline.notices import fmt_time
+from pipeline.notices import fmt_time, render
 from pipeline.push_store import DELIVERED, FAILED, PushStore
 from pipeline.registry import Registry
 from pipeline.yamlfile import ConfigError
@@ -196,7 +196,7 @@ class PushDispatcher:
             return DingTalk(robots(cfg.dingtalk), secret(cfg.dingtalk.secret), timeout,
                             self.clock).send
         return Sms(secret(cfg.sms.url), secret(cfg.sms.token), cfg.sms.template, timeout,
-                   cfg.sms.owner_template).send
+                   cfg.sms.owner_template, render=render).send
 
     # ---- life cycle -------------------------------------------------------------------
     def start(self, broker: tuple[str, int, int] | None = None) -> None:

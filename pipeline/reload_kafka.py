@@ -219,7 +219,8 @@ class KafkaReload:
             for other in w.parts.values():
                 if other.digest != new.digest:
                     other.sensors = remap[other.sensors]
-            closing, w.history = w.history, InfluxSink(w.s.influx, new.registry)
+            closing, w.history = w.history, InfluxSink(w.s.influx, new.registry,
+                                                     w.history.closed_fields)
             threading.Thread(target=closing.close, args=(10.0,), name="influx-close",
                              daemon=True).start()     # writes what it holds, off the loop
 

@@ -107,7 +107,7 @@ def switch_to(rt: Any, new: CitySet, at: int) -> Output:
     if rt.history is not None and not same_sensors(rt.history.registry, new.registry):
         from connectors.influx import InfluxSink
         closing = rt.history                  # it numbers sensors as the old registry did
-        rt.history = InfluxSink(rt.s.influx, new.registry)
+        rt.history = InfluxSink(rt.s.influx, new.registry, closing.closed_fields)
         threading.Thread(target=closing.close, args=(10.0,), name="influx-close",
                          daemon=True).start()     # writes what it holds, off the loop
     return out

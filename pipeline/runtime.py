@@ -37,7 +37,7 @@ from pipeline.config import Settings
 from pipeline.console import StoryConsole
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers, acks_user
-from pipeline.close_figures import CloseFigures
+from pipeline.close_figures import CloseFigures, closed_fields
 from pipeline.prom import dead_letters, notices_by_tier
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import check_districts
@@ -109,7 +109,7 @@ class LiveRuntime:
         self.history = None
         if settings.influx.url:                   # readings and notices into InfluxDB too
             from connectors.influx import InfluxSink
-            self.history = InfluxSink(settings.influx, self.registry)
+            self.history = InfluxSink(settings.influx, self.registry, closed_fields)
             self.engine.keep_accepted = True
 
     # ---- start ------------------------------------------------------------------------

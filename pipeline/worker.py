@@ -49,7 +49,7 @@ from pipeline import silences
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers
 from pipeline.models import Ack
-from pipeline.close_figures import CloseFigures
+from pipeline.close_figures import CloseFigures, closed_fields
 from pipeline.prom import dead_letters, family, notices_by_tier
 from pipeline.reading_router import ReadingRouter
 from pipeline.quarantine import evaluate_isolating, poison_detail
@@ -167,7 +167,7 @@ class CityWorker:
         self.history: Any = None          # readings and notices into InfluxDB
         if s.influx.url:
             from connectors.influx import InfluxSink
-            self.history = InfluxSink(s.influx, self.registry)
+            self.history = InfluxSink(s.influx, self.registry, closed_fields)
         self.app = self._app()
 
     # ---- the Faust app ------------------------------------------------------------------

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from connectors.influx import InfluxSink
+from pipeline.close_figures import closed_fields
 from pipeline.config import HttpSettings, InfluxSettings, MqttSettings, StateSettings, load_settings
 from pipeline.engine import Engine
 from pipeline.registry import Registry
@@ -424,7 +425,7 @@ def test_a_closed_incident_is_stored_with_its_time_to_close(victoria_metrics: Vi
     """快速处置: the closed notice's points carry the seconds from firing to on site, handled
     and closed (pipeline/close_figures.py), tagged with the tier that closed it."""
     engine = Engine(registry, rules)
-    sink = InfluxSink(quick(victoria_metrics.url), registry)
+    sink = InfluxSink(quick(victoria_metrics.url), registry, closed_fields)
     fired = engine.ingest([json.dumps({"sensor_id": GAS_ALONE, "ts": T0, "value": 55.0}).encode()])
     aid = fired.notices[0]["alert_id"]
     steps = [("on_site", "w-510104020001-01", "grid", 90_000), ("handled", "w-510104020001-01",

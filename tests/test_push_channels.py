@@ -36,6 +36,7 @@ from connectors.push import (
 from pipeline.ack_tokens import AckTokens
 from pipeline.engine import Engine
 from pipeline.models import AlertNotice
+from pipeline.notices import render
 from pipeline.registry import load as load_registry
 from rules.compiler import load_rules
 from tests.brokers import Mosquitto, Subscriber, free_port
@@ -139,7 +140,7 @@ def test_dingtalk_robot_markdown_mentions_the_worker_and_signs(endpoints: Endpoi
 
 def test_sms_gateway_gets_phone_and_text(endpoints: Endpoints, notice: dict) -> None:
     sms = Sms(endpoints.url("/sms"), "gateway-token", "{title}：读数{value}{unit}，阈值"
-              "{threshold}{unit}。确认：{ack_url}", 5)
+              "{threshold}{unit}。确认：{ack_url}", 5, render=render)
     d = delivery(notice, "sms")
     sms.send(d)
     [req] = endpoints.received("/sms")

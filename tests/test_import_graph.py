@@ -1,0 +1,91 @@
+"""Who may import whom, read from the source with `ast` (every import, a function's too).
+
+The allowed directions:
+
+- connectors/ (brokers, Kafka, InfluxDB, push channels) know nothing of the domain: they import
+  neither `pipeline` nor `rules`; they take plain values, settings-shaped objects and callables.
+- The runtimes do not import each other: `cityops run` (pipeline/runtime.py), the bridge
+  (pipeline/bridge.py), the worker (pipeline/worker.py with its pipeline/reload_kafka.py) and the
+  console (pipeline/opscentre/). What they share lives below them (pipeline/topics.py,
+  pipeline/logs.py, pipeline/reading_router.py …).
+- Nothing below a runtime imports one; only the command line (pipeline/cli.py) starts them.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIMES = {
+    "run": ("pipeline.runtime",),
+    "bridge": ("pipeline.bridge",),
+    "worker": ("pipeline.worker", "pipeline.reload_kafka"),
+    "console": ("pipeline.opscentre",),
+}
+TOP = ("pipeline.cli",)             # may start any runtime
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, as dotted names (``from a import b``: a and a.b)."""
+    here = module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*up, base] if base else up)
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def group_of(name: str) -> str | None:
+    for group, prefixes in RUNTIMES.items():
+        if any(within(name, p) for p in prefixes):
+            return group
+    return None
+
+
+def sources(*dirs: str) -> list[Path]:
+    return sorted(p for d in dirs for p in (ROOT / d).rglob("*.py"))
+
+
+def test_the_graph_reads_imports_of_every_form() -> None:
+    assert imports(ROOT / "pipeline" / "cli.py") >= {"pipeline.runtime", "pipeline.worker"}
+    assert "pipeline.opscentre.auth" in imports(ROOT / "pipeline" / "opscentre" / "app.py")
+    assert group_of("pipeline.opscentre.app") == "console" and group_of("pipeline.runtimes") is None
+
+
+def test_connectors_import_neither_pipeline_nor_rules() -> None:
+    wrong = [f"{p.relative_to(ROOT)} imports {m}" for p in sources("connectors")
+             for m in sorted(imports(p)) if within(m, "pipeline") or within(m, "rules")]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_runtimes_do_not_import_each_other_and_nothing_below_imports_a_runtime() -> None:
+    wrong = []
+    for p in sources("pipeline"):
+        here = module_name(p)
+        if here in TOP:
+            continue
+        mine = group_of(here)
+        for m in sorted(imports(p)):
+            theirs = group_of(m)
+            if theirs is not None and theirs != mine:
+                who = f"runtime {mine!r}" if mine else "a module below the runtimes"
+                wrong.append(f"{p.relative_to(ROOT)} ({who}) imports {m} (runtime {theirs!r})")
+    assert not wrong, "\n".join(wrong)
