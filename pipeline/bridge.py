@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ from pipeline.ack_tokens import REPLY_NOTE, AckTokens, BadToken, read_reply, ref
 from pipeline.config import Settings
 from pipeline.identity import AckUsers, acks_user
 from pipeline.models import Ack, DeadLetter
+from pipeline.ops_runtime import serve_until_signalled
 from pipeline.logs import setup_logging
 from pipeline.prom import dead_letters, family
 from pipeline.reading_router import ReadingRouter
@@ -60,6 +60,7 @@ class Bridge:
         self.producer: Any = None
         self.http: Any = None
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()   # POST /acks → Kafka
+        self.push = None                  # the worker pushes; no acknowledge links here
         self.kafka_ok = False
         # Grid workers reply to a push with its token on {prefix}/push/{worker_id}/ack (as in
         # `cityops run`): with push on, the bridge checks the token and forwards the Ack.
@@ -220,9 +221,4 @@ class Bridge:
 
 def serve(settings: Settings) -> int:
     setup_logging()
-    bridge = Bridge(settings)
-    signal.signal(signal.SIGTERM, bridge.stop)
-    signal.signal(signal.SIGINT, bridge.stop)
-    bridge.start()
-    bridge.run()
-    return 0
+    return serve_until_signalled(Bridge(settings))

@@ -44,6 +44,7 @@ from pipeline.registry import check_districts
 from pipeline.registry import load as load_registry
 from pipeline.reload import CitySet, ReloadStats, files_digest, watched_files
 from pipeline.kept_sets import KeptSets
+from pipeline.ops_runtime import serve_until_signalled
 from pipeline.logs import setup_logging
 from pipeline.reload_runtime import Requests, Watch, apply_live, switch_to, take_requests
 from pipeline.statelock import StateLock
@@ -645,9 +646,5 @@ def serve(settings: Settings, simulate: bool = False, resume: bool = False) -> i
     log_file = settings.state.path.with_suffix(".log") if simulate or settings.console else None
     setup_logging(file=log_file)
     rt = LiveRuntime(settings, simulate=simulate, resume=resume, log_file=log_file)
-    signal.signal(signal.SIGTERM, rt.stop)
-    signal.signal(signal.SIGINT, rt.stop)
     signal.signal(signal.SIGHUP, lambda *_: rt.reloads.ask("SIGHUP"))
-    rt.start()
-    rt.run()
-    return 0
+    return serve_until_signalled(rt)

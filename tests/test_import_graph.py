@@ -7,7 +7,7 @@ The allowed directions:
 - The runtimes do not import each other: `cityops run` (pipeline/runtime.py), the bridge
   (pipeline/bridge.py), the worker (pipeline/worker.py with its pipeline/reload_kafka.py) and the
   console (pipeline/opscentre/). What they share lives below them (pipeline/topics.py,
-  pipeline/logs.py, pipeline/reading_router.py …).
+  pipeline/logs.py, pipeline/reading_router.py, pipeline/ops_runtime.py).
 - Nothing below a runtime imports one; only the command line (pipeline/cli.py) starts them.
 """
 

@@ -1,0 +1,70 @@
+"""What a runtime is to its ops HTTP face (pipeline/http_api.py) and to the command line.
+
+`cityops run` (LiveRuntime), the bridge (Bridge) and the worker (CityWorker) each implement
+``OpsRuntime``; the two with a journal of their own also ``Reloading`` (POST /reload) and
+``Silencing`` (/silences). ``serve_until_signalled`` is the start-run-stop the command line
+gives `run` and `bridge` (the worker runs under Faust's own loop).
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from pipeline.delivery import PushDispatcher
+    from pipeline.identity import AckUsers
+    from pipeline.registry import Registry
+    from pipeline.reload_runtime import Requests
+
+
+@runtime_checkable
+class OpsRuntime(Protocol):
+    """GET /healthz, GET /metrics, POST /acks and, with push on, the acknowledge links."""
+
+    users: AckUsers                       # who may acknowledge (a reload may replace them)
+    http_acks: queue.SimpleQueue[bytes]   # acks made over HTTP, for the runtime's own loop
+    push: PushDispatcher | None           # with push on: /ack, /alerts/{alert_id}/timeline
+
+    def health(self) -> dict[str, Any]:
+        """JSON for /healthz; ``status`` "ok" answers 200, anything else 503."""
+        ...
+
+    def metrics_text(self) -> str:
+        """/metrics, Prometheus text format."""
+        ...
+
+
+@runtime_checkable
+class Reloading(OpsRuntime, Protocol):
+    """POST /reload (pipeline/reload_runtime.py)."""
+
+    reloads: Requests
+
+
+@runtime_checkable
+class Silencing(OpsRuntime, Protocol):
+    """/silences (pipeline/silence_http.py)."""
+
+    registry: Registry
+    http_silences: queue.SimpleQueue[bytes]
+
+    def silences_in_force(self) -> list: ...
+
+
+class Served(Protocol):
+    def start(self) -> None: ...
+
+    def run(self) -> None: ...
+
+    def stop(self, *_: Any) -> None: ...
+
+
+def serve_until_signalled(rt: Served) -> int:
+    """Start, run until SIGTERM or SIGINT asks ``rt`` to stop; the exit status."""
+    signal.signal(signal.SIGTERM, rt.stop)
+    signal.signal(signal.SIGINT, rt.stop)
+    rt.start()
+    rt.run()
+    return 0
