@@ -21,7 +21,10 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
+
+from prometheus_client.core import Metric
 
 from connectors import kafka as kt
 from connectors.mqtt import MqttLink, sender_of
@@ -31,7 +34,7 @@ from pipeline.identity import AckUsers, acks_user
 from pipeline.models import Ack, DeadLetter
 from pipeline.ops_runtime import serve_until_signalled
 from pipeline.logs import setup_logging
-from pipeline.prom import dead_letters, family
+from pipeline.metrics import counter, dead_letters, gauge
 from pipeline.reading_router import ReadingRouter
 from pipeline.registry import load as load_registry
 from rules.compiler import load_rules
@@ -202,21 +205,17 @@ class Bridge:
                 "inbox": self.link.depth() if self.link else 0,
                 "uptime_s": round(time.time() - self.started, 1)}
 
-    def metrics_text(self) -> str:
+    def collect(self) -> Iterator[Metric]:
+        """/metrics (pipeline/metrics.py)."""
         m = self.metrics
-        lines = [
-            *family("cityops_bridge_payloads_total", "counter", "MQTT reading payloads taken.",
-                    m["payloads"]),
-            *family("cityops_bridge_records_total", "counter", "Readings written to Kafka.",
-                    m["records"]),
-            *family("cityops_bridge_acks_total", "counter", "Acks forwarded to Kafka.", m["acks"]),
-            *family("cityops_bridge_kafka_errors_total", "counter", "Batches Kafka did not take "
-                    "(held and retried).", m["kafka_errors"]),
-            *dead_letters(m),
-            *family("cityops_inbox_depth", "gauge", "MQTT messages received, not yet taken.",
-                    self.link.depth() if self.link else 0),
-        ]
-        return "\n".join(lines) + "\n"
+        yield counter("cityops_bridge_payloads_total", "MQTT reading payloads taken.", m["payloads"])
+        yield counter("cityops_bridge_records_total", "Readings written to Kafka.", m["records"])
+        yield counter("cityops_bridge_acks_total", "Acks forwarded to Kafka.", m["acks"])
+        yield counter("cityops_bridge_kafka_errors_total", "Batches Kafka did not take "
+                      "(held and retried).", m["kafka_errors"])
+        yield dead_letters(m)
+        yield gauge("cityops_inbox_depth", "MQTT messages received, not yet taken.",
+                    self.link.depth() if self.link else 0)
 
 
 def serve(settings: Settings) -> int:

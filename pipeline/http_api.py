@@ -42,6 +42,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from connectors.push import ack_label
 from pipeline.ack_tokens import MAX_TOKEN, BadToken
 from pipeline.identity import Forbidden
+from pipeline.metrics import collecting, text
 from pipeline.models import AckRequest
 from pipeline.ops_runtime import OpsRuntime, Reloading, Silencing
 from pipeline.silence_http import silence_routes
@@ -98,13 +99,14 @@ async def _body(request: Request, limit: int, what: str) -> bytes:
 def ops_app(rt: OpsRuntime) -> Starlette:
     """The routes, over a runtime (pipeline/ops_runtime.py): LiveRuntime, Bridge or CityWorker."""
     push = rt.push                       # the push dispatcher, when push is on
+    collected = collecting(rt)           # /metrics: rt.collect() on every scrape
 
     async def healthz(request: Request) -> Response:
         h = rt.health()
         return JSONResponse(h, 200 if h["status"] == "ok" else 503)
 
     async def metrics(request: Request) -> Response:
-        return Response(rt.metrics_text(), media_type="text/plain; version=0.0.4")
+        return Response(text(collected), media_type="text/plain; version=0.0.4")
 
     async def post_acks(request: Request) -> Response:
         users = rt.users                 # a reload may have replaced them (registry workers)

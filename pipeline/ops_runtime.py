@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import queue
 import signal
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from prometheus_client.core import Metric
 
 if TYPE_CHECKING:
     from pipeline.delivery import PushDispatcher
@@ -31,8 +34,9 @@ class OpsRuntime(Protocol):
         """JSON for /healthz; ``status`` "ok" answers 200, anything else 503."""
         ...
 
-    def metrics_text(self) -> str:
-        """/metrics, Prometheus text format."""
+    def collect(self) -> Iterable[Metric]:
+        """/metrics: the families, computed when scraped (a prometheus-client Collector;
+        pipeline/metrics.py)."""
         ...
 
 

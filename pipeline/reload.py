@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,16 +371,15 @@ class ReloadStats:
         self.c[result] += 1
         self.last_error = why
 
-    def metrics_lines(self) -> list[str]:
-        from pipeline.prom import family
+    def collect(self) -> Iterator[Any]:
+        """For /metrics (pipeline/metrics.py)."""
+        from pipeline.metrics import counter
         c = self.c
-        lines = family("cityops_reloads_total", "counter", "Reloads of rules, params, routing and "
-                       "registry, by result (ok; refused: the new set did not pass its checks; "
-                       "mismatch: a Kafka worker's files differ from the announced set).",
-                       {r: c[r] for r in ("ok", "refused", "mismatch", "unchanged")}, "result")
-        lines += family("cityops_reload_changes_total", "counter", "What reloads changed, "
-                        "summed over reloads.",
-                        {k: c["n." + k] for k in Diff.__dataclass_fields__}, "what")
-        lines += family("cityops_reload_resolved_total", "counter", "Incidents a reload resolved "
-                        "(rule removed or reshaped, sensor retired or moved).", c["resolved"])
-        return lines
+        yield counter("cityops_reloads_total", "Reloads of rules, params, routing and registry, "
+                      "by result (ok; refused: the new set did not pass its checks; mismatch: a "
+                      "Kafka worker's files differ from the announced set).",
+                      {r: c[r] for r in ("ok", "refused", "mismatch", "unchanged")}, "result")
+        yield counter("cityops_reload_changes_total", "What reloads changed, summed over reloads.",
+                      {k: c["n." + k] for k in Diff.__dataclass_fields__}, "what")
+        yield counter("cityops_reload_resolved_total", "Incidents a reload resolved (rule removed "
+                      "or reshaped, sensor retired or moved).", c["resolved"])

@@ -26,10 +26,12 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
+from prometheus_client.core import Metric, SummaryMetricFamily
 
 from connectors.mqtt import MqttLink, sender_of
 from pipeline.ack_tokens import BadToken, read_reply, refused, reply_worker
@@ -38,7 +40,7 @@ from pipeline.console import StoryConsole
 from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers, acks_user
 from pipeline.close_figures import CloseFigures, closed_fields
-from pipeline.prom import dead_letters, notices_by_tier
+from pipeline.metrics import counter, dead_letters, gauge, notices_by_tier
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import check_districts
 from pipeline.registry import load as load_registry
@@ -563,72 +565,51 @@ class LiveRuntime:
                 "inbox": self.link.depth() if self.link else 0,
                 "uptime_s": round(time.time() - self.started, 1)}
 
-    def metrics_text(self) -> str:
+    def collect(self) -> Iterator[Metric]:
+        """/metrics (pipeline/metrics.py): computed now, from the counters the loop keeps."""
         e = self.engine
         c = e.counters
         now = time.time() * 1000
-        lines = [
-            "# HELP cityops_readings_total Readings the engine took: decoded, not refused "
-            "(dead letters) and not a redelivered duplicate.",
-            "# TYPE cityops_readings_total counter",
-            f"cityops_readings_total {c['readings'] - c['refused'] - c['duplicates']}",
-            "# HELP cityops_payloads_total MQTT reading payloads received.",
-            "# TYPE cityops_payloads_total counter",
-            f"cityops_payloads_total {self.metrics['payloads']}",
-            "# HELP cityops_duplicates_total Redelivered readings dropped (same sensor, same ts).",
-            "# TYPE cityops_duplicates_total counter",
-            f"cityops_duplicates_total {c['duplicates']}",
-            "# HELP cityops_late_readings_total Readings older than their sensor's newest, within "
-            "allowed_lateness: taken, acting only where they can raise an incident.",
-            "# TYPE cityops_late_readings_total counter",
-            f"cityops_late_readings_total {c['late']}",
-            *notices_by_tier(self.metrics),
-            *dead_letters(self.metrics),        # every one published, the engine's and the loop's
-            *self.close_figures.prometheus(),
-        ]
-        lines += [
-            "# HELP cityops_engine_errors_total Inputs the engine failed on (a bug: see the logs).",
-            "# TYPE cityops_engine_errors_total counter",
-            f"cityops_engine_errors_total {self.metrics['engine_errors']}",
-            "# HELP cityops_acks_total Acknowledgements applied.",
-            "# TYPE cityops_acks_total counter",
-            f"cityops_acks_total {c['acks']}",
-            "# HELP cityops_engine_batch_seconds Engine time per batch.",
-            "# TYPE cityops_engine_batch_seconds summary",
-            f"cityops_engine_batch_seconds_sum {self.batch_seconds:.6f}",
-            f"cityops_engine_batch_seconds_count {self.batches}",
-            "# HELP cityops_inbox_depth Messages received, not yet taken by the engine.",
-            "# TYPE cityops_inbox_depth gauge",
-            f"cityops_inbox_depth {self.link.depth() if self.link else 0}",
-            "# HELP cityops_event_lag_seconds Wall clock minus the newest reading's event time.",
-            "# TYPE cityops_event_lag_seconds gauge",
-            f"cityops_event_lag_seconds {max(0.0, (now - e.max_ts) / 1000) if e.max_ts else 0}",
-            "# HELP cityops_open_incidents Incidents firing now.",
-            "# TYPE cityops_open_incidents gauge",
-            f"cityops_open_incidents {len(e.book.open)}",
-            "# HELP cityops_unpublished_notices Notices handed to MQTT, not yet taken by the broker.",
-            "# TYPE cityops_unpublished_notices gauge",
-            f"cityops_unpublished_notices {self.link.unpublished() if self.link else 0}",
-            "# HELP cityops_broker_connected 1 while connected to the MQTT broker.",
-            "# TYPE cityops_broker_connected gauge",
-            f"cityops_broker_connected {int(bool(self.link and self.link.connected.is_set()))}",
-            "# HELP cityops_journal_entries Inputs journaled since the last snapshot.",
-            "# TYPE cityops_journal_entries gauge",
-            f"cityops_journal_entries {self.store.journaled_since_snapshot}",
-            "# HELP cityops_journal_bytes Bytes journaled since the last snapshot.",
-            "# TYPE cityops_journal_bytes gauge",
-            f"cityops_journal_bytes {self.store.journaled_bytes}",
-            "# HELP cityops_retained_skipped_total Retained messages the broker replayed on a "
-            "(re)subscription: taken when published, not again.",
-            "# TYPE cityops_retained_skipped_total counter",
-            f"cityops_retained_skipped_total {self.link.retained_skipped if self.link else 0}",
-        ]
+        link = self.link
+        yield counter("cityops_readings_total", "Readings the engine took: decoded, not refused "
+                      "(dead letters) and not a redelivered duplicate.",
+                      c['readings'] - c['refused'] - c['duplicates'])
+        yield counter("cityops_payloads_total", "MQTT reading payloads received.",
+                      self.metrics['payloads'])
+        yield counter("cityops_duplicates_total", "Redelivered readings dropped (same sensor, "
+                      "same ts).", c['duplicates'])
+        yield counter("cityops_late_readings_total", "Readings older than their sensor's newest, "
+                      "within allowed_lateness: taken, acting only where they can raise an "
+                      "incident.", c['late'])
+        yield notices_by_tier(self.metrics)
+        yield dead_letters(self.metrics)        # every one published, the engine's and the loop's
+        yield from self.close_figures.collect()
+        yield counter("cityops_engine_errors_total", "Inputs the engine failed on (a bug: see the "
+                      "logs).", self.metrics['engine_errors'])
+        yield counter("cityops_acks_total", "Acknowledgements applied.", c['acks'])
+        yield SummaryMetricFamily("cityops_engine_batch_seconds", "Engine time per batch.",
+                                  count_value=self.batches, sum_value=round(self.batch_seconds, 6))
+        yield gauge("cityops_inbox_depth", "Messages received, not yet taken by the engine.",
+                    link.depth() if link else 0)
+        yield gauge("cityops_event_lag_seconds", "Wall clock minus the newest reading's event "
+                    "time.", max(0.0, (now - e.max_ts) / 1000) if e.max_ts else 0)
+        yield gauge("cityops_open_incidents", "Incidents firing now.", len(e.book.open))
+        yield gauge("cityops_unpublished_notices", "Notices handed to MQTT, not yet taken by the "
+                    "broker.", link.unpublished() if link else 0)
+        yield gauge("cityops_broker_connected", "1 while connected to the MQTT broker.",
+                    int(bool(link and link.connected.is_set())))
+        yield gauge("cityops_journal_entries", "Inputs journaled since the last snapshot.",
+                    self.store.journaled_since_snapshot)
+        yield gauge("cityops_journal_bytes", "Bytes journaled since the last snapshot.",
+                    self.store.journaled_bytes)
+        yield counter("cityops_retained_skipped_total", "Retained messages the broker replayed on "
+                      "a (re)subscription: taken when published, not again.",
+                      link.retained_skipped if link else 0)
         if self.history is not None:
-            lines += self.history.metrics_lines()
+            yield from self.history.collect()
         if self.push is not None:
-            lines += self.push.metrics_lines()
-        lines += self.reload_stats.metrics_lines()
-        return "\n".join(lines) + "\n"
+            yield from self.push.collect()
+        yield from self.reload_stats.collect()
 
 
 def _cityops() -> str:

@@ -33,6 +33,7 @@ import signal
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from operator import attrgetter
 from typing import Any
 
@@ -41,6 +42,7 @@ import msgspec
 import numpy as np
 import orjson
 from faust.types import TP
+from prometheus_client.core import Metric
 
 from connectors import kafka as kt
 from connectors.faust_bulk import bulk_consumer
@@ -50,7 +52,7 @@ from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers
 from pipeline.models import Ack
 from pipeline.close_figures import CloseFigures, closed_fields
-from pipeline.prom import dead_letters, family, notices_by_tier
+from pipeline.metrics import counter, dead_letters, gauge, notices_by_tier
 from pipeline.reading_router import ReadingRouter
 from pipeline.quarantine import evaluate_isolating, poison_detail
 from pipeline.registry import load as load_registry
@@ -677,33 +679,32 @@ class CityWorker:
                                            if ps.switch_kept is not None},
                 "uptime_s": round(time.time() - self.started, 1)}
 
-    def metrics_text(self) -> str:
+    def collect(self) -> Iterator[Metric]:
+        """/metrics (pipeline/metrics.py): computed now, the partitions' figures included."""
         c = self.counters
-        lines = [
-            *family("cityops_readings_total", "counter", "Reading records taken by the engines.",
-                    c["readings"]),
-            *notices_by_tier(c, "produced"),
-            *self.close_figures.prometheus(),
-            *dead_letters(c),
-            *family("cityops_forwarded_total", "counter", "Readings moved to their street's "
-                    "partition.", c["forwarded"]),
-            *family("cityops_acks_total", "counter", "Acknowledgements taken and fanned out to "
-                    "the partitions.", c["acks"]),
-            *family("cityops_acks_unmatched_total", "counter", "Acknowledgements no partition "
-                    "of this worker had an open incident for.", c["acks_unmatched"]),
-            *family("cityops_engine_errors_total", "counter", "Inputs the engine failed on (a "
-                    "bug: see the logs).", c["engine_errors"]),
-            *family("cityops_checkpoints_total", "counter", "Partition checkpoints written.",
-                    c["checkpoints"]),
-            *family("cityops_checkpoints_unreadable_total", "counter", "Checkpoints the "
-                    "changelog gave back incomplete (the partition started empty; see the logs).",
-                    c["checkpoints_unreadable"]),
-        ]
+        yield counter("cityops_readings_total", "Reading records taken by the engines.",
+                      c["readings"])
+        yield notices_by_tier(c, "produced")
+        yield from self.close_figures.collect()
+        yield dead_letters(c)
+        yield counter("cityops_forwarded_total", "Readings moved to their street's partition.",
+                      c["forwarded"])
+        yield counter("cityops_acks_total", "Acknowledgements taken and fanned out to the "
+                      "partitions.", c["acks"])
+        yield counter("cityops_acks_unmatched_total", "Acknowledgements no partition of this "
+                      "worker had an open incident for.", c["acks_unmatched"])
+        yield counter("cityops_engine_errors_total", "Inputs the engine failed on (a bug: see "
+                      "the logs).", c["engine_errors"])
+        yield counter("cityops_checkpoints_total", "Partition checkpoints written.",
+                      c["checkpoints"])
+        yield counter("cityops_checkpoints_unreadable_total", "Checkpoints the changelog gave "
+                      "back incomplete (the partition started empty; see the logs).",
+                      c["checkpoints_unreadable"])
         if self.push is not None:
-            lines += self.push.metrics_lines()
+            yield from self.push.collect()
         if self.history is not None:
-            lines += self.history.metrics_lines()
-        lines += self.reload_stats.metrics_lines()
+            yield from self.history.collect()
+        yield from self.reload_stats.collect()
         # Per partition: a stalled partition shows as lag that grows while progress stands still.
         topic, now = self.names[READINGS], time.time()
         parts = sorted(self.parts.items())
@@ -732,8 +733,7 @@ class CityWorker:
              "state (should stay 0).", {p: ps.gaps for p, ps in parts}),
         ]
         for name, help_, values in gauges:
-            lines += family(name, "gauge", help_, values, "partition")
-        return "\n".join(lines) + "\n"
+            yield gauge(name, help_, values, "partition")
 
     # ---- start / stop -----------------------------------------------------------------------
     def prepare(self) -> None:

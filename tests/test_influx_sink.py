@@ -31,6 +31,7 @@ from connectors.influx import InfluxSink
 from pipeline.close_figures import closed_fields
 from pipeline.config import HttpSettings, InfluxSettings, MqttSettings, StateSettings, load_settings
 from pipeline.engine import Engine
+from pipeline.metrics import text
 from pipeline.registry import Registry
 from pipeline.registry import load as load_registry
 from pipeline.yamlfile import ConfigError
@@ -253,7 +254,7 @@ def test_an_outage_mid_run_loses_no_point(victoria_metrics: VictoriaMetrics,
                lambda: sink.stats()["write_failures"] >= 2 and sink.stats()["buffered"] > 0)
     down = sink.stats()
     assert not down["up"] and down["last_error"] and down["dropped"] == {}
-    lines = sink.metrics_lines()
+    lines = text(sink).splitlines()
     assert metric(lines, "cityops_influx_up") == 0
     assert metric(lines, "cityops_influx_write_failures_total") >= 2
     assert metric(lines, "cityops_influx_points_buffered") > 0
@@ -301,7 +302,7 @@ def test_a_full_buffer_drops_the_oldest_and_counts_them(victoria_metrics_factory
     wait_until("one failed write, 1,000 points held",
                lambda: sink.stats()["write_failures"] == 1 and sink.stats()["buffered"] == 1000)
     assert sink.stats()["dropped"] == {"buffer_full": 1500}
-    assert metric(sink.metrics_lines(),
+    assert metric(text(sink).splitlines(),
                   'cityops_influx_points_dropped_total{reason="buffer_full"}') == 1500
     vm.start()
     assert sink.close(20.0)           # close cuts the 10 s backoff short
@@ -341,7 +342,7 @@ def test_settings_from_the_environment_and_the_token_is_never_shown(
     wait_until("a failed write", lambda: sink.stats()["write_failures"] >= 1)
     sink.close(0.5)
     assert sink.stats()["last_error"]
-    assert secret not in caplog.text and secret not in "\n".join(sink.metrics_lines())
+    assert secret not in caplog.text and secret not in text(sink)
     assert secret not in json.dumps(sink.stats())
 
 
@@ -404,8 +405,8 @@ def test_live_runtime_writes_readings_and_alerts_and_keeps_alerting_through_an_o
             sub.wait_count(3, timeout=15)           # yellow: street, district, grid worker
             wait_until("the runtime counts failed writes",
                        lambda: rt.history.stats()["write_failures"] >= 1)
-            text = rt.metrics_text()
-            assert "cityops_influx_up 0" in text and "cityops_influx_points_buffered" in text
+            shown = text(rt)
+            assert "cityops_influx_up 0" in shown and "cityops_influx_points_buffered" in shown
             vm.start()
             want.add(reading_point(registry, "gas-510104-000003", ts2, 30.0))
             for n in (json.loads(p) for _, p in sub.messages):
