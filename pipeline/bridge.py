@@ -32,7 +32,7 @@ from pipeline.ack_tokens import REPLY_NOTE, AckTokens, BadToken, read_reply, ref
 from pipeline.config import Settings
 from pipeline.identity import AckUsers, acks_user
 from pipeline.models import Ack, DeadLetter
-from pipeline.ops_runtime import serve_until_signalled
+from pipeline.ops_runtime import health_of, link_facts, serve_until_signalled
 from pipeline.logs import setup_logging
 from pipeline.metrics import counter, dead_letters, gauge
 from pipeline.reading_router import ReadingRouter
@@ -198,12 +198,10 @@ class Bridge:
         log.info("bridge stopped")
 
     def health(self) -> dict[str, Any]:
-        connected = self.link is not None and self.link.connected.is_set()
-        kafka_ok = self.kafka_ok
-        return {"status": "ok" if connected and kafka_ok else "degraded",
-                "broker_connected": connected, "kafka_connected": kafka_ok,
-                "inbox": self.link.depth() if self.link else 0,
-                "uptime_s": round(time.time() - self.started, 1)}
+        link, kafka_ok = link_facts(self.link), self.kafka_ok
+        return health_of("ok" if link["broker_connected"] and kafka_ok else "degraded",
+                         self.started, broker_connected=link["broker_connected"],
+                         kafka_connected=kafka_ok, inbox=link["inbox"])
 
     def collect(self) -> Iterator[Metric]:
         """/metrics (pipeline/metrics.py)."""

@@ -3,13 +3,15 @@
 `cityops run` (LiveRuntime), the bridge (Bridge) and the worker (CityWorker) each implement
 ``OpsRuntime``; the two with a journal of their own also ``Reloading`` (POST /reload) and
 ``Silencing`` (/silences). ``serve_until_signalled`` is the start-run-stop the command line
-gives `run` and `bridge` (the worker runs under Faust's own loop).
+gives `run` and `bridge` (the worker runs under Faust's own loop); ``health_of`` the shape
+of every /healthz.
 """
 
 from __future__ import annotations
 
 import queue
 import signal
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -55,6 +57,18 @@ class Silencing(OpsRuntime, Protocol):
     http_silences: queue.SimpleQueue[bytes]
 
     def silences_in_force(self) -> list: ...
+
+
+def health_of(status: str, started: float, **facts: Any) -> dict[str, Any]:
+    """/healthz's JSON in every runtime: the status ("ok": 200), the runtime's own facts, and
+    how long it has run (``started``: its time.time() at start)."""
+    return {"status": status, **facts, "uptime_s": round(time.time() - started, 1)}
+
+
+def link_facts(link: Any) -> dict[str, Any]:
+    """What /healthz says of an MQTT link (connectors/mqtt.py), None before it starts."""
+    return {"broker_connected": link is not None and link.connected.is_set(),
+            "inbox": link.depth() if link else 0}
 
 
 class Served(Protocol):

@@ -46,7 +46,7 @@ from pipeline.registry import check_districts
 from pipeline.registry import load as load_registry
 from pipeline.reload import CitySet, ReloadStats, files_digest, watched_files
 from pipeline.kept_sets import KeptSets
-from pipeline.ops_runtime import serve_until_signalled
+from pipeline.ops_runtime import health_of, link_facts, serve_until_signalled
 from pipeline.logs import setup_logging
 from pipeline.reload_runtime import Requests, Watch, apply_live, switch_to, take_requests
 from pipeline.statelock import StateLock
@@ -558,12 +558,10 @@ class LiveRuntime:
         return in_force([self.engine.book], self.engine.watermark)
 
     def health(self) -> dict[str, Any]:
-        connected = self.link is not None and self.link.connected.is_set()
-        return {"status": "ok" if connected else "degraded", "broker_connected": connected,
-                "catching_up": self.catching_up,
-                "open_incidents": len(self.engine.book.open),
-                "inbox": self.link.depth() if self.link else 0,
-                "uptime_s": round(time.time() - self.started, 1)}
+        link = link_facts(self.link)
+        return health_of("ok" if link["broker_connected"] else "degraded", self.started,
+                         broker_connected=link["broker_connected"], catching_up=self.catching_up,
+                         open_incidents=len(self.engine.book.open), inbox=link["inbox"])
 
     def collect(self) -> Iterator[Metric]:
         """/metrics (pipeline/metrics.py): computed now, from the counters the loop keeps."""

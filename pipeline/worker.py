@@ -52,6 +52,7 @@ from pipeline.engine import Engine, Output
 from pipeline.identity import AckUsers
 from pipeline.models import Ack
 from pipeline.close_figures import CloseFigures, closed_fields
+from pipeline.ops_runtime import health_of
 from pipeline.metrics import counter, dead_letters, gauge, notices_by_tier
 from pipeline.reading_router import ReadingRouter
 from pipeline.quarantine import evaluate_isolating, poison_detail
@@ -669,15 +670,16 @@ class CityWorker:
                         min((ps.engine.watermark for ps in parts), default=None))
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok" if self.ready else "starting", "partitions": sorted(self.parts),
-                "open_incidents": sum(len(ps.engine.book.open) for ps in self.parts.values()),
-                "rebalancing": bool(getattr(self.app, "rebalancing", False)),
-                "sets": {p: ps.digest for p, ps in sorted(self.parts.items())},
-                "switching": {p: ps.switch.at for p, ps in sorted(self.parts.items()) if ps.switch},
-                # a switch a restart or a rebalance would keep: the checkpoint has it
-                "switching_checkpointed": {p: ps.switch_kept for p, ps in sorted(self.parts.items())
-                                           if ps.switch_kept is not None},
-                "uptime_s": round(time.time() - self.started, 1)}
+        parts = sorted(self.parts.items())
+        return health_of("ok" if self.ready else "starting", self.started,
+                         partitions=sorted(self.parts),
+                         open_incidents=sum(len(ps.engine.book.open) for _, ps in parts),
+                         rebalancing=bool(getattr(self.app, "rebalancing", False)),
+                         sets={p: ps.digest for p, ps in parts},
+                         switching={p: ps.switch.at for p, ps in parts if ps.switch},
+                         # a switch a restart or a rebalance would keep: the checkpoint has it
+                         switching_checkpointed={p: ps.switch_kept for p, ps in parts
+                                                 if ps.switch_kept is not None})
 
     def collect(self) -> Iterator[Metric]:
         """/metrics (pipeline/metrics.py): computed now, the partitions' figures included."""
