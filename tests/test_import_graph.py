@@ -89,3 +89,26 @@ def test_runtimes_do_not_import_each_other_and_nothing_below_imports_a_runtime()
                 who = f"runtime {mine!r}" if mine else "a module below the runtimes"
                 wrong.append(f"{p.relative_to(ROOT)} ({who}) imports {m} (runtime {theirs!r})")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_three_runtimes_implement_the_ops_runtime_protocol() -> None:
+    """Each sets every attribute and defines every method that OpsRuntime (pipeline/ops_runtime.py)
+    names: what OpsHttpServer takes."""
+    from pipeline.ops_runtime import OpsRuntime
+
+    wanted = {n for n in (*OpsRuntime.__annotations__, *vars(OpsRuntime)) if not n.startswith("_")}
+    for path, name in (("pipeline/runtime.py", "LiveRuntime"), ("pipeline/bridge.py", "Bridge"),
+                       ("pipeline/worker.py", "CityWorker")):
+        tree = ast.parse((ROOT / path).read_text(encoding="utf-8"))
+        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+        has = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+        for node in ast.walk(cls):
+            if isinstance(node, ast.AnnAssign):
+                targets = [node.target]
+            elif isinstance(node, ast.Assign):
+                targets = [e for t in node.targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])]
+            else:
+                continue
+            has |= {t.attr for t in targets if isinstance(t, ast.Attribute)
+                    and isinstance(t.value, ast.Name) and t.value.id == "self"}
+        assert wanted <= has, f"{name} lacks {sorted(wanted - has)}"
