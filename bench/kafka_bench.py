@@ -77,7 +77,7 @@ from engine_bench import T0, make_payloads  # noqa: E402
 from runtime_bench import GAS, PROBE_LEL, pct, py_spy, reading, stop_spy  # noqa: E402
 
 from connectors import kafka as kt  # noqa: E402
-from pipeline.runtimes.bridge import ReadingRouter  # noqa: E402
+from pipeline.shared.reading_router import ReadingRouter  # noqa: E402
 from pipeline.shared.config import KafkaSettings  # noqa: E402
 from pipeline.core.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402

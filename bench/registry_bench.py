@@ -42,7 +42,7 @@ def rss() -> int:
 def child(mode: str, folder: Path, partitions: int) -> dict:
     import numpy as np  # noqa: F401  imports before the first RSS reading
 
-    from pipeline.runtimes.bridge import ReadingRouter
+    from pipeline.shared.reading_router import ReadingRouter
     from pipeline.core.engine import Engine
     from pipeline.core.identity import AckUsers
     from pipeline.core.registry import load

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from connectors.influx import InfluxSink  # noqa: E402
 from engine_bench import make_payloads  # noqa: E402  the engine bench's reading mix
+from pipeline.core.close_figures import closed_fields  # noqa: E402
 from pipeline.shared.config import InfluxSettings  # noqa: E402
 from pipeline.core.engine import Engine  # noqa: E402
 from pipeline.core.registry import load as load_registry  # noqa: E402
@@ -67,7 +68,7 @@ def write_rate(url: str, reg, points: int, every: str) -> tuple[float, dict]:
         cols.append((rng.integers(0, len(reg), n).astype(np.int64),
                      1_782_885_600_000 + np.arange(i, i + n, dtype=np.int64) * 10,
                      np.round(rng.uniform(0, 100, n), 2)))
-    sink = InfluxSink(settings(url, every), reg)
+    sink = InfluxSink(settings(url, every), reg, closed_fields)
     t = time.perf_counter()
     for c in cols:
         sink.add_readings([c])
@@ -85,7 +86,7 @@ class Run:
         sink = None
         if url:
             engine.keep_accepted = True
-            sink = InfluxSink(settings(url, every), reg)
+            sink = InfluxSink(settings(url, every), reg, closed_fields)
         gc.collect()
         cpu = time.process_time()
         t = time.perf_counter()

@@ -22,13 +22,16 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from rules.yamlfile import ConfigError
-
 SCHEMES = {"influx": "http", "influx+http": "http", "influx+https": "https"}
 # What a recorded event is called when it comes back: the sink kept its count, not its name, so
 # it is an event no rule names (it ends a silence, as a heartbeat does, and fires nothing).
 EVENT_NAME = "recorded"
 FAR_FUTURE_S = 4102444800            # 2100-01-01: the export ends "now" unless told otherwise
+
+
+class HistoryError(ValueError):
+    """The history address is malformed or the store cannot be read; the message says why
+    (the command line shows it as its --history error)."""
 
 
 def is_history_url(text: str) -> bool:
@@ -39,12 +42,12 @@ def export_url(text: str) -> str:
     """``influx://host:port`` as the http(s) address of its export API; a clear error else."""
     parts = urllib.parse.urlsplit(text)
     if parts.scheme not in SCHEMES or not parts.hostname:
-        raise ConfigError("--history", None, f"{text!r}: write the history store as "
-                          "influx://HOST:PORT (or influx+https://HOST:PORT)")
+        raise HistoryError(f"{text!r}: write the history store as "
+                           "influx://HOST:PORT (or influx+https://HOST:PORT)")
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError("--history", None, f"{text!r}: the port is not a number") from None
+        raise HistoryError(f"{text!r}: the port is not a number") from None
     netloc = parts.hostname if port is None else f"{parts.hostname}:{port}"
     return f"{SCHEMES[parts.scheme]}://{netloc}{parts.path.rstrip('/')}/api/v1/export"
 
@@ -102,10 +105,10 @@ def read_readings(url: str, kinds: Iterable[str], start_ms: int | None = None,
                     progress(series, points)
     except urllib.error.HTTPError as exc:
         detail = exc.read()[:300].decode("utf-8", "replace").strip()
-        raise ConfigError("--history", None, f"{address} answered {exc.code}: {detail}") from None
+        raise HistoryError(f"{address} answered {exc.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise ConfigError("--history", None, f"cannot read {address}: {reason}") from None
+        raise HistoryError(f"cannot read {address}: {reason}") from None
     if not ts_parts:
         return Recorded(ids, np.zeros(0, np.int64), np.zeros(0), series)
     ts = np.concatenate(ts_parts)

@@ -1,9 +1,9 @@
 """History sink: every reading and every notice into InfluxDB 2.x, never in the pipeline's way.
 
-    sink = InfluxSink(settings.influx, registry)   # starts its writer thread
+    sink = InfluxSink(settings.influx, registry, closed_fields)   # starts its writer thread
     engine.keep_accepted = True                     # Output.accepted: the readings taken
     sink.add(output)                                # or add_readings(cols) / add_notices(notices)
-    sink.stats(); sink.metrics_lines()              # counters; Prometheus text lines
+    sink.stats(); sink.collect()                    # counters; Prometheus metric families
     sink.close(timeout=10.0)                        # flush what it can, then stop
 
 Runtime-agnostic and thread-safe: the live runtime and the Kafka worker call the same four
@@ -39,17 +39,16 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 from influxdb_client import InfluxDBClient, WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from connectors.lineproto import DownSampler, ReadingLines, notice_line
-from pipeline.shared.config import InfluxSettings
-from pipeline.core.registry import Registry
+from connectors.lineproto import ClosedFields, DownSampler, ReadingLines, SensorTable, notice_line
 
 log = logging.getLogger("cityops.influx")
 
@@ -57,13 +56,34 @@ READINGS, NOTICES, BATCH = "readings", "notices", "batch"       # what the buffe
 REFUSED = (400, 422)        # malformed: the same bytes would be refused again
 
 
+class InfluxOptions(Protocol):
+    """The settings the sink reads (pipeline/shared/config.py's InfluxSettings): durations in ms,
+    ``timeout`` in ms as the client takes it, ``token`` a secret with get_secret_value()."""
+
+    url: str | None
+    org: str
+    bucket: str
+    token: Any
+    timeout: int
+    batch_size: int
+    buffer_max: int
+    flush_interval: int
+    retry_initial: int
+    retry_max: int
+    readings_every: int
+
+
 class InfluxSink:
-    def __init__(self, settings: InfluxSettings, registry: Registry) -> None:
+    def __init__(self, settings: InfluxOptions, registry: SensorTable,
+                 closed_fields: ClosedFields | None = None) -> None:
+        """``closed_fields``: a closed notice's extra fields (pipeline/core/close_figures.py's
+        closed_fields: its time to close, step by step); none without it."""
         if not settings.url:
             raise ValueError("influx.url is not set: the history sink is off")
         self.s = settings
         self.registry = registry                  # its lines number sensors as this one does
         self.lines = ReadingLines(registry)
+        self.closed_fields = closed_fields
         self.sampler = (DownSampler(settings.readings_every, len(registry))
                         if settings.readings_every else None)
         self._cond = threading.Condition()
@@ -220,7 +240,7 @@ class InfluxSink:
         lines = []
         for n in notices:
             try:
-                lines.append((notice_line(n) + "\n").encode())
+                lines.append((notice_line(n, self.closed_fields) + "\n").encode())
             except (KeyError, TypeError, ValueError):
                 log.exception("a notice the history cannot write; dropped: %r",
                               {k: n.get(k) for k in ("alert_id", "state", "seq", "tier")})
@@ -320,35 +340,26 @@ class InfluxSink:
                     "up": self.up, "last_error": self.last_error,
                     "last_error_at": self.last_error_at}
 
-    def metrics_lines(self) -> list[str]:
+    def collect(self) -> Iterator[Metric]:
+        """Prometheus metric families (a prometheus-client collector's ``collect``)."""
         st = self.stats()
-        lines = [
-            "# HELP cityops_influx_points_written_total History points written to InfluxDB.",
-            "# TYPE cityops_influx_points_written_total counter",
-            f"cityops_influx_points_written_total {st['written']}",
-            "# HELP cityops_influx_write_failures_total Failed InfluxDB writes (retried).",
-            "# TYPE cityops_influx_write_failures_total counter",
-            f"cityops_influx_write_failures_total {st['write_failures']}",
-            "# HELP cityops_influx_points_dropped_total History points never written, by reason.",
-            "# TYPE cityops_influx_points_dropped_total counter",
-        ]
+        yield CounterMetricFamily("cityops_influx_points_written_total",
+                                  "History points written to InfluxDB.", value=st["written"])
+        yield CounterMetricFamily("cityops_influx_write_failures_total",
+                                  "Failed InfluxDB writes (retried).", value=st["write_failures"])
+        dropped = CounterMetricFamily("cityops_influx_points_dropped_total",
+                                      "History points never written, by reason.", labels=["reason"])
         for reason in ("buffer_full", "rejected", "shutdown", "closed"):
-            lines.append(f'cityops_influx_points_dropped_total{{reason="{reason}"}} '
-                         f'{st["dropped"].get(reason, 0)}')
-        lines += [
-            "# HELP cityops_influx_points_buffered History points waiting to be written.",
-            "# TYPE cityops_influx_points_buffered gauge",
-            f"cityops_influx_points_buffered {st['buffered']}",
-            "# HELP cityops_influx_up 1 while the last InfluxDB write succeeded.",
-            "# TYPE cityops_influx_up gauge",
-            f"cityops_influx_up {int(st['up'])}",
-            ("# HELP cityops_influx_last_error_timestamp_seconds When the last write failed, "
-             "and why (label)."),
-            "# TYPE cityops_influx_last_error_timestamp_seconds gauge",
-            (f'cityops_influx_last_error_timestamp_seconds{{error="{_label(st["last_error"])}"}} '
-             f"{st['last_error_at']:.3f}"),
-        ]
-        return lines
+            dropped.add_metric([reason], st["dropped"].get(reason, 0))
+        yield dropped
+        yield GaugeMetricFamily("cityops_influx_points_buffered",
+                                "History points waiting to be written.", value=st["buffered"])
+        yield GaugeMetricFamily("cityops_influx_up", "1 while the last InfluxDB write succeeded.",
+                                value=int(st["up"]))
+        failed = GaugeMetricFamily("cityops_influx_last_error_timestamp_seconds",
+                                   "When the last write failed, and why (label).", labels=["error"])
+        failed.add_metric([st["last_error"]], round(st["last_error_at"], 3))
+        yield failed
 
 
 def _sliced(lines_of: Any, size: int, *columns: np.ndarray) -> list[tuple[list[bytes], int]]:
@@ -357,6 +368,3 @@ def _sliced(lines_of: Any, size: int, *columns: np.ndarray) -> list[tuple[list[b
     return [(lines_of(*(c[i:i + size] for c in columns)), min(size, n - i))
             for i in range(0, n, size)]
 
-
-def _label(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

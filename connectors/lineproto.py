@@ -32,14 +32,13 @@ text is made once per (kind, grid) and kept; a batch is formatted column-wise: n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from connectors import numtext
-from pipeline.core.close_figures import FIELDS, steps
-from pipeline.core.registry import Registry
 
 ALERTS = "alerts"
 READING_TAGS = ("community", "district", "grid", "street", "sensor")
@@ -49,7 +48,24 @@ ALERT_TAGS = {"acked_tier": "acked_tier", "category": "category", "community": "
               "district": "district", "grid": "grid", "kind": "kind", "rule": "rule_id",
               "sensor": "sensor_id", "severity": "severity", "state": "state",
               "state_tier": "state_tier", "street": "street", "target": "target", "tier": "tier"}
-ALERT_FIELDS = ("alert_id", "seq", "value", "threshold", "ack_seconds", *FIELDS.values())
+# and, on a closed notice, the caller's time-to-close fields (``closed_fields`` below)
+ALERT_FIELDS = ("alert_id", "seq", "value", "threshold", "ack_seconds")
+# A closed notice -> its extra fields by name (seconds to each step): pipeline/core/close_figures.py
+ClosedFields = Callable[[dict], Mapping[str, float]]
+
+
+class SensorTable(Protocol):
+    """What the reading lines need of the sensor registry (pipeline/core/registry.py's Registry):
+    per sensor number its id, kind number and grid number; the kinds' names; per grid number
+    its place (community, district, grid, street)."""
+
+    sensor_ids: Any
+    kind_of: np.ndarray
+    grid_of: np.ndarray
+    kinds: Sequence[str]
+    grid_places: Sequence[Any]
+
+    def __len__(self) -> int: ...
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -77,9 +93,10 @@ def to_ms(t: Any) -> int:
     return (dt - _EPOCH) // _MS
 
 
-def notice_line(n: dict) -> str:
+def notice_line(n: dict, closed_fields: ClosedFields | None = None) -> str:
     """One notice as an ``alerts`` point. Absent tags (a group incident has no grid) are left
-    out; value and threshold are floats always, so the field type never changes."""
+    out; value and threshold are floats always, so the field type never changes. A closed
+    notice also gets ``closed_fields(n)``."""
     tags = "".join(f",{k}={escape_tag(str(n[src]))}" for k, src in ALERT_TAGS.items()
                    if n.get(src) not in (None, ""))
     fields = [f"alert_id={escape_string(str(n['alert_id']))}", f"seq={int(n['seq'])}i"]
@@ -90,15 +107,15 @@ def notice_line(n: dict) -> str:
     ts = to_ms(n["ts"])
     if n.get("state") == "acknowledged" and n.get("started_at") is not None:
         fields.append(f"ack_seconds={(ts - to_ms(n['started_at'])) / 1000!r}")
-    elif n.get("state") == "closed":      # time to close, step by step (pipeline/core/close_figures.py)
-        fields += [f"{FIELDS[s]}={float(v)!r}" for s, v in steps(n).items() if s in FIELDS]
+    elif n.get("state") == "closed" and closed_fields is not None:    # time to close, by step
+        fields += [f"{k}={float(v)!r}" for k, v in closed_fields(n).items()]
     return f"{ALERTS}{tags} {','.join(fields)} {ts}"
 
 
 class ReadingLines:
     """Line protocol for readings columns (sensor numbers, ts ms, values; nan = an event)."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: SensorTable) -> None:
         if ALERTS in registry.kinds:
             raise ValueError(f"a sensor kind named {ALERTS!r} would share the notices' "
                              "measurement; rename the kind")

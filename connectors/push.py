@@ -37,8 +37,6 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from pipeline.core.notices import render
-
 log = logging.getLogger("cityops.push")
 
 MAX_ANSWER = 64 * 1024
@@ -276,20 +274,22 @@ class DingTalk:
 class Sms:
     """An SMS gateway over HTTP: POST `{"phone", "text", "idempotency_key"}` with a bearer
     token; the text is `template` (to a sensor's owner: `owner_template`) filled from
-    `fields()`."""
+    `fields()` by `render(template, fields)` (the notices' own: pipeline/core/notices.py)."""
 
     name = "sms"
 
     def __init__(self, url: str, token: str | None, template: str, timeout_s: float,
-                 owner_template: str | None = None) -> None:
+                 owner_template: str | None = None, *,
+                 render: Callable[[str, dict[str, Any]], str]) -> None:
         self.url, self.token, self.template, self.timeout_s = url, token, template, timeout_s
         self.owner_template = owner_template or template
+        self.render = render
 
     def send(self, d: Delivery) -> None:
         if not d.recipient.phone:
             raise PermanentError(f"{d.recipient.id} has no phone number in the registry")
         owner = d.notice.get("tier") == "owner"
-        text = render(self.owner_template if owner else self.template, fields(d))
+        text = self.render(self.owner_template if owner else self.template, fields(d))
         headers = {"Idempotency-Key": d.key}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"

@@ -314,27 +314,10 @@ def _load(args: argparse.Namespace, select: list[str] | None = None):
     return rs.select(select), reg
 
 
-def replay_knobs(args: argparse.Namespace, quorum: int) -> tuple[int | None, int]:
-    """--ack-after (ms) and --time-quorum (``quorum`` unless given), checked; also
-    --quorum-window. Replay's, and backtest's."""
-    ack_after = None
-    if args.ack_after is not None:
-        from rules.schema import parse_duration
-        try:
-            ack_after = parse_duration(args.ack_after)
-        except ValueError as exc:
-            raise ConfigError("--ack-after", None, str(exc)) from None
-    quorum = args.time_quorum if args.time_quorum is not None else quorum
-    if not 1 <= quorum <= 100:
-        raise ConfigError("--time-quorum", None, f"{quorum} is not a number of sources from 1 to 100")
-    if args.quorum_window < 1:
-        raise ConfigError("--quorum-window", None, f"{args.quorum_window} is not a number of payloads")
-    return ack_after, quorum
-
-
 def _replay(args: argparse.Namespace) -> int:
     from pipeline.core.engine import Engine, EngineSettings
     from pipeline.core.replay import DEMO_CSV, DEMO_MAP, load_mapping, replay
+    from pipeline.tools.replay_args import replay_knobs
     if args.demo:
         args.file = args.file or DEMO_CSV
         args.csv_map = args.csv_map or DEMO_MAP

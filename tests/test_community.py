@@ -213,6 +213,6 @@ def test_handling_states_survive_kill_9(worker: str, mosquitto: Mosquitto, runti
     assert list(closed["timeline"]) == ["fired", "acknowledged", "on_site", "handled", "closed"]
     assert closed["seq"] == handled["seq"] + 1
     metrics = rt.metrics()
-    key = ('cityops_time_to_close_seconds_count{step="closed",tier="district",district="510104",'
-           f'street="{STREET}",category="gas"}}')
+    key = ('cityops_time_to_close_seconds_count{category="gas",district="510104",step="closed",'
+           f'street="{STREET}",tier="district"}}')           # labels sorted by name
     assert metrics[key] == 1, sorted(k for k in metrics if "close" in k)

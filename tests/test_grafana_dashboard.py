@@ -1,7 +1,8 @@
 """The Grafana dashboard (deploy/grafana/dashboards/cityops.json) asks only for what the history
 sink writes: every measurement, field and tag its Flux queries name, and every state, tier and
-severity they compare with, is checked against connectors/lineproto.py and pipeline/core/models.py,
-so a rename on either side fails here instead of leaving an empty panel."""
+severity they compare with, is checked against connectors/lineproto.py, pipeline/core/models.py and
+the time-to-close fields of pipeline/core/close_figures.py, so a rename on either side fails here
+instead of leaving an empty panel."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from connectors.lineproto import ALERT_FIELDS, ALERT_TAGS, ALERTS, READING_FIELDS, READING_TAGS
+from pipeline.core.close_figures import FIELDS as CLOSE_FIELDS
 from pipeline.core.models import Severity, State, Tier
 
 DASHBOARD = (Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards"
@@ -19,7 +21,7 @@ DASHBOARD = (Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashb
 SYSTEM = {"_time", "_value", "_field", "_measurement", "_start", "_stop"}
 KNOWN_VALUES = {"state": {s.value for s in State}, "tier": {t.value for t in Tier},
                 "acked_tier": {t.value for t in Tier}, "severity": {s.value for s in Severity}}
-SCHEMA = {"alerts": (set(ALERT_TAGS), set(ALERT_FIELDS)),
+SCHEMA = {"alerts": (set(ALERT_TAGS), set(ALERT_FIELDS) | set(CLOSE_FIELDS.values())),
           "readings": (set(READING_TAGS), set(READING_FIELDS))}
 
 

@@ -12,6 +12,7 @@ import pytest
 from pipeline.core.ack_tokens import BadToken, read_reply
 from pipeline.core.close_figures import CloseFigures, steps
 from pipeline.core.engine import Engine, EngineSettings
+from pipeline.shared.metrics import text
 from pipeline.core.models import Ack
 from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
@@ -99,11 +100,11 @@ def test_time_to_close_per_incident_and_aggregated() -> None:
     assert closed[0]["started_at"].startswith("2026-07-01T14:05") and started
     figures = CloseFigures()
     figures.observe(closed)
-    lines = figures.prometheus()
-    assert ('cityops_time_to_close_seconds_count{step="closed",tier="street",district="510104",'
-            'street="510104020",category="device"} 1') in lines
-    assert ('cityops_time_to_close_seconds_sum{step="closed",tier="street",district="510104",'
-            'street="510104020",category="device"} 900.000') in lines
+    lines = text(figures).splitlines()          # prometheus-client: labels sorted by name
+    assert ('cityops_time_to_close_seconds_count{category="device",district="510104",step="closed",'
+            'street="510104020",tier="street"} 1.0') in lines
+    assert ('cityops_time_to_close_seconds_sum{category="device",district="510104",step="closed",'
+            'street="510104020",tier="street"} 900.0') in lines
     summary = "\n".join(figures.summary())
     assert "day      2026-07-01       1 closed" in summary and "closed 15.0/15.0" in summary
 

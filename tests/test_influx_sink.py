@@ -26,8 +26,10 @@ import numpy as np
 import pytest
 
 from connectors.influx import InfluxSink
+from pipeline.core.close_figures import closed_fields
 from pipeline.shared.config import HttpSettings, InfluxSettings, MqttSettings, StateSettings, load_settings
 from pipeline.core.engine import Engine
+from pipeline.shared.metrics import text
 from pipeline.core.registry import Registry
 from rules.yamlfile import ConfigError
 from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
@@ -213,7 +215,7 @@ def test_an_outage_mid_run_loses_no_point(victoria_metrics: VictoriaMetrics,
                20.0, "failed writes counted, points buffered")
     down = sink.stats()
     assert not down["up"] and down["last_error"] and down["dropped"] == {}
-    lines = sink.metrics_lines()
+    lines = text(sink).splitlines()
     assert metric(lines, "cityops_influx_up") == 0
     assert metric(lines, "cityops_influx_write_failures_total") >= 2
     assert metric(lines, "cityops_influx_points_buffered") > 0
@@ -261,7 +263,7 @@ def test_a_full_buffer_drops_the_oldest_and_counts_them(victoria_metrics_factory
     wait_until(lambda: sink.stats()["write_failures"] == 1 and sink.stats()["buffered"] == 1000,
                20.0, "one failed write, 1,000 points held")
     assert sink.stats()["dropped"] == {"buffer_full": 1500}
-    assert metric(sink.metrics_lines(),
+    assert metric(text(sink).splitlines(),
                   'cityops_influx_points_dropped_total{reason="buffer_full"}') == 1500
     vm.start()
     assert sink.close(20.0)           # close cuts the 10 s backoff short
@@ -301,7 +303,7 @@ def test_settings_from_the_environment_and_the_token_is_never_shown(
     wait_until(lambda: sink.stats()["write_failures"] >= 1, 20.0, "a failed write")
     sink.close(0.5)
     assert sink.stats()["last_error"]
-    assert secret not in caplog.text and secret not in "\n".join(sink.metrics_lines())
+    assert secret not in caplog.text and secret not in text(sink)
     assert secret not in json.dumps(sink.stats())
 
 
@@ -364,8 +366,8 @@ def test_live_runtime_writes_readings_and_alerts_and_keeps_alerting_through_an_o
             sub.wait_count(3, timeout=15)           # yellow: street, district, grid worker
             wait_until(lambda: rt.history.stats()["write_failures"] >= 1,
                        20.0, "the runtime counts failed writes")
-            text = rt.metrics_text()
-            assert "cityops_influx_up 0" in text and "cityops_influx_points_buffered" in text
+            shown = text(rt)
+            assert "cityops_influx_up 0" in shown and "cityops_influx_points_buffered" in shown
             vm.start()
             want.add(reading_point(chengdu, "gas-510104-000003", ts2, 30.0))
             for n in (json.loads(p) for _, p in sub.messages):
@@ -385,7 +387,7 @@ def test_a_closed_incident_is_stored_with_its_time_to_close(victoria_metrics: Vi
     """快速处置: the closed notice's points carry the seconds from firing to on site, handled
     and closed (pipeline/core/close_figures.py), tagged with the tier that closed it."""
     engine = Engine(chengdu, rules)
-    sink = InfluxSink(quick(victoria_metrics.url), chengdu)
+    sink = InfluxSink(quick(victoria_metrics.url), chengdu, closed_fields)
     fired = engine.ingest([json.dumps({"sensor_id": GAS_ALONE, "ts": T0, "value": 55.0}).encode()])
     aid = fired.notices[0]["alert_id"]
     steps = [("on_site", "w-510104020001-01", "grid", 90_000), ("handled", "w-510104020001-01",

@@ -35,6 +35,7 @@ from connectors.push import (
 from pipeline.core.ack_tokens import AckTokens
 from pipeline.core.engine import Engine
 from pipeline.core.models import AlertNotice
+from pipeline.core.notices import render
 from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
 from bench.harness.brokers import Mosquitto, Subscriber, free_port
@@ -133,7 +134,7 @@ def test_dingtalk_robot_markdown_mentions_the_worker_and_signs(endpoints: Endpoi
 
 def test_sms_gateway_gets_phone_and_text(endpoints: Endpoints, notice: dict) -> None:
     sms = Sms(endpoints.url("/sms"), "gateway-token", "{title}：读数{value}{unit}，阈值"
-              "{threshold}{unit}。确认：{ack_url}", 5)
+              "{threshold}{unit}。确认：{ack_url}", 5, render=render)
     d = delivery(notice, "sms")
     sms.send(d)
     [req] = endpoints.received("/sms")

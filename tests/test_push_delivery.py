@@ -32,6 +32,7 @@ from pipeline.shared.config import (
 )
 from pipeline.shared.delivery import PushDispatcher
 from pipeline.core.engine import Engine
+from pipeline.shared.metrics import text as exposition
 from pipeline.core.models import AlertNotice, DeadLetter
 from pipeline.core.registry import Registry
 from pipeline.core.registry import load as load_registry
@@ -223,7 +224,7 @@ def test_the_on_call_worker_gets_each_notice_once_on_each_channel(harness: Harne
     again.submit(notices)
     settle_count(lambda: len(ep.received()) + len(sub.messages))
     assert len(pushes(ep, sub, harness.prefix)) == total
-    metrics = "\n".join(again.metrics_lines())
+    metrics = exposition(again)
     assert f"cityops_push_duplicates_total {total}" in metrics
     sub.close()
 
@@ -265,7 +266,7 @@ def test_500_then_200_delivers_once_with_two_attempts(harness: Harness, city) ->
     assert [e["event"] for e in timeline] == ["notice", "receipt"]
     assert timeline[1] == {**timeline[1], "outcome": "delivered", "attempts": 2,
                            "channel": "webhook", "recipient": "w-day"}
-    metrics = "\n".join(d.metrics_lines())
+    metrics = exposition(d)
     assert 'cityops_push_attempts_total{channel="webhook"} 2' in metrics
     assert 'cityops_push_retries_total{channel="webhook"} 1' in metrics
     assert 'cityops_push_deliveries_total{channel="webhook",outcome="delivered"} 1' in metrics
@@ -295,7 +296,7 @@ def test_a_push_that_cannot_be_delivered_is_a_dead_letter(harness: Harness, city
     assert "ack_token" not in payload and "ack_url" not in payload   # operators read dead letters
     settle_count(lambda: len(ep.received()))
     assert len(ep.received("/webhook")) == attempts
-    assert 'cityops_push_dead_letters_total{reason="undeliverable"} 1' in d.metrics_lines()
+    assert 'cityops_push_dead_letters_total{reason="undeliverable"} 1.0' in exposition(d).splitlines()
     sub.close()
 
 
@@ -309,7 +310,7 @@ def test_a_slow_channel_holds_up_only_itself(harness: Harness, city) -> None:
     ep.wait_for(lambda reqs: any(r.path == "/webhook" for r in reqs))
     [sms] = receipts(sub.wait_for(lambda m: receipts(m)))       # while the webhook still hangs
     assert (sms["channel"], sms["outcome"]) == ("sms", "delivered")
-    assert 'cityops_push_queue_depth{channel="webhook"} 1' in d.metrics_lines()
+    assert 'cityops_push_queue_depth{channel="webhook"} 1.0' in exposition(d).splitlines()
     gate.set()
     got = receipts(sub.wait_for(lambda m: len(receipts(m)) >= 2))
     assert {(r["channel"], r["outcome"]) for r in got} == {("sms", "delivered"),

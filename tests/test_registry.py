@@ -488,7 +488,7 @@ def test_the_compiled_place_tree_is_read_when_asked_not_held_whole(tmp_path, mon
     reads is what the parsed registry says, on a partition's subset as on the whole city."""
     import numpy as np
 
-    from pipeline.runtimes.bridge import ReadingRouter
+    from pipeline.shared.reading_router import ReadingRouter
     from pipeline.core.registry import Owner, Place, Worker
     monkeypatch.setenv("CITYOPS_CACHE", str(tmp_path / "cache"))
     from pipeline.tools.registry_gen import generate

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.runtimes.bridge import sensor_partitions
+from pipeline.shared.reading_router import sensor_partitions
 from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
 from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from connectors.kafka import topic_names
-from pipeline.runtimes.bridge import sensor_partitions
+from pipeline.shared.reading_router import sensor_partitions
 from pipeline.core.registry import load as load_registry
 from pipeline.shared.simulate import Simulator
 from rules.compiler import load_rules

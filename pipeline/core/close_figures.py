@@ -14,7 +14,10 @@ handled, resolved, closed: those that happened; pipeline/core/handling.py). From
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
+
+from prometheus_client.core import SummaryMetricFamily
 
 STEPS = ("acknowledged", "on_site", "handled", "closed")
 # the history sink's field per step (acknowledgement has its own, ack_seconds, on `acknowledged`)
@@ -29,6 +32,12 @@ def steps(n: dict) -> dict[str, float]:
         return {}
     fired = datetime.fromisoformat(str(t["fired"]))
     return {s: (datetime.fromisoformat(str(t[s])) - fired).total_seconds() for s in STEPS if s in t}
+
+
+def closed_fields(n: dict) -> dict[str, float]:
+    """A closed notice's seconds to each step, by the history's field names (FIELDS): what the
+    history sink adds to its point (connectors/lineproto.py)."""
+    return {FIELDS[s]: v for s, v in steps(n).items() if s in FIELDS}
 
 
 class CloseFigures:
@@ -65,17 +74,15 @@ class CloseFigures:
                     r[1] += secs
                     r[2] = max(r[2], secs)
 
-    def prometheus(self) -> list[str]:
-        lines = ["# HELP cityops_time_to_close_seconds Closed incidents: seconds from firing to "
-                 "each step (acknowledged, on_site, handled, closed), by the tier that closed, "
-                 "district, street and category.",
-                 "# TYPE cityops_time_to_close_seconds summary"]
+    def collect(self) -> Iterator[SummaryMetricFamily]:
+        """For /metrics (pipeline/shared/metrics.py)."""
+        f = SummaryMetricFamily("cityops_time_to_close_seconds", "Closed incidents: seconds from "
+                                "firing to each step (acknowledged, on_site, handled, closed), by "
+                                "the tier that closed, district, street and category.",
+                                labels=["step", "tier", "district", "street", "category"])
         for (tier, district, street, category, step), (count, total) in sorted(self.series.items()):
-            labels = (f'step="{step}",tier="{tier}",district="{district}",street="{street}",'
-                      f'category="{category}"')
-            lines += [f"cityops_time_to_close_seconds_sum{{{labels}}} {total:.3f}",
-                      f"cityops_time_to_close_seconds_count{{{labels}}} {int(count)}"]
-        return lines
+            f.add_metric([step, tier, district, street, category], int(count), round(total, 3))
+        yield f
 
     def summary(self) -> list[str]:
         """Replay's summary: per dimension and value, closed incidents and each step's mean and

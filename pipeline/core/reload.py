@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,36 +345,3 @@ def same_sensors(a: Any, b: Any) -> bool:
 
 
 # ---- counters ---------------------------------------------------------------------------------
-
-class ReloadStats:
-    """What reloads did, for /metrics: cityops_reloads_total{result}, and per reload the rules
-    and sensors it changed."""
-
-    def __init__(self) -> None:
-        self.c: Counter[str] = Counter()
-        self.last_digest = ""
-        self.last_error = ""
-
-    def done(self, d: Diff, resolved: int) -> None:
-        self.c["ok"] += 1
-        for k, v in d.counts().items():
-            self.c["n." + k] += v
-        self.c["resolved"] += resolved
-
-    def refused(self, why: str, result: str = "refused") -> None:
-        self.c[result] += 1
-        self.last_error = why
-
-    def metrics_lines(self) -> list[str]:
-        from pipeline.shared.prom import family
-        c = self.c
-        lines = family("cityops_reloads_total", "counter", "Reloads of rules, params, routing and "
-                       "registry, by result (ok; refused: the new set did not pass its checks; "
-                       "mismatch: a Kafka worker's files differ from the announced set).",
-                       {r: c[r] for r in ("ok", "refused", "mismatch", "unchanged")}, "result")
-        lines += family("cityops_reload_changes_total", "counter", "What reloads changed, "
-                        "summed over reloads.",
-                        {k: c["n." + k] for k in Diff.__dataclass_fields__}, "what")
-        lines += family("cityops_reload_resolved_total", "counter", "Incidents a reload resolved "
-                        "(rule removed or reshaped, sensor retired or moved).", c["resolved"])
-        return lines

@@ -18,101 +18,28 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
-import msgspec
-import numpy as np
+from prometheus_client.core import Metric
 
 from connectors import kafka as kt
 from connectors.mqtt import MqttLink, sender_of
-from pipeline.core import wire
 from pipeline.core.ack_tokens import REPLY_NOTE, AckTokens, BadToken, read_reply, refused, reply_worker
 from pipeline.shared.config import Settings
 from pipeline.core.identity import AckUsers, acks_user
 from pipeline.core.models import Ack, DeadLetter
-from pipeline.shared.prom import dead_letters, family
-from pipeline.core.registry import Registry
+from pipeline.shared.ops_runtime import health_of, link_facts, serve_until_signalled
+from pipeline.shared.logs import setup_logging
+from pipeline.shared.metrics import counter, dead_letters, gauge
+from pipeline.shared.reading_router import ReadingRouter
 from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
 
 log = logging.getLogger("cityops.bridge")
-_encode = msgspec.json.Encoder().encode
-
-
-def sensor_partitions(registry: Registry, partitions: int) -> np.ndarray:
-    """Per sensor number, the readings partition of its street."""
-    codes = sorted(registry.streets)
-    # two bytes a sensor: every worker and bridge holds this for the whole city
-    of_street = np.array([kt.street_partition(c, partitions) for c in codes],
-                         dtype=np.uint16 if partitions <= 1 << 16 else np.int32)
-    return of_street[registry.streets_of_sensors()]
-
-
-class ReadingRouter:
-    """Payloads (objects or gateway arrays) → one Kafka record per reading on its street's
-    partition, plus dead letters for what cannot be routed. The bridge uses it on MQTT
-    payloads; the worker uses it on a Kafka record that arrived on the wrong partition."""
-
-    def __init__(self, registry: Registry, partitions: int) -> None:
-        self.registry = registry
-        self.partitions = partitions
-        self.partition_of = sensor_partitions(registry, partitions)
-        self.gateway_number = registry.gateway_index
-
-    def partitions_of_keys(self, keys: list[bytes | None]) -> list[int]:
-        """The partition each record keyed by a sensor id belongs on (-1: no such sensor), for
-        a fetch at once: one search of the id index, not one per record (a numpy call each,
-        7 % of the worker's time at 5,000 readings/s)."""
-        if not len(self.partition_of):
-            return [-1] * len(keys)
-        rows = self.registry.index.lookup([k.decode("utf-8", "replace") if k else "" for k in keys])
-        return np.where(rows >= 0, self.partition_of[rows], -1).tolist()
-
-    def route(self, payloads: list[bytes], sources: list[str],
-              senders: list[tuple[str, str] | None] | None = None
-              ) -> tuple[list[tuple[int, bytes, bytes]], list[DeadLetter]]:
-        readings, dead, spans = wire.decode_batch(payloads, sources)
-        records: list[tuple[int, bytes, bytes]] = []
-        index, gateway_of = self.registry.index, self.registry.gateway_of
-        start = 0
-        for n, (end, payload, source, positions) in enumerate(spans):
-            single = end - start == 1 and payload.lstrip()[:1] == b"{"
-            sender = senders[n] if senders else None
-            array = wire.GatewayArray(payload)
-
-            def refuse(reason: str, detail: str, where: int | None, payload: bytes = payload,
-                       source: str = source, array: wire.GatewayArray = array) -> DeadLetter:
-                if where is None:
-                    return wire.dead_letter(reason, detail, payload, None, source)
-                return array.dead_letter(reason, detail, where, source)
-            for k in range(start, end):
-                r = readings[k]
-                i = index.get(r.sensor_id)
-                where = None if positions is None else positions[k - start]
-                if where is None and not single:
-                    where = k - start
-                if i is None:
-                    dead.append(refuse("unknown_sensor",
-                                       f"sensor {r.sensor_id!r} is not in the registry", where))
-                    continue
-                if sender is not None and not self._vouches(sender, r.sensor_id, gateway_of[i]):
-                    dead.append(refuse("wrong_sender", f"{sender[0]} {sender[1]!r} may not send "
-                                       f"readings of sensor {r.sensor_id!r}", where))
-                    continue
-                value = payload if single else _encode(r)
-                records.append((int(self.partition_of[i]), r.sensor_id.encode(), value))
-            start = end
-        return records, dead
-
-    def _vouches(self, sender: tuple[str, str], sensor_id: str, gateway: int) -> bool:
-        kind, name = sender
-        if kind == "sensor":
-            return name == sensor_id
-        return self.gateway_number.get(name, -2) == gateway
 
 
 def _ack_key(ack: bytes) -> bytes:
@@ -136,6 +63,7 @@ class Bridge:
         self.producer: Any = None
         self.http: Any = None
         self.http_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()   # POST /acks → Kafka
+        self.push = None                  # the worker pushes; no acknowledge links here
         self.kafka_ok = False
         # Grid workers reply to a push with its token on {prefix}/push/{worker_id}/ack (as in
         # `cityops run`): with push on, the bridge checks the token and forwards the Ack.
@@ -270,36 +198,24 @@ class Bridge:
         log.info("bridge stopped")
 
     def health(self) -> dict[str, Any]:
-        connected = self.link is not None and self.link.connected.is_set()
-        kafka_ok = self.kafka_ok
-        return {"status": "ok" if connected and kafka_ok else "degraded",
-                "broker_connected": connected, "kafka_connected": kafka_ok,
-                "inbox": self.link.depth() if self.link else 0,
-                "uptime_s": round(time.time() - self.started, 1)}
+        link, kafka_ok = link_facts(self.link), self.kafka_ok
+        return health_of("ok" if link["broker_connected"] and kafka_ok else "degraded",
+                         self.started, broker_connected=link["broker_connected"],
+                         kafka_connected=kafka_ok, inbox=link["inbox"])
 
-    def metrics_text(self) -> str:
+    def collect(self) -> Iterator[Metric]:
+        """/metrics (pipeline/shared/metrics.py)."""
         m = self.metrics
-        lines = [
-            *family("cityops_bridge_payloads_total", "counter", "MQTT reading payloads taken.",
-                    m["payloads"]),
-            *family("cityops_bridge_records_total", "counter", "Readings written to Kafka.",
-                    m["records"]),
-            *family("cityops_bridge_acks_total", "counter", "Acks forwarded to Kafka.", m["acks"]),
-            *family("cityops_bridge_kafka_errors_total", "counter", "Batches Kafka did not take "
-                    "(held and retried).", m["kafka_errors"]),
-            *dead_letters(m),
-            *family("cityops_inbox_depth", "gauge", "MQTT messages received, not yet taken.",
-                    self.link.depth() if self.link else 0),
-        ]
-        return "\n".join(lines) + "\n"
+        yield counter("cityops_bridge_payloads_total", "MQTT reading payloads taken.", m["payloads"])
+        yield counter("cityops_bridge_records_total", "Readings written to Kafka.", m["records"])
+        yield counter("cityops_bridge_acks_total", "Acks forwarded to Kafka.", m["acks"])
+        yield counter("cityops_bridge_kafka_errors_total", "Batches Kafka did not take "
+                      "(held and retried).", m["kafka_errors"])
+        yield dead_letters(m)
+        yield gauge("cityops_inbox_depth", "MQTT messages received, not yet taken.",
+                    self.link.depth() if self.link else 0)
 
 
 def serve(settings: Settings) -> int:
-    from pipeline.runtimes.live import setup_logging
     setup_logging()
-    bridge = Bridge(settings)
-    signal.signal(signal.SIGTERM, bridge.stop)
-    signal.signal(signal.SIGINT, bridge.stop)
-    bridge.start()
-    bridge.run()
-    return 0
+    return serve_until_signalled(Bridge(settings))

@@ -17,7 +17,6 @@ lost, no second incident.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -27,10 +26,12 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
+from prometheus_client.core import Metric, SummaryMetricFamily
 
 from connectors.mqtt import MqttLink, sender_of
 from pipeline.core.ack_tokens import BadToken, read_reply, refused, reply_worker
@@ -38,32 +39,26 @@ from pipeline.shared.config import Settings
 from pipeline.shared.console import StoryConsole
 from pipeline.core.engine import Engine, Output
 from pipeline.core.identity import AckUsers, acks_user
-from pipeline.core.close_figures import CloseFigures
-from pipeline.shared.prom import dead_letters, notices_by_tier
+from pipeline.core.close_figures import CloseFigures, closed_fields
+from pipeline.shared.metrics import counter, dead_letters, gauge, notices_by_tier
 from pipeline.shared.quarantine import evaluate_isolating, poison_detail
 from pipeline.core.registry import check_districts
 from pipeline.core.registry import load as load_registry
-from pipeline.core.reload import CitySet, ReloadStats, files_digest, watched_files
+from pipeline.core.reload import CitySet, files_digest, watched_files
 from pipeline.shared.kept_sets import KeptSets
-from pipeline.shared.reload_runtime import Requests, Watch, apply_live, switch_to, take_requests
+from pipeline.shared.ops_runtime import health_of, link_facts, serve_until_signalled
+from pipeline.shared.logs import setup_logging
+from pipeline.shared.reload_runtime import ReloadStats, Requests, Watch, apply_live, switch_to, take_requests
 from pipeline.shared.statelock import StateLock
 from pipeline.shared.silence_http import Refused, in_force, listed
 from pipeline.shared.silence_http import command as silence_command
 from pipeline.shared.store import ACKS, ADVANCE, READINGS, RELOAD, SILENCES, StateStore
+from pipeline.shared.topics import notice_topic
 from pipeline.core.wire import MAX_PAYLOAD_BYTES, OVERSIZE_KEPT, dead_letter, oversize
 from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
 
 log = logging.getLogger("cityops.runtime")
-
-
-def notice_topic(prefix: str, n: dict) -> str:
-    tier, target = n["tier"], n["target"]
-    if tier == "city":
-        return f"{prefix}/alerts/city"
-    if tier in ("grid", "owner"):           # pushes to a person: the worker's, the owner's
-        return f"{prefix}/push/{target}"
-    return f"{prefix}/alerts/{tier}/{target}"
 
 
 class LiveRuntime:
@@ -117,7 +112,7 @@ class LiveRuntime:
         self.history = None
         if settings.influx.url:                   # readings and notices into InfluxDB too
             from connectors.influx import InfluxSink
-            self.history = InfluxSink(settings.influx, self.registry)
+            self.history = InfluxSink(settings.influx, self.registry, closed_fields)
             self.engine.keep_accepted = True
 
     # ---- start ------------------------------------------------------------------------
@@ -564,79 +559,56 @@ class LiveRuntime:
         return in_force([self.engine.book], self.engine.watermark)
 
     def health(self) -> dict[str, Any]:
-        connected = self.link is not None and self.link.connected.is_set()
-        return {"status": "ok" if connected else "degraded", "broker_connected": connected,
-                "catching_up": self.catching_up,
-                "open_incidents": len(self.engine.book.open),
-                "inbox": self.link.depth() if self.link else 0,
-                "uptime_s": round(time.time() - self.started, 1)}
+        link = link_facts(self.link)
+        return health_of("ok" if link["broker_connected"] else "degraded", self.started,
+                         broker_connected=link["broker_connected"], catching_up=self.catching_up,
+                         open_incidents=len(self.engine.book.open), inbox=link["inbox"])
 
-    def metrics_text(self) -> str:
+    def collect(self) -> Iterator[Metric]:
+        """/metrics (pipeline/shared/metrics.py): computed now, from the counters the loop keeps."""
         e = self.engine
         c = e.counters
         now = time.time() * 1000
-        lines = [
-            "# HELP cityops_readings_total Readings the engine took: decoded, not refused "
-            "(dead letters) and not a redelivered duplicate.",
-            "# TYPE cityops_readings_total counter",
-            f"cityops_readings_total {c['readings'] - c['refused'] - c['duplicates']}",
-            "# HELP cityops_payloads_total MQTT reading payloads received.",
-            "# TYPE cityops_payloads_total counter",
-            f"cityops_payloads_total {self.metrics['payloads']}",
-            "# HELP cityops_duplicates_total Redelivered readings dropped (same sensor, same ts).",
-            "# TYPE cityops_duplicates_total counter",
-            f"cityops_duplicates_total {c['duplicates']}",
-            "# HELP cityops_late_readings_total Readings older than their sensor's newest, within "
-            "allowed_lateness: taken, acting only where they can raise an incident.",
-            "# TYPE cityops_late_readings_total counter",
-            f"cityops_late_readings_total {c['late']}",
-            *notices_by_tier(self.metrics),
-            *dead_letters(self.metrics),        # every one published, the engine's and the loop's
-            *self.close_figures.prometheus(),
-        ]
-        lines += [
-            "# HELP cityops_engine_errors_total Inputs the engine failed on (a bug: see the logs).",
-            "# TYPE cityops_engine_errors_total counter",
-            f"cityops_engine_errors_total {self.metrics['engine_errors']}",
-            "# HELP cityops_acks_total Acknowledgements applied.",
-            "# TYPE cityops_acks_total counter",
-            f"cityops_acks_total {c['acks']}",
-            "# HELP cityops_engine_batch_seconds Engine time per batch.",
-            "# TYPE cityops_engine_batch_seconds summary",
-            f"cityops_engine_batch_seconds_sum {self.batch_seconds:.6f}",
-            f"cityops_engine_batch_seconds_count {self.batches}",
-            "# HELP cityops_inbox_depth Messages received, not yet taken by the engine.",
-            "# TYPE cityops_inbox_depth gauge",
-            f"cityops_inbox_depth {self.link.depth() if self.link else 0}",
-            "# HELP cityops_event_lag_seconds Wall clock minus the newest reading's event time.",
-            "# TYPE cityops_event_lag_seconds gauge",
-            f"cityops_event_lag_seconds {max(0.0, (now - e.max_ts) / 1000) if e.max_ts else 0}",
-            "# HELP cityops_open_incidents Incidents firing now.",
-            "# TYPE cityops_open_incidents gauge",
-            f"cityops_open_incidents {len(e.book.open)}",
-            "# HELP cityops_unpublished_notices Notices handed to MQTT, not yet taken by the broker.",
-            "# TYPE cityops_unpublished_notices gauge",
-            f"cityops_unpublished_notices {self.link.unpublished() if self.link else 0}",
-            "# HELP cityops_broker_connected 1 while connected to the MQTT broker.",
-            "# TYPE cityops_broker_connected gauge",
-            f"cityops_broker_connected {int(bool(self.link and self.link.connected.is_set()))}",
-            "# HELP cityops_journal_entries Inputs journaled since the last snapshot.",
-            "# TYPE cityops_journal_entries gauge",
-            f"cityops_journal_entries {self.store.journaled_since_snapshot}",
-            "# HELP cityops_journal_bytes Bytes journaled since the last snapshot.",
-            "# TYPE cityops_journal_bytes gauge",
-            f"cityops_journal_bytes {self.store.journaled_bytes}",
-            "# HELP cityops_retained_skipped_total Retained messages the broker replayed on a "
-            "(re)subscription: taken when published, not again.",
-            "# TYPE cityops_retained_skipped_total counter",
-            f"cityops_retained_skipped_total {self.link.retained_skipped if self.link else 0}",
-        ]
+        link = self.link
+        yield counter("cityops_readings_total", "Readings the engine took: decoded, not refused "
+                      "(dead letters) and not a redelivered duplicate.",
+                      c['readings'] - c['refused'] - c['duplicates'])
+        yield counter("cityops_payloads_total", "MQTT reading payloads received.",
+                      self.metrics['payloads'])
+        yield counter("cityops_duplicates_total", "Redelivered readings dropped (same sensor, "
+                      "same ts).", c['duplicates'])
+        yield counter("cityops_late_readings_total", "Readings older than their sensor's newest, "
+                      "within allowed_lateness: taken, acting only where they can raise an "
+                      "incident.", c['late'])
+        yield notices_by_tier(self.metrics)
+        yield dead_letters(self.metrics)        # every one published, the engine's and the loop's
+        yield from self.close_figures.collect()
+        yield counter("cityops_engine_errors_total", "Inputs the engine failed on (a bug: see the "
+                      "logs).", self.metrics['engine_errors'])
+        yield counter("cityops_acks_total", "Acknowledgements applied.", c['acks'])
+        yield SummaryMetricFamily("cityops_engine_batch_seconds", "Engine time per batch.",
+                                  count_value=self.batches, sum_value=round(self.batch_seconds, 6))
+        yield gauge("cityops_inbox_depth", "Messages received, not yet taken by the engine.",
+                    link.depth() if link else 0)
+        yield gauge("cityops_event_lag_seconds", "Wall clock minus the newest reading's event "
+                    "time.", max(0.0, (now - e.max_ts) / 1000) if e.max_ts else 0)
+        yield gauge("cityops_open_incidents", "Incidents firing now.", len(e.book.open))
+        yield gauge("cityops_unpublished_notices", "Notices handed to MQTT, not yet taken by the "
+                    "broker.", link.unpublished() if link else 0)
+        yield gauge("cityops_broker_connected", "1 while connected to the MQTT broker.",
+                    int(bool(link and link.connected.is_set())))
+        yield gauge("cityops_journal_entries", "Inputs journaled since the last snapshot.",
+                    self.store.journaled_since_snapshot)
+        yield gauge("cityops_journal_bytes", "Bytes journaled since the last snapshot.",
+                    self.store.journaled_bytes)
+        yield counter("cityops_retained_skipped_total", "Retained messages the broker replayed on "
+                      "a (re)subscription: taken when published, not again.",
+                      link.retained_skipped if link else 0)
         if self.history is not None:
-            lines += self.history.metrics_lines()
+            yield from self.history.collect()
         if self.push is not None:
-            lines += self.push.metrics_lines()
-        lines += self.reload_stats.metrics_lines()
-        return "\n".join(lines) + "\n"
+            yield from self.push.collect()
+        yield from self.reload_stats.collect()
 
 
 def _cityops() -> str:
@@ -650,45 +622,9 @@ def _tail_flags(s: Settings, host: str, port: int) -> str:
     return flags + ("" if s.mqtt.prefix == "cityops" else f" --prefix {s.mqtt.prefix}")
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: easy to ship, easy to grep."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname.lower(),
-                 "logger": record.name, "msg": record.getMessage()}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def setup_logging(level: str = "INFO", file: Path | None = None) -> None:
-    """JSON lines on stderr; with ``file`` (a console run), the log goes there and stderr
-    keeps only warnings, so the log does not drown the story."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter())
-    handlers: list[logging.Handler] = [handler]
-    if file is not None:
-        handler.setLevel(logging.WARNING)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        to_file = logging.FileHandler(file, encoding="utf-8")
-        to_file.setFormatter(JsonLogFormatter())
-        handlers.append(to_file)
-    root = logging.getLogger()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    # Faust's services log every start and stop under their classes' modules
-    for noisy in ("amqtt", "transitions", "asyncio", "kafka", "aiokafka", "faust", "mode",
-                  "connectors.faust_bulk", "pipeline.runtimes.worker", "uvicorn"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def serve(settings: Settings, simulate: bool = False, resume: bool = False) -> int:
     log_file = settings.state.path.with_suffix(".log") if simulate or settings.console else None
     setup_logging(file=log_file)
     rt = LiveRuntime(settings, simulate=simulate, resume=resume, log_file=log_file)
-    signal.signal(signal.SIGTERM, rt.stop)
-    signal.signal(signal.SIGINT, rt.stop)
     signal.signal(signal.SIGHUP, lambda *_: rt.reloads.ask("SIGHUP"))
-    rt.start()
-    rt.run()
-    return 0
+    return serve_until_signalled(rt)

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from pipeline.runtimes.bridge import ReadingRouter
 from pipeline.core.engine import Engine, Output
 from pipeline.core.identity import AckUsers
+from pipeline.shared.reading_router import ReadingRouter
 from pipeline.core.registry_cache import release_pages
 from pipeline.core.reload import CitySet, carry, diff, load_set, same_sensors, stamp, watched_files
 from rules.yamlfile import ConfigError
@@ -219,7 +219,8 @@ class KafkaReload:
             for other in w.parts.values():
                 if other.digest != new.digest:
                     other.sensors = remap[other.sensors]
-            closing, w.history = w.history, InfluxSink(w.s.influx, new.registry)
+            closing, w.history = w.history, InfluxSink(w.s.influx, new.registry,
+                                                     w.history.closed_fields)
             threading.Thread(target=closing.close, args=(10.0,), name="influx-close",
                              daemon=True).start()     # writes what it holds, off the loop
 

@@ -33,6 +33,7 @@ import signal
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from operator import attrgetter
 from typing import Any
 
@@ -41,26 +42,29 @@ import msgspec
 import numpy as np
 import orjson
 from faust.types import TP
+from prometheus_client.core import Metric
 
 from connectors import kafka as kt
 from connectors.faust_bulk import bulk_consumer
-from pipeline.runtimes.bridge import ReadingRouter
 from pipeline.shared.config import Settings
 from pipeline.core import silences
 from pipeline.core.engine import Engine, Output
 from pipeline.core.identity import AckUsers
 from pipeline.core.models import Ack
-from pipeline.core.close_figures import CloseFigures
-from pipeline.shared.prom import dead_letters, family, notices_by_tier
+from pipeline.core.close_figures import CloseFigures, closed_fields
+from pipeline.shared.ops_runtime import health_of
+from pipeline.shared.metrics import counter, dead_letters, gauge, notices_by_tier
+from pipeline.shared.reading_router import ReadingRouter
 from pipeline.shared.quarantine import evaluate_isolating, poison_detail
 from pipeline.core.registry import load as load_registry
 from pipeline.core.registry_cache import release_pages
 from pipeline.shared.kept_sets import KeptSets
-from pipeline.core.reload import CitySet, ReloadStats, carry, files_digest, watched_files
+from pipeline.shared.logs import setup_logging
+from pipeline.core.reload import CitySet, carry, files_digest, watched_files
 from pipeline.runtimes.reload_kafka import KafkaReload
-from pipeline.shared.reload_runtime import Requests
-from pipeline.runtimes.live import notice_topic as mqtt_notice_topic
+from pipeline.shared.reload_runtime import ReloadStats, Requests
 from pipeline.shared.silence_http import in_force
+from pipeline.shared.topics import notice_topic as mqtt_notice_topic
 from pipeline.core.wire import ack_refusal, dead_letter
 from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
@@ -166,7 +170,7 @@ class CityWorker:
         self.history: Any = None          # readings and notices into InfluxDB
         if s.influx.url:
             from connectors.influx import InfluxSink
-            self.history = InfluxSink(s.influx, self.registry)
+            self.history = InfluxSink(s.influx, self.registry, closed_fields)
         self.app = self._app()
 
     # ---- the Faust app ------------------------------------------------------------------
@@ -672,43 +676,43 @@ class CityWorker:
                         min((ps.engine.watermark for ps in parts), default=None))
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok" if self.ready else "starting", "partitions": sorted(self.parts),
-                "open_incidents": sum(len(ps.engine.book.open) for ps in self.parts.values()),
-                "rebalancing": bool(getattr(self.app, "rebalancing", False)),
-                "sets": {p: ps.digest for p, ps in sorted(self.parts.items())},
-                "switching": {p: ps.switch.at for p, ps in sorted(self.parts.items()) if ps.switch},
-                # a switch a restart or a rebalance would keep: the checkpoint has it
-                "switching_checkpointed": {p: ps.switch_kept for p, ps in sorted(self.parts.items())
-                                           if ps.switch_kept is not None},
-                "uptime_s": round(time.time() - self.started, 1)}
+        parts = sorted(self.parts.items())
+        return health_of("ok" if self.ready else "starting", self.started,
+                         partitions=sorted(self.parts),
+                         open_incidents=sum(len(ps.engine.book.open) for _, ps in parts),
+                         rebalancing=bool(getattr(self.app, "rebalancing", False)),
+                         sets={p: ps.digest for p, ps in parts},
+                         switching={p: ps.switch.at for p, ps in parts if ps.switch},
+                         # a switch a restart or a rebalance would keep: the checkpoint has it
+                         switching_checkpointed={p: ps.switch_kept for p, ps in parts
+                                                 if ps.switch_kept is not None})
 
-    def metrics_text(self) -> str:
+    def collect(self) -> Iterator[Metric]:
+        """/metrics (pipeline/shared/metrics.py): computed now, the partitions' figures included."""
         c = self.counters
-        lines = [
-            *family("cityops_readings_total", "counter", "Reading records taken by the engines.",
-                    c["readings"]),
-            *notices_by_tier(c, "produced"),
-            *self.close_figures.prometheus(),
-            *dead_letters(c),
-            *family("cityops_forwarded_total", "counter", "Readings moved to their street's "
-                    "partition.", c["forwarded"]),
-            *family("cityops_acks_total", "counter", "Acknowledgements taken and fanned out to "
-                    "the partitions.", c["acks"]),
-            *family("cityops_acks_unmatched_total", "counter", "Acknowledgements no partition "
-                    "of this worker had an open incident for.", c["acks_unmatched"]),
-            *family("cityops_engine_errors_total", "counter", "Inputs the engine failed on (a "
-                    "bug: see the logs).", c["engine_errors"]),
-            *family("cityops_checkpoints_total", "counter", "Partition checkpoints written.",
-                    c["checkpoints"]),
-            *family("cityops_checkpoints_unreadable_total", "counter", "Checkpoints the "
-                    "changelog gave back incomplete (the partition started empty; see the logs).",
-                    c["checkpoints_unreadable"]),
-        ]
+        yield counter("cityops_readings_total", "Reading records taken by the engines.",
+                      c["readings"])
+        yield notices_by_tier(c, "produced")
+        yield from self.close_figures.collect()
+        yield dead_letters(c)
+        yield counter("cityops_forwarded_total", "Readings moved to their street's partition.",
+                      c["forwarded"])
+        yield counter("cityops_acks_total", "Acknowledgements taken and fanned out to the "
+                      "partitions.", c["acks"])
+        yield counter("cityops_acks_unmatched_total", "Acknowledgements no partition of this "
+                      "worker had an open incident for.", c["acks_unmatched"])
+        yield counter("cityops_engine_errors_total", "Inputs the engine failed on (a bug: see "
+                      "the logs).", c["engine_errors"])
+        yield counter("cityops_checkpoints_total", "Partition checkpoints written.",
+                      c["checkpoints"])
+        yield counter("cityops_checkpoints_unreadable_total", "Checkpoints the changelog gave "
+                      "back incomplete (the partition started empty; see the logs).",
+                      c["checkpoints_unreadable"])
         if self.push is not None:
-            lines += self.push.metrics_lines()
+            yield from self.push.collect()
         if self.history is not None:
-            lines += self.history.metrics_lines()
-        lines += self.reload_stats.metrics_lines()
+            yield from self.history.collect()
+        yield from self.reload_stats.collect()
         # Per partition: a stalled partition shows as lag that grows while progress stands still.
         topic, now = self.names[READINGS], time.time()
         parts = sorted(self.parts.items())
@@ -737,8 +741,7 @@ class CityWorker:
              "state (should stay 0).", {p: ps.gaps for p, ps in parts}),
         ]
         for name, help_, values in gauges:
-            lines += family(name, "gauge", help_, values, "partition")
-        return "\n".join(lines) + "\n"
+            yield gauge(name, help_, values, "partition")
 
     # ---- start / stop -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -780,7 +783,6 @@ class CityWorker:
 
 
 def serve(settings: Settings) -> int:
-    from pipeline.runtimes.live import setup_logging
     setup_logging()
     worker = CityWorker(settings)
     worker.prepare()

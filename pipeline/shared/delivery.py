@@ -5,7 +5,7 @@ once, in time, and without holding anything else up.
     dispatcher.start()                                       # resumes what the last run left
     dispatcher.submit(notices)                               # any notices; returns at once
     dispatcher.accept_token(token, worker_id=None) -> Ack    # an acknowledge link / MQTT reply
-    dispatcher.timeline(alert_id); dispatcher.metrics_lines()
+    dispatcher.timeline(alert_id); dispatcher.collect()
     dispatcher.close()
 
 Recipient: the grid tier's notice names the on-call worker (chosen by the router at the notice's
@@ -32,11 +32,12 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import orjson
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from connectors.push import (
     Delivery,
@@ -52,8 +53,9 @@ from connectors.push import (
 )
 from pipeline.core.ack_tokens import REASONS, REPLY_NOTE, AckClaim, AckTokens, BadToken
 from pipeline.shared.config import PERSONAL_TIERS, Settings
+from pipeline.shared.metrics import counter, gauge
 from pipeline.core.models import Ack, DeadLetter
-from pipeline.core.notices import fmt_time
+from pipeline.core.notices import fmt_time, render
 from pipeline.shared.push_store import DELIVERED, FAILED, PushStore
 from pipeline.core.registry import Registry
 from rules.yamlfile import ConfigError
@@ -196,7 +198,7 @@ class PushDispatcher:
             return DingTalk(robots(cfg.dingtalk), secret(cfg.dingtalk.secret), timeout,
                             self.clock).send
         return Sms(secret(cfg.sms.url), secret(cfg.sms.token), cfg.sms.template, timeout,
-                   cfg.sms.owner_template).send
+                   cfg.sms.owner_template, render=render).send
 
     # ---- life cycle -------------------------------------------------------------------
     def start(self, broker: tuple[str, int, int] | None = None) -> None:
@@ -384,40 +386,28 @@ class PushDispatcher:
         with self._lock:
             return [] if self._closed else self.store.timeline(alert_id)
 
-    def metrics_lines(self) -> list[str]:
+    def collect(self) -> Iterator[Metric]:
+        """For /metrics (pipeline/shared/metrics.py)."""
         with self._metrics_lock:
             m = dict(self.metrics)
-        lines = ["# HELP cityops_push_deliveries_total Pushes finished, by channel and outcome.",
-                 "# TYPE cityops_push_deliveries_total counter"]
+        done = CounterMetricFamily("cityops_push_deliveries_total", "Pushes finished, by channel "
+                                   "and outcome.", labels=["channel", "outcome"])
         for ch in self.lanes:
             for outcome in (DELIVERED, FAILED):
-                lines.append(f'cityops_push_deliveries_total{{channel="{ch}",outcome="{outcome}"}} '
-                             f"{m.get((outcome, ch), 0)}")
+                done.add_metric([ch, outcome], m.get((outcome, ch), 0))
+        yield done
         for name, what in (("attempts", "Push attempts made"),
                            ("retries", "Push attempts that failed and will be tried again")):
-            lines += [f"# HELP cityops_push_{name}_total {what}, by channel.",
-                      f"# TYPE cityops_push_{name}_total counter"]
-            lines += [f'cityops_push_{name}_total{{channel="{ch}"}} {m.get((name, ch), 0)}'
-                      for ch in self.lanes]
-        lines += ["# HELP cityops_push_queue_depth Pushes waiting or under way, by channel.",
-                  "# TYPE cityops_push_queue_depth gauge"]
-        lines += [f'cityops_push_queue_depth{{channel="{ch}"}} {lane.depth()}'
-                  for ch, lane in self.lanes.items()]
-        dup = m.get(("duplicates", ""), 0)
-        dead = m.get(("dead", "undeliverable"), 0)
-        lines += [
-            "# HELP cityops_push_duplicates_total Deliveries handed over again, not sent twice.",
-            "# TYPE cityops_push_duplicates_total counter",
-            f"cityops_push_duplicates_total {dup}",
-            "# HELP cityops_push_dead_letters_total Pushes given up (dead letters).",
-            "# TYPE cityops_push_dead_letters_total counter",
-            f'cityops_push_dead_letters_total{{reason="undeliverable"}} {dead}',
-            "# HELP cityops_push_ack_tokens_total Acknowledge tokens presented, by outcome.",
-            "# TYPE cityops_push_ack_tokens_total counter",
-        ]
-        lines += [f'cityops_push_ack_tokens_total{{outcome="{o}"}} {m.get(("tokens", o), 0)}'
-                  for o in ("accepted", *REASONS)]
-        return lines
+            yield counter(f"cityops_push_{name}_total", f"{what}, by channel.",
+                          {ch: m.get((name, ch), 0) for ch in self.lanes}, "channel")
+        yield gauge("cityops_push_queue_depth", "Pushes waiting or under way, by channel.",
+                    {ch: lane.depth() for ch, lane in self.lanes.items()}, "channel")
+        yield counter("cityops_push_duplicates_total", "Deliveries handed over again, not sent "
+                      "twice.", m.get(("duplicates", ""), 0))
+        yield counter("cityops_push_dead_letters_total", "Pushes given up (dead letters).",
+                      {"undeliverable": m.get(("dead", "undeliverable"), 0)}, "reason")
+        yield counter("cityops_push_ack_tokens_total", "Acknowledge tokens presented, by outcome.",
+                      {o: m.get(("tokens", o), 0) for o in ("accepted", *REASONS)}, "outcome")
 
     def _count(self, key: tuple[str, str], n: int = 1) -> None:
         if n:

@@ -26,7 +26,7 @@ import asyncio
 import html
 import socket
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import h11
@@ -42,8 +42,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from connectors.push import ack_label
 from pipeline.core.ack_tokens import MAX_TOKEN, BadToken
 from pipeline.core.identity import Forbidden
+from pipeline.shared.metrics import collecting, text
 from pipeline.core.models import AckRequest
+from pipeline.shared.ops_runtime import OpsRuntime, Reloading, Silencing
 from pipeline.shared.silence_http import silence_routes
+
+if TYPE_CHECKING:
+    from pipeline.shared.config import HttpSettings
 
 MAX_BODY = 64 * 1024
 _requests = TypeAdapter(AckRequest | list[AckRequest])
@@ -91,17 +96,17 @@ async def _body(request: Request, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
-def ops_app(rt: Any) -> Starlette:
-    """The routes, over a runtime with health(), metrics_text(), users (who may acknowledge),
-    http_acks and (with push on) push: LiveRuntime, Bridge or CityWorker."""
-    push = getattr(rt, "push", None)     # the push dispatcher, when push is on
+def ops_app(rt: OpsRuntime) -> Starlette:
+    """The routes, over a runtime (pipeline/shared/ops_runtime.py): LiveRuntime, Bridge or CityWorker."""
+    push = rt.push                       # the push dispatcher, when push is on
+    collected = collecting(rt)           # /metrics: rt.collect() on every scrape
 
     async def healthz(request: Request) -> Response:
         h = rt.health()
         return JSONResponse(h, 200 if h["status"] == "ok" else 503)
 
     async def metrics(request: Request) -> Response:
-        return Response(rt.metrics_text(), media_type="text/plain; version=0.0.4")
+        return Response(text(collected), media_type="text/plain; version=0.0.4")
 
     async def post_acks(request: Request) -> Response:
         users = rt.users                 # a reload may have replaced them (registry workers)
@@ -184,14 +189,14 @@ def ops_app(rt: Any) -> Starlette:
 
     routes = [Route("/healthz", healthz), Route("/metrics", metrics),
               Route("/acks", post_acks, methods=["POST"])]
-    if hasattr(rt, "reloads"):           # cityops run and worker: hot reload (pipeline/shared/reload_runtime.py)
+    if isinstance(rt, Reloading):        # cityops run and worker: hot reload (pipeline/shared/reload_runtime.py)
         from pipeline.shared.reload_runtime import http_route
         routes.append(Route("/reload", http_route(rt), methods=["POST"]))
     if push is not None:
         routes += [Route("/ack", ack_page, methods=["GET"]),
                    Route("/ack", ack_by_token, methods=["POST"]),
                    Route("/alerts/{alert_id}/timeline", timeline)]
-    if hasattr(rt, "http_silences"):          # POST/GET /silences, DELETE /silences/{id}
+    if isinstance(rt, Silencing):             # POST/GET /silences, DELETE /silences/{id}
         routes += silence_routes(rt)
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
 
@@ -241,9 +246,8 @@ def guarded_protocol(max_connections: int, header_timeout_s: float) -> type[H11P
 
 
 class OpsHttpServer:
-    def __init__(self, runtime: Any, http: Any) -> None:
-        """``http``: the HttpSettings (host, port, max_connections, header_timeout,
-        keep_alive)."""
+    def __init__(self, runtime: OpsRuntime, http: HttpSettings) -> None:
+        """``http``: host, port, max_connections, header_timeout, keep_alive."""
         self.host, self.port = http.host, http.port
         self.config = uvicorn.Config(
             ops_app(runtime), http=guarded_protocol(http.max_connections, http.header_timeout / 1000),

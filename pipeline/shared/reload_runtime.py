@@ -28,7 +28,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +38,44 @@ from typing import Any
 from pipeline.core.engine import Output
 from pipeline.core.identity import AckUsers
 from pipeline.core.models import Tier
-from pipeline.core.reload import CitySet, ReloadStats, carry, diff, load_set, same_sensors, stamp
+from pipeline.core.reload import CitySet, Diff, carry, diff, load_set, same_sensors, stamp
+from pipeline.shared.metrics import counter
 from pipeline.shared.store import RELOAD
 from rules.yamlfile import ConfigError
 
 log = logging.getLogger("cityops.reload")
+
+
+class ReloadStats:
+    """What reloads did, for /metrics: cityops_reloads_total{result}, and per reload the rules
+    and sensors it changed."""
+
+    def __init__(self) -> None:
+        self.c: Counter[str] = Counter()
+        self.last_digest = ""
+        self.last_error = ""
+
+    def done(self, d: Diff, resolved: int) -> None:
+        self.c["ok"] += 1
+        for k, v in d.counts().items():
+            self.c["n." + k] += v
+        self.c["resolved"] += resolved
+
+    def refused(self, why: str, result: str = "refused") -> None:
+        self.c[result] += 1
+        self.last_error = why
+
+    def collect(self) -> Iterator[Any]:
+        """For /metrics (pipeline/shared/metrics.py)."""
+        c = self.c
+        yield counter("cityops_reloads_total", "Reloads of rules, params, routing and registry, "
+                      "by result (ok; refused: the new set did not pass its checks; mismatch: a "
+                      "Kafka worker's files differ from the announced set).",
+                      {r: c[r] for r in ("ok", "refused", "mismatch", "unchanged")}, "result")
+        yield counter("cityops_reload_changes_total", "What reloads changed, summed over reloads.",
+                      {k: c["n." + k] for k in Diff.__dataclass_fields__}, "what")
+        yield counter("cityops_reload_resolved_total", "Incidents a reload resolved (rule removed "
+                      "or reshaped, sensor retired or moved).", c["resolved"])
 
 
 @dataclass
@@ -107,7 +141,7 @@ def switch_to(rt: Any, new: CitySet, at: int) -> Output:
     if rt.history is not None and not same_sensors(rt.history.registry, new.registry):
         from connectors.influx import InfluxSink
         closing = rt.history                  # it numbers sensors as the old registry did
-        rt.history = InfluxSink(rt.s.influx, new.registry)
+        rt.history = InfluxSink(rt.s.influx, new.registry, closing.closed_fields)
         threading.Thread(target=closing.close, args=(10.0,), name="influx-close",
                          daemon=True).start()     # writes what it holds, off the loop
     return out

@@ -51,9 +51,9 @@ def _time(text: str | None, tz: ZoneInfo, flag: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from connectors.history_export import export_url, is_history_url, read_readings
+    from connectors.history_export import HistoryError, export_url, is_history_url, read_readings
     from pipeline.core import history
-    from pipeline.cli import replay_knobs
+    from pipeline.tools.replay_args import replay_knobs
     from pipeline.core.backtest import Side, as_json, backtest
     from pipeline.tools.backtest_report import html_report, text
     from pipeline.core.engine import EngineSettings
@@ -64,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
     src = args.history
     remote = is_history_url(src)
     if remote:
-        export_url(src)                          # a clear error now, not after loading rules
+        try:
+            export_url(src)                      # a clear error now, not after loading rules
+        except HistoryError as exc:
+            raise ConfigError("--history", None, str(exc)) from None
         if args.csv_map:
             raise ConfigError("--csv-map", None, "a CSV map is for a CSV file, not influx://")
     else:
@@ -104,9 +107,12 @@ def run(args: argparse.Namespace) -> int:
 
     batch = 1 if ack_after is not None else args.batch
     if remote:                                   # read once, before the second process forks
-        recorded = read_readings(src, reg.kinds, _time(args.since, reg.tz, "--from"),
-                                 _time(args.until, reg.tz, "--to"),
-                                 progress=lambda s, p: say(f"reading {src}: {s:,} series, {p:,} readings"))
+        since, until = _time(args.since, reg.tz, "--from"), _time(args.until, reg.tz, "--to")
+        try:
+            recorded = read_readings(src, reg.kinds, since, until,
+                                     progress=lambda s, p: say(f"reading {src}: {s:,} series, {p:,} readings"))
+        except HistoryError as exc:
+            raise ConfigError("--history", None, str(exc)) from None
 
     def open_history():
         seen = history.Progress()
