@@ -11,7 +11,7 @@ acknowledges records with `Consumer.ack`, as a stream would). Other topics (acks
 take Faust's usual path.
 
 The loop below follows faust-streaming 0.15's `Consumer._drain_messages`, with the bulk branch
-added; tests/test_worker_kafka.py is what says it still fits when faust-streaming moves.
+added; tests/runtimes/test_worker_kafka.py is what says it still fits when faust-streaming moves.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import time
 
 from hypothesis import HealthCheck, given, settings
 
-from tests.test_engine_model import check, scenarios
+from tests.core.test_engine_model import check, scenarios
 
 ROUND = 200
 

@@ -2,7 +2,7 @@
 
 A worker that is told of a reload reads the files in a thread while its partitions go on; a
 checkpoint made in that time must not acknowledge the announcement it has not taken yet
-(tests/test_reload_kafka.py). On this machine the read takes a few milliseconds, so the window
+(tests/runtimes/test_reload_kafka.py). On this machine the read takes a few milliseconds, so the window
 is hit by chance; ``python -m tests.slow_read_seam worker`` makes it wide enough to be hit
 every time.
 """

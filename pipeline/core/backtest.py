@@ -6,7 +6,7 @@ parameters and district overrides, its kinds, the routing tree) say the same on 
 engine's rules do not see each other (only a correlation rule counts the rules it names), so
 the second engine runs only the rules that differ, and the unchanged rules' notices count for
 both sides. What is counted is what two separate ``cityops replay`` runs would send
-(tests/test_backtest.py checks every count against two replays).
+(tests/core/test_backtest.py checks every count against two replays).
 
 A side's tally (``Tally``): incidents and notices per rule, district, tier and day; pushes per
 grid worker per night; every incident's first firing (for the incidents only one side has, and

@@ -346,7 +346,7 @@ class Engine:
         ``ends``: where each payload of the batch ends in ``readings`` (default: the whole list
         is one payload, e.g. one gateway array). A batch is taken as its payloads one after
         another, in arrival order, each in event-time order: exactly what one call per payload
-        would do, so batching never changes the answer (tests/test_engine_model.py checks it
+        would do, so batching never changes the answer (tests/core/test_engine_model.py checks it
         against the reference model at random batch splits).
 
         Batch-first: the checks every reading needs (known sensor, time bounds, kind, finite,
@@ -633,7 +633,7 @@ class Engine:
                       claims: tuple | None, ends: Sequence[int], single: bool) -> bool:
         """The batch screen for a batch of a few readings, reading by reading in plain Python:
         the same answers as ``_screen_and_evaluate`` (both are fuzzed against the reference
-        model, tests/test_engine_model.py) without its ~60 numpy calls, whose fixed cost is
+        model, tests/core/test_engine_model.py) without its ~60 numpy calls, whose fixed cost is
         most of what a batch of 20 readings costs. Only for the common batch, where every
         reading is taken: at the first one that would be refused (unknown, invalid, stale ...)
         or with a time quorum it returns False having changed nothing, and the batch screen

@@ -6,7 +6,7 @@ rule that watches its kind; every deadline is kept next to what it belongs to, a
 one due acts first (deadlines due at the same time act in the order they were set; a silence's
 edge first, reminders and escalations last). It is slow
 on purpose: it is what the fast engine (``pipeline.core.engine``) must equal, notice for notice and
-dead letter for dead letter, whatever the batching (tests/test_engine_model.py fuzzes the two
+dead letter for dead letter, whatever the batching (tests/core/test_engine_model.py fuzzes the two
 against each other).
 
 What it shares with the engine is only what is not a decision: the reading decoder

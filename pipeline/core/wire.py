@@ -47,7 +47,7 @@ _many = msgspec.json.Decoder(list[WireReading])
 # `[P1,S,P2,S,P3]` must decode to exactly item, S, item, S, item. A payload that is not one
 # JSON value on its own (`{..},{..}`, or a string or bracket left open for the next one to
 # close) moves or swallows a separator. Judging each payload's first and last byte, as this
-# did before, let crafted neighbours rescue each other (tests/test_wire.py, CRAFTED).
+# did before, let crafted neighbours rescue each other (tests/core/test_wire.py, CRAFTED).
 _SEPARATOR = secrets.randbits(62) | (1 << 62)   # this process's own; never shown
 _JOIN = b",%d," % _SEPARATOR
 _batch = msgspec.json.Decoder(list[list[WireReading] | WireReading | int])
