@@ -116,6 +116,17 @@ class Track:
 
     __slots__ = ("phase", "since", "started", "rank", "value", "threshold", "due", "aid",
                  "flapping", "event", "extra")
+    phase: int
+    since: int
+    started: int
+    rank: int
+    value: float | None
+    threshold: float | None
+    due: int
+    aid: str
+    flapping: bool
+    event: str | None
+    extra: Any                  # the type's own: a count, a time last heard, the members
 
     def __init__(self, phase: int, since: int, rank: int, value: float | None,
                  threshold: float | None) -> None:
@@ -282,7 +293,8 @@ class Stateful(Evaluator):
         self.level_clears = [(c[0], OPS[c[1]], c[2], False) if c else (q, OPS[op], slot, True)
                              for c, (q, op, slot) in zip(own, levels, strict=True)]
         self.default = default
-        self.thresholds = thresholds
+        # by sensor number; asked with a subject (int | str), which for these types is a sensor
+        self.thresholds: dict[Any, tuple[float, ...]] = thresholds
         self.for_ms = spec.for_
         self.clear_for_ms = spec.clear_for
         self.flap_ms = spec.flapping.window if spec.flapping else 0
@@ -290,12 +302,13 @@ class Stateful(Evaluator):
         # under every threshold of the sensor fires nothing and clears nothing.
         ops = {op for _, op, _ in levels}
         self.rising = ops <= {">=", ">"} and len({q for q, _, _ in levels}) == 1
-        self.floor_default = min(default[slot] for _, _, slot in levels) if self.rising else None
+        # (read only when rising: the fast exit's floor)
+        self.floor_default = min(default[slot] for _, _, slot in levels) if self.rising else float("-inf")
         self.floor: dict[int, float] = {
             s: min(t[slot] for _, _, slot in levels) for s, t in thresholds.items()} if self.rising else {}
 
     # level and clear of quantities q for sensor s
-    def rank_of(self, s: int | str, q: tuple) -> tuple[int, float, float]:
+    def rank_of(self, s: int | str, q: tuple) -> tuple[int, float, float | None]:
         """Highest level that holds (-1: none), its threshold, and the quantity compared."""
         thr = self.thresholds.get(s, self.default) if self.thresholds else self.default
         rank, at, seen = -1, None, None
@@ -307,7 +320,7 @@ class Stateful(Evaluator):
             at, seen = thr[slot], q[qi]
         return rank, at, seen
 
-    def is_clear(self, s: int, q: tuple, rank: int) -> bool:
+    def is_clear(self, s: int | str, q: tuple, rank: int) -> bool:
         if self.clear is None:
             return rank < 0
         qi, op, slot = self.clear

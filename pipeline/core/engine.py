@@ -161,7 +161,8 @@ class Engine:
         self._gateway_np = np.frombuffer(registry.gateway_of, dtype=np.int32) if n else np.zeros(1, np.int32)
         self._gateway_numbers = registry.gateway_index
         # _screen_small's lookups: the same tables, indexed to Python numbers
-        self._kind_list = memoryview(self._kind_np)     # a view: copies nothing
+        # a view: copies nothing (ignored: numpy declares ndarray a Buffer only for Python 3.12+)
+        self._kind_list = memoryview(self._kind_np)  # type: ignore[arg-type]
         self._floor_list = self._floor_np.tolist()
         self._has_event_rules_list = self._has_event_rules_np.tolist()
         self._battery_ceiling_list = self._battery_ceiling_np.tolist()
@@ -183,7 +184,7 @@ class Engine:
         self._horizons: list[int] | None = None
         self._cur = 0
         self._visit: list[int] = []
-        self._positions: list[int] = []
+        self._positions: Sequence[int] | np.ndarray = []   # a list, or the batch's index array
         self._next_visit = 0
         self._passed = 0
         self._current = -1
@@ -304,7 +305,7 @@ class Engine:
         """
         return self.ingest_decoded(wire.decode_batch(list(payloads), source), now_ms, senders, out)
 
-    def ingest_decoded(self, decoded: tuple[list, list, list], now_ms: int | None = None,
+    def ingest_decoded(self, decoded: tuple[list, list, wire.Spans], now_ms: int | None = None,
                        senders: list[tuple[str, str] | None] | None = None,
                        out: Output | None = None) -> Output:
         """``ingest`` of payloads ``wire.decode_batch`` has decoded already: a backtest decodes
@@ -411,6 +412,7 @@ class Engine:
         accepted reading's payload, then the timers its horizon reaches run. Stops early at a
         payload that a scan has just given a reading to visit."""
         h = self._horizons
+        assert h is not None                # (set for the batch being taken)
         heap = self.timers.heap
         while self._cur < upto:
             nxt = upto
@@ -450,7 +452,7 @@ class Engine:
         Bounded: cleared when full, and an unknown id is never kept (hostile input cannot
         fill it)."""
         cache = self._id_numbers
-        got = list(map(cache.get, ids))
+        got: list = list(map(cache.get, ids))          # None: not yet known, filled below
         if None in got:
             miss = [i for i, g in enumerate(got) if g is None]
             found = self.registry.index.lookup([ids[i] for i in miss]).tolist()
@@ -502,8 +504,8 @@ class Engine:
         if single:
             pay = np.arange(n, dtype=np.int64)
         else:
-            pay = np.repeat(np.arange(npay, dtype=np.int64),
-                            np.diff(np.asarray(ends, dtype=np.int64), prepend=0))
+            counts: np.ndarray = np.diff(np.asarray(ends, dtype=np.int64), prepend=0)
+            pay = np.repeat(np.arange(npay, dtype=np.int64), counts)
         # "future" needs a clock (the runtimes and replay pass the wall clock; history is never
         # ahead of it). "Too old" is judged against the watermark as it stood when the reading
         # arrived (earlier payloads of this batch count), and nothing before 2000 is a real
@@ -659,7 +661,8 @@ class Engine:
         last_seen = self.last_seen
         if single and claims is None and self._all_new(idx, ts, vals, events, kinds, ceiling):
             pay = range(n)
-            good, late, duplicates = list(pay), [], 0
+            late: list = []
+            good, duplicates = list(pay), 0
         else:
             for v, e, t, k in zip(vals, events, ts, kinds, strict=True):
                 if v is None:                   # an event, of a kind that reports events
@@ -932,6 +935,7 @@ class Engine:
         changes = self.changes
         heap = self.timers.heap
         horizons = self._horizons
+        assert horizons is not None         # (set for the batch being taken)
         npay = len(horizons)
         visit = self._visit                 # a scan may add to it (a sensor found silent)
         positions = self._positions
@@ -1277,7 +1281,9 @@ class Engine:
             ts, _, s = heapq.heappop(rec)
             # the reading acts in its place: after every timer due before it that the payload's
             # horizon reaches, whether or not one was planned
-            self._frontier = max(self._frontier, min(ts - 1, self._horizons[self._cur]))
+            horizons = self._horizons
+            assert horizons is not None     # (a reading to recover is of the batch being taken)
+            self._frontier = max(self._frontier, min(ts - 1, horizons[self._cur]))
             if s in self.silent:
                 self._recover(s, ts)
                 self._drain(out)

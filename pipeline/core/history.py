@@ -37,8 +37,7 @@ class Batch:
 
     def feed(self, engine: Engine, clock: int) -> Output:
         if self.spans is not None:
-            # (ignored: Engine.ingest_decoded's annotation has a list where decode_batch gives Spans)
-            return engine.ingest_decoded((self.readings, self.dead, self.spans), now_ms=clock)  # type: ignore[arg-type]
+            return engine.ingest_decoded((self.readings, self.dead, self.spans), now_ms=clock)
         return engine.process(self.readings, now_ms=clock, ends=self.ends)
 
 

@@ -102,7 +102,7 @@ class Absence(Evaluator):
         lost = super().load(state, sidx)
         for key, subj in state.get("silent", []):
             s = sidx(key)
-            if s is not None:
+            if isinstance(s, int):                  # a silent sensor (its subject: itself or gw:…)
                 self.mark(s, subj)
         return lost
 

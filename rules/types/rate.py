@@ -48,8 +48,9 @@ class Rate(Stateful):
         if self.selected is not None and not self.selected[s]:
             return
         lows = self.lows.get(s)
+        highs: deque
         if lows is None:
-            lows, highs = self.lows[s], self.highs[s] = deque(), deque()
+            lows, highs = self.lows[s], self.highs[s] = deque(), deque()   # (ts, value) each
         else:
             highs = self.highs[s]
         start = ts - self.over
@@ -74,7 +75,7 @@ class Rate(Stateful):
         lost = super().load(state, sidx)
         for key, lows, highs in state.get("window", []):
             s = sidx(key)
-            if s is not None:
+            if isinstance(s, int):                  # a window is a sensor's
                 self.lows[s] = deque((t, v) for t, v in lows)
                 self.highs[s] = deque((t, v) for t, v in highs)
         return lost
