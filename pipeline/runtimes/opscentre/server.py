@@ -23,7 +23,8 @@ from rules.yamlfile import ConfigError
 
 DEMO_USERS = Path(__file__).with_name("demo_users.yaml")
 DEMO_LOGINS = ("chunxi (春熙路街道), jinjiang (锦江区), city-duty (市), gas-centre (燃气), "
-               "w-510104020001-01 (网格员); password cityops-demo")
+               "w-510104020001-01 (网格员 张敏, 08-20) or w-510104020001-02 (罗川, 20-08: the push "
+               "goes to whoever is on shift); password cityops-demo")
 log = logging.getLogger("cityops.console")
 
 
