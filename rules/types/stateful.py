@@ -5,6 +5,7 @@ per-level ``clear``), ``for:``, ``clear_for:`` and flapping. The running form is
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 from rules.types.base import Binding, RuleType, comparison, per_sensor
@@ -33,10 +34,10 @@ class StatefulType(RuleType):
     def check_quantities(self, r: Any, qs: set[str]) -> None:
         """The quantities the levels compare, all together."""
 
+    @abstractmethod
     def order(self, spec: Any, first: str) -> list[str]:
         """The quantities in the order the evaluator computes them (``first``: what the first
-        level compares)."""
-        raise NotImplementedError
+        level compares). Each stateful type gives its own."""
 
     def levels(self, r: Any, b: Binding) -> tuple[list[str], dict[str, Any]]:
         """The quantities in order, and the levels and clears compiled to (quantity number, op,
