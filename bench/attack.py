@@ -42,11 +42,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtime_bench import ROOT, Runtime, _client, bench_config  # noqa: E402
 
+from bench.harness.brokers import Mosquitto  # noqa: E402
 from pipeline.core.engine import Engine, EngineSettings  # noqa: E402
 from pipeline.core.identity import AckUsers  # noqa: E402
 from pipeline.core.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
-from bench.harness.brokers import Mosquitto  # noqa: E402
 
 GAS = [f"gas-510104-{i:06d}" for i in range(1, 6)] + [f"gas-510105-{i:06d}" for i in range(1, 6)]
 DEAD, ACKS = "cityops/deadletter", "cityops/acks"

@@ -51,11 +51,11 @@ from silent_bench import Digest  # noqa: E402  a notices sink that keeps their d
 from pipeline.core import history  # noqa: E402
 from pipeline.core import wire
 from pipeline.core.backtest import Side, backtest  # noqa: E402
-from pipeline.tools.backtest_report import text  # noqa: E402
 from pipeline.core.engine import Engine, EngineSettings  # noqa: E402
 from pipeline.core.registry import load as load_registry  # noqa: E402
-from pipeline.tools.registry_gen import generate  # noqa: E402
 from pipeline.core.replay import DEMO_CSV, DEMO_MAP, ReplayStats, csv_readings, load_mapping, replay  # noqa: E402
+from pipeline.tools.backtest_report import text  # noqa: E402
+from pipeline.tools.registry_gen import generate  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
 
 

@@ -45,10 +45,10 @@ import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-from pipeline.core.registry import load as load_registry  # noqa: E402
-from rules.compiler import load_rules  # noqa: E402
 from bench.harness.brokers import Mosquitto, host_port, publish_many  # noqa: E402
 from bench.harness.console_browser import CHROMIUM, CHROMIUM_ARGS, Console, login, users_file  # noqa: E402
+from pipeline.core.registry import load as load_registry  # noqa: E402
+from rules.compiler import load_rules  # noqa: E402
 
 SEVERITIES = ("blue", "yellow", "orange", "red")
 LEVELS = {"blue": "IV", "yellow": "III", "orange": "II", "red": "I"}

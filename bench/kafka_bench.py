@@ -76,12 +76,12 @@ sys.path.insert(0, str(ROOT))
 from engine_bench import T0, make_payloads  # noqa: E402
 from runtime_bench import GAS, PROBE_LEL, pct, py_spy, reading, stop_spy  # noqa: E402
 
-from connectors import kafka as kt  # noqa: E402
-from pipeline.shared.reading_router import ReadingRouter  # noqa: E402
-from pipeline.shared.config import KafkaSettings  # noqa: E402
-from pipeline.core.registry import load as load_registry  # noqa: E402
-from rules.compiler import load_rules  # noqa: E402
 from bench.harness.kafka_broker import CityopsProcess, Tansu, tansu_binary  # noqa: E402
+from connectors import kafka as kt  # noqa: E402
+from pipeline.core.registry import load as load_registry  # noqa: E402
+from pipeline.shared.config import KafkaSettings  # noqa: E402
+from pipeline.shared.reading_router import ReadingRouter  # noqa: E402
+from rules.compiler import load_rules  # noqa: E402
 
 GAS_LIMIT = 20.0            # gas.leak's level1_lel (rules/packs/gas.yaml): what (a) and (b) check
 STALL_S = 30.0              # no progress for this long: the contender is stuck, not slow

@@ -31,10 +31,10 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.shared.config import load_settings  # noqa: E402
 from pipeline.core.engine import EngineSettings  # noqa: E402
-from pipeline.tools.registry_gen import generate  # noqa: E402
 from pipeline.core.reload import carry, diff, load_set  # noqa: E402
+from pipeline.shared.config import load_settings  # noqa: E402
+from pipeline.tools.registry_gen import generate  # noqa: E402
 
 
 def best(fn, repeat: int):

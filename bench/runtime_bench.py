@@ -72,9 +72,9 @@ from paho.mqtt.properties import Properties
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness.brokers import Mosquitto, free_port, host_port  # noqa: E402
 from pipeline.core.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
-from bench.harness.brokers import Mosquitto, free_port, host_port  # noqa: E402
 
 PREFIX = "cityops"
 from engine_bench import EVENTS, NORMAL  # noqa: E402  the same reading mix as the engine bench

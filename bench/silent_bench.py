@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 from engine_bench import make_payloads  # noqa: E402  the engine bench's reading mix
 from pipeline.core.engine import Engine  # noqa: E402
 from pipeline.core.registry import load as load_registry  # noqa: E402
-from pipeline.tools.registry_gen import generate  # noqa: E402
 from pipeline.core.replay import replay  # noqa: E402
+from pipeline.tools.registry_gen import generate  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
 
 

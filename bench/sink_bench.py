@@ -45,13 +45,13 @@ sys.path.insert(0, str(ROOT))
 
 from connectors.influx import InfluxSink  # noqa: E402
 from engine_bench import make_payloads  # noqa: E402  the engine bench's reading mix
+from bench.harness.tsdb import VictoriaMetrics  # noqa: E402
 from pipeline.core.close_figures import closed_fields  # noqa: E402
-from pipeline.shared.config import InfluxSettings  # noqa: E402
 from pipeline.core.engine import Engine  # noqa: E402
 from pipeline.core.registry import load as load_registry  # noqa: E402
+from pipeline.shared.config import InfluxSettings  # noqa: E402
 from pipeline.tools.registry_gen import generate  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
-from bench.harness.tsdb import VictoriaMetrics  # noqa: E402
 
 
 def settings(url: str, every: str = "0s") -> InfluxSettings:

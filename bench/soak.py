@@ -39,9 +39,9 @@ from runtime_bench import (  # noqa: E402  (the same broker, runtime and reading
     topics_of,
 )
 
+from bench.harness.brokers import Mosquitto  # noqa: E402
 from pipeline.core.registry import load as load_registry  # noqa: E402
 from rules.compiler import load_rules  # noqa: E402
-from bench.harness.brokers import Mosquitto  # noqa: E402
 
 TICKS_PER_S = 10
 # An incident's life in the built-in packs ends after up to an hour of quiet (resolve_after,

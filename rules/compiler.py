@@ -19,10 +19,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from rules.yamlfile import ConfigError, Located, load_yaml, pydantic_error
 from rules import evaluators as ev
 from rules.expr import Node, evaluate, parse
 from rules.schema import MATCH_LABELS, Pack, Routing, SensorKind
+from rules.yamlfile import ConfigError, Located, load_yaml, pydantic_error
 from rules.types.base import (TYPES, Binding, SensorRegistry, check_names, comparison, expr,
                               lookup, params_for)
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core import registry
-from rules.compiler import load_rules
 from bench.harness.brokers import Mosquitto, MosquittoMissing, Subscriber
+from bench.harness.console_browser import CHROMIUM, CHROMIUM_ARGS, Console
 from bench.harness.kafka_broker import Tansu, TansuMissing
 from bench.harness.tsdb import VictoriaMetrics, VictoriaMetricsMissing
+from pipeline.core import registry
+from rules.compiler import load_rules
 from tests.push_endpoints import Endpoints
-from bench.harness.console_browser import CHROMIUM, CHROMIUM_ARGS, Console
 from tests.support import DUTY_TOKENS, Runtime, console_city_files, sha256
 
 # compiled registries (pipeline/core/registry_cache.py) of this run, and of the processes it starts,

@@ -39,10 +39,10 @@ from bench.harness.console_browser import users_file
 from bench.harness.kafka_broker import CityopsProcess
 from bench.harness.tsdb import Point
 from connectors.kafka import topic_names
-from pipeline.shared.config import HttpSettings, MqttSettings, PushSettings, Settings, StateSettings
 from pipeline.core.models import AlertNotice, DeadLetter
 from pipeline.core.registry import Registry
 from pipeline.runtimes.live import LiveRuntime
+from pipeline.shared.config import HttpSettings, MqttSettings, PushSettings, Settings, StateSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "pipeline" / "fixtures" / "chengdu"

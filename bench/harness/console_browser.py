@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.runtimes.opscentre.auth import hash_password
 from bench.harness.brokers import free_port
+from pipeline.runtimes.opscentre.auth import hash_password
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "tests" / "artifacts"

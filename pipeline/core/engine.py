@@ -36,9 +36,7 @@ import msgspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.core import silences
-
-from pipeline.core import wire
+from pipeline.core import silences, wire
 from pipeline.core.lifecycle import LIFECYCLE, SILENCE, AlertBook, IncidentState
 from pipeline.core.models import Ack, DeadLetter
 from pipeline.core.registry import Registry

@@ -29,14 +29,14 @@ from prometheus_client.core import Metric
 from connectors import kafka as kt
 from connectors.mqtt import MqttLink, sender_of
 from pipeline.core.ack_tokens import REPLY_NOTE, AckTokens, BadToken, read_reply, refused, reply_worker
-from pipeline.shared.config import Settings
 from pipeline.core.identity import AckUsers, acks_user
 from pipeline.core.models import Ack, DeadLetter
-from pipeline.shared.ops_runtime import health_of, link_facts, serve_until_signalled
+from pipeline.core.registry import load as load_registry
+from pipeline.shared.config import Settings
 from pipeline.shared.logs import setup_logging
 from pipeline.shared.metrics import counter, dead_letters, gauge
+from pipeline.shared.ops_runtime import health_of, link_facts, serve_until_signalled
 from pipeline.shared.reading_router import ReadingRouter
-from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
 
 log = logging.getLogger("cityops.bridge")

@@ -35,28 +35,28 @@ from prometheus_client.core import Metric, SummaryMetricFamily
 
 from connectors.mqtt import MqttLink, sender_of
 from pipeline.core.ack_tokens import BadToken, read_reply, refused, reply_worker
-from pipeline.shared.config import Settings
-from pipeline.shared.console import StoryConsole
+from pipeline.core.close_figures import CloseFigures, closed_fields
 from pipeline.core.engine import Engine, Output
 from pipeline.core.identity import AckUsers, acks_user
-from pipeline.core.close_figures import CloseFigures, closed_fields
-from pipeline.shared.metrics import counter, dead_letters, gauge, notices_by_tier
-from pipeline.shared.quarantine import evaluate_isolating, poison_detail
 from pipeline.core.registry import check_districts
 from pipeline.core.registry import load as load_registry
 from pipeline.core.reload import CitySet, files_digest, watched_files
+from pipeline.core.wire import MAX_PAYLOAD_BYTES, OVERSIZE_KEPT, dead_letter, oversize
+from pipeline.shared.config import Settings
+from pipeline.shared.console import StoryConsole
 from pipeline.shared.kept_sets import KeptSets
-from pipeline.shared.ops_runtime import health_of, link_facts, serve_until_signalled
 from pipeline.shared.logs import setup_logging
+from pipeline.shared.metrics import counter, dead_letters, gauge, notices_by_tier
+from pipeline.shared.ops_runtime import health_of, link_facts, serve_until_signalled
+from pipeline.shared.quarantine import evaluate_isolating, poison_detail
 from pipeline.shared.reload_runtime import ReloadStats, Requests, Watch, apply_live, switch_to, take_requests
-from pipeline.shared.statelock import StateLock
 from pipeline.shared.silence_http import Refused, in_force, listed
 from pipeline.shared.silence_http import command as silence_command
+from pipeline.shared.statelock import StateLock
 from pipeline.shared.store import ACKS, ADVANCE, READINGS, RELOAD, SILENCES, StateStore
 from pipeline.shared.topics import notice_topic
-from pipeline.core.wire import MAX_PAYLOAD_BYTES, OVERSIZE_KEPT, dead_letter, oversize
-from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
+from rules.yamlfile import ConfigError
 
 log = logging.getLogger("cityops.runtime")
 

@@ -36,9 +36,9 @@ import orjson
 
 from pipeline.core.engine import Engine, Output
 from pipeline.core.identity import AckUsers
-from pipeline.shared.reading_router import ReadingRouter
 from pipeline.core.registry_cache import release_pages
 from pipeline.core.reload import CitySet, carry, diff, load_set, same_sensors, stamp, watched_files
+from pipeline.shared.reading_router import ReadingRouter
 from rules.yamlfile import ConfigError
 
 log = logging.getLogger("cityops.reload")

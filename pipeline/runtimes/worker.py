@@ -46,28 +46,28 @@ from prometheus_client.core import Metric
 
 from connectors import kafka as kt
 from connectors.faust_bulk import bulk_consumer
-from pipeline.shared.config import Settings
 from pipeline.core import silences
+from pipeline.core.close_figures import CloseFigures, closed_fields
 from pipeline.core.engine import Engine, Output
 from pipeline.core.identity import AckUsers
 from pipeline.core.models import Ack
-from pipeline.core.close_figures import CloseFigures, closed_fields
-from pipeline.shared.ops_runtime import health_of
-from pipeline.shared.metrics import counter, dead_letters, gauge, notices_by_tier
-from pipeline.shared.reading_router import ReadingRouter
-from pipeline.shared.quarantine import evaluate_isolating, poison_detail
 from pipeline.core.registry import load as load_registry
 from pipeline.core.registry_cache import release_pages
+from pipeline.core.reload import CitySet, carry, files_digest, watched_files
+from pipeline.core.wire import ack_refusal, dead_letter
+from pipeline.runtimes.reload_kafka import KafkaReload
+from pipeline.shared.config import Settings
 from pipeline.shared.kept_sets import KeptSets
 from pipeline.shared.logs import setup_logging
-from pipeline.core.reload import CitySet, carry, files_digest, watched_files
-from pipeline.runtimes.reload_kafka import KafkaReload
+from pipeline.shared.metrics import counter, dead_letters, gauge, notices_by_tier
+from pipeline.shared.ops_runtime import health_of
+from pipeline.shared.quarantine import evaluate_isolating, poison_detail
+from pipeline.shared.reading_router import ReadingRouter
 from pipeline.shared.reload_runtime import ReloadStats, Requests
 from pipeline.shared.silence_http import in_force
 from pipeline.shared.topics import notice_topic as mqtt_notice_topic
-from pipeline.core.wire import ack_refusal, dead_letter
-from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
+from rules.yamlfile import ConfigError
 
 log = logging.getLogger("cityops.worker")
 READINGS, ACKS = "readings", "acks"

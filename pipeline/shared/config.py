@@ -20,8 +20,8 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.core.engine import EngineSettings
-from rules.yamlfile import ConfigError, load_yaml, pydantic_error
 from rules.schema import Duration
+from rules.yamlfile import ConfigError, load_yaml, pydantic_error
 
 
 class _Part(BaseModel):

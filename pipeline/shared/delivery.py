@@ -52,12 +52,12 @@ from connectors.push import (
     WeCom,
 )
 from pipeline.core.ack_tokens import REASONS, REPLY_NOTE, AckClaim, AckTokens, BadToken
-from pipeline.shared.config import PERSONAL_TIERS, Settings
-from pipeline.shared.metrics import counter, gauge
 from pipeline.core.models import Ack, DeadLetter
 from pipeline.core.notices import fmt_time, render
-from pipeline.shared.push_store import DELIVERED, FAILED, PushStore
 from pipeline.core.registry import Registry
+from pipeline.shared.config import PERSONAL_TIERS, Settings
+from pipeline.shared.metrics import counter, gauge
+from pipeline.shared.push_store import DELIVERED, FAILED, PushStore
 from rules.yamlfile import ConfigError
 
 log = logging.getLogger("cityops.push")

@@ -42,8 +42,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from connectors.push import ack_label
 from pipeline.core.ack_tokens import MAX_TOKEN, BadToken
 from pipeline.core.identity import Forbidden
-from pipeline.shared.metrics import collecting, text
 from pipeline.core.models import AckRequest
+from pipeline.shared.metrics import collecting, text
 from pipeline.shared.ops_runtime import OpsRuntime, Reloading, Silencing
 from pipeline.shared.silence_http import silence_routes
 

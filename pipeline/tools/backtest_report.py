@@ -11,8 +11,8 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.core.backtest import DIMENSIONS, NIGHT, Incident, Pair, Result, compare, night_figures
-from pipeline.shared.console import pad
 from pipeline.core.notices import tier_cn
+from pipeline.shared.console import pad
 
 TIERS = ["city", "district", "street", "dept", "grid", "owner"]
 DAYS_SHOWN = 30                 # text: at most this many days where the sides differ

@@ -36,9 +36,9 @@ from pipeline.core.models import Ack
 from pipeline.core.registry import Registry
 from pipeline.core.registry import load as load_registry
 from pipeline.core.wire import WireReading
-from rules.yamlfile import ConfigError, load_yaml, pydantic_error
 from rules.compiler import load_rules
 from rules.schema import Duration
+from rules.yamlfile import ConfigError, load_yaml, pydantic_error
 
 
 class _Strict(BaseModel):

@@ -9,10 +9,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from rules.vocabulary import Severity
 from rules.evaluators import FIRE, FIRING, RESOLVE, Change, Evaluator, Track, alert_id
 from rules.schema import Duration, _RuleBase, format_duration
 from rules.types.base import Binding, RuleType, register
+from rules.vocabulary import Severity
 
 
 class AbsenceRule(_RuleBase):

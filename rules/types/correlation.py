@@ -8,10 +8,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from rules.vocabulary import Severity
 from rules.evaluators import FIRE, FIRING, REOPEN, RESOLVE, Change, Evaluator, Track, alert_id
 from rules.schema import Duration, RuleId, _RuleBase
 from rules.types.base import Binding, RuleType, register
+from rules.vocabulary import Severity
 
 
 class CorrelationRule(_RuleBase):

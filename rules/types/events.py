@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from rules.vocabulary import Severity
 from rules.evaluators import FIRING, UPGRADE, RESOLVE, Evaluator, Track
 from rules.schema import Duration, _RuleBase
 from rules.types.base import Binding, RuleType, register
+from rules.vocabulary import Severity
 
 
 class EventRule(_RuleBase):

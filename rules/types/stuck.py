@@ -21,10 +21,10 @@ from typing import Any, Literal
 import msgspec
 from pydantic import Field
 
-from rules.vocabulary import Severity
 from rules.evaluators import FIRING, RESOLVE, Evaluator, Track
 from rules.schema import Duration, _RuleBase, format_duration
 from rules.types.base import Binding, RuleType, register
+from rules.vocabulary import Severity
 
 
 class StuckRule(_RuleBase):

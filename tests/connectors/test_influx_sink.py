@@ -25,15 +25,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from connectors.influx import InfluxSink
-from pipeline.core.close_figures import closed_fields
-from pipeline.shared.config import HttpSettings, InfluxSettings, MqttSettings, StateSettings, load_settings
-from pipeline.core.engine import Engine
-from pipeline.shared.metrics import text
-from pipeline.core.registry import Registry
-from rules.yamlfile import ConfigError
 from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
 from bench.harness.tsdb import Point, VictoriaMetrics
+from connectors.influx import InfluxSink
+from pipeline.core.close_figures import closed_fields
+from pipeline.core.engine import Engine
+from pipeline.core.registry import Registry
+from pipeline.shared.config import HttpSettings, InfluxSettings, MqttSettings, StateSettings, load_settings
+from pipeline.shared.metrics import text
+from rules.yamlfile import ConfigError
 from tests.support import iso_ms, reading_point, wait_until
 
 T0 = 1_782_885_600_000             # 2026-07-01T14:00:00+08:00, on a minute

@@ -32,13 +32,13 @@ from connectors.push import (
     WeCom,
     verify_webhook,
 )
+from bench.harness.brokers import Mosquitto, Subscriber, free_port
 from pipeline.core.ack_tokens import AckTokens
 from pipeline.core.engine import Engine
 from pipeline.core.models import AlertNotice
 from pipeline.core.notices import render
 from pipeline.core.registry import load as load_registry
 from rules.compiler import load_rules
-from bench.harness.brokers import Mosquitto, Subscriber, free_port
 from tests.push_endpoints import Endpoints
 from tests.support import settle
 

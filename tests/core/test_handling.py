@@ -12,9 +12,9 @@ import pytest
 from pipeline.core.ack_tokens import BadToken, read_reply
 from pipeline.core.close_figures import CloseFigures, steps
 from pipeline.core.engine import Engine, EngineSettings
-from pipeline.shared.metrics import text
 from pipeline.core.models import Ack
 from pipeline.core.registry import load as load_registry
+from pipeline.shared.metrics import text
 from rules.compiler import load_rules
 from tests.engine_fixtures import as_version_1
 from tests.support import ROOT

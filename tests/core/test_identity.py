@@ -13,8 +13,8 @@ from pipeline.core.engine import Engine
 from pipeline.core.identity import AckUsers
 from pipeline.core.models import Ack, AckRequest, Tier
 from pipeline.core.registry import load as load_registry
-from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
+from rules.yamlfile import ConfigError
 
 TS = 1_782_885_780_000
 RULES = load_rules()

@@ -11,8 +11,8 @@ import pytest
 from pipeline.core import registry
 from pipeline.core.models import Category
 from pipeline.core.registry import SENSOR_COLUMNS, Registry
-from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
+from rules.yamlfile import ConfigError
 from tests.support import REGISTRY_YAML, SENSORS_CSV, line_of, write_registry
 
 CHENGDU = registry.FIXTURE.parent

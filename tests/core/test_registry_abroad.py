@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.core import registry
 from pipeline.core.engine import Engine
-from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
+from rules.yamlfile import ConfigError
 from tests.support import REGISTRY_YAML, SENSORS_CSV, write_registry
 
 BERLIN = (REGISTRY_YAML.replace("timezone: Asia/Shanghai", "timezone: Europe/Berlin")

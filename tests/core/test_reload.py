@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 from pipeline.cli import main
-from pipeline.shared.config import load_settings
 from pipeline.core.engine import Engine, EngineSettings
 from pipeline.core.registry import FIXTURE
+from pipeline.shared.config import load_settings
 from pipeline.core.reload import (RULE_CHANGED, RULE_GONE, SENSOR_GONE, carry, diff, load_set,
                              watched_files, files_digest)
 from rules.yamlfile import ConfigError

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness.brokers import free_port, publish
 from pipeline.shared.config import Settings, session_named
 from pipeline.shared.console import pad, width
-from bench.harness.brokers import free_port, publish
 from tests.support import wait_until
 
 CITYOPS = str(Path(sys.executable).parent / "cityops")   # the script `pip install` made

@@ -12,8 +12,8 @@ import msgspec
 import pytest
 
 from pipeline.core.engine import Engine, Output
-from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
+from rules.yamlfile import ConfigError
 
 T0 = 1_782_000_000_000
 MIN = 60_000

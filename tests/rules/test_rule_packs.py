@@ -13,8 +13,8 @@ import pytest
 from pipeline.core import registry
 from pipeline.core.engine import Engine
 from pipeline.core.models import Severity
-from rules.yamlfile import ConfigError
 from rules.compiler import PACKS, ROUTING, load_rules
+from rules.yamlfile import ConfigError
 from tests.support import line_of
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from connectors.kafka import topic_names
 from bench.harness.brokers import Mosquitto, Subscriber, publish
 from bench.harness.kafka_broker import CityopsProcess, TopicReader
+from connectors.kafka import topic_names
 from tests.support import DEPLOY, DUTY_TOKENS, NOT_AUTHORIZED, Runtime, deploy_broker, dumps, now_ms, wait_until
 
 pytestmark = pytest.mark.broker

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.harness.brokers import Mosquitto, Subscriber, publish
 from pipeline.core.models import AlertNotice, DeadLetter
 from pipeline.core.registry import load as load_registry
-from bench.harness.brokers import Mosquitto, Subscriber, publish
 from tests.support import Runtime, now_ms, rt_users, settle
 
 pytestmark = pytest.mark.broker

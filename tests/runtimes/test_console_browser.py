@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from bench.harness.brokers import Mosquitto, Subscriber, mosquitto_pub, publish
-from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
 from bench.harness.console_browser import PASSWORD, PHONE, Console, api, login, shot
+from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
 from tests.support import (CONSOLE_ESCALATE_S, CONSOLE_GAS, CONSOLE_GAS_GRID, CONSOLE_LATENESS_S, HOSTILE,
                            console_city_files, dumps, notices, now_ms, on_shift, reading, wait_until)
 

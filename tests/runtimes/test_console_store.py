@@ -12,11 +12,11 @@ import pytest
 from pipeline.core.engine import Engine
 from pipeline.core.identity import AckUsers, Scope
 from pipeline.core.models import Tier
+from pipeline.core.registry import load as load_registry
 from pipeline.runtimes.opscentre.auth import check_password, hash_password
 from pipeline.runtimes.opscentre.store import Filters, Store
-from pipeline.core.registry import load as load_registry
-from rules.yamlfile import ConfigError
 from rules.compiler import load_rules
+from rules.yamlfile import ConfigError
 
 T0 = 1782885780000          # 2026-07-01 14:03 +08:00
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from tests import poison_seam
 from bench.harness.brokers import Mosquitto, Subscriber, publish, publish_many
+from tests import poison_seam
 from tests.support import (
     ACK_TOPIC,
     DEAD_TOPIC,

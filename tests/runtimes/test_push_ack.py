@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
 from pipeline.core.ack_tokens import AckTokens
 from pipeline.core.models import AlertNotice, DeadLetter
-from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
 from tests.support import PUSH_SECRET, Running, dumps, http, now_ms, of, reading, settle, start_run, stop_run
 
 pytestmark = pytest.mark.broker

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shared.config import SmsPushSettings
-from pipeline.core.models import AlertNotice
 from bench.harness.brokers import Mosquitto, Subscriber, free_port, publish
+from pipeline.core.models import AlertNotice
+from pipeline.shared.config import SmsPushSettings
 from tests.push_endpoints import Endpoints
 from tests.support import Running, http, of, settle, start_run, stop_run
 

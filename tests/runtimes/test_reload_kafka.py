@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shared.reading_router import sensor_partitions
-from pipeline.core.registry import load as load_registry
-from rules.compiler import load_rules
 from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
+from pipeline.core.registry import load as load_registry
+from pipeline.shared.reading_router import sensor_partitions
+from rules.compiler import load_rules
 from tests.support import (CITY_DUTY, CITY_TOKEN, OUT_TOPICS, PARTITIONS, T, params, post_reload, rt_users, sha256,
                            wait_until, worker)
 

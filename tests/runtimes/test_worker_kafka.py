@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from connectors.kafka import topic_names
-from pipeline.shared.reading_router import sensor_partitions
-from pipeline.core.registry import load as load_registry
-from pipeline.shared.simulate import Simulator
-from rules.compiler import load_rules
 from bench.harness.brokers import Subscriber, mosquitto_pub, publish_many
 from bench.harness.kafka_broker import CityopsProcess, TopicReader, produce
+from connectors.kafka import topic_names
+from pipeline.core.registry import load as load_registry
+from pipeline.shared.reading_router import sensor_partitions
+from pipeline.shared.simulate import Simulator
+from rules.compiler import load_rules
 from tests.support import OUT_TOPICS, PARTITIONS, T, wait_until, worker
 
 pytestmark = pytest.mark.broker

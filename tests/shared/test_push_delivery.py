@@ -30,14 +30,14 @@ from pipeline.shared.config import (
     StateSettings,
     WebhookPushSettings,
 )
-from pipeline.shared.delivery import PushDispatcher
+from bench.harness.brokers import Mosquitto, Subscriber
 from pipeline.core.engine import Engine
-from pipeline.shared.metrics import text as exposition
 from pipeline.core.models import AlertNotice, DeadLetter
 from pipeline.core.registry import Registry
 from pipeline.core.registry import load as load_registry
+from pipeline.shared.delivery import PushDispatcher
+from pipeline.shared.metrics import text as exposition
 from rules.compiler import load_rules
-from bench.harness.brokers import Mosquitto, Subscriber
 from tests.push_endpoints import Endpoints
 from tests.support import settle_count
 

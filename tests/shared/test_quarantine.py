@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shared.config import Settings, StateSettings
 from pipeline.runtimes.live import LiveRuntime
+from pipeline.shared.config import Settings, StateSettings
 from pipeline.shared.store import ACKS, READINGS
 from tests import poison_seam
 

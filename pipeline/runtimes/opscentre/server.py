@@ -12,13 +12,13 @@ from pathlib import Path
 
 import uvicorn
 
-from pipeline.shared.config import Settings
-from pipeline.shared.http_api import guarded_protocol
 from pipeline.core.identity import AckUsers
 from pipeline.runtimes.opscentre.app import console_app
 from pipeline.runtimes.opscentre.auth import session_secret
 from pipeline.runtimes.opscentre.geo import CityMap
 from pipeline.runtimes.opscentre.store import Store
+from pipeline.shared.config import Settings
+from pipeline.shared.http_api import guarded_protocol
 from rules.yamlfile import ConfigError
 
 DEMO_USERS = Path(__file__).with_name("demo_users.yaml")

@@ -26,9 +26,9 @@ from starlette.routing import Route
 
 from pipeline.core.identity import Scope
 from pipeline.core.models import Tier
+from pipeline.core.silences import DAYS, AddSilence, refusal
 from pipeline.runtimes.opscentre.auth import csrf_ok
 from pipeline.shared.silence_http import may_silence
-from pipeline.core.silences import DAYS, AddSilence, refusal
 
 DAY_ZH = dict(zip(DAYS, "一二三四五六日", strict=True))
 HOURS = (1, 2, 4, 8, 12, 24, 72)
