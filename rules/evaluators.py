@@ -253,6 +253,15 @@ class Evaluator:
             if s is not None:
                 yield s, value
 
+    @staticmethod
+    def by_sensor(rows: list, sidx: Callable[[Any], int | str | None]) -> Iterator[tuple[int, Any]]:
+        """The same rows of a state kept per sensor (a window, a run, a silence): of the sensors
+        the registry still has."""
+        for key, value in rows:
+            s = sidx(key)
+            if isinstance(s, int):
+                yield s, value
+
     def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
         lost = 0
         for key, row in state.get("tracks", []):

@@ -100,10 +100,8 @@ class Absence(Evaluator):
 
     def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
         lost = super().load(state, sidx)
-        for key, subj in state.get("silent", []):
-            s = sidx(key)
-            if isinstance(s, int):                  # a silent sensor (its subject: itself or gw:…)
-                self.mark(s, subj)
+        for s, subj in self.by_sensor(state.get("silent", []), sidx):   # subject: itself or gw:…
+            self.mark(s, subj)
         return lost
 
 

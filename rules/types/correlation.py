@@ -93,7 +93,7 @@ class Correlation(Evaluator):
         for tr in self.tracks.values():
             tr.extra = [x for x in (sidx(k) for k in tr.extra) if x is not None]
         for g, rows in state.get("members", {}).items():
-            m = {s: t for s, t in ((sidx(k), t) for k, t in rows) if isinstance(s, int)}   # sensors
+            m = dict(self.by_sensor(rows, sidx))
             if m:
                 self.members[g] = m
         return lost

@@ -74,9 +74,8 @@ class Stuck(Evaluator):
 
     def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
         lost = super().load(state, sidx)
-        for s, run in self.by_subject(state.get("runs", []), sidx):
-            if isinstance(s, int):                  # a run is a sensor's
-                self.runs[s] = msgspec.convert(run, RunState)
+        for s, run in self.by_sensor(state.get("runs", []), sidx):
+            self.runs[s] = msgspec.convert(run, RunState)
         return lost
 
 

@@ -139,8 +139,7 @@ class Windowed(Stateful):
 
     def load(self, state: dict, sidx: Callable[[Any], int | str | None]) -> int:
         lost = super().load(state, sidx)
-        self.rings.update((s, r) for s, r in self.by_subject(state.get("rings", []), sidx)
-                          if isinstance(s, int))           # a ring is a sensor's
+        self.rings.update(self.by_sensor(state.get("rings", []), sidx))
         return lost
 
 
