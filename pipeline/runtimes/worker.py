@@ -35,7 +35,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import faust
 import msgspec
@@ -99,6 +99,17 @@ class PartitionTable(faust.Table):
 
     def partition_for_key(self, key: Any) -> int:
         return int(str(key).partition("/")[0])
+
+
+class Taken(NamedTuple):
+    """A partition's checkpoint as taken between two turns, to be written after them."""
+
+    ps: PartitionState
+    head: bytes                     # names the pieces (already in the table) and what they hold
+    offsets: dict                   # the inputs the state covers ...
+    switch_at: int | None           # ... the switch it keeps ...
+    pending: list                   # ... and what to acknowledge once the head is written
+    pending_events: list
 
 
 class PartitionState:
@@ -614,15 +625,15 @@ class CityWorker:
             self.checkpointing = True
             self._writing = asyncio.ensure_future(self._written(taken))
 
-    async def _written(self, taken: list[tuple]) -> None:
+    async def _written(self, taken: list[Taken]) -> None:
         try:
             await self._write_checkpoint(taken)
         except Exception:       # its inputs stay unacknowledged: a restart replays them
-            log.exception("checkpoint of partitions %s not written", [t[0].p for t in taken])
+            log.exception("checkpoint of partitions %s not written", [t.ps.p for t in taken])
         finally:
             self.checkpointing = False
 
-    def _take_checkpoint(self, parts: list[PartitionState]) -> list[tuple]:
+    def _take_checkpoint(self, parts: list[PartitionState]) -> list[Taken]:
         if self.mirror is not None and self.mirror.unpublished():
             return []                   # the MQTT mirror still owes notices: next time
         # not revoked, nor checkpointed by another turn's checkpoint while this one waited
@@ -633,7 +644,7 @@ class CityWorker:
         # partition, so a head that was restored has its pieces before it. The head goes in a
         # batch of its own: tansu's "latest offset" is wrong after a multi-record batch
         # (INFRA.md), and a table restored one record short would lose exactly the head.
-        taken = []
+        taken: list[Taken] = []
         for ps in parts:
             snap = ps.engine.snapshot()
             size = self.s.worker.checkpoint_piece
@@ -645,25 +656,26 @@ class CityWorker:
                 "set": ps.digest, "switch": self.reload.pending(ps),
                 "digest": hashlib.blake2b(snap, digest_size=16).digest()})
             # the inputs this state covers; a turn from here on fills new lists
-            taken.append((ps, head, dict(ps.offsets), ps.switch.at if ps.switch is not None else None,
-                          ps.pending, ps.pending_events))
+            taken.append(Taken(ps, head, dict(ps.offsets), ps.switch.at if ps.switch is not None else None,
+                               ps.pending, ps.pending_events))
             ps.pending, ps.pending_events, ps.carried = [], [], False
         return taken
 
-    async def _write_checkpoint(self, taken: list[tuple]) -> None:
+    async def _write_checkpoint(self, taken: list[Taken]) -> None:
         # every notice sent before the state was taken is delivered with its pieces, before the
         # head that makes the state the one a restart restores
         await self.app.producer.flush()
-        for ps, head, *_ in taken:
-            self.table[str(ps.p)] = head
+        for t in taken:
+            self.table[str(t.ps.p)] = t.head
         await self.app.producer.flush()
-        for ps, _, offsets, switch_at, pending, pending_events in taken:
+        for t in taken:
+            ps = t.ps
             # the checkpoint is in the changelog: what /metrics and /healthz say it holds
-            ps.checkpointed, ps.switch_kept = offsets, switch_at
-            if pending:         # a committed offset covers every record before it: ack the
+            ps.checkpointed, ps.switch_kept = t.offsets, t.switch_at
+            if t.pending:       # a committed offset covers every record before it: ack the
                 # newest (acking each of a 5 s checkpoint's ~25,000 held the loop ~0.3 s)
-                self.app.consumer.ack(max(pending, key=attrgetter("offset")))
-            for stream, event in pending_events:
+                self.app.consumer.ack(max(t.pending, key=attrgetter("offset")))
+            for stream, event in t.pending_events:
                 await stream.ack(event)
             ps.last_checkpoint = time.monotonic()
             self.counters["checkpoints"] += 1
